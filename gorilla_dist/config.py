@@ -1,0 +1,330 @@
+"""Typed configuration: one dataclass per concern, registered with Hydra's ConfigStore.
+
+The launcher composes these with the YAML groups in `conf/` and CLI overrides (struct mode: a typo'd
+key is an error), calls `validate()` once, and writes the resolved config to `run.dir/config.yaml`.
+Workers read only that file (`load_run_config`). This module imports nothing heavy: the launcher
+uses it without importing torch or model code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from gorilla_dist.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+POSITIONS = ("rope", "learned_absolute")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ACTIVATIONS = ("gelu", "swiglu")
+ATTENTIONS = ("dense",)
+TOKENIZERS = ("char", "byte")
+BACKENDS = ("local", "torchrun", "deepspeed")
+WANDB_MODES = ("offline", "online", "disabled")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints/, data cache, W&B files."""
+    seed: int = 1337
+    """Seeds model init, data order and dropout; a run is a deterministic function of its config."""
+    name: str | None = None
+    """Human-readable run name (W&B); defaults to the run directory's name."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Name of the size preset this config came from (conf/model/<name>.yaml)."""
+    num_layers: int = MISSING
+    """Number of transformer layers."""
+    hidden_size: int = MISSING
+    """Model width (d_model)."""
+    num_heads: int = MISSING
+    """Attention heads; must be divisible by parallel.tp."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None means one per query head (MHA)."""
+    ffn_hidden_size: int | None = None
+    """MLP inner width; None means 4 * hidden_size."""
+    seq_length: int = MISSING
+    """Training context length (tokens per sample)."""
+    position_embedding: str = "rope"
+    """Relative/absolute positions: rope | learned_absolute."""
+    rotary_base: int = 10000
+    """RoPE base period."""
+    normalization: str = "LayerNorm"
+    """LayerNorm | RMSNorm."""
+    activation: str = "gelu"
+    """MLP activation: gelu | swiglu (gated)."""
+    bias: bool = False
+    """Bias terms in linear layers."""
+    dropout: float = 0.0
+    """Dropout on hidden states and attention probabilities."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init (output projections are scaled by depth)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    attention: str = "dense"
+    """core_attention implementation: dense (flash-attn on GPU when installed, else SDPA)."""
+    vocab_size: int | None = None
+    """Set from the tokenizer at start; padded up to a multiple of 128 inside the model."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"
+    """Training precision: fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
+    initial_scale_power: int = 16
+    """fp16 only: the dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the loss scale is raised."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    decay_steps: int | None = None
+    """Steps of the warmup + decay schedule; None means train.max_steps."""
+    schedule: str = "cosine"
+    """After warmup: cosine (to min_lr) | constant."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay; never applied to norms, biases or embeddings."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 12
+    """Samples per rank per forward/backward."""
+    global_batch_size: int = 12
+    """Samples per optimizer step over all data-parallel ranks; must be a multiple of
+    micro_batch_size * dp. The quotient is the gradient-accumulation count."""
+    eval_interval: int = 250
+    """Evaluate validation loss every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 20
+    """Micro-batches per evaluation."""
+    log_interval: int = 10
+    """Steps between host syncs that flush metrics and refresh the progress bar."""
+    compile: bool = False
+    """torch.compile the model."""
+    sample_tokens: int = 200
+    """Tokens to generate after training as a sample (0 disables)."""
+    sample_prompt: str = "\n"
+    """Prompt for the end-of-training sample."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Text file to train on; None means the bundled tinyshakespeare corpus."""
+    tokenizer: str = "char"
+    """char (vocabulary = the corpus's characters) | byte (256 symbols)."""
+    val_fraction: float = 0.1
+    """Fraction of the corpus (its tail) held out for validation."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500
+    """Save every this many steps (and always at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Complete checkpoints to keep (oldest deleted first); 0 keeps all."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run.dir; never: start fresh
+    (refuses if checkpoints exist); or the path of one checkpoint directory."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (files under run.dir/wandb, sync later) | online (needs WANDB_API_KEY) | disabled."""
+    project: str = "gorilla_dist"
+    entity: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+    """Show a progress bar (loss, tokens/s, ETA) on rank 0."""
+    peak_tflops: float | None = None
+    """Per-device peak TFLOP/s for MFU; None looks the device up in a small table (unknown: no MFU)."""
+
+
+@dataclass
+class LaunchConfig:
+    backend: str = "local"
+    """local (one process) | torchrun | deepspeed."""
+    nproc_per_node: int = 1
+    """Worker processes on this node."""
+    master_port: int | None = None
+    """Rendezvous port; None picks a free one."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and derived values: computed here once, used everywhere.
+
+
+def _choice(value, valid, key: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+
+
+def _positive(value, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def world_size(cfg) -> int:
+    """Ranks the launch starts (all nodes)."""
+    return int(cfg.launch.nproc_per_node)
+
+
+def data_parallel_size(cfg, world: int | None = None) -> int:
+    return (world if world is not None else world_size(cfg)) // cfg.parallel.tp
+
+
+def grad_accum_steps(cfg, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def validate(cfg, world: int | None = None) -> None:
+    """Check the whole config once, before any process starts. Raises ConfigError naming the key,
+    the value and what would be valid."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    world = world_size(cfg) if world is None else world
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_heads", m.num_heads), ("model.seq_length", m.seq_length),
+                       ("parallel.tp", p.tp), ("train.max_steps", t.max_steps),
+                       ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.global_batch_size", t.global_batch_size),
+                       ("launch.nproc_per_node", cfg.launch.nproc_per_node),
+                       ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches)]:
+        _positive(value, key)
+    for key, value in [("train.eval_interval", t.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval),
+                       ("checkpoint.keep", cfg.checkpoint.keep), ("optim.warmup_steps", o.warmup_steps),
+                       ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                       ("optim.lr", o.lr), ("optim.min_lr", o.min_lr), ("model.dropout", m.dropout),
+                       ("train.sample_tokens", t.sample_tokens)]:
+        _positive(value, key, allow_zero=True)
+    _choice(cfg.precision.dtype, PRECISIONS, "precision.dtype")
+    _choice(m.position_embedding, POSITIONS, "model.position_embedding")
+    _choice(m.normalization, NORMALIZATIONS, "model.normalization")
+    _choice(m.activation, ACTIVATIONS, "model.activation")
+    _choice(m.attention, ATTENTIONS, "model.attention")
+    _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
+    _choice(o.schedule, SCHEDULES, "optim.schedule")
+    _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    _choice(cfg.launch.backend, BACKENDS, "launch.backend")
+    _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1 (exclusive)")
+    if m.dropout >= 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be < 1")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr({o.min_lr}) must not exceed optim.lr({o.lr})")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size({m.hidden_size}) is not divisible by model.num_heads({m.num_heads})")
+    groups = m.num_query_groups or m.num_heads
+    if m.num_heads % groups:
+        raise ConfigError(f"model.num_heads({m.num_heads}) is not divisible by model.num_query_groups({groups})")
+    if m.num_heads % p.tp:
+        raise ConfigError(f"model.num_heads({m.num_heads}) is not divisible by parallel.tp({p.tp}); "
+                          f"valid tp values: {[d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]}")
+    if groups % p.tp:
+        raise ConfigError(f"model.num_query_groups({groups}) is not divisible by parallel.tp({p.tp})")
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    if ffn % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size({ffn}) is not divisible by parallel.tp({p.tp})")
+    if world % p.tp:
+        raise ConfigError(f"world size {world} (launch.nproc_per_node) is not divisible by parallel.tp({p.tp})")
+    if cfg.launch.backend == "local" and world != 1:
+        raise ConfigError(f"launch.backend=local starts one process but launch.nproc_per_node={world}; "
+                          "use launch=torchrun or launch=deepspeed for several")
+    dp = world // p.tp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size({t.global_batch_size}) is not divisible by "
+            f"train.micro_batch_size({t.micro_batch_size}) * data_parallel({dp}) = {t.micro_batch_size * dp}")
+    if cfg.data.path is not None:
+        path = Path(cfg.data.path)
+        if not path.is_file():
+            raise ConfigError(f"data.path={cfg.data.path!r}: no such file")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
+
+
+def resolve_paths(cfg) -> None:
+    """Make every path absolute against the directory the user launched from."""
+    cfg.run.dir = os.path.abspath(cfg.run.dir)
+    if cfg.data.path is not None:
+        cfg.data.path = os.path.abspath(cfg.data.path)
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        cfg.checkpoint.resume = os.path.abspath(cfg.checkpoint.resume)
+    if cfg.run.name is None:
+        cfg.run.name = os.path.basename(cfg.run.dir)
+
+
+def save_run_config(cfg, run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
+    """The resolved config a launcher wrote, re-typed against the schema (struct mode)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config.yaml; start runs with `python -m launcher run.dir={run_dir}`")
+    schema = OmegaConf.structured(Config)
+    cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    OmegaConf.set_struct(cfg, True)
+    return cfg

@@ -1,0 +1,22 @@
+"""Errors meant for people: the message names the bad value, where it came from and what is valid.
+
+Entry points print them without a traceback and exit with status 2 (config) or 1 (everything else).
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint). Printed as-is, no traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    exit_code = 2
+
+
+class DataError(UserError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass

@@ -1,0 +1,132 @@
+"""Sampling from a model, and `python -m gorilla_dist.generate run.dir=... prompt=... max_new_tokens=...`.
+
+The CLI loads the consolidated weights of a checkpoint (any training layout) into a single-process
+model. `sample` also runs inside training on all ranks at once (tensor-parallel logits are gathered,
+and every rank draws from an identically seeded generator, so all ranks agree on every token).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: int, temperature: float = 0.8,
+           top_k: int | None = 200, seed: int = 0) -> str:
+    """Autoregressive sampling (no KV cache: the context is cropped to seq_length and re-run)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        ctx = ids[:, -seq_length:]
+        pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
+        logits = model(ctx, pos, None)[:, -1, :]  # (1, vocab / tp)
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        logits = logits[:, :tokenizer.vocab_size].float()  # drop the padding rows of the vocabulary
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+        ids = torch.cat([ids, nxt], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(ids[0].tolist())
+
+
+@dataclass
+class GenerateArgs:
+    run: dict | None = None  # run.dir=...
+    checkpoint: str = "latest"
+    """latest (newest complete checkpoint of run.dir) or a checkpoint directory."""
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    """0 means greedy."""
+    top_k: int | None = 200
+    seed: int = 1337
+
+
+VALID = "run.dir= checkpoint= prompt= max_new_tokens= temperature= top_k= seed="
+
+
+def parse_args(argv: list[str]):
+    """key=value arguments; values stay strings (a prompt like `ROMEO:` is text, not YAML) and are
+    converted by the typed schema."""
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.errors import UserError
+
+    args = OmegaConf.structured(GenerateArgs)
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"argument {item!r} is not key=value; valid: {VALID}")
+        try:
+            if key == "run.dir":
+                args.run = {"dir": value}
+            elif key == "top_k" and value.lower() in ("null", "none", "0"):
+                args.top_k = None
+            else:
+                setattr(args, key, value)
+        except Exception as err:  # omegaconf names the key and the expected type
+            raise UserError(f"{item!r}: {str(err).splitlines()[0]}; valid: {VALID}") from None
+    return args
+
+
+def main(argv: list[str]) -> int:
+    from gorilla_dist.errors import UserError
+
+    try:
+        args = parse_args(argv)
+        if not args.run or "dir" not in args.run:
+            raise UserError("run.dir=<run directory> is required")
+        print(generate(args), flush=True)
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def generate(args) -> str:
+    from launcher.backends import free_port
+
+    from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
+    from gorilla_dist.config import load_run_config
+    from gorilla_dist.data import load_tokenizer
+    from gorilla_dist.model import build_model
+    from gorilla_dist.parallel import init_distributed, teardown
+
+    run_dir = Path(args.run["dir"])
+    ckpt = resolve_checkpoint(run_dir, args.checkpoint)
+    cfg = load_run_config(ckpt)
+    tokenizer = load_tokenizer(run_dir / "data")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    cfg.parallel.tp = 1
+    layout = init_distributed(cfg.parallel)
+    try:
+        model = build_model(cfg.model, dtype="fp32", device=layout.device, seed=cfg.run.seed)
+        load_consolidated(model, ckpt / WEIGHTS)
+        return sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                      seq_length=cfg.model.seq_length, temperature=args.temperature, top_k=args.top_k,
+                      seed=args.seed)
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,144 @@
+"""Metrics sinks on rank 0: `run.dir/metrics.jsonl`, W&B (offline by default) and a progress bar.
+
+The trainer hands over per-step loss tensors without reading them; `flush()` turns the pending steps
+into numbers with one host sync per `train.log_interval` steps, so logging costs no per-step sync.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
+# logging.peak_tflops (e.g. measured with benchmarks/) to get MFU there.
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+}
+
+
+def peak_flops(cfg, device: torch.device) -> float | None:
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in PEAK_TFLOPS.items():
+            if key in name:
+                return table[cfg.precision.dtype] * 1e12
+    return None
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep only lines with step <= `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+class Metrics:
+    def __init__(self, cfg, layout, *, flops_per_token: float, tokens_per_step: int, start_step: int):
+        self.cfg, self.layout = cfg, layout
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak = peak_flops(cfg, layout.device)
+        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None]] = []
+        self.last_time, self.last_step = time.perf_counter(), start_step
+        self.main = layout.is_main
+        self.history: list[dict] = []  # what was logged, for callers (benchmarks, tests)
+        if not self.main:
+            return
+        self.path = Path(cfg.run.dir) / "metrics.jsonl"
+        truncate_after(self.path, start_step)
+        self.file = self.path.open("a")
+        self.wandb = self._init_wandb()
+        self.bar = None
+        if cfg.logging.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            desc=cfg.run.name)
+
+    def _init_wandb(self):
+        mode = self.cfg.logging.wandb.mode
+        if mode == "disabled":
+            return None
+        import wandb
+
+        id_file = Path(self.cfg.run.dir) / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        from omegaconf import OmegaConf
+
+        return wandb.init(mode=mode, project=self.cfg.logging.wandb.project, entity=self.cfg.logging.wandb.entity,
+                          name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir,
+                          config=OmegaConf.to_container(self.cfg, resolve=True))
+
+    def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm) -> None:
+        """Record a step; `loss` is this rank's mean loss (a tensor, not read here)."""
+        self.pending.append((step, loss.detach(), lr, grad_norm))
+        if step % self.cfg.train.log_interval == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([p[1].float() for p in self.pending])
+        if dist.is_initialized() and self.layout.dp > 1:  # mean over data-parallel ranks, one collective
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(losses, group=ps.get_data_parallel_group())
+            losses /= self.layout.dp
+        values = losses.tolist()  # the one host sync per interval
+        now = time.perf_counter()
+        steps = self.pending[-1][0] - self.last_step
+        tokens_per_s = steps * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, self.pending[-1][0]
+        rows = []
+        for (step, _, lr, grad_norm), loss in zip(self.pending, values):
+            row = {"step": step, "loss": loss, "lr": lr,
+                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s}
+            if self.peak:
+                row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.layout.world)
+            rows.append(row)
+        self.pending.clear()
+        self._write(rows)
+        if self.main and self.bar is not None:
+            self.bar.update(rows[-1]["step"] - self.bar.n)
+            post = {"loss": f"{rows[-1]['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if "mfu" in rows[-1]:
+                post["mfu"] = f"{rows[-1]['mfu']:.1%}"
+            self.bar.set_postfix(post, refresh=True)
+
+    def eval(self, step: int, val_loss: float) -> None:
+        self.flush()
+        self._write([{"step": step, "val_loss": val_loss}])
+        if self.main:
+            msg = f"step {step}: val_loss {val_loss:.4f}"
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def _write(self, rows: list[dict]) -> None:
+        self.history.extend(rows)
+        if not self.main:
+            return
+        for row in rows:
+            self.file.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

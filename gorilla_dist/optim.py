@@ -1,0 +1,87 @@
+"""Optimizer, learning-rate schedule and the DeepSpeed engine around the model.
+
+AdamW with decoupled weight decay on weight matrices only (never on norms, biases or embeddings),
+linear warmup then cosine decay to min_lr, global-norm gradient clipping, gradient accumulation,
+ZeRO stage 0-3 and fp32/bf16/fp16 — all through one `deepspeed.initialize` call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gorilla_dist.config import grad_accum_steps
+
+
+def lr_at(step: int, o, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based), nanoGPT's schedule: linear warmup over
+    warmup_steps, then cosine from lr to min_lr until decay_steps, then min_lr."""
+    decay_steps = o.decay_steps or max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / (o.warmup_steps + 1)
+    if o.schedule == "constant":
+        return o.lr
+    if step >= decay_steps:
+        return o.min_lr
+    ratio = (step - o.warmup_steps) / max(1, decay_steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices of linear layers; none on norms, biases, embeddings (incl. tied output)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg, dp: int) -> dict:
+    dtype = cfg.precision.dtype
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, dp),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0,
+                 "initial_scale_power": cfg.precision.initial_scale_power,
+                 "loss_scale_window": cfg.precision.loss_scale_window},
+        # We bring torch's AdamW (no JIT-compiled fused op on CPU); DeepSpeed calls it "untested" for ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, cfg, layout):
+    """Wrap the model in a DeepSpeed engine (optimizer + schedule + ZeRO + precision)."""
+    import deepspeed
+
+    from gorilla_dist.parallel import MegatronMPU
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, o, cfg.train.max_steps) / o.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, layout.dp), mpu=MegatronMPU())
+    _record_fp32_grad_norm(engine)
+    return engine
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 path clips with `clip_grad_norm_` but drops the norm it returns, so
+    `get_global_grad_norm()` would stay None there (the ZeRO and bf16/fp16 optimizers do report it).
+    Same clipping call, same mpu; we only keep its result."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

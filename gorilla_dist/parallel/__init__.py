@@ -1,0 +1,119 @@
+"""Process groups: torch.distributed + megatron-core parallel_state, set up in one place.
+
+Every `parallel_state` call of the framework lives in this package or in `gorilla_dist/model/spec.py`.
+Workers get their rank and world from the environment that torchrun, the deepspeed launcher, the
+local backend (or, later, Slurm) set: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gorilla_dist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this rank sits. world = tp * dp (no pipeline parallelism yet)."""
+
+    rank: int
+    local_rank: int
+    world: int
+    tp: int
+    tp_rank: int
+    dp: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+
+class MegatronMPU:
+    """The `mpu` object DeepSpeed asks for (model-parallel = tensor-parallel groups, data-parallel
+    groups), answered from megatron-core's parallel_state so both libraries agree on the groups."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce op (~30 s, needs g++/ninja)
+    the first time its comm backend starts. We reduce through gloo on CPU, which is exact and fast
+    enough for CPU ranks, so we replace `build_shm_op` (deepspeed/comm/torch.py) with "not available"
+    — the same answer it gives on machines where the op cannot be built."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed(parallel_cfg, *, timeout_s: float = 600.0) -> ParallelLayout:
+    """Start torch.distributed (through DeepSpeed, so its comm layer is initialised too) and
+    megatron-core's tensor/data-parallel groups."""
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ConfigError(f"environment variable {var} is not set: start workers with `python -m launcher`")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        _skip_deepspeed_shm_build()
+    tp = parallel_cfg.tp
+    if world % tp:
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return ParallelLayout(rank=rank, local_rank=local_rank, world=world, tp=tp,
+                          tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
+                          dp_rank=ps.get_data_parallel_rank(), device=device)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""The training loop: setup builders, `train_step`, `evaluate`, and `train` on one screen."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from omegaconf import open_dict
+
+from gorilla_dist.checkpoint import Checkpointer
+from gorilla_dist.data import build_data
+from gorilla_dist.generate import sample
+from gorilla_dist.metrics import Metrics
+from gorilla_dist.model import build_model, flops_per_token
+from gorilla_dist.optim import build_engine
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy. x, y: (b, s) token ids; megatron returns per-token loss (b, s)."""
+    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand_as(x)
+    return model(x, pos, None, labels=y).mean()
+
+
+def train_step(engine, micro_batches) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns the mean loss (not synced)."""
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for x, y in micro_batches:
+        loss = lm_loss(engine, x, y)
+        engine.backward(loss)  # DeepSpeed divides by the accumulation count
+        engine.step()  # updates only at the accumulation boundary
+        total += loss.detach().float()
+    return total / len(micro_batches)
+
+
+@torch.no_grad()
+def evaluate(engine, data, n_batches: int, layout) -> float:
+    engine.eval()
+    losses = torch.stack([lm_loss(engine, x, y).float() for x, y in data.val_batches(n_batches)]).mean()
+    engine.train()
+    if layout.dp > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(losses, group=ps.get_data_parallel_group())
+        losses /= layout.dp
+    return losses.item()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train(cfg, layout) -> Metrics:
+    t = cfg.train
+    data = build_data(cfg, layout)
+    with open_dict(cfg):
+        cfg.model.vocab_size = data.vocab_size
+    model = build_model(cfg.model, dtype=cfg.precision.dtype, device=layout.device, seed=cfg.run.seed)
+    if t.compile:
+        model = torch.compile(model)
+    engine = build_engine(model, cfg, layout)
+    ckpt = Checkpointer(cfg, layout)
+
+    step = 0
+    resume_from = ckpt.find_resume()
+    if resume_from is not None:
+        state = ckpt.load(resume_from, engine)
+        step = int(state["step"])
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        if layout.is_main:
+            print(f"[train] resumed from {resume_from} at step {step}", flush=True)
+
+    metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model),
+                      tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step)
+    while step < t.max_steps:
+        lr = engine.get_lr()[0]  # the rate this step uses (the schedule advances inside the step)
+        loss = train_step(engine, data.next_train_batches())
+        step += 1
+        metrics.step(step, loss, lr, engine.get_global_grad_norm())
+        last = step == t.max_steps
+        if t.eval_interval and (step % t.eval_interval == 0 or last):
+            metrics.eval(step, evaluate(engine, data, t.eval_batches, layout))
+        if ckpt.due(step, last):
+            metrics.flush()
+            ckpt.save(step, engine, {"step": step, "data": data.state_dict(), "rng": rng_state()})
+    metrics.close()
+
+    if t.sample_tokens:
+        text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
+                      seq_length=cfg.model.seq_length, seed=cfg.run.seed)
+        if layout.is_main:
+            print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
+    return metrics

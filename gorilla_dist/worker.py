@@ -1,0 +1,58 @@
+"""A training process: `python -m gorilla_dist.worker <run.dir>` (started by the launcher).
+
+Reads only `run.dir/config.yaml`; rank and world come from the environment the launch backend set.
+Exit status: 0 done, 2 config error, 1 any other error (a one-line message for user errors,
+a traceback for bugs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+def quiet_libraries() -> None:
+    """Silence the import-time notices megatron-core and DeepSpeed print about optional packages we
+    deliberately run without (Transformer Engine, Apex) and DeepSpeed's per-step INFO logging."""
+    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|transformer_engine|TE).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m gorilla_dist.worker <run.dir>", file=sys.stderr)
+        return 2
+    quiet_libraries()
+    from gorilla_dist.config import load_run_config
+    from gorilla_dist.errors import UserError
+    from gorilla_dist.parallel import init_distributed, teardown
+    from gorilla_dist.train import train
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = load_run_config(argv[0])
+        layout = init_distributed(cfg.parallel)
+        try:
+            train(cfg, layout)
+        finally:
+            teardown()
+    except UserError as err:
+        print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

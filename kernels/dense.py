@@ -1,0 +1,71 @@
+"""Dense causal attention as a megatron-core `core_attention` module.
+
+flash-attn on a GPU when it is installed and the inputs are fp16/bf16; PyTorch SDPA otherwise
+(SDPA picks its own flash / memory-efficient / math kernel, and runs on CPU).
+Constructor and forward follow megatron-core's DotProductAttention so the spec can swap them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, mask=None):
+    """Plain softmax attention in fp32, for tests. q [b, h, s, d]; k, v [b, h_kv, s, d]; mask: True = keep."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (scale or 1.0 / math.sqrt(q.shape[-1]))
+    s_q, s_k = q.shape[2], k.shape[2]
+    if causal:
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+class DenseAttention(MegatronModule):
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        # query [s, b, np, hn]; key, value [s, b, ng, hn] (ng < np with grouped-query attention)
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("DenseAttention: attention_bias / packed sequences are not supported yet")
+        mask_type = attn_mask_type or self.attn_mask_type
+        s, b, np_, hn = query.shape
+        dropout = self.dropout_p if self.training else 0.0
+        if _use_flash(query) and attention_mask is None:
+            q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
+            out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale,
+                                  causal=mask_type == AttnMaskType.causal)
+            return out.transpose(0, 1).reshape(s, b, np_ * hn)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
+        if k.shape[1] != np_:
+            rep = np_ // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # megatron masks are True where attention is NOT allowed; SDPA's boolean mask is the opposite.
+        sdpa_mask = None if attention_mask is None else ~attention_mask
+        causal = mask_type == AttnMaskType.causal and sdpa_mask is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout,
+                                             is_causal=causal, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]

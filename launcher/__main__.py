@@ -1,0 +1,36 @@
+"""Entry point: `python -m launcher [group=option] [key=value ...]` (`--cfg job` prints the config)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from gorilla_dist.config import register_configs, resolve_paths, save_run_config, validate
+from gorilla_dist.errors import UserError
+from launcher import backends
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_configs()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        resolve_paths(cfg)
+        validate(cfg)
+    except UserError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    path = save_run_config(cfg, cfg.run.dir)
+    argv, env = backends.command(cfg, cfg.run.dir)
+    print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s), config {path}", flush=True)
+    sys.exit(subprocess.run(argv, env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -118,11 +118,12 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 2000
     """Optimizer steps to train for."""
-    micro_batch_size: int = 12
-    """Samples per rank per forward/backward."""
     global_batch_size: int = 12
-    """Samples per optimizer step over all data-parallel ranks; must be a multiple of
-    micro_batch_size * dp. The quotient is the gradient-accumulation count."""
+    """Samples per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int | None = None
+    """Samples per rank per forward/backward; None means global_batch_size / dp (no accumulation).
+    global_batch_size must be a multiple of micro_batch_size * dp; the quotient is the
+    gradient-accumulation count."""
     eval_interval: int = 250
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
     eval_batches: int = 20
@@ -299,8 +300,12 @@ def validate(cfg, world: int | None = None) -> None:
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
 
 
-def resolve_paths(cfg) -> None:
-    """Make every path absolute against the directory the user launched from."""
+def resolve(cfg) -> None:
+    """Fill derived values (so run.dir/config.yaml holds concrete numbers) and make every path
+    absolute against the directory the user launched from."""
+    if cfg.train.micro_batch_size is None:
+        dp = max(1, data_parallel_size(cfg))
+        cfg.train.micro_batch_size = max(1, cfg.train.global_batch_size // dp)
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.data.path is not None:
         cfg.data.path = os.path.abspath(cfg.data.path)

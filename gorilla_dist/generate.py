@@ -20,7 +20,6 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
            top_k: int | None = 200, seed: int = 0) -> str:
     """Autoregressive sampling (no KV cache: the context is cropped to seq_length and re-run)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -31,8 +30,10 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
         ctx = ids[:, -seq_length:]
         pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
         logits = model(ctx, pos, None)[:, -1, :]  # (1, vocab / tp)
-        if ps.get_tensor_model_parallel_world_size() > 1:
-            logits = gather_from_tensor_model_parallel_region(logits)
+        if ps.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits -> full vocabulary
+            parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+            logits = torch.cat(parts, dim=-1)
         logits = logits[:, :tokenizer.vocab_size].float()  # drop the padding rows of the vocabulary
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)

@@ -60,8 +60,15 @@ def deepspeed_config(cfg, dp: int) -> dict:
 def build_engine(model: torch.nn.Module, cfg, layout):
     """Wrap the model in a DeepSpeed engine (optimizer + schedule + ZeRO + precision)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    from gorilla_dist.errors import ConfigError
     from gorilla_dist.parallel import MegatronMPU
+
+    acc = get_accelerator()
+    if cfg.precision.dtype == "fp16" and not acc.is_fp16_supported():
+        raise ConfigError(f"precision.dtype=fp16 is not supported on this device ({acc.device_name()}): "
+                          "DeepSpeed has fp16 training on GPUs only; use precision=bf16 or precision=fp32")
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),

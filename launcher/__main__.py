@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gorilla_dist.config import register_configs, resolve_paths, save_run_config, validate
+from gorilla_dist.config import register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import UserError
 from launcher import backends
 
@@ -21,7 +21,7 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        resolve_paths(cfg)
+        resolve(cfg)
         validate(cfg)
     except UserError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from gorilla_dist.kernels import CORE_ATTENTION
-from gorilla_dist.model.cpu_compat import adapt_for_device
+from gorilla_dist.model.compat import adapt_for_device
 
 VOCAB_MULTIPLE = 128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +52,7 @@ def transformer_config(m, *, tp: int, dtype: str) -> TransformerConfig:
         init_method_std=m.init_std,
         tensor_model_parallel_size=tp,
         # Draw each full weight on the host from one seeded generator, then split: the same initial
-        # model for every TP size (and no CUDA RNG tracker needed; see cpu_compat.py).
+        # model for every TP size (and no CUDA RNG tracker needed; see compat.py).
         use_cpu_initialization=True,
         perform_initialization=True,
         params_dtype=DTYPES[dtype],
@@ -79,8 +79,13 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int) -> GPTModel:
     depend only on (m, seed), never on the tensor-parallel layout."""
     from megatron.core import parallel_state as ps
 
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     torch.manual_seed(seed)
     model = GPTModel(
+        # Explicit process groups: without them every linear looks its group up per call and warns,
+        # and the warning alone breaks torch.compile graphs at every layer.
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype),
         transformer_layer_spec=layer_spec(m),
         vocab_size=padded_vocab_size(m.vocab_size),

@@ -1,0 +1,37 @@
+"""Test helpers: run the real launcher in a subprocess and read what the run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Small, quiet runs: the `debug` model, no W&B, no progress bar, no end-of-training sample.
+QUICK = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false", "train.sample_tokens=0",
+         "train.eval_interval=0", "train.log_interval=5"]
+
+
+def launch(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m launcher run.dir=<run_dir> ...`; returns the finished process (stdout+stderr merged)."""
+    args = [sys.executable, "-m", "launcher", f"run.dir={run_dir}", *(QUICK if quick else []), *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
+    return proc.stdout
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+

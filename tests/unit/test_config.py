@@ -1,0 +1,70 @@
+"""Config composition and validation: bad input stops before any worker starts, with one message that
+names the key, the value and what is valid."""
+
+import pytest
+from helpers import REPO, launch
+from hydra import compose, initialize_config_dir
+
+from gorilla_dist.config import register_configs, resolve, validate
+from gorilla_dist.errors import ConfigError
+
+register_configs()
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    resolve(cfg)
+    return cfg
+
+
+def test_default_config_is_valid_and_derives_micro_batch():
+    cfg = composed()
+    validate(cfg)
+    assert cfg.model.name == "tiny" and cfg.train.micro_batch_size == 12
+    cfg = composed("launch=torchrun", "launch.nproc_per_node=2", "train.global_batch_size=12")
+    validate(cfg)
+    assert cfg.train.micro_batch_size == 6
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tp=3"], "model.num_heads(4) is not divisible by parallel.tp(3); valid tp values: [1, 2, 4]"),
+    (["launch=torchrun", "launch.nproc_per_node=2", "train.micro_batch_size=4"],
+     "train.global_batch_size(12) is not divisible by train.micro_batch_size(4) * data_parallel(2) = 8"),
+    (["precision.dtype=fp8"], "precision.dtype='fp8' is not valid; choose one of: fp32, bf16, fp16"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not valid; choose one of: 0, 1, 2, 3"),
+    (["launch.nproc_per_node=2"], "launch.backend=local starts one process but launch.nproc_per_node=2"),
+    (["launch=torchrun", "launch.nproc_per_node=3", "parallel.tp=2"],
+     "world size 3 (launch.nproc_per_node) is not divisible by parallel.tp(2)"),
+    (["data.path=/nonexistent/corpus.txt"], "data.path='/nonexistent/corpus.txt': no such file"),
+    (["optim.min_lr=0.1"], "optim.min_lr(0.1) must not exceed optim.lr(0.001)"),
+])
+def test_invalid_values_name_key_value_and_choices(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(*overrides))
+    assert message in str(err.value)
+
+
+def test_launcher_rejects_bad_config_before_starting_workers(tmp_path):
+    run = tmp_path / "run"
+    proc = launch(run, "model.num_heads=3")
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == "config error: model.hidden_size(64) is not divisible by model.num_heads(3)"
+    assert not run.exists()  # nothing written, no process started
+
+
+def test_launcher_typo_key_and_unknown_group_option(tmp_path):
+    proc = launch(tmp_path / "r", "train.max_stepz=3")
+    assert proc.returncode != 0 and "Key 'max_stepz' not in 'TrainConfig'" in proc.stdout
+    proc = launch(tmp_path / "r", "precision=fp8")
+    assert proc.returncode != 0 and "Could not find 'precision/fp8'" in proc.stdout
+    assert "bf16" in proc.stdout and "fp32" in proc.stdout  # the valid options are listed
+    assert not (tmp_path / "r").exists()
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    proc = launch(tmp_path / "r", "model=small", "parallel.zero_stage=3", "precision=bf16", "--cfg", "job",
+                  quick=False)
+    assert proc.returncode == 0
+    assert "name: small" in proc.stdout and "zero_stage: 3" in proc.stdout and "dtype: bf16" in proc.stdout
+    assert not (tmp_path / "r").exists()

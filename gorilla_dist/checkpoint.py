@@ -179,7 +179,8 @@ class Checkpointer:
             manifest = {"step": step, "layout": self._layout(), "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
-            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
+            if final.exists():  # an earlier attempt at this step (complete or not): replace it whole
+                print(f"[checkpoint] replacing {final} (problem: {verify(final) or 'none'})", file=sys.stderr)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)

@@ -110,7 +110,9 @@ def generate(args) -> str:
     from gorilla_dist.data import load_tokenizer
     from gorilla_dist.model import build_model
     from gorilla_dist.parallel import init_distributed, teardown
+    from gorilla_dist.worker import quiet_libraries
 
+    quiet_libraries()
     run_dir = Path(args.run["dir"])
     ckpt = resolve_checkpoint(run_dir, args.checkpoint)
     cfg = load_run_config(ckpt)

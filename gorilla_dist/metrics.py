@@ -7,7 +7,9 @@ into numbers with one host sync per `train.log_interval` steps, so logging costs
 from __future__ import annotations
 
 import json
+import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,7 +74,7 @@ class Metrics:
         import wandb
 
         id_file = Path(self.cfg.run.dir) / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         from omegaconf import OmegaConf
 
@@ -116,8 +118,14 @@ class Metrics:
                 post["mfu"] = f"{rows[-1]['mfu']:.1%}"
             self.bar.set_postfix(post, refresh=True)
 
-    def eval(self, step: int, val_loss: float) -> None:
+    @contextmanager
+    def paused(self):
+        """Work that is not training (evaluation, checkpointing) is kept out of tokens/s."""
         self.flush()
+        yield
+        self.last_time = time.perf_counter()
+
+    def eval(self, step: int, val_loss: float) -> None:
         self._write([{"step": step, "val_loss": val_loss}])
         if self.main:
             msg = f"step {step}: val_loss {val_loss:.4f}"

@@ -87,10 +87,12 @@ def train(cfg, layout) -> Metrics:
         metrics.step(step, loss, lr, engine.get_global_grad_norm())
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
-            metrics.eval(step, evaluate(engine, data, t.eval_batches, layout))
+            with metrics.paused():
+                val_loss = evaluate(engine, data, t.eval_batches, layout)
+            metrics.eval(step, val_loss)
         if ckpt.due(step, last):
-            metrics.flush()
-            ckpt.save(step, engine, {"step": step, "data": data.state_dict(), "rng": rng_state()})
+            with metrics.paused():
+                ckpt.save(step, engine, {"step": step, "data": data.state_dict(), "rng": rng_state()})
     metrics.close()
 
     if t.sample_tokens:

@@ -1,0 +1,41 @@
+"""Parallel layouts compute the same training trajectory: real torchrun / deepspeed launchers,
+2 gloo ranks, through the real CLI."""
+
+import pytest
+from helpers import check, launch, losses
+
+STEPS = ["train.max_steps=10", "optim.warmup_steps=2", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single")
+    check(launch(run, *STEPS))
+    return losses(run)
+
+
+def assert_close(a: dict, b: dict, tol: float):
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= tol, f"max |loss difference| {worst:.3g} > {tol}: {a} vs {b}"
+
+
+def test_losses_decrease(single):
+    assert single[10] < single[1] - 0.2
+
+
+def test_tensor_parallel_2_matches_single_process(tmp_path, single):
+    run = tmp_path / "tp2"
+    out = check(launch(run, *STEPS, "launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2"))
+    assert "torchrun: 2 worker(s)" in out
+    assert_close(losses(run), single, 1e-5)
+
+
+def test_zero3_matches_zero0_on_two_ranks(tmp_path, single):
+    z0, z3 = tmp_path / "z0", tmp_path / "z3"
+    check(launch(z0, *STEPS, "launch=torchrun", "launch.nproc_per_node=2", "parallel.zero_stage=0"))
+    out = check(launch(z3, *STEPS, "launch=deepspeed", "launch.nproc_per_node=2", "parallel.zero_stage=3"))
+    assert "deepspeed: 2 worker(s)" in out
+    assert_close(losses(z3), losses(z0), 1e-5)
+    # data parallel over 2 ranks sees the same global batches as one process
+    assert_close(losses(z0), single, 1e-5)

@@ -1,0 +1,52 @@
+"""The real CLI end to end: progress, metrics.jsonl, W&B offline files, the end-of-training sample,
+and `python -m gorilla_dist.generate` reproducing that sample from the saved checkpoint — for a
+single process and for a tensor-parallel run (whose checkpoint must consolidate correctly)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, check, launch, metrics
+
+RUN = ["model=debug", "train.max_steps=20", "train.eval_interval=10", "train.eval_batches=2", "train.log_interval=5",
+       "optim.warmup_steps=2", "train.sample_tokens=60", "checkpoint.interval=10"]
+LAYOUTS = {"local": [], "torchrun-tp2": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",
+                                         "logging.wandb.mode=disabled"]}
+
+
+def sample_from(out: str) -> str:
+    match = re.search(r"--- sample \(60 tokens\) ---\n(.*)\n---", out, re.S)
+    assert match, out[-3000:]
+    return match.group(1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_then_generate(tmp_path, layout):
+    run = tmp_path / "run"
+    out = check(launch(run, *RUN, *LAYOUTS[layout], quick=False))
+    rows = metrics(run)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in steps)
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in steps)
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
+    assert "step 20: val_loss" in out
+    if layout == "local":
+        assert "20/20" in out and "tok/s" in out  # the progress bar
+        assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run written"
+
+    text = sample_from(out)
+    assert len(text) == 61  # the "\n" prompt + 60 characters
+    gen = subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={run}", "max_new_tokens=60"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.rstrip("\n") == text.rstrip("\n")
+
+
+def test_generate_reports_missing_checkpoint(tmp_path):
+    gen = subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={tmp_path}", "prompt=ROMEO:"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 1
+    assert gen.stderr.strip().endswith(f"error: no complete checkpoint under {tmp_path / 'checkpoints'}")

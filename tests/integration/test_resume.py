@@ -1,0 +1,51 @@
+"""Stop + resume equals an uninterrupted run, bit for bit; a broken newest checkpoint is skipped."""
+
+import shutil
+
+import pytest
+from helpers import check, launch, metrics
+
+COMMON = ["optim.warmup_steps=2", "optim.decay_steps=20", "train.eval_interval=10", "checkpoint.keep=0"]
+LAYOUTS = {
+    "local": [],
+    "torchrun-zero3": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.zero_stage=3"],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stop_at_10_and_resume_to_20_equals_straight_20(tmp_path, layout):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    check(launch(straight, *COMMON, *LAYOUTS[layout], "train.max_steps=20", "checkpoint.interval=0"))
+    check(launch(split, *COMMON, *LAYOUTS[layout], "train.max_steps=10", "checkpoint.interval=0"))
+    out = check(launch(split, *COMMON, *LAYOUTS[layout], "train.max_steps=20", "checkpoint.interval=0"))
+    assert "resumed from" in out and "step_00000010 at step 10" in out
+    a, b = metrics(straight), metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]  # bitwise (exact float equality)
+    assert [r.get("val_loss") for r in a] == [r.get("val_loss") for r in b]
+    assert [r.get("grad_norm") for r in a] == [r.get("grad_norm") for r in b]
+
+
+def test_incomplete_newest_checkpoint_is_skipped_and_training_repeats_exactly(tmp_path):
+    run = tmp_path / "run"
+    check(launch(run, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
+    first = metrics(run)
+    ckpts = run / "checkpoints"
+    (ckpts / "step_00000020" / "manifest.json").unlink()  # as if the save was cut off before the manifest
+    shutil.copytree(ckpts / "step_00000010", ckpts / ".tmp-step_00000030")  # an interrupted save
+    out = check(launch(run, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
+    assert "skipping incomplete checkpoint" in out and "step_00000020: no manifest.json" in out
+    assert "resumed from" in out and "step_00000010 at step 10" in out
+    assert metrics(run) == [dict(r, tokens_per_s=s["tokens_per_s"]) if "loss" in r else r
+                            for r, s in zip(first, metrics(run))]
+    assert (ckpts / "step_00000020" / "manifest.json").is_file()  # re-saved complete
+    assert (ckpts / ".tmp-step_00000030").is_dir()  # reported, never deleted
+
+
+def test_resume_never_refuses_to_overwrite(tmp_path):
+    run = tmp_path / "run"
+    check(launch(run, "train.max_steps=2"))
+    proc = launch(run, "train.max_steps=4", "checkpoint.resume=never")
+    assert proc.returncode == 1
+    assert "checkpoint.resume=never but" in proc.stdout and "nothing was deleted" in proc.stdout
+    assert (run / "checkpoints" / "step_00000002" / "manifest.json").is_file()

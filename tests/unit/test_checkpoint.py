@@ -1,0 +1,35 @@
+"""Which directories count as complete checkpoints."""
+
+import json
+
+from gorilla_dist.checkpoint import complete_checkpoints, verify
+
+
+def fake_ckpt(root, step, *, manifest=True, truncate=False):
+    d = root / f"step_{step:08d}"
+    (d / "ds").mkdir(parents=True)
+    (d / "ds" / "model.pt").write_bytes(b"x" * 100)
+    (d / "trainer_rank00000.pt").write_bytes(b"y" * 10)
+    if manifest:
+        (d / "manifest.json").write_text(json.dumps({"step": step, "files": {"ds/model.pt": 100,
+                                                                            "trainer_rank00000.pt": 10}}))
+    if truncate:
+        (d / "ds" / "model.pt").write_bytes(b"x" * 40)
+    return d
+
+
+def test_only_verified_checkpoints_count(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    good10 = fake_ckpt(root, 10)
+    good20 = fake_ckpt(root, 20)
+    fake_ckpt(root, 30, manifest=False)  # save interrupted before the manifest
+    fake_ckpt(root, 40, truncate=True)  # a file cut short after the manifest
+    (root / ".tmp-step_00000050").mkdir()  # interrupted save
+    (root / "notes").mkdir()
+    assert complete_checkpoints(root, report=True) == [good10, good20]
+    err = capsys.readouterr().err
+    assert "step_00000030: no manifest.json" in err
+    assert "step_00000040: ds/model.pt has 40 bytes, the manifest says 100" in err
+    assert ".tmp-step_00000050: an interrupted save" in err
+    assert all(p.exists() for p in root.iterdir())  # reported and skipped, never deleted
+    assert verify(good20) is None

@@ -90,7 +90,9 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str]) -> int:
     from gorilla_dist.errors import UserError
+    from gorilla_dist.worker import quiet_libraries
 
+    quiet_libraries()
     try:
         args = parse_args(argv)
         if not args.run or "dir" not in args.run:
@@ -110,9 +112,6 @@ def generate(args) -> str:
     from gorilla_dist.data import load_tokenizer
     from gorilla_dist.model import build_model
     from gorilla_dist.parallel import init_distributed, teardown
-    from gorilla_dist.worker import quiet_libraries
-
-    quiet_libraries()
     run_dir = Path(args.run["dir"])
     ckpt = resolve_checkpoint(run_dir, args.checkpoint)
     cfg = load_run_config(ckpt)

@@ -64,7 +64,7 @@ def train(cfg, layout) -> Metrics:
         cfg.model.vocab_size = data.vocab_size
     model = build_model(cfg.model, dtype=cfg.precision.dtype, device=layout.device, seed=cfg.run.seed)
     if t.compile:
-        model = torch.compile(model)
+        model.compile()  # in place: parameter names (checkpoints, consolidation) stay unchanged
     engine = build_engine(model, cfg, layout)
     ckpt = Checkpointer(cfg, layout)
 

@@ -39,3 +39,9 @@ def test_zero3_matches_zero0_on_two_ranks(tmp_path, single):
     assert_close(losses(z3), losses(z0), 1e-5)
     # data parallel over 2 ranks sees the same global batches as one process
     assert_close(losses(z0), single, 1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, single):
+    run = tmp_path / "accum"
+    check(launch(run, *STEPS, "train.micro_batch_size=4"))  # 12 = 3 micro-batches of 4, accumulated
+    assert_close(losses(run), single, 1e-5)

@@ -10,7 +10,8 @@ import pytest
 from helpers import REPO, check, launch, metrics
 
 RUN = ["model=debug", "train.max_steps=20", "train.eval_interval=10", "train.eval_batches=2", "train.log_interval=5",
-       "optim.warmup_steps=2", "train.sample_tokens=60", "checkpoint.interval=10"]
+       "optim.warmup_steps=2", "train.sample_tokens=60", "checkpoint.interval=5", "checkpoint.keep=2",
+       "logging.peak_tflops=0.174"]
 LAYOUTS = {"local": [], "torchrun-tp2": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",
                                          "logging.wandb.mode=disabled"]}
 
@@ -30,6 +31,15 @@ def test_train_then_generate(tmp_path, layout):
     assert [r["step"] for r in steps] == list(range(1, 21))
     assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in steps)
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in steps)
+    # MFU = tokens/s * model FLOPs per token / (peak * ranks)
+    world = 2 if layout != "local" else 1
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.model import flops_per_token
+    m = OmegaConf.load(run / "checkpoints" / "step_00000020" / "config.yaml").model
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(m) / (0.174e12 * world)) for r in steps)
+    # checkpoints every 5 steps, the newest 2 kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000015", "step_00000020"]
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
     assert "step 20: val_loss" in out

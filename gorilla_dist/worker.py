@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
         finally:
             teardown()
     except UserError as err:
-        print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
+        if not getattr(err, "printed_elsewhere", False):
+            print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     return 0
 

@@ -66,14 +66,11 @@ class WindowData:
 
 def build_data(cfg, layout) -> WindowData:
     """Tokenize cfg.data.path into run.dir/data once (rank 0; the others wait), then memory-map it."""
-    import torch.distributed as dist
+    from gorilla_dist.parallel import on_main
 
     out = Path(cfg.run.dir) / "data"
-    if layout.is_main:
-        prepare_text(cfg.data.path, cfg.data.tokenizer, out, val_fraction=cfg.data.val_fraction,
-                     min_tokens=cfg.model.seq_length + 2)
-    if dist.is_initialized():
-        dist.barrier()
+    on_main(lambda: prepare_text(cfg.data.path, cfg.data.tokenizer, out, val_fraction=cfg.data.val_fraction,
+                                 min_tokens=cfg.model.seq_length + 2), layout)
     train = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(out / "val.bin", dtype=np.uint16, mode="r")
     return WindowData(train, val, load_tokenizer(out), seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gorilla_dist.errors import ConfigError
+from gorilla_dist.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,26 @@ def init_distributed(parallel_cfg, *, timeout_s: float = 600.0) -> ParallelLayou
     return ParallelLayout(rank=rank, local_rank=local_rank, world=world, tp=tp,
                           tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                           dp_rank=ps.get_data_parallel_rank(), device=device)
+
+
+def on_main(fn, layout: ParallelLayout):
+    """Run `fn` on rank 0 only (work that writes shared files), then make every rank agree on how it
+    went: a UserError on rank 0 is raised on all ranks (printed once, by rank 0), so a bad input stops
+    the whole job with its own message instead of peers dying on a broken collective."""
+    error = None
+    if layout.is_main:
+        try:
+            fn()
+        except UserError as err:
+            error = err
+    if dist.is_initialized() and layout.world > 1:
+        box = [None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            error = box[0][0](box[0][1])
+            error.printed_elsewhere = True
+    if error is not None:
+        raise error
 
 
 def teardown() -> None:

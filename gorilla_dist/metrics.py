@@ -112,11 +112,11 @@ class Metrics:
         self.pending.clear()
         self._write(rows)
         if self.main and self.bar is not None:
-            self.bar.update(rows[-1]["step"] - self.bar.n)
             post = {"loss": f"{rows[-1]['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
             if "mfu" in rows[-1]:
                 post["mfu"] = f"{rows[-1]['mfu']:.1%}"
-            self.bar.set_postfix(post, refresh=True)
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(rows[-1]["step"] - self.bar.n)  # one redraw per interval
 
     @contextmanager
     def paused(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,20 @@ def main(cfg: DictConfig) -> None:
     path = save_run_config(cfg, cfg.run.dir)
     argv, env = backends.command(cfg, cfg.run.dir)
     print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s), config {path}", flush=True)
-    sys.exit(subprocess.run(argv, env=env).returncode)
+    sys.exit(run_forwarding_signals(argv, env))
+
+
+def run_forwarding_signals(argv: list[str], env: dict) -> int:
+    """Run the backend command; SIGTERM/SIGINT sent to the launcher (a scheduler, a kill) reach the
+    workers too instead of orphaning them. Returns the command's exit status."""
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
 
 
 if __name__ == "__main__":

@@ -60,3 +60,46 @@ def test_generate_reports_missing_checkpoint(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 1
     assert gen.stderr.strip().endswith(f"error: no complete checkpoint under {tmp_path / 'checkpoints'}")
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    """train.compile=true (torch.compile in place) follows the eager trajectory and still checkpoints
+    under the eager parameter names, so generate works from it."""
+    common = ["train.max_steps=6", "optim.warmup_steps=2", "train.log_interval=1"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    check(launch(eager, *common))
+    check(launch(compiled, *common, "train.compile=true"))
+    a = [r["loss"] for r in metrics(eager)]
+    b = [r["loss"] for r in metrics(compiled)]
+    assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    gen = subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={compiled}", "max_new_tokens=5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0 and len(gen.stdout.rstrip("\n")) >= 5, gen.stderr[-2000:]
+
+
+def test_sigterm_to_the_launcher_reaches_the_workers(tmp_path):
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", f"run.dir={run}", "model=debug",
+                             "logging.wandb.mode=disabled", "logging.progress=false", "train.max_steps=100000",
+                             "checkpoint.interval=0", "train.eval_interval=0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.5)
+    proc.terminate()
+    assert proc.wait(timeout=60) != 0
+
+    def worker_alive():  # -ww: full command lines (ps cuts them at 80 columns without a terminal)
+        return f"gorilla_dist.worker {run}" in subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True,
+                                                              text=True).stdout
+
+    deadline = time.time() + 30
+    while worker_alive() and time.time() < deadline:
+        time.sleep(0.5)
+    orphaned = worker_alive()
+    if orphaned:
+        subprocess.run(["pkill", "-f", f"gorilla_dist.worker {run}"])
+    assert not orphaned, "the worker outlived a SIGTERM to the launcher"

@@ -96,9 +96,10 @@ def _read_text(path: Path) -> str:
 
 
 def _fingerprint(path: Path, tokenizer: str, val_fraction: float) -> dict:
-    st = path.stat()
-    return {"source": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "tokenizer": tokenizer, "val_fraction": val_fraction}
+    """What the token files are a function of: the source's content (not its path or mtime, so a
+    fresh clone or a copied corpus reuses them), the tokenizer and the split."""
+    return {"source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "tokenizer": tokenizer,
+            "val_fraction": val_fraction}
 
 
 def prepare_text(path: str | None, tokenizer: str, out_dir: str | os.PathLike, *, val_fraction: float,
@@ -110,13 +111,20 @@ def prepare_text(path: str | None, tokenizer: str, out_dir: str | os.PathLike, *
         raise DataError(f"data.path={str(src)!r}: no such file")
     fingerprint = _fingerprint(src, tokenizer, val_fraction)
     meta_path = out / "meta.json"
+    if out.exists() and not meta_path.is_file():  # our writes are atomic: a complete dir has meta.json
+        raise DataError(f"{out} exists but was not prepared by gorilla_dist (no meta.json); move it away")
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fingerprint:
             return meta
-        if meta.get("fingerprint", {}).get("tokenizer") != tokenizer:
-            raise DataError(f"{out} holds data tokenized with {meta['fingerprint']['tokenizer']!r}, not "
+        # This run's checkpoints were trained on the existing token files: never replace them.
+        old = meta.get("fingerprint", {})
+        if old.get("tokenizer") != tokenizer:
+            raise DataError(f"{out} holds data tokenized with {old.get('tokenizer')!r}, not "
                             f"data.tokenizer={tokenizer!r}; use a new run.dir for a different tokenizer")
+        raise DataError(f"{out} was prepared from different data (source sha256 {old.get('source_sha256')}, "
+                        f"val_fraction {old.get('val_fraction')}) than data.path={str(src)!r} with "
+                        f"data.val_fraction={val_fraction}; use a new run.dir for new data")
 
     text = _read_text(src)
     tok = CharTokenizer("".join(sorted(set(text)))) if tokenizer == "char" else ByteTokenizer()
@@ -138,9 +146,5 @@ def prepare_text(path: str | None, tokenizer: str, out_dir: str | os.PathLike, *
     val.tofile(tmp / "val.bin")
     (tmp / "tokenizer.json").write_text(json.dumps(tok.to_json()))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
     return meta

@@ -42,6 +42,16 @@ def test_incomplete_newest_checkpoint_is_skipped_and_training_repeats_exactly(tm
     assert (ckpts / ".tmp-step_00000030").is_dir()  # reported, never deleted
 
 
+def test_resume_from_an_explicit_checkpoint_directory(tmp_path):
+    straight, branch = tmp_path / "straight", tmp_path / "branch"
+    check(launch(straight, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
+    ckpt = straight / "checkpoints" / "step_00000010"
+    out = check(launch(branch, *COMMON, "train.max_steps=20", f"checkpoint.resume={ckpt}"))
+    assert f"resumed from {ckpt} at step 10" in out
+    a = [r.get("loss") for r in metrics(straight) if r["step"] > 10]
+    assert a == [r.get("loss") for r in metrics(branch)]  # the branch continues the same trajectory
+
+
 def test_resume_never_refuses_to_overwrite(tmp_path):
     run = tmp_path / "run"
     check(launch(run, "train.max_steps=2"))

@@ -48,6 +48,23 @@ def test_switching_tokenizer_in_one_data_dir_refuses(tmp_path):
     assert load_tokenizer(tmp_path / "d").kind == "char"  # the existing data is untouched
 
 
+def test_changed_corpus_never_replaces_a_runs_token_files(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("hello world, hello tokens\n" * 50)
+    prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
+    before = (tmp_path / "d" / "train.bin").read_bytes()
+    copy = tmp_path / "copy.txt"  # same content elsewhere (a fresh clone, a copied corpus): reused
+    copy.write_text(src.read_text())
+    prepare_text(str(copy), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
+    src.write_text("a different corpus entirely\n" * 50)
+    with pytest.raises(DataError, match="was prepared from different data"):
+        prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
+    assert (tmp_path / "d" / "train.bin").read_bytes() == before
+    (tmp_path / "foreign").mkdir()
+    with pytest.raises(DataError, match="not prepared by gorilla_dist"):
+        prepare_text(str(src), "char", tmp_path / "foreign", val_fraction=0.1, min_tokens=10)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"   \n\n", "is empty"),

@@ -53,7 +53,6 @@ class Metrics:
         self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.main = layout.is_main
-        self.history: list[dict] = []  # what was logged, for callers (benchmarks, tests)
         if not self.main:
             return
         self.path = Path(cfg.run.dir) / "metrics.jsonl"
@@ -132,7 +131,6 @@ class Metrics:
             (self.bar.write if self.bar is not None else print)(msg)
 
     def _write(self, rows: list[dict]) -> None:
-        self.history.extend(rows)
         if not self.main:
             return
         for row in rows:

@@ -57,7 +57,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train(cfg, layout) -> Metrics:
+def train(cfg, layout) -> None:
     t = cfg.train
     data = build_data(cfg, layout)
     with open_dict(cfg):
@@ -100,4 +100,3 @@ def train(cfg, layout) -> Metrics:
                       seq_length=cfg.model.seq_length, seed=cfg.run.seed)
         if layout.is_main:
             print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
-    return metrics

@@ -14,7 +14,8 @@ import warnings
 
 def quiet_libraries() -> None:
     """Silence the import-time notices megatron-core and DeepSpeed print about optional packages we
-    deliberately run without (Transformer Engine, Apex) and DeepSpeed's per-step INFO logging."""
+    deliberately run without (Transformer Engine, Apex) and DeepSpeed's INFO logging; name DeepSpeed's
+    accelerator (cuda or cpu) instead of letting it guess and warn (the user's DS_ACCELERATOR wins)."""
     warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|transformer_engine|TE).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")

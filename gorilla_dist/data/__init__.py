@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from gorilla_dist.data.text import load_tokenizer, prepare_text
+from gorilla_dist.errors import DataError
 
 __all__ = ["WindowData", "build_data", "load_tokenizer", "prepare_text"]
 
@@ -61,6 +62,11 @@ class WindowData:
         return {"position": self.position, "seed": self.seed, "global_batch_size": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
+        for key, now in (("seed", self.seed), ("global_batch_size", self.global_batch)):
+            if int(state[key]) != now:
+                raise DataError(f"the checkpoint's data position was saved with {key}={state[key]}, this run has "
+                                f"{now}: resuming would not continue the same sample sequence; keep {key} or "
+                                "start a new run.dir")
         self.position = int(state["position"])
 
 
@@ -73,6 +79,6 @@ def build_data(cfg, layout) -> WindowData:
                                  min_tokens=cfg.model.seq_length + 2), layout)
     train = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(out / "val.bin", dtype=np.uint16, mode="r")
-    return WindowData(train, val, load_tokenizer(out), seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                      global_batch_size=cfg.train.global_batch_size, dp=layout.dp, dp_rank=layout.dp_rank,
-                      seed=cfg.run.seed, device=layout.device)
+    return WindowData(train, val, load_tokenizer(out), seq_length=cfg.model.seq_length,
+                      micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
+                      dp=layout.dp, dp_rank=layout.dp_rank, seed=cfg.run.seed, device=layout.device)

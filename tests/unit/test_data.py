@@ -106,8 +106,12 @@ def test_state_dict_resumes_the_same_sequence_and_seed_changes_it():
     b = windows(1, 0)
     b.load_state_dict(a.state_dict())
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a.next_train_batches(), b.next_train_batches()))
+    with pytest.raises(DataError, match="saved with seed=7, this run has 8"):
+        windows(1, 0, seed=8).load_state_dict(b.state_dict())
+    with pytest.raises(DataError, match="saved with global_batch_size=12, this run has 24"):
+        windows(1, 0, micro=24, global_batch=24).load_state_dict(b.state_dict())
     c = windows(1, 0, seed=8)
-    c.load_state_dict(b.state_dict())
+    c.position = b.position
     assert not torch.equal(b.next_train_batches()[0][0], c.next_train_batches()[0][0])
     # validation windows are the same at every evaluation
     assert torch.equal(a.val_batches(2)[1][0], a.val_batches(2)[1][0])

@@ -87,7 +87,9 @@ def consolidated_state_dict(module: torch.nn.Module, *, zero_stage: int) -> dict
     """
     from megatron.core import parallel_state as ps
 
-    tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    from gorilla_dist.parallel import tp_all_gather
+
+    tp = ps.get_tensor_model_parallel_world_size()
     gated = getattr(getattr(module, "config", None), "gated_linear_unit", False)
     out = {}
     for name, p in module.named_parameters():
@@ -100,8 +102,7 @@ def consolidated_state_dict(module: torch.nn.Module, *, zero_stage: int) -> dict
             full = p.data.detach().float().clone()
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             dim = p.partition_dim
-            shards = [torch.empty_like(full) for _ in range(tp)]
-            dist.all_gather(shards, full.contiguous(), group=tp_group)
+            shards = tp_all_gather(full)
             if gated and "linear_fc1" in name:
                 halves = [s.chunk(2, dim=dim) for s in shards]
                 shards = [h[0] for h in halves] + [h[1] for h in halves]

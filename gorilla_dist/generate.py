@@ -21,6 +21,8 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
     """Autoregressive sampling (no KV cache: the context is cropped to seq_length and re-run)."""
     from megatron.core import parallel_state as ps
 
+    from gorilla_dist.parallel import tp_all_gather
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -31,9 +33,7 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
         pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
         logits = model(ctx, pos, None)[:, -1, :]  # (1, vocab / tp)
         if ps.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits -> full vocabulary
-            parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
-            torch.distributed.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-            logits = torch.cat(parts, dim=-1)
+            logits = torch.cat(tp_all_gather(logits), dim=-1)
         logits = logits[:, :tokenizer.vocab_size].float()  # drop the padding rows of the vocabulary
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
@@ -112,6 +112,7 @@ def generate(args) -> str:
     from gorilla_dist.data import load_tokenizer
     from gorilla_dist.model import build_model
     from gorilla_dist.parallel import init_distributed, teardown
+
     run_dir = Path(args.run["dir"])
     ckpt = resolve_checkpoint(run_dir, args.checkpoint)
     cfg = load_run_config(ckpt)

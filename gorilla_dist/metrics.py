@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from gorilla_dist.parallel import dp_mean
 
 # Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
 # logging.peak_tflops (e.g. measured with benchmarks/) to get MFU there.
@@ -90,12 +91,7 @@ class Metrics:
     def flush(self) -> None:
         if not self.pending:
             return
-        losses = torch.stack([p[1].float() for p in self.pending])
-        if dist.is_initialized() and self.layout.dp > 1:  # mean over data-parallel ranks, one collective
-            from megatron.core import parallel_state as ps
-
-            dist.all_reduce(losses, group=ps.get_data_parallel_group())
-            losses /= self.layout.dp
+        losses = dp_mean(torch.stack([p[1].float() for p in self.pending]), self.layout)
         values = losses.tolist()  # the one host sync per interval
         now = time.perf_counter()
         steps = self.pending[-1][0] - self.last_step

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from omegaconf import open_dict
 
 from gorilla_dist.checkpoint import Checkpointer
@@ -12,6 +11,7 @@ from gorilla_dist.generate import sample
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.optim import build_engine
+from gorilla_dist.parallel import dp_mean
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,12 +36,7 @@ def evaluate(engine, data, n_batches: int, layout) -> float:
     engine.eval()
     losses = torch.stack([lm_loss(engine, x, y).float() for x, y in data.val_batches(n_batches)]).mean()
     engine.train()
-    if layout.dp > 1:
-        from megatron.core import parallel_state as ps
-
-        dist.all_reduce(losses, group=ps.get_data_parallel_group())
-        losses /= layout.dp
-    return losses.item()
+    return dp_mean(losses, layout).item()
 
 
 def rng_state() -> dict:

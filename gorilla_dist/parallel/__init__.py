@@ -130,6 +130,26 @@ def on_main(fn, layout: ParallelLayout):
         raise error
 
 
+def tp_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's shard and its tensor-parallel peers' shards, in TP-rank order (the caller
+    concatenates them along the dimension the tensor was split on)."""
+    from megatron.core import parallel_state as ps
+
+    shards = [torch.empty_like(tensor) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return shards
+
+
+def dp_mean(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Mean of `tensor` over the data-parallel ranks, in place (one collective; no-op when dp == 1)."""
+    if layout.dp > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+        tensor /= layout.dp
+    return tensor
+
+
 def teardown() -> None:
     from megatron.core import parallel_state as ps
 

@@ -22,6 +22,12 @@ def launch(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 
                           timeout=timeout)
 
 
+def generate(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m gorilla_dist.generate run.dir=<run_dir> ...` (stdout and stderr kept apart)."""
+    return subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={run_dir}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
 def check(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
     return proc.stdout

@@ -9,7 +9,7 @@
 megatron-core also assumes CUDA in a few places that the local (no Transformer Engine) spec reaches
 (no-ops on GPU):
   1. RotaryEmbedding.get_emb moves `inv_freq` to `torch.cuda.current_device()` on the first forward
-     (models/common/embeddings/rotary_pos_embedding.py). `cpu_rotary_embedding` swaps in a subclass
+     (models/common/embeddings/rotary_pos_embedding.py). `adapt_for_device` swaps in a subclass
      whose get_emb is identical except that it leaves `inv_freq` where the model lives.
   2. DotProductAttention allocates a buffer on CUDA and forks the CUDA RNG tracker for dropout; we do
      not use it: our own core_attention (gorilla_dist.kernels) runs on any device.

@@ -83,8 +83,8 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int) -> GPTModel:
 
     torch.manual_seed(seed)
     model = GPTModel(
-        # Explicit process groups: without them every linear looks its group up per call and warns,
-        # and the warning alone breaks torch.compile graphs at every layer.
+        # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
+        # RowParallelLinear still passes tp_group=None internally; compat.quiet_tp_group_lookup covers that.
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype),
         transformer_layer_spec=layer_spec(m),

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, check, launch, metrics
+from helpers import REPO, check, generate, launch, metrics
 
 RUN = ["model=debug", "train.max_steps=20", "train.eval_interval=10", "train.eval_batches=2", "train.log_interval=5",
        "optim.warmup_steps=2", "train.sample_tokens=60", "checkpoint.interval=5", "checkpoint.keep=2",
@@ -49,15 +49,13 @@ def test_train_then_generate(tmp_path, layout):
 
     text = sample_from(out)
     assert len(text) == 61  # the "\n" prompt + 60 characters
-    gen = subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={run}", "max_new_tokens=60"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    gen = generate(run, "max_new_tokens=60")
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert gen.stdout.rstrip("\n") == text.rstrip("\n")
 
 
 def test_generate_reports_missing_checkpoint(tmp_path):
-    gen = subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={tmp_path}", "prompt=ROMEO:"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    gen = generate(tmp_path, "prompt=ROMEO:")
     assert gen.returncode == 1
     assert gen.stderr.strip().endswith(f"error: no complete checkpoint under {tmp_path / 'checkpoints'}")
 
@@ -72,8 +70,7 @@ def test_compiled_model_trains_like_eager(tmp_path):
     a = [r["loss"] for r in metrics(eager)]
     b = [r["loss"] for r in metrics(compiled)]
     assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
-    gen = subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={compiled}", "max_new_tokens=5"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    gen = generate(compiled, "max_new_tokens=5")
     assert gen.returncode == 0 and len(gen.stdout.rstrip("\n")) >= 5, gen.stderr[-2000:]
 
 

@@ -21,7 +21,8 @@ POSITIONS = ("rope", "learned_absolute")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 ATTENTIONS = ("dense",)
-TOKENIZERS = ("char", "byte")
+SAMPLE_BY = ("document", "paragraph", "line")
+VERIFY = ("checksum", "size")
 BACKENDS = ("local", "torchrun", "deepspeed")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULES = ("cosine", "constant")
@@ -139,13 +140,31 @@ class TrainConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = MISSING
+    """A dataset directory written by `python -m gorilla_dist.data.prepare`."""
+    weight: float = 1.0
+    """This source's share of the training samples (weights are normalised over the sources)."""
+
+
+@dataclass
 class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Prepared datasets to blend, e.g. '[{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}]'.
+    Empty: prepare `path` into run.dir/data and train on it."""
     path: str | None = None
-    """Text file to train on; None means the bundled tinyshakespeare corpus."""
+    """A text file prepared into run.dir/data when `sources` is empty; None means the bundled
+    tinyshakespeare corpus."""
     tokenizer: str = "char"
-    """char (vocabulary = the corpus's characters) | byte (256 symbols)."""
+    """For `path`: char | byte | bpe:<vocab_size> | a Hugging Face tokenizer.json (or its directory)."""
+    sample_by: str = "paragraph"
+    """For `path`: what one document is: document (the file) | paragraph (blank-line separated) | line."""
     val_fraction: float = 0.1
-    """Fraction of the corpus (its tail) held out for validation."""
+    """Fraction of each source's documents (its last ones) held out for validation."""
+    reset_at_eod: bool = False
+    """Attention, position ids and the loss restart at every document boundary inside a packed sample."""
+    verify: str = "checksum"
+    """At start, check the sources' files against meta.json: checksum (sha256, ~1 s/GB) | size."""
 
 
 @dataclass
@@ -259,11 +278,11 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(m.attention, ATTENTIONS, "model.attention")
     _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
-    _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    _choice(cfg.data.sample_by, SAMPLE_BY, "data.sample_by")
+    _choice(cfg.data.verify, VERIFY, "data.verify")
     _choice(cfg.launch.backend, BACKENDS, "launch.backend")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1 (exclusive)")
+    _validate_data(cfg.data, t)
     if m.dropout >= 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be < 1")
     if o.min_lr > o.lr:
@@ -291,13 +310,32 @@ def validate(cfg, world: int | None = None) -> None:
         raise ConfigError(
             f"train.global_batch_size({t.global_batch_size}) is not divisible by "
             f"train.micro_batch_size({t.micro_batch_size}) * data_parallel({dp}) = {t.micro_batch_size * dp}")
-    if cfg.data.path is not None:
-        path = Path(cfg.data.path)
-        if not path.is_file():
-            raise ConfigError(f"data.path={cfg.data.path!r}: no such file")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
+
+
+def _validate_data(d, t) -> None:
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if d.val_fraction == 0 and t.eval_interval:
+        raise ConfigError(f"data.val_fraction=0 leaves nothing to evaluate but train.eval_interval={t.eval_interval}; "
+                          "set train.eval_interval=0 or a positive data.val_fraction")
+    if d.sources and d.path is not None:
+        raise ConfigError("data.sources and data.path are both set; give prepared data.sources, or one data.path "
+                          "to prepare into run.dir/data")
+    if d.path is not None and not Path(d.path).is_file():
+        raise ConfigError(f"data.path={d.path!r}: no such file")
+    tok = d.tokenizer
+    if tok not in ("char", "byte") and not tok.startswith("bpe:") and not Path(tok).exists():
+        raise ConfigError(f"data.tokenizer={tok!r}: expected char, byte, bpe:<vocab_size>, or the path of a "
+                          "Hugging Face tokenizer.json (or its directory)")
+    for i, src in enumerate(d.sources):
+        if not Path(src.path).is_dir():
+            raise ConfigError(f"data.sources[{i}].path={src.path!r}: no such directory (prepare one with "
+                              "python -m gorilla_dist.data.prepare input=... output=...)")
+        if not src.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight={src.weight} must be positive")
 
 
 def resolve(cfg) -> None:
@@ -309,6 +347,10 @@ def resolve(cfg) -> None:
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.data.path is not None:
         cfg.data.path = os.path.abspath(cfg.data.path)
+    for src in cfg.data.sources:
+        src.path = os.path.abspath(src.path)
+    if Path(cfg.data.tokenizer).exists():
+        cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
     if cfg.checkpoint.resume not in ("auto", "never"):
         cfg.checkpoint.resume = os.path.abspath(cfg.checkpoint.resume)
     if cfg.run.name is None:

@@ -27,7 +27,7 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)[None]  # (1, t)
     for _ in range(max_new_tokens):
         ctx = ids[:, -seq_length:]
         pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
@@ -50,7 +50,8 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
 
 @dataclass
 class GenerateArgs:
-    run: dict | None = None  # run.dir=...
+    run_dir: str | None = None
+    """The training run's directory (run.dir=...)."""
     checkpoint: str = "latest"
     """latest (newest complete checkpoint of run.dir) or a checkpoint directory."""
     prompt: str = "\n"
@@ -61,30 +62,12 @@ class GenerateArgs:
     seed: int = 1337
 
 
-VALID = "run.dir= checkpoint= prompt= max_new_tokens= temperature= top_k= seed="
-
-
 def parse_args(argv: list[str]):
-    """key=value arguments; values stay strings (a prompt like `ROMEO:` is text, not YAML) and are
-    converted by the typed schema."""
-    from omegaconf import OmegaConf
+    from gorilla_dist.cli import parse_key_values
 
-    from gorilla_dist.errors import UserError
-
-    args = OmegaConf.structured(GenerateArgs)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"argument {item!r} is not key=value; valid: {VALID}")
-        try:
-            if key == "run.dir":
-                args.run = {"dir": value}
-            elif key == "top_k" and value.lower() in ("null", "none", "0"):
-                args.top_k = None
-            else:
-                setattr(args, key, value)
-        except Exception as err:  # omegaconf names the key and the expected type
-            raise UserError(f"{item!r}: {str(err).splitlines()[0]}; valid: {VALID}") from None
+    args = parse_key_values(argv, GenerateArgs, aliases={"run.dir": "run_dir"})
+    if args.top_k == 0:
+        args.top_k = None
     return args
 
 
@@ -95,7 +78,7 @@ def main(argv: list[str]) -> int:
     quiet_libraries()
     try:
         args = parse_args(argv)
-        if not args.run or "dir" not in args.run:
+        if not args.run_dir:
             raise UserError("run.dir=<run directory> is required")
         print(generate(args), flush=True)
         return 0
@@ -109,14 +92,14 @@ def generate(args) -> str:
 
     from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
     from gorilla_dist.config import load_run_config
-    from gorilla_dist.data import load_tokenizer
+    from gorilla_dist.data.tokenizer import load_tokenizer
     from gorilla_dist.model import build_model
     from gorilla_dist.parallel import init_distributed, teardown
 
-    run_dir = Path(args.run["dir"])
+    run_dir = Path(args.run_dir)
     ckpt = resolve_checkpoint(run_dir, args.checkpoint)
     cfg = load_run_config(ckpt)
-    tokenizer = load_tokenizer(run_dir / "data")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     cfg.parallel.tp = 1

@@ -6,7 +6,7 @@ import torch
 from omegaconf import open_dict
 
 from gorilla_dist.checkpoint import Checkpointer
-from gorilla_dist.data import build_data
+from gorilla_dist.data.loader import build_data
 from gorilla_dist.generate import sample
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
@@ -14,17 +14,18 @@ from gorilla_dist.optim import build_engine
 from gorilla_dist.parallel import dp_mean
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy. x, y: (b, s) token ids; megatron returns per-token loss (b, s)."""
-    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand_as(x)
-    return model(x, pos, None, labels=y).mean()
+def lm_loss(model, batch) -> torch.Tensor:
+    """Next-token cross entropy averaged over the batch's unmasked targets (see data.loader.Batch)."""
+    per_token = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)  # (b, s)
+    mask = batch.loss_mask
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def train_step(engine, micro_batches) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean loss (not synced)."""
-    total = torch.zeros((), device=micro_batches[0][0].device)
-    for x, y in micro_batches:
-        loss = lm_loss(engine, x, y)
+    total = torch.zeros((), device=micro_batches[0].tokens.device)
+    for batch in micro_batches:
+        loss = lm_loss(engine, batch)
         engine.backward(loss)  # DeepSpeed divides by the accumulation count
         engine.step()  # updates only at the accumulation boundary
         total += loss.detach().float()
@@ -34,7 +35,7 @@ def train_step(engine, micro_batches) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, data, n_batches: int, layout) -> float:
     engine.eval()
-    losses = torch.stack([lm_loss(engine, x, y).float() for x, y in data.val_batches(n_batches)]).mean()
+    losses = torch.stack([lm_loss(engine, batch) for batch in data.val_batches(n_batches)]).mean()
     engine.train()
     return dp_mean(losses, layout).item()
 

@@ -1,0 +1,193 @@
+"""Prepared datasets → blended, shuffled, packed samples → this rank's micro-batches.
+
+The global sample sequence is a pure function of (seed, sources, weights): sample i comes from the
+source `Blend` assigns it, and is that source's k-th sample, i.e. sample permute(k mod n, (seed, source,
+epoch)) of its packed windows. Global batch t is samples [t*G, (t+1)*G); data-parallel rank r takes
+the r-th contiguous slice of it. So the state is a position and per-source counts, and a run resumed
+on another data-parallel size continues the same global sequence.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gorilla_dist.data.dataset import Span, TokenDataset
+from gorilla_dist.data.order import Blend, permute
+from gorilla_dist.data.tokenizer import load_tokenizer
+from gorilla_dist.errors import DataError
+
+BUNDLED = "tinyshakespeare.txt"
+
+
+def bundled_corpus() -> Path:
+    return Path(str(resources.files("gorilla_dist.data").joinpath(BUNDLED)))
+
+
+@dataclass
+class Batch:
+    """One micro-batch. tokens, labels, position_ids: (b, s) int64; loss_mask: (b, s) float32 (0 on
+    padding, and on <eod> inputs when attention resets at documents); attention_mask: (b, 1, s, s) bool,
+    True where attention is not allowed (megatron's convention), or None for plain causal; source: (b,)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    source: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self.__dict__.values()))
+
+    def __getitem__(self, rows: slice) -> Batch:
+        return Batch(*(None if t is None else t[rows] for t in self.__dict__.values()))
+
+
+def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: int, reset_at_eod: bool) -> Batch:
+    """windows (b, s+1) token ids with `valid` real tokens each → a Batch of inputs and shifted targets."""
+    b, s = windows.shape[0], windows.shape[1] - 1
+    tokens, labels = windows[:, :-1], windows[:, 1:]
+    loss_mask = (np.arange(s)[None, :] < (valid[:, None] - 1)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    attention_mask = None
+    if reset_at_eod:  # Megatron's reset_position_ids + reset_attention_mask + eod_mask_loss
+        is_eod = tokens == eod
+        doc = np.cumsum(is_eod, axis=1) - is_eod  # document number of each position; <eod> ends its document
+        starts = np.zeros((b, s), dtype=np.int64)
+        starts[:, 1:] = np.where(is_eod[:, :-1], np.arange(1, s), 0)
+        pos = np.arange(s)[None, :] - np.maximum.accumulate(starts, axis=1)
+        loss_mask[is_eod] = 0.0  # the next document is not predictable from this one
+        same_doc = doc[:, :, None] == doc[:, None, :]
+        attention_mask = torch.from_numpy(~(same_doc & np.tri(s, dtype=bool)))[:, None]
+    return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
+                 torch.from_numpy(loss_mask), torch.from_numpy(np.ascontiguousarray(pos)), attention_mask,
+                 torch.from_numpy(sources))
+
+
+class ShardData:
+    """Blended training samples and fixed validation samples over prepared datasets."""
+
+    def __init__(self, datasets: list[TokenDataset], weights: list[float], tokenizer, *, seq_length: int,
+                 micro_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, seed: int,
+                 val_fraction: float, reset_at_eod: bool = False, device: torch.device | str = "cpu"):
+        self.datasets, self.weights, self.tokenizer = datasets, list(weights), tokenizer
+        self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
+        self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
+        self.dp, self.dp_rank, self.seed, self.reset, self.device = dp, dp_rank, seed, reset_at_eod, device
+        self.train, self.val = [], []
+        for d in datasets:
+            train, val = d.split(val_fraction)
+            for name, (a, b), spans in (("train", train, self.train), ("validation", val, self.val)):
+                span = Span(d, a, b, seq_length)
+                if span.samples == 0 and (name == "train" or val_fraction > 0):
+                    raise DataError(f"{d.path}: the {name} split has {b - a} tokens, too few for one sample of "
+                                    f"model.seq_length={seq_length}; use more data or adjust data.val_fraction")
+                spans.append(span)
+        self.blend = Blend(self.weights)
+        self._val_cache: dict[int, list[Batch]] = {}
+
+    def sources_fingerprint(self) -> list:
+        return [[d.meta["index"]["sha256"], w] for d, w in zip(self.datasets, self.weights)]
+
+    def samples(self, spans: list[Span], sources: np.ndarray, index: np.ndarray, *, shuffle: bool) -> Batch:
+        """The samples `index` of each sample's source (epochs wrap; shuffled per epoch) as one Batch."""
+        picks = np.empty(len(index), dtype=np.int64)
+        for s in np.unique(sources):
+            rows = np.flatnonzero(sources == s)
+            epoch, j = np.divmod(index[rows], spans[s].samples)
+            if shuffle:
+                for e in np.unique(epoch):
+                    at = epoch == e
+                    j[at] = permute(j[at], spans[s].samples, (self.seed, int(s), int(e)))
+            picks[rows] = j
+        windows = np.empty((len(index), self.seq + 1), dtype=np.int64)
+        valid = np.array([spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
+        return pack(windows, valid, sources, eod=self.eod, reset_at_eod=self.reset)
+
+    def _rank_batches(self, spans, sources, index, *, shuffle: bool) -> list[Batch]:
+        per_rank = len(index) // self.dp
+        mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle).to(self.device)
+        return [batch[i:i + self.micro] for i in range(0, per_rank, self.micro)]
+
+    def next_train_batches(self) -> list[Batch]:
+        """This rank's micro-batches of the next global batch."""
+        sources, index = self.blend.take(self.global_batch)
+        return self._rank_batches(self.train, sources, index, shuffle=True)
+
+    def val_batches(self, n_micro: int) -> list[Batch]:
+        """The same validation samples at every evaluation (the blend from its start, unshuffled)."""
+        if n_micro not in self._val_cache:
+            sources, index = Blend(self.weights).take(n_micro * self.micro * self.dp)
+            self._val_cache[n_micro] = self._rank_batches(self.val, sources, index, shuffle=False)
+        return self._val_cache[n_micro]
+
+    def state_dict(self) -> dict:
+        return {"blend": self.blend.state_dict(), "seed": self.seed, "sources": self.sources_fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "blend" not in state:
+            raise DataError("the checkpoint's data position comes from an older data loader; start a new run.dir")
+        if int(state["seed"]) != self.seed:
+            raise DataError(f"the checkpoint's data order was made with run.seed={state['seed']}, this run has "
+                            f"{self.seed}: resuming would not continue the same sample sequence; keep the seed "
+                            "or start a new run.dir")
+        if state["sources"] != self.sources_fingerprint():
+            raise DataError("the checkpoint's data order was made from other data.sources (datasets or weights) "
+                            "than this run's; resuming would not continue the same sample sequence; keep the "
+                            "sources or start a new run.dir")
+        self.blend.load_state_dict(state["blend"])
+
+
+def _open_sources(cfg, layout) -> list[TokenDataset]:
+    from gorilla_dist.parallel import on_main
+
+    paths = [s.path for s in cfg.data.sources]
+    # rank 0 verifies checksums (reads everything once); the others then only check sizes
+    on_main(lambda: [TokenDataset(p, verify=cfg.data.verify) for p in paths], layout)
+    return [TokenDataset(p, verify="size") for p in paths]
+
+
+def _prepare_in_run(cfg, layout) -> list[TokenDataset]:
+    from gorilla_dist.data.prepare import PrepareArgs, prepare
+    from gorilla_dist.parallel import on_main
+
+    out = Path(cfg.run.dir) / "data"
+    args = PrepareArgs(input=[str(cfg.data.path or bundled_corpus())], output=str(out), tokenizer=cfg.data.tokenizer,
+                       sample_by=cfg.data.sample_by, file_identity="sha256", workers=1, progress=False)
+    on_main(lambda: prepare(args, new_output_hint="this run.dir was trained on them; use a new run.dir for "
+                                                  "other data.path / data.tokenizer / data.sample_by"), layout)
+    return [TokenDataset(out, verify="size")]
+
+
+def build_data(cfg, layout) -> ShardData:
+    """Open cfg.data.sources (or prepare cfg.data.path into run.dir/data), check they share one
+    tokenizer, record it as run.dir/tokenizer.json, and build the loader for this rank."""
+    from gorilla_dist.parallel import on_main
+
+    datasets = _open_sources(cfg, layout) if cfg.data.sources else _prepare_in_run(cfg, layout)
+    digests = {d.meta["tokenizer"]["sha256"] for d in datasets}
+    if len(digests) > 1:
+        kinds = [f"{d.path} ({d.meta['tokenizer']['kind']}, {d.vocab_size} ids)" for d in datasets]
+        raise DataError(f"data.sources were prepared with different tokenizers: {kinds}; blend only datasets "
+                        "prepared with the same tokenizer")
+    tok_file, run_tok = datasets[0].path / "tokenizer.json", Path(cfg.run.dir) / "tokenizer.json"
+
+    def record_tokenizer():
+        if run_tok.is_file() and run_tok.read_bytes() != tok_file.read_bytes():
+            raise DataError(f"{run_tok}: this run.dir was trained with another tokenizer than {tok_file}'s; "
+                            "use a new run.dir")
+        shutil.copyfile(tok_file, run_tok)
+
+    on_main(record_tokenizer, layout)
+    weights = [s.weight for s in cfg.data.sources] if cfg.data.sources else [1.0]
+    return ShardData(datasets, weights, load_tokenizer(tok_file), seq_length=cfg.model.seq_length,
+                     micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
+                     dp=layout.dp, dp_rank=layout.dp_rank, seed=cfg.run.seed, val_fraction=cfg.data.val_fraction,
+                     reset_at_eod=cfg.data.reset_at_eod, device=layout.device)

@@ -1,0 +1,181 @@
+"""Tokenizers: char, byte, a Hugging Face `tokenizer.json`, or a byte-level BPE trained on the input.
+
+Every tokenizer has an end-of-document token (`eod`) that the prepare tool appends to each document.
+They are saved as one JSON file, `tokenizer.json`, with a `kind` field:
+  {"kind": "char", "chars": "..."}     one id per character of the corpus, then <eod>
+  {"kind": "byte"}                     the 256 UTF-8 byte values, then <eod> (257 ids)
+  {"kind": "hf", "eod": "<|endoftext|>", "hf": {...}}   a Hugging Face tokenizers JSON, embedded
+
+`encode` returns a numpy array of ids without the eod token; the prepare tool appends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gorilla_dist.errors import DataError
+
+EOD_TEXT = "\n"  # what char/byte tokenizers decode <eod> as: the separator a document boundary replaced
+HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+SPEC_HELP = ("valid tokenizer specs: char | byte | bpe:<vocab_size> (train a byte-level BPE on the input) | "
+             "the path of a Hugging Face tokenizer.json or of a directory containing one")
+
+
+class CharTokenizer:
+    """One id per distinct character of the corpus (nanoGPT's shakespeare_char), then <eod>."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.eod = len(chars)
+        self.vocab_size = len(chars) + 1
+        codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+        self._lut = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)  # code point -> id
+        self._lut[codes] = np.arange(len(chars))
+
+    def encode(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.full(len(codes), -1, dtype=np.int64)
+        known = codes < len(self._lut)
+        ids[known] = self._lut[codes[known]]
+        if (ids < 0).any():
+            unknown = sorted({chr(c) for c in codes[ids < 0].tolist()})
+            raise DataError(f"characters {unknown[:10]!r} are not in this char vocabulary "
+                            f"({len(self.chars)} characters from the training corpus)")
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(EOD_TEXT if i == self.eod else self.chars[i] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes (256 ids), then <eod>."""
+
+    kind = "byte"
+    eod = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids) -> str:
+        out = bytearray()
+        for i in ids:
+            out += EOD_TEXT.encode() if i == self.eod else bytes((i,))
+        return out.decode("utf-8", errors="replace")
+
+    def to_json(self) -> dict:
+        return {"kind": "byte"}
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer`; <eod> is one of its special tokens."""
+
+    kind = "hf"
+
+    def __init__(self, hf_json: str, eod_token: str | None = None, *, source: str = "tokenizer.json"):
+        from tokenizers import Tokenizer
+
+        self._json = hf_json
+        self.tok = Tokenizer.from_str(hf_json)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        if eod_token is None:
+            eod_token = next((t for t in HF_EOD_CANDIDATES if t in vocab), None)
+            if eod_token is None:
+                raise DataError(f"{source}: no end-of-document token found (looked for {list(HF_EOD_CANDIDATES)}); "
+                                "name it with eod_token=<token>")
+        if eod_token not in vocab:
+            raise DataError(f"{source}: eod_token={eod_token!r} is not in its vocabulary")
+        self.eod_token, self.eod = eod_token, vocab[eod_token]
+        self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> dict:
+        return {"kind": "hf", "eod": self.eod_token, "hf": json.loads(self._json)}
+
+
+def tokenizer_from_json(spec: dict, *, source: str = "tokenizer.json"):
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        return HFTokenizer(json.dumps(spec["hf"]), spec["eod"], source=source)
+    raise DataError(f"{source}: unknown tokenizer kind {kind!r}; expected char, byte or hf")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load our tokenizer.json (a file, or a directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; was this run directory or dataset prepared?")
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a tokenizer JSON file ({err})") from None
+    return tokenizer_from_json(spec, source=str(path))
+
+
+def save_tokenizer(tok, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(tok.to_json(), ensure_ascii=False))
+
+
+def load_hf_tokenizer(spec: str, eod_token: str | None = None) -> HFTokenizer:
+    """A user's Hugging Face tokenizer: a tokenizer.json file or a directory with one."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"tokenizer={spec!r}: no such file or directory with a tokenizer.json; {SPEC_HELP}")
+    text = path.read_text()
+    try:
+        if json.loads(text).get("kind") is not None:  # one of ours (e.g. a prepared dataset's tokenizer.json)
+            return load_tokenizer(path)
+        return HFTokenizer(text, eod_token, source=str(path))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"tokenizer={spec!r}: not a Hugging Face tokenizer.json ({err})") from None
+
+
+def parse_bpe_spec(spec: str) -> int:
+    try:
+        vocab = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise DataError(f"tokenizer={spec!r}: expected bpe:<vocab_size>, e.g. bpe:32000") from None
+    if not 257 <= vocab <= 1 << 24:
+        raise DataError(f"tokenizer={spec!r}: a byte-level BPE vocabulary needs 257..{1 << 24} ids")
+    return vocab
+
+
+def train_bpe(texts, vocab_size: int, eod_token: str = "<|endoftext|>") -> HFTokenizer:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization) with Hugging Face tokenizers on an
+    iterator of documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod_token], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(tok.to_str(), eod_token, source=f"bpe:{vocab_size}")

@@ -54,7 +54,7 @@ def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: in
     b, s = windows.shape[0], windows.shape[1] - 1
     tokens, labels = windows[:, :-1], windows[:, 1:]
     loss_mask = (np.arange(s)[None, :] < (valid[:, None] - 1)).astype(np.float32)
-    pos = np.broadcast_to(np.arange(s), (b, s))
+    pos = np.tile(np.arange(s), (b, 1))
     attention_mask = None
     if reset_at_eod:  # Megatron's reset_position_ids + reset_attention_mask + eod_mask_loss
         is_eod = tokens == eod
@@ -66,7 +66,7 @@ def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: in
         same_doc = doc[:, :, None] == doc[:, None, :]
         attention_mask = torch.from_numpy(~(same_doc & np.tri(s, dtype=bool)))[:, None]
     return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
-                 torch.from_numpy(loss_mask), torch.from_numpy(np.ascontiguousarray(pos)), attention_mask,
+                 torch.from_numpy(loss_mask), torch.from_numpy(pos), attention_mask,
                  torch.from_numpy(sources))
 
 

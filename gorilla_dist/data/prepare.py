@@ -162,10 +162,11 @@ class ShardWriter:
         self.flushed = sum(s["tokens"] for s in self.shards)  # tokens in finished shard files
         self.docs_flushed = resume["documents"] if resume else 0  # documents wholly in finished shards
         index = out / "index.bin"
-        with open(index, "r+b" if resume else "wb") as f:  # drop offsets written after the last shard
-            f.truncate(8 * (self.docs_flushed + 1))
-            if not resume:
-                f.write(np.zeros(1, dtype=np.int64).tobytes())
+        if resume and index.is_file():
+            with open(index, "r+b") as f:  # drop offsets written after the last finished shard
+                f.truncate(8 * (self.docs_flushed + 1))
+        else:
+            np.zeros(1, dtype=np.int64).tofile(index)
         self.index = open(index, "ab")  # noqa: SIM115 - closed in finish()
         self.cursor = int(np.fromfile(index, dtype=np.int64, offset=8 * self.docs_flushed, count=1)[0])
         self.skip = self.flushed - self.cursor  # tokens of the first document already in a shard
@@ -281,14 +282,44 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
     done, resume = _check_output(out, fingerprint, new_output_hint)
     if done:
         say(f"[prepare] {out} is already prepared with these arguments ({done['tokens']:,} tokens); "
-              "nothing to do", flush=True)
+            "nothing to do", flush=True)
         return done
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        tok, reader, writer, workers, seconds = _run(args, files, out, fingerprint, resume, say)
+    except DataError:
+        if not resume:  # the directory was empty or absent: leave it as it was
+            for path in out.iterdir():
+                path.unlink()
+            if created:
+                out.rmdir()
+        raise
+    meta = {"format": FORMAT, "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eod": tok.eod,
+                                            "sha256": sha256_file(out / "tokenizer.json")},
+            "dtype": writer.dtype, "tokens": writer.cursor, "documents": writer.documents,
+            "shards": writer.shards, "index": {"file": "index.bin", "sha256": sha256_file(out / "index.bin")},
+            "skipped_documents": reader.skipped,
+            "prepare": {"fingerprint": fingerprint, "input": list(args.input), "seconds": round(seconds, 2)}}
+    _write_json(out / "meta.json", meta)
+    (out / "progress.json").unlink(missing_ok=True)
+    mb = reader.total_bytes / 1e6
+    say(f"[prepare] {out}: {writer.documents:,} documents, {writer.cursor:,} tokens in {len(writer.shards)} "
+        f"shards ({writer.dtype}); {mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s, {workers} workers)"
+        + (f"; skipped {reader.skipped} undecodable documents" if reader.skipped else ""), flush=True)
+    return meta
+
+
+def _run(args: PrepareArgs, files: list[Path], out: Path, fingerprint: dict, resume: dict | None, say):
+    """Build (or reload) the tokenizer and tokenize everything into `out`."""
     if resume:
-        tok = toks.load_tokenizer(out)
         say(f"[prepare] resuming in {out}: {len(resume['shards'])} shards, {resume['documents']:,} documents done",
-              flush=True)
+            flush=True)
+    else:  # from here on a re-run with the same arguments resumes, even if this one is killed
+        resume = {"fingerprint": fingerprint, "shards": [], "documents": 0}
+        _write_json(out / "progress.json", resume)
+    if (out / "tokenizer.json").is_file():
+        tok = toks.load_tokenizer(out)
     else:
         tok = _build_tokenizer(args, files, say)
         toks.save_tokenizer(tok, out / "tokenizer.json")
@@ -299,33 +330,15 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
     workers = args.workers or os.cpu_count() or 1
     start = time.perf_counter()
     try:
-        _tokenize(reader, writer, tok, dtype, workers, progress=args.progress,
-                  skip_docs=resume["documents"] if resume else 0)
+        _tokenize(reader, writer, tok, dtype, workers, progress=args.progress, skip_docs=resume["documents"])
     except BaseException:
         writer.index.close()
         raise
     writer.finish()
     if writer.documents == 0:
-        for name in ("tokenizer.json", "index.bin", "progress.json"):
-            (out / name).unlink(missing_ok=True)
-        if created:
-            out.rmdir()
         raise DataError(f"input={list(args.input)}: no documents found (every file is empty"
                         f"{f', or {reader.skipped} documents were skipped as undecodable' if reader.skipped else ''})")
-    seconds = time.perf_counter() - start
-    meta = {"format": FORMAT, "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                                            "sha256": sha256_file(out / "tokenizer.json")},
-            "dtype": dtype, "tokens": writer.cursor, "documents": writer.documents,
-            "shards": writer.shards, "index": {"file": "index.bin", "sha256": sha256_file(out / "index.bin")},
-            "skipped_documents": reader.skipped,
-            "prepare": {"fingerprint": fingerprint, "input": list(args.input), "seconds": round(seconds, 2)}}
-    _write_json(out / "meta.json", meta)
-    (out / "progress.json").unlink(missing_ok=True)
-    mb = reader.total_bytes / 1e6
-    say(f"[prepare] {out}: {writer.documents:,} documents, {writer.cursor:,} tokens in {len(writer.shards)} "
-          f"shards ({dtype}); {mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s, {workers} workers)"
-          + (f"; skipped {reader.skipped} undecodable documents" if reader.skipped else ""), flush=True)
-    return meta
+    return tok, reader, writer, workers, time.perf_counter() - start
 
 
 def _tokenize(reader: DocumentReader, writer: ShardWriter, tok, dtype: str, workers: int, *, progress: bool,

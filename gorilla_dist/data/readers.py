@@ -100,7 +100,8 @@ class DocumentReader:
         if self.policy == "skip":
             self.skipped += 1
             return None
-        raise DataError(f"{where}: the document {problem}; pass on_decode_error=skip to skip such documents")
+        raise DataError(f"{where}: the document {problem}; to skip such documents, prepare with "
+                        "on_decode_error=skip")
 
     def _txt(self, path: Path, base: int):
         with open(path, "rb") as f:

@@ -76,6 +76,58 @@ class ByteTokenizer:
         return {"kind": "byte"}
 
 
+# GPT-2's pre-tokenizer pattern, as Hugging Face's ByteLevel(use_regex=True) applies it.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters (what ByteLevel uses)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in keep)
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+class _CachedByteLevelBPE:
+    """The same ids as a plain byte-level BPE `Tokenizer.encode`, about twice as fast for corpora.
+
+    Hugging Face's encode spends most of its time building Encoding objects (offsets, words) rather
+    than merging; here each pre-tokenized word is merged once by the tokenizer's own BPE model and
+    then looked up. Only used for the exact pipeline it reproduces (no normalizer, GPT-2 ByteLevel
+    pre-tokenizer, BPE model); tests compare it with `Tokenizer.encode` on real text."""
+
+    MAX_WORDS = 1 << 20  # bound the cache: a web corpus has many millions of distinct words
+
+    def __init__(self, tok, spec: dict):
+        import regex
+
+        self.model, self.split = tok.model, regex.compile(GPT2_SPLIT).findall
+        self.table = str.maketrans(_bytes_to_unicode())
+        self.specials = [t["content"] for t in spec.get("added_tokens", [])]
+        self.cache: dict[str, list[int]] = {}
+
+    @staticmethod
+    def applies(spec: dict) -> bool:
+        pre = spec.get("pre_tokenizer") or {}
+        return (spec.get("normalizer") is None and spec.get("model", {}).get("type") == "BPE"
+                and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                and not pre.get("add_prefix_space", False) and not spec.get("model", {}).get("dropout"))
+
+    def encode(self, text: str) -> list[int] | None:
+        """The ids, or None when the text contains a special token's text (Hugging Face's path then)."""
+        if any(t in text for t in self.specials):
+            return None
+        out, cache = [], self.cache
+        for word in self.split(text):
+            ids = cache.get(word)
+            if ids is None:
+                if len(cache) >= self.MAX_WORDS:
+                    cache.clear()
+                mapped = word.encode("utf-8").decode("latin-1").translate(self.table)
+                ids = cache[word] = [t.id for t in self.model.tokenize(mapped)]
+            out.extend(ids)
+        return out
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers.Tokenizer`; <eod> is one of its special tokens."""
 
@@ -96,12 +148,18 @@ class HFTokenizer:
             raise DataError(f"{source}: eod_token={eod_token!r} is not in its vocabulary")
         self.eod_token, self.eod = eod_token, vocab[eod_token]
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        spec = json.loads(hf_json)
+        self._fast = _CachedByteLevelBPE(self.tok, spec) if _CachedByteLevelBPE.applies(spec) else None
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        if self._fast is not None:
+            return [np.asarray(ids if (ids := self._fast.encode(t)) is not None else self.encode(t), dtype=np.int64)
+                    for t in texts]
+        return [np.asarray(e.ids, dtype=np.int64)
+                for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -136,7 +194,9 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def save_tokenizer(tok, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(tok.to_json(), ensure_ascii=False))
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(tok.to_json(), ensure_ascii=False))
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
 
 
 def load_hf_tokenizer(spec: str, eod_token: str | None = None) -> HFTokenizer:

@@ -9,6 +9,6 @@ def test_binary_corpus_on_two_ranks_fails_with_one_message(tmp_path):
     proc = launch(tmp_path / "run", "launch=torchrun", "launch.nproc_per_node=2", f"data.path={corpus}")
     assert proc.returncode == 1
     errors = [line for line in proc.stdout.splitlines() if "error:" in line]
-    assert errors == [f"[rank 0] error: data.path='{corpus}' contains NUL bytes: it looks binary, "
-                      "expected a UTF-8 text file"]
+    assert errors == [f"[rank 0] error: {corpus}:1: the document contains NUL bytes (binary data?); "
+                      "to skip such documents, prepare with on_decode_error=skip"]
     assert "[rank1]: Traceback" not in proc.stdout

@@ -1,117 +1,157 @@
-"""Tokenizers, the token-file cache, and the resumable window sampler."""
+"""The training-side data path: tokenizers, the document split, packing, attention reset, loader state."""
+
+from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
 import torch
 
-from gorilla_dist.data import WindowData, load_tokenizer, prepare_text
-from gorilla_dist.data.text import ByteTokenizer, bundled_corpus
+from gorilla_dist.data.dataset import TokenDataset
+from gorilla_dist.data.loader import ShardData, bundled_corpus, pack
+from gorilla_dist.data.prepare import PrepareArgs, prepare
+from gorilla_dist.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 from gorilla_dist.errors import DataError
 
 
 def test_bundled_corpus_is_tinyshakespeare():
-    import hashlib
-
     digest = hashlib.sha256(bundled_corpus().read_bytes()).hexdigest()
     assert digest == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
-def test_char_prepare_round_trips_and_splits(tmp_path):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    src = tmp_path / "c.txt"
-    src.write_text(text)
-    meta = prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
+def test_char_and_byte_tokenizers_round_trip_and_end_documents():
+    text = "naïve café — ünïcödé 🙂\n"
+    byte = ByteTokenizer()
+    assert byte.decode(byte.encode(text).tolist()) == text and byte.encode(text).max() < 256 == byte.eod
+    char = CharTokenizer("".join(sorted(set(text))))
+    assert char.decode(char.encode(text).tolist()) == text and char.eod == char.vocab_size - 1
+    assert char.decode([*char.encode("na").tolist(), char.eod]) == "na\n"  # <eod> reads as a line break
+    with pytest.raises(DataError, match=r"characters \['x', 'z'\] are not in this char vocabulary"):
+        char.encode("xz")
+
+
+def make_dataset(path, docs: list[str], **kw) -> TokenDataset:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = path.parent / (path.name + ".txt")
+    src.write_text("".join(d + "\n" for d in docs))
+    prepare(PrepareArgs(input=[str(src)], output=str(path), tokenizer="byte", sample_by="line", workers=1,
+                        progress=False, **kw))
+    return TokenDataset(path)
+
+
+def test_validation_is_the_last_documents(tmp_path):
+    docs = [f"document number {i}" for i in range(20)]
+    d = make_dataset(tmp_path / "d", docs)
+    (a, b), (c, e) = d.split(0.1)
     tok = load_tokenizer(tmp_path / "d")
-    assert meta["vocab_size"] == len(set(text)) == tok.vocab_size
-    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
-    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
-    assert len(val) == int(len(text) * 0.1) and len(train) + len(val) == len(text)
-    assert tok.decode(np.concatenate([train, val]).tolist()) == text
-    # unchanged source + tokenizer: reused, not rewritten
-    before = (tmp_path / "d" / "train.bin").stat().st_mtime_ns
-    prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
-    assert (tmp_path / "d" / "train.bin").stat().st_mtime_ns == before
+    assert (a, e) == (0, d.tokens) and b == c == int(d.offsets[18])
+    assert tok.decode(d.read(c, e).tolist()) == "document number 18\ndocument number 19\n"
+    with pytest.raises(DataError, match="1 document\\(s\\) cannot be split into train and validation"):
+        make_dataset(tmp_path / "one", ["just one"]).split(0.1)
 
 
-def test_byte_tokenizer_round_trips_unicode():
-    tok = ByteTokenizer()
-    text = "naïve café — ünïcödé"
-    assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < 256
+def test_pack_shifts_targets_masks_padding_and_resets_at_documents():
+    eod = 9
+    windows = np.array([[1, 2, eod, 3, 4, 5, eod, 6, 7],
+                        [1, 2, 3, 4, eod, eod, eod, eod, eod]])  # row 2: 5 real tokens, then padding
+    valid = np.array([9, 5])
+    plain = pack(windows.copy(), valid, np.array([0, 1]), eod=eod, reset_at_eod=False)
+    assert plain.tokens.tolist()[0] == [1, 2, eod, 3, 4, 5, eod, 6] and plain.labels.tolist()[0][-1] == 7
+    assert plain.loss_mask.tolist() == [[1.0] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
+    assert plain.attention_mask is None and plain.position_ids.tolist()[0] == list(range(8))
+
+    reset = pack(windows.copy(), valid, np.array([0, 1]), eod=eod, reset_at_eod=True)
+    assert reset.position_ids.tolist()[0] == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert reset.loss_mask.tolist()[0] == [1, 1, 0, 1, 1, 1, 0, 1]  # no prediction across a boundary
+    allowed = ~reset.attention_mask[0, 0]
+    doc = [0, 0, 0, 1, 1, 1, 1, 2]
+    expected = torch.tensor([[j <= i and doc[i] == doc[j] for j in range(8)] for i in range(8)])
+    assert torch.equal(allowed, expected)
 
 
-def test_switching_tokenizer_in_one_data_dir_refuses(tmp_path):
-    src = tmp_path / "c.txt"
-    src.write_text("hello world, hello tokens\n" * 50)
-    prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
-    with pytest.raises(DataError, match="tokenized with 'char', not data.tokenizer='byte'"):
-        prepare_text(str(src), "byte", tmp_path / "d", val_fraction=0.1, min_tokens=10)
-    assert load_tokenizer(tmp_path / "d").kind == "char"  # the existing data is untouched
+def test_attention_reset_makes_a_packed_document_equal_to_the_document_alone(world1):
+    """Through the real megatron model: with reset_at_eod, the second document's per-token losses
+    inside a packed sample equal those of the same document run on its own (learned positions,
+    so the position ids matter too)."""
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import ModelConfig
+    from gorilla_dist.model import build_model
+
+    m = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(name="t", num_layers=2, hidden_size=64, num_heads=4,
+                        seq_length=16, vocab_size=16, position_embedding="learned_absolute"))
+    model = build_model(m, dtype="fp32", device=world1.device, seed=3).eval()
+    eod, s = 15, m.seq_length
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(0, 15, 5), rng.integers(0, 15, s - 5)
+    packed = np.concatenate([first, [eod], second])[None, :s + 1]
+    alone = np.concatenate([second, [eod] * 7])[None, :s + 1]
+    b1 = pack(packed, np.array([s + 1]), np.array([0]), eod=eod, reset_at_eod=True)
+    b2 = pack(alone, np.array([s + 1]), np.array([0]), eod=eod, reset_at_eod=True)
+    with torch.no_grad():
+        l1 = model(b1.tokens, b1.position_ids, b1.attention_mask, labels=b1.labels)[0, 6:]
+        l2 = model(b2.tokens, b2.position_ids, b2.attention_mask, labels=b2.labels)[0, :s - 6]
+        l3 = model(b1.tokens, b1.position_ids * 0 + torch.arange(s), None, labels=b1.labels)[0, 6:]
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    assert (l3 - l2).abs().max() > 1e-3  # without the reset the first document leaks in
 
 
-def test_changed_corpus_never_replaces_a_runs_token_files(tmp_path):
-    src = tmp_path / "c.txt"
-    src.write_text("hello world, hello tokens\n" * 50)
-    prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
-    before = (tmp_path / "d" / "train.bin").read_bytes()
-    copy = tmp_path / "copy.txt"  # same content elsewhere (a fresh clone, a copied corpus): reused
-    copy.write_text(src.read_text())
-    prepare_text(str(copy), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
-    src.write_text("a different corpus entirely\n" * 50)
-    with pytest.raises(DataError, match="was prepared from different data"):
-        prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1, min_tokens=10)
-    assert (tmp_path / "d" / "train.bin").read_bytes() == before
-    (tmp_path / "foreign").mkdir()
-    with pytest.raises(DataError, match="not prepared by gorilla_dist"):
-        prepare_text(str(src), "char", tmp_path / "foreign", val_fraction=0.1, min_tokens=10)
+def loader(datasets, weights=None, *, dp=1, rank=0, micro=2, global_batch=8, seed=5, val_fraction=0.1, **kw):
+    return ShardData(datasets, weights or [1.0] * len(datasets), load_tokenizer(datasets[0].path), seq_length=16,
+                     micro_batch_size=micro, global_batch_size=global_batch, dp=dp, dp_rank=rank, seed=seed,
+                     val_fraction=val_fraction, **kw)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"   \n\n", "is empty"),
-    (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "contains NUL bytes: it looks binary"),
-    (b"caf\xe9 latin-1 text", "is not UTF-8 text: undecodable byte at offset 3"),
-    (b"too short", "the train split has 9 tokens, fewer than model.seq_length + 2 = 66"),
-])
-def test_bad_corpus_gets_one_clear_error(tmp_path, content, message):
-    src = tmp_path / "bad.txt"
-    src.write_bytes(content)
-    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
-        prepare_text(str(src), "char", tmp_path / "d", val_fraction=0.1 if content != b"too short" else 0.0001,
-                     min_tokens=66)
-    assert not (tmp_path / "d").exists()
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    web = make_dataset(root / "web", [f"web page {i} " * (1 + i % 5) for i in range(120)])
+    code = make_dataset(root / "code", [f"def f{i}(): return {i}" for i in range(80)])
+    return [web, code]
 
 
-def windows(dp, dp_rank, micro=3, global_batch=12, seed=7):
-    data = np.arange(1000, dtype=np.uint16)
-    return WindowData(data, data[:100], ByteTokenizer(), seq_length=8, micro_batch_size=micro,
-                      global_batch_size=global_batch, dp=dp, dp_rank=dp_rank, seed=seed,
-                      device=torch.device("cpu"))
+def test_batches_carry_their_source_and_validation_is_fixed(two_sources):
+    data = loader(two_sources, [0.75, 0.25])
+    batches = data.next_train_batches()
+    assert len(batches) == 4 and all(b.tokens.shape == (2, 16) for b in batches)
+    sources = torch.cat([b.source for b in batches]).tolist()
+    assert sources.count(0) == 6 and sources.count(1) == 2
+    for b in batches:  # each sample's tokens come from the source it is labelled with
+        for row, src in zip(b.tokens, b.source.tolist()):
+            text = bytes(t for t in row.tolist() if t < 256)
+            assert (b"web page" in text or b"def f" not in text) if src == 0 else b"web" not in text
+    first, again = data.val_batches(2), data.val_batches(2)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, again))
 
 
-def test_windows_are_shifted_targets_and_rank_slices_cover_the_global_batch():
-    single = windows(1, 0, micro=12)
-    ranks = [windows(2, r, micro=3) for r in range(2)]
-    for _ in range(3):
-        (x, y), = single.next_train_batches()
-        assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
-        per_rank = [torch.cat([b[0] for b in r.next_train_batches()]) for r in ranks]
-        assert all(len(b) == 6 for b in per_rank)
-        assert torch.equal(torch.cat(per_rank), x)  # dp=2 ranks together see exactly the dp=1 batch
+def test_state_dict_refuses_another_seed_or_other_sources(two_sources):
+    a = loader(two_sources, [0.5, 0.5])
+    a.next_train_batches()
+    state = a.state_dict()
+    with pytest.raises(DataError, match="made with run.seed=5, this run has 6"):
+        loader(two_sources, [0.5, 0.5], seed=6).load_state_dict(state)
+    with pytest.raises(DataError, match="made from other data.sources"):
+        loader(two_sources, [0.7, 0.3]).load_state_dict(state)
+    b = loader(two_sources, [0.5, 0.5])
+    b.load_state_dict(state)
+    assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(a.next_train_batches(), b.next_train_batches()))
 
 
-def test_state_dict_resumes_the_same_sequence_and_seed_changes_it():
-    a = windows(1, 0)
-    for _ in range(5):
-        a.next_train_batches()
-    b = windows(1, 0)
-    b.load_state_dict(a.state_dict())
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(a.next_train_batches(), b.next_train_batches()))
-    with pytest.raises(DataError, match="saved with seed=7, this run has 8"):
-        windows(1, 0, seed=8).load_state_dict(b.state_dict())
-    with pytest.raises(DataError, match="saved with global_batch_size=12, this run has 24"):
-        windows(1, 0, micro=24, global_batch=24).load_state_dict(b.state_dict())
-    c = windows(1, 0, seed=8)
-    c.position = b.position
-    assert not torch.equal(b.next_train_batches()[0][0], c.next_train_batches()[0][0])
-    # validation windows are the same at every evaluation
-    assert torch.equal(a.val_batches(2)[1][0], a.val_batches(2)[1][0])
+def test_build_data_refuses_sources_with_different_tokenizers(tmp_path):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import Config
+    from gorilla_dist.data.loader import build_data
+
+    byte = make_dataset(tmp_path / "byte", ["hello there"] * 10)
+    (tmp_path / "c.txt").write_text("hello there\n" * 10)
+    prepare(PrepareArgs(input=[str(tmp_path / "c.txt")], output=str(tmp_path / "char"), tokenizer="char",
+                        sample_by="line", workers=1, progress=False))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"run": {"dir": str(tmp_path / "run")}, "data": {
+        "sources": [{"path": str(byte.path)}, {"path": str(tmp_path / "char")}]}})
+    layout = SimpleNamespace(is_main=True, world=1, rank=0, dp=1, dp_rank=0, device=torch.device("cpu"))
+    with pytest.raises(DataError, match="were prepared with different tokenizers"):
+        build_data(cfg, layout)

@@ -57,14 +57,15 @@ def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: in
     pos = np.tile(np.arange(s), (b, 1))
     attention_mask = None
     if reset_at_eod:  # Megatron's reset_position_ids + reset_attention_mask + eod_mask_loss
-        is_eod = tokens == eod
-        doc = np.cumsum(is_eod, axis=1) - is_eod  # document number of each position; <eod> ends its document
+        is_eod = tokens == eod  # <eod> is the last token of its document
         starts = np.zeros((b, s), dtype=np.int64)
         starts[:, 1:] = np.where(is_eod[:, :-1], np.arange(1, s), 0)
-        pos = np.arange(s)[None, :] - np.maximum.accumulate(starts, axis=1)
+        starts = np.maximum.accumulate(starts, axis=1)  # (b, s): where each position's document starts
+        pos = np.arange(s)[None, :] - starts
         loss_mask[is_eod] = 0.0  # the next document is not predictable from this one
-        same_doc = doc[:, :, None] == doc[:, None, :]
-        attention_mask = torch.from_numpy(~(same_doc & np.tri(s, dtype=bool)))[:, None]
+        # query i may see keys start(i) <= j <= i: causal and within its document (torch: ~3x numpy here)
+        j, start = torch.arange(s), torch.from_numpy(starts)
+        attention_mask = ((j.view(1, 1, s) < start[:, :, None]) | (j.view(1, 1, s) > j.view(1, s, 1)))[:, None]
     return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
                  torch.from_numpy(loss_mask), torch.from_numpy(pos), attention_mask,
                  torch.from_numpy(sources))

@@ -7,7 +7,7 @@ import sys
 import pytest
 from helpers import REPO, check, launch, metrics
 
-COMMON = ["optim.warmup_steps=2", "train.eval_interval=10", "checkpoint.keep=0", "checkpoint.interval=0",
+COMMON = ["optim.warmup_steps=2", "optim.decay_steps=20", "train.eval_interval=10", "checkpoint.keep=0", "checkpoint.interval=0",
           "model.seq_length=32"]
 
 

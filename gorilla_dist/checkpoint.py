@@ -5,8 +5,9 @@ Layout of one checkpoint (`run.dir/checkpoints/step_00000500/`):
     trainer_rank*.pt       per-rank framework state: step, data position, RNG (tensors only)
     model.safetensors      consolidated, layout-free weights (TP shards merged, ZeRO-3 gathered)
     config.yaml            the resolved config that produced it
-    manifest.json          written last: every file with its size; a checkpoint is complete iff it
-                           has a manifest whose sizes match
+    manifest.json          written last: every file with its size and sha256; a checkpoint is complete
+                           iff it has a manifest whose sizes match, and usable iff the checksums match too
+                           (checked for the one a run resumes from or generate loads)
 Everything is written into `.tmp-step_XXXXXXXX/` and renamed into place, so an interrupted save never
 looks like a checkpoint. Incomplete checkpoints are reported and skipped, never deleted.
 """
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gorilla_dist.errors import CheckpointError
+from gorilla_dist.files import sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS = "model.safetensors"
@@ -43,8 +45,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def verify(ckpt: Path) -> str | None:
-    """None if `ckpt` is a complete checkpoint, else why not."""
+def verify(ckpt: Path, *, checksums: bool = False) -> str | None:
+    """None if `ckpt` is a complete checkpoint, else why not. Sizes always; sha256 with checksums=True
+    (reads every file: done once, for the checkpoint about to be loaded)."""
     manifest = ckpt / "manifest.json"
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
@@ -52,12 +55,28 @@ def verify(ckpt: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as err:
         return f"unreadable manifest.json ({err})"
-    for rel, size in files.items():
+    for rel, entry in files.items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
         f = ckpt / rel
         if not f.is_file():
             return f"{rel} is missing"
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, the manifest says {size}"
+    if checksums:
+        for rel, entry in files.items():
+            if not isinstance(entry, int) and sha256_file(ckpt / rel) != entry["sha256"]:
+                return f"{rel}: sha256 does not match the manifest (the file is corrupted)"
+    return None
+
+
+def newest_usable(root: Path, *, report: bool) -> Path | None:
+    """The newest complete checkpoint whose checksums match; corrupted ones are reported and skipped."""
+    for ckpt in reversed(complete_checkpoints(root, report=report)):
+        problem = verify(ckpt, checksums=True)
+        if problem is None:
+            return ckpt
+        if report:
+            print(f"[checkpoint] skipping corrupted checkpoint {ckpt}: {problem}", file=sys.stderr)
     return None
 
 
@@ -133,14 +152,14 @@ def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "latest") -> Pat
     """`latest` (newest complete checkpoint of a run) or an explicit checkpoint directory."""
     if which != "latest":
         ckpt = Path(which)
-        problem = verify(ckpt)
+        problem = verify(ckpt, checksums=True)
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} is not usable: {problem}")
         return ckpt
-    found = complete_checkpoints(Path(run_dir) / "checkpoints", report=True)
-    if not found:
+    found = newest_usable(Path(run_dir) / "checkpoints", report=True)
+    if found is None:
         raise CheckpointError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-    return found[-1]
+    return found
 
 
 class Checkpointer:
@@ -176,7 +195,8 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
         _barrier()
         if self.layout.is_main:
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(tmp.rglob("*")) if f.is_file()}
             manifest = {"step": step, "layout": self._layout(), "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
@@ -202,9 +222,11 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint.resume=never but {self.root} already holds checkpoints; "
                                       "use a new run.dir or checkpoint.resume=auto (nothing was deleted)")
             return None
-        if mode == "auto":
-            found = complete_checkpoints(self.root, report=self.layout.is_main)
-            return found[-1] if found else None
+        if mode == "auto":  # rank 0 reads and checks; every rank resumes from what it chose
+            box = [newest_usable(self.root, report=True) if self.layout.is_main else None]
+            if dist.is_initialized() and self.layout.world > 1:
+                dist.broadcast_object_list(box, src=0)
+            return box[0]
         return resolve_checkpoint(self.cfg.run.dir, mode)
 
     def load(self, ckpt: Path, engine) -> dict:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gorilla_dist.data.prepare import DTYPES, FORMAT, sha256_file
+from gorilla_dist.data.prepare import DTYPES, FORMAT
 from gorilla_dist.errors import DataError
+from gorilla_dist.files import sha256_file
 
 VERIFY = ("checksum", "size")
 

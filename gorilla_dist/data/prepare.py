@@ -34,6 +34,7 @@ import numpy as np
 from gorilla_dist.data import tokenizer as toks
 from gorilla_dist.data.readers import DocumentReader, expand_inputs
 from gorilla_dist.errors import DataError, UserError
+from gorilla_dist.files import sha256_file
 
 FORMAT = 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -92,14 +93,6 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- tokenizer processes ------------------------------------------------------------------------------

@@ -26,20 +26,26 @@ def test_stop_at_10_and_resume_to_20_equals_straight_20(tmp_path, layout):
     assert [r.get("grad_norm") for r in a] == [r.get("grad_norm") for r in b]
 
 
-def test_incomplete_newest_checkpoint_is_skipped_and_training_repeats_exactly(tmp_path):
+def test_incomplete_and_corrupted_checkpoints_are_skipped_and_training_repeats_exactly(tmp_path):
     run = tmp_path / "run"
     check(launch(run, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
     first = metrics(run)
     ckpts = run / "checkpoints"
-    (ckpts / "step_00000020" / "manifest.json").unlink()  # as if the save was cut off before the manifest
-    shutil.copytree(ckpts / "step_00000010", ckpts / ".tmp-step_00000030")  # an interrupted save
+    shutil.copytree(ckpts / "step_00000020", ckpts / "step_00000030")
+    (ckpts / "step_00000030" / "manifest.json").unlink()  # as if the save was cut off before the manifest
+    weights = ckpts / "step_00000020" / "model.safetensors"  # a flipped bit: same size, wrong sha256
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01
+    weights.write_bytes(bytes(data))
+    shutil.copytree(ckpts / "step_00000010", ckpts / ".tmp-step_00000040")  # an interrupted save
     out = check(launch(run, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
-    assert "skipping incomplete checkpoint" in out and "step_00000020: no manifest.json" in out
+    assert "skipping incomplete checkpoint" in out and "step_00000030: no manifest.json" in out
+    assert "skipping corrupted checkpoint" in out and "model.safetensors: sha256 does not match" in out
     assert "resumed from" in out and "step_00000010 at step 10" in out
     assert metrics(run) == [dict(r, tokens_per_s=s["tokens_per_s"]) if "loss" in r else r
                             for r, s in zip(first, metrics(run))]
     assert (ckpts / "step_00000020" / "manifest.json").is_file()  # re-saved complete
-    assert (ckpts / ".tmp-step_00000030").is_dir()  # reported, never deleted
+    assert (ckpts / ".tmp-step_00000040").is_dir() and (ckpts / "step_00000030").is_dir()  # never deleted
 
 
 def test_resume_from_an_explicit_checkpoint_directory(tmp_path):

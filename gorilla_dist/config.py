@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from gorilla_dist.errors import ConfigError
+from gorilla_dist.files import write_text_atomic
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 POSITIONS = ("rope", "learned_absolute")
@@ -360,9 +361,7 @@ def resolve(cfg) -> None:
 def save_run_config(cfg, run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg))
     return path
 
 

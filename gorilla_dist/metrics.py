@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gorilla_dist.files import write_text_atomic
 from gorilla_dist.parallel import dp_mean
 
 # Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
@@ -41,9 +42,7 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class Metrics:

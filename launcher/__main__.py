@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gorilla_dist.config import register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import UserError

@@ -34,7 +34,7 @@ import numpy as np
 from gorilla_dist.data import tokenizer as toks
 from gorilla_dist.data.readers import DocumentReader, expand_inputs
 from gorilla_dist.errors import DataError, UserError
-from gorilla_dist.files import sha256_file
+from gorilla_dist.files import sha256_file, write_text_atomic
 
 FORMAT = 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -90,9 +90,7 @@ def _difference(old: dict, new: dict) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 # -- tokenizer processes ------------------------------------------------------------------------------
@@ -147,15 +145,15 @@ class ShardWriter:
     wholly inside them, so an interrupted run restarts from that document (re-reading, not re-writing,
     what came before)."""
 
-    def __init__(self, out: Path, *, shard_tokens: int, dtype: str, fingerprint: dict, resume: dict | None):
+    def __init__(self, out: Path, *, shard_tokens: int, dtype: str, fingerprint: dict, resume: dict):
         self.out, self.shard_tokens, self.dtype, self.fingerprint = out, shard_tokens, dtype, fingerprint
         self.buffer = np.empty(shard_tokens, dtype=DTYPES[dtype])
         self.filled = 0
-        self.shards: list[dict] = resume["shards"] if resume else []
+        self.shards: list[dict] = resume["shards"]
         self.flushed = sum(s["tokens"] for s in self.shards)  # tokens in finished shard files
-        self.docs_flushed = resume["documents"] if resume else 0  # documents wholly in finished shards
+        self.docs_flushed = resume["documents"]  # documents wholly in finished shards
         index = out / "index.bin"
-        if resume and index.is_file():
+        if index.is_file():
             with open(index, "r+b") as f:  # drop offsets written after the last finished shard
                 f.truncate(8 * (self.docs_flushed + 1))
         else:
@@ -192,7 +190,7 @@ class ShardWriter:
         data.tofile(tmp)
         os.replace(tmp, self.out / name)
         self.shards.append({"file": name, "tokens": int(self.filled),
-                            "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+                            "sha256": hashlib.sha256(data).hexdigest()})  # hashes the buffer, no copy
         self.flushed += self.filled
         self.filled = 0
         while self.pending_ends and self.pending_ends[0] <= self.flushed:
@@ -210,19 +208,22 @@ class ShardWriter:
 
 # -- prepare ------------------------------------------------------------------------------------------
 
+def _reader(args: PrepareArgs, files: list[Path]) -> DocumentReader:
+    return DocumentReader(files, field=args.field, sample_by=args.sample_by, on_decode_error=args.on_decode_error)
+
+
 def _build_tokenizer(args: PrepareArgs, files: list[Path], say):
     spec = args.tokenizer
     if spec == "byte":
         return toks.ByteTokenizer()
     if spec == "char":  # the vocabulary is the corpus's characters: one streaming pass to collect them
         chars: set[str] = set()
-        for text in DocumentReader(files, field=args.field, sample_by=args.sample_by,
-                                   on_decode_error=args.on_decode_error):
+        for text in _reader(args, files):
             chars.update(text)
         return toks.CharTokenizer("".join(sorted(chars)))
     if spec.startswith("bpe:"):
         vocab = toks.parse_bpe_spec(spec)
-        reader = DocumentReader(files, field=args.field, sample_by=args.sample_by, on_decode_error=args.on_decode_error)
+        reader = _reader(args, files)
         budget = int(args.bpe_train_mb * 1e6)
 
         def sample():
@@ -318,7 +319,7 @@ def _run(args: PrepareArgs, files: list[Path], out: Path, fingerprint: dict, res
         toks.save_tokenizer(tok, out / "tokenizer.json")
     dtype = args.dtype if args.dtype != "auto" else ("uint16" if tok.vocab_size <= 1 << 16 else "uint32")
 
-    reader = DocumentReader(files, field=args.field, sample_by=args.sample_by, on_decode_error=args.on_decode_error)
+    reader = _reader(args, files)
     writer = ShardWriter(out, shard_tokens=args.shard_tokens, dtype=dtype, fingerprint=fingerprint, resume=resume)
     workers = args.workers or os.cpu_count() or 1
     start = time.perf_counter()

@@ -39,22 +39,21 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             found = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
             if not found:
                 raise DataError(f"input={spec!r}: the pattern matches no files")
-            files += [p for p in found if _supported(p)] or _unsupported(spec, found)
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p))
             if not found:
                 raise DataError(f"input={spec!r}: the directory holds no {', '.join(SUFFIXES)} files")
-            files += found
         elif path.is_file():
-            files += [path] if _supported(path) else _unsupported(spec, [path])
+            found = [path]
         else:
             raise DataError(f"input={spec!r}: no such file or directory")
+        supported = [p for p in found if _supported(p)]
+        if not supported:
+            raise DataError(f"input={spec!r}: {found[0].name} is not a supported format; "
+                            f"expected {', '.join(SUFFIXES)}")
+        files += supported
     seen: set[Path] = set()
     return [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]
-
-
-def _unsupported(spec: str, found: list[Path]) -> list[Path]:
-    raise DataError(f"input={spec!r}: {found[0].name} is not a supported format; expected {', '.join(SUFFIXES)}")
 
 
 class DocumentReader:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gorilla_dist.errors import DataError
+from gorilla_dist.files import write_text_atomic
 
 EOD_TEXT = "\n"  # what char/byte tokenizers decode <eod> as: the separator a document boundary replaced
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
@@ -194,9 +195,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def save_tokenizer(tok, path: str | os.PathLike) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(tok.to_json(), ensure_ascii=False))
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+    write_text_atomic(path, json.dumps(tok.to_json(), ensure_ascii=False))
 
 
 def load_hf_tokenizer(spec: str, eod_token: str | None = None) -> HFTokenizer:

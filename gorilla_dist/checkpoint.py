@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.files import sha256_file
+from gorilla_dist.parallel import on_main
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS = "model.safetensors"
@@ -222,12 +223,10 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint.resume=never but {self.root} already holds checkpoints; "
                                       "use a new run.dir or checkpoint.resume=auto (nothing was deleted)")
             return None
-        if mode == "auto":  # rank 0 reads and checks; every rank resumes from what it chose
-            box = [newest_usable(self.root, report=True) if self.layout.is_main else None]
-            if dist.is_initialized() and self.layout.world > 1:
-                dist.broadcast_object_list(box, src=0)
-            return box[0]
-        return resolve_checkpoint(self.cfg.run.dir, mode)
+        # rank 0 reads and checks (checksums read every file); every rank resumes from what it chose
+        if mode == "auto":
+            return on_main(lambda: newest_usable(self.root, report=True), self.layout)
+        return on_main(lambda: resolve_checkpoint(self.cfg.run.dir, mode), self.layout)
 
     def load(self, ckpt: Path, engine) -> dict:
         """Restore engine state from `ckpt`; returns this rank's trainer state."""

@@ -150,8 +150,12 @@ def _open_sources(cfg, layout) -> list[TokenDataset]:
     from gorilla_dist.parallel import on_main
 
     paths = [s.path for s in cfg.data.sources]
-    # rank 0 verifies checksums (reads everything once); the others then only check sizes
-    on_main(lambda: [TokenDataset(p, verify=cfg.data.verify) for p in paths], layout)
+
+    def verify() -> None:  # rank 0 verifies checksums (reads everything once); the others check sizes
+        for p in paths:
+            TokenDataset(p, verify=cfg.data.verify)
+
+    on_main(verify, layout)
     return [TokenDataset(p, verify="size") for p in paths]
 
 
@@ -162,8 +166,11 @@ def _prepare_in_run(cfg, layout) -> list[TokenDataset]:
     out = Path(cfg.run.dir) / "data"
     args = PrepareArgs(input=[str(cfg.data.path or bundled_corpus())], output=str(out), tokenizer=cfg.data.tokenizer,
                        sample_by=cfg.data.sample_by, file_identity="sha256", workers=1, progress=False)
-    on_main(lambda: prepare(args, new_output_hint="this run.dir was trained on them; use a new run.dir for "
-                                                  "other data.path / data.tokenizer / data.sample_by"), layout)
+    def prepare_once() -> None:
+        prepare(args, new_output_hint="this run.dir was trained on them; use a new run.dir for other data.path / "
+                                      "data.tokenizer / data.sample_by")
+
+    on_main(prepare_once, layout)
     return [TokenDataset(out, verify="size")]
 
 

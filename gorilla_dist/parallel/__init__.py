@@ -111,23 +111,26 @@ def init_distributed(parallel_cfg, *, timeout_s: float = 600.0) -> ParallelLayou
 
 
 def on_main(fn, layout: ParallelLayout):
-    """Run `fn` on rank 0 only (work that writes shared files), then make every rank agree on how it
-    went: a UserError on rank 0 is raised on all ranks (printed once, by rank 0), so a bad input stops
-    the whole job with its own message instead of peers dying on a broken collective."""
-    error = None
+    """Run `fn` on rank 0 only (work that writes or reads shared files once), then make every rank
+    agree on how it went: every rank returns rank 0's result (so keep it small and picklable), and a
+    UserError on rank 0 is raised on all ranks (printed once, by rank 0), so a bad input stops the whole
+    job with its own message instead of peers dying on a broken collective."""
+    result, error = None, None
     if layout.is_main:
         try:
-            fn()
+            result = fn()
         except UserError as err:
             error = err
     if dist.is_initialized() and layout.world > 1:
-        box = [None if error is None else (type(error), str(error))]
+        box = [(result, None if error is None else (type(error), str(error)))]
         dist.broadcast_object_list(box, src=0)
-        if box[0] is not None and error is None:
-            error = box[0][0](box[0][1])
+        result, shared = box[0]
+        if shared is not None and error is None:
+            error = shared[0](shared[1])
             error.printed_elsewhere = True
     if error is not None:
         raise error
+    return result
 
 
 def tp_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from gorilla_dist import faults
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.parallel import on_main
@@ -177,23 +178,33 @@ class Checkpointer:
                 "precision": self.cfg.precision.dtype}
 
     def save(self, step: int, engine, trainer_state: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        """Collective: every rank calls it. Returns the final checkpoint directory. Refuses (on every
+        rank alike, before writing anything) a model with inf/NaN weights."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
+        weights = consolidated_state_dict(engine.module, zero_stage=self.cfg.parallel.zero_stage)
+        bad = [name for name, w in weights.items() if not torch.isfinite(w).all()]
+        if bad:
+            raise CheckpointError(f"step {step}: the model has non-finite (inf/NaN) weights in {len(bad)} tensors "
+                                  f"({', '.join(bad[:3])}); not saving it, the checkpoints in {self.root} are "
+                                  "unchanged")
+        fault = {"step": step, "rank": self.layout.rank}
         if self.layout.is_main:
             if tmp.exists():
                 print(f"[checkpoint] removing {tmp}, left by an interrupted save of the same step", file=sys.stderr)
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
+        faults.hit("checkpoint.begin", **fault)
         engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
         torch.save(trainer_state, tmp / f"trainer_rank{self.layout.rank:05d}.pt")
-        weights = consolidated_state_dict(engine.module, zero_stage=self.cfg.parallel.zero_stage)
+        faults.hit("checkpoint.engine_saved", **fault)
         if self.layout.is_main:
             from safetensors.torch import save_file
 
             save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        faults.hit("checkpoint.weights_saved", **fault)
         _barrier()
         if self.layout.is_main:
             files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
@@ -201,11 +212,13 @@ class Checkpointer:
             manifest = {"step": step, "layout": self._layout(), "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
+            faults.hit("checkpoint.manifest_written", **fault)
             if final.exists():  # an earlier attempt at this step (complete or not): replace it whole
                 print(f"[checkpoint] replacing {final} (problem: {verify(final) or 'none'})", file=sys.stderr)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            faults.hit("checkpoint.renamed", **fault)
             self._prune()
         _barrier()
         return final

@@ -24,7 +24,8 @@ ACTIVATIONS = ("gelu", "swiglu")
 ATTENTIONS = ("dense",)
 SAMPLE_BY = ("document", "paragraph", "line")
 VERIFY = ("checksum", "size")
-BACKENDS = ("local", "torchrun", "deepspeed")
+BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
+NONFINITE = ("skip", "stop")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULES = ("cosine", "constant")
 
@@ -83,6 +84,9 @@ class ParallelConfig:
     """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
+    timeout_s: float = 600.0
+    """A collective (all-reduce, broadcast, barrier) that does not complete within this many seconds
+    ends the job with a message naming the rank and the operation, instead of hanging forever."""
 
 
 @dataclass
@@ -138,6 +142,11 @@ class TrainConfig:
     """Tokens to generate after training as a sample (0 disables)."""
     sample_prompt: str = "\n"
     """Prompt for the end-of-training sample."""
+    nonfinite: str = "skip"
+    """A step whose loss or gradient norm is inf/NaN: skip (no update; the data is consumed) or stop
+    (end the run with an error). Either way a non-finite model is never saved."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip: stop after this many skipped steps in a row (something is broken)."""
 
 
 @dataclass
@@ -199,11 +208,40 @@ class LoggingConfig:
 @dataclass
 class LaunchConfig:
     backend: str = "local"
-    """local (one process) | torchrun | deepspeed."""
+    """local (one process) | torchrun | deepspeed (this node) | slurm (sbatch; see the slurm group)."""
     nproc_per_node: int = 1
-    """Worker processes on this node."""
+    """Worker processes per node (for slurm: tasks per node, one per GPU on GPU nodes)."""
     master_port: int | None = None
     """Rendezvous port; None picks a free one."""
+
+
+@dataclass
+class SlurmConfig:
+    """Used by launch=slurm: the launcher writes run.dir/train.sbatch from slurm/train.sbatch and submits it."""
+
+    nodes: int = 1
+    """Nodes to allocate; world size = nodes * launch.nproc_per_node."""
+    gpus_per_node: int = 0
+    """GPUs per node (--gpus-per-node); 0 for CPU-only nodes."""
+    cpus_per_task: int | None = None
+    """CPU cores per worker; None leaves it to the cluster's default."""
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    """Wall-time limit, e.g. 04:00:00 or 2-00:00:00; None uses the partition's default."""
+    job_name: str | None = None
+    """Defaults to run.name."""
+    signal_seconds: int = 120
+    """Ask Slurm for SIGUSR1 this many seconds before the time limit (--signal): the workers save a
+    checkpoint at the next step boundary and the job requeues itself."""
+    requeue: bool = True
+    """After a stop signal and a saved checkpoint, `scontrol requeue` the job so it resumes."""
+    extra: list[str] = field(default_factory=list)
+    """More sbatch options, one per item, e.g. '[--qos=high, --constraint=a100]'."""
+    submit: bool = True
+    """false: write run.dir/train.sbatch and print the sbatch command without submitting."""
+    wait: bool = False
+    """Follow the job's log until it ends (across requeues) and exit with its status."""
 
 
 @dataclass
@@ -218,6 +256,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def register_configs() -> None:
@@ -242,7 +281,14 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
 
 def world_size(cfg) -> int:
     """Ranks the launch starts (all nodes)."""
-    return int(cfg.launch.nproc_per_node)
+    nodes = cfg.slurm.nodes if cfg.launch.backend == "slurm" else 1
+    return int(cfg.launch.nproc_per_node) * int(nodes)
+
+
+def _world_source(cfg) -> str:
+    if cfg.launch.backend == "slurm":
+        return f"slurm.nodes({cfg.slurm.nodes}) * launch.nproc_per_node({cfg.launch.nproc_per_node})"
+    return "launch.nproc_per_node"
 
 
 def data_parallel_size(cfg, world: int | None = None) -> int:
@@ -264,13 +310,16 @@ def validate(cfg, world: int | None = None) -> None:
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("train.global_batch_size", t.global_batch_size),
                        ("launch.nproc_per_node", cfg.launch.nproc_per_node),
-                       ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches)]:
+                       ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches),
+                       ("parallel.timeout_s", p.timeout_s), ("train.max_skipped_steps", t.max_skipped_steps),
+                       ("slurm.nodes", cfg.slurm.nodes)]:
         _positive(value, key)
     for key, value in [("train.eval_interval", t.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval),
                        ("checkpoint.keep", cfg.checkpoint.keep), ("optim.warmup_steps", o.warmup_steps),
                        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
                        ("optim.lr", o.lr), ("optim.min_lr", o.min_lr), ("model.dropout", m.dropout),
-                       ("train.sample_tokens", t.sample_tokens)]:
+                       ("train.sample_tokens", t.sample_tokens), ("slurm.gpus_per_node", cfg.slurm.gpus_per_node),
+                       ("slurm.signal_seconds", cfg.slurm.signal_seconds)]:
         _positive(value, key, allow_zero=True)
     _choice(cfg.precision.dtype, PRECISIONS, "precision.dtype")
     _choice(m.position_embedding, POSITIONS, "model.position_embedding")
@@ -282,6 +331,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(cfg.data.sample_by, SAMPLE_BY, "data.sample_by")
     _choice(cfg.data.verify, VERIFY, "data.verify")
     _choice(cfg.launch.backend, BACKENDS, "launch.backend")
+    _choice(t.nonfinite, NONFINITE, "train.nonfinite")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
     if m.dropout >= 1.0:
@@ -302,7 +352,7 @@ def validate(cfg, world: int | None = None) -> None:
     if ffn % p.tp:
         raise ConfigError(f"model.ffn_hidden_size({ffn}) is not divisible by parallel.tp({p.tp})")
     if world % p.tp:
-        raise ConfigError(f"world size {world} (launch.nproc_per_node) is not divisible by parallel.tp({p.tp})")
+        raise ConfigError(f"world size {world} ({_world_source(cfg)}) is not divisible by parallel.tp({p.tp})")
     if cfg.launch.backend == "local" and world != 1:
         raise ConfigError(f"launch.backend=local starts one process but launch.nproc_per_node={world}; "
                           "use launch=torchrun or launch=deepspeed for several")

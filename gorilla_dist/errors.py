@@ -1,7 +1,11 @@
 """Errors meant for people: the message names the bad value, where it came from and what is valid.
 
 Entry points print them without a traceback and exit with status 2 (config) or 1 (everything else).
+A worker that stopped on a signal after saving a checkpoint exits with EXIT_PREEMPTED (75, sysexits'
+EX_TEMPFAIL: "try again"), which the Slurm job script answers by requeueing the job.
 """
+
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):

@@ -50,7 +50,7 @@ class Metrics:
         self.cfg, self.layout = cfg, layout
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
-        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None]] = []
+        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None, bool]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.main = layout.is_main
         if not self.main:
@@ -81,9 +81,10 @@ class Metrics:
                           name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir,
                           config=OmegaConf.to_container(self.cfg, resolve=True))
 
-    def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm) -> None:
-        """Record a step; `loss` is this rank's mean loss (a tensor, not read here)."""
-        self.pending.append((step, loss.detach(), lr, grad_norm))
+    def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm, *, skipped: bool = False) -> None:
+        """Record a step; `loss` is this rank's mean loss (a tensor, not read here); `skipped`: the update
+        was not applied (non-finite loss or gradient norm)."""
+        self.pending.append((step, loss.detach(), lr, grad_norm, skipped))
         if step % self.cfg.train.log_interval == 0:
             self.flush()
 
@@ -97,9 +98,11 @@ class Metrics:
         tokens_per_s = steps * self.tokens_per_step / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, self.pending[-1][0]
         rows = []
-        for (step, _, lr, grad_norm), loss in zip(self.pending, values):
+        for (step, _, lr, grad_norm, skipped), loss in zip(self.pending, values):
             row = {"step": step, "loss": loss, "lr": lr,
                    "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s}
+            if skipped:
+                row["skipped"] = True
             if self.peak:
                 row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.layout.world)
             rows.append(row)

@@ -77,7 +77,7 @@ def build_engine(model: torch.nn.Module, cfg, layout):
         optimizer, lambda step: lr_at(step, o, cfg.train.max_steps) / o.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, layout.dp), mpu=MegatronMPU())
-    _record_fp32_grad_norm(engine)
+    _skip_nonfinite_fp32_steps(engine)
     if layout.dp == 1 and cfg.parallel.zero_stage == 0:
         # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
         # all-reduce it over a group of one and copy it back (~2 ms/step for the tiny model on CPU).
@@ -85,14 +85,33 @@ def build_engine(model: torch.nn.Module, cfg, layout):
     return engine
 
 
-def _record_fp32_grad_norm(engine) -> None:
-    """DeepSpeed's fp32 ZeRO-0 path clips with `clip_grad_norm_` but drops the norm it returns, so
-    `get_global_grad_norm()` would stay None there (the ZeRO and bf16/fp16 optimizers do report it).
-    Same clipping call, same mpu; we only keep its result."""
+def _skip_nonfinite_fp32_steps(engine) -> None:
+    """DeepSpeed's ZeRO and bf16/fp16 optimizers skip a step whose gradient norm is inf/NaN (no update,
+    no LR-schedule advance, `engine.skipped_steps` += 1). Its fp32 ZeRO-0 path hands the gradients
+    straight to the torch optimizer instead, and clips with `clip_grad_norm_` but drops the norm it
+    returns (so `get_global_grad_norm()` stays None). Here that path behaves like the others: the norm
+    is kept (same clipping call, same mpu), and a non-finite one skips the optimizer step through the
+    `overflow` flag the engine reads after every step (engine.py `_take_model_step`)."""
     from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    optimizer = engine.optimizer
+    torch_step = optimizer.step
+    optimizer.overflow = False
 
     def clip_and_record():
         engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
                                                    max_norm=engine.gradient_clipping(), mpu=engine.mpu)
 
+    def guarded_step(closure=None):
+        if engine.gradient_clipping() <= 0:  # not clipped, so no norm yet: measure without clipping
+            engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                       max_norm=float("inf"), mpu=engine.mpu)
+        optimizer.overflow = not math.isfinite(float(engine._global_grad_norm))
+        if not optimizer.overflow:
+            return torch_step(closure)
+        return None
+
     engine.clip_fp32_gradients = clip_and_record
+    optimizer.step = guarded_step

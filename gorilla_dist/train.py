@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 from omegaconf import open_dict
 
+from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.data.loader import build_data
+from gorilla_dist.errors import UserError
 from gorilla_dist.generate import sample
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.optim import build_engine
 from gorilla_dist.parallel import dp_mean
+from gorilla_dist.stopping import StopSignals
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -21,11 +24,14 @@ def lm_loss(model, batch) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def train_step(engine, micro_batches) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns the mean loss (not synced)."""
+def train_step(engine, micro_batches, *, poison: bool = False) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns the mean loss (not synced).
+    DeepSpeed skips the update when the gradient norm is inf/NaN (see NonFiniteGuard)."""
     total = torch.zeros((), device=micro_batches[0].tokens.device)
     for batch in micro_batches:
         loss = lm_loss(engine, batch)
+        if poison:  # fault injection (tests): a NaN loss, as from an overflow
+            loss = loss * float("nan")
         engine.backward(loss)  # DeepSpeed divides by the accumulation count
         engine.step()  # updates only at the accumulation boundary
         total += loss.detach().float()
@@ -38,6 +44,37 @@ def evaluate(engine, data, n_batches: int, layout) -> float:
     losses = torch.stack([lm_loss(engine, batch) for batch in data.val_batches(n_batches)]).mean()
     engine.train()
     return dp_mean(losses, layout).item()
+
+
+class DivergenceError(UserError):
+    pass
+
+
+class NonFiniteGuard:
+    """train.nonfinite: what to do after a step whose loss or gradient norm was inf/NaN. DeepSpeed has
+    already left the model, the optimizer state and the LR schedule untouched (a NaN loss gives NaN
+    gradients, and every optimizer path skips a non-finite norm, see optim.py), and the norm is global,
+    so every rank sees the same verdict."""
+
+    def __init__(self, t, layout):
+        self.policy, self.limit, self.layout = t.nonfinite, t.max_skipped_steps, layout
+        self.in_a_row = 0
+
+    def check(self, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        what = f"step {step}: the loss or gradient norm is not finite (inf/NaN), the update was not applied"
+        if self.policy == "stop":
+            raise DivergenceError(f"{what}; stopping (train.nonfinite=stop). Checkpoints hold the model from "
+                                  "before; lower optim.lr or raise optim.warmup_steps, or use train.nonfinite=skip")
+        if self.in_a_row > self.limit:
+            raise DivergenceError(f"{what}, {self.in_a_row} steps in a row (train.max_skipped_steps="
+                                  f"{self.limit}): stopping. The model is diverging; resume from a checkpoint "
+                                  "with a lower optim.lr")
+        if self.layout.is_main:
+            print(f"[train] {what}: skipped ({self.in_a_row} in a row)", flush=True)
 
 
 def rng_state() -> dict:
@@ -53,7 +90,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train(cfg, layout) -> None:
+def train(cfg, layout) -> bool:
+    """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
     data = build_data(cfg, layout)
     with open_dict(cfg):
@@ -76,23 +114,39 @@ def train(cfg, layout) -> None:
 
     metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model),
                       tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step)
-    while step < t.max_steps:
+    guard, signals = NonFiniteGuard(t, layout), StopSignals(layout)
+    stopping = False
+    while step < t.max_steps and not stopping:
         lr = engine.get_lr()[0]  # the rate this step uses (the schedule advances inside the step)
-        loss = train_step(engine, data.next_train_batches())
+        skipped_before = engine.skipped_steps
+        loss = train_step(engine, data.next_train_batches(),
+                          poison=faults.hit("loss", step=step + 1, rank=layout.rank))
         step += 1
-        metrics.step(step, loss, lr, engine.get_global_grad_norm())
+        skipped = engine.skipped_steps > skipped_before
+        metrics.step(step, loss, lr, engine.get_global_grad_norm(), skipped=skipped)
+        guard.check(step, skipped)
+        faults.hit("step", step=step, rank=layout.rank)
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
             with metrics.paused():
                 val_loss = evaluate(engine, data, t.eval_batches, layout)
             metrics.eval(step, val_loss)
-        if ckpt.due(step, last):
+        stopping = signals.agreed()
+        if ckpt.due(step, last) or stopping:
             with metrics.paused():
                 ckpt.save(step, engine, {"step": step, "data": data.state_dict(), "rng": rng_state()})
+    signals.close()
     metrics.close()
+    if stopping:
+        if layout.is_main:
+            cause = signals.received or "a peer rank's signal"
+            print(f"[train] stopped at step {step} on {cause}; "
+                  "the checkpoint is saved, a restart resumes from it", flush=True)
+        return False
 
     if t.sample_tokens:
         text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
                       seq_length=cfg.model.seq_length, seed=cfg.run.seed)
         if layout.is_main:
             print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
+    return True

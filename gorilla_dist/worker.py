@@ -1,8 +1,8 @@
 """A training process: `python -m gorilla_dist.worker <run.dir>` (started by the launcher).
 
 Reads only `run.dir/config.yaml`; rank and world come from the environment the launch backend set.
-Exit status: 0 done, 2 config error, 1 any other error (a one-line message for user errors,
-a traceback for bugs).
+Exit status: 0 done, 75 stopped on a signal after saving a checkpoint (resume by starting again),
+2 config error, 1 any other error (a one-line message for user errors, a traceback for bugs).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         return 2
     quiet_libraries()
     from gorilla_dist.config import load_run_config
-    from gorilla_dist.errors import UserError
+    from gorilla_dist.errors import EXIT_PREEMPTED, UserError
     from gorilla_dist.parallel import init_distributed, teardown
     from gorilla_dist.train import train
 
@@ -46,14 +46,14 @@ def main(argv: list[str]) -> int:
         cfg = load_run_config(argv[0])
         layout = init_distributed(cfg.parallel)
         try:
-            train(cfg, layout)
+            finished = train(cfg, layout)
         finally:
             teardown()
     except UserError as err:
         if not getattr(err, "printed_elsewhere", False):
             print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
-    return 0
+    return 0 if finished else EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

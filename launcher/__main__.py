@@ -28,20 +28,28 @@ def main(cfg: DictConfig) -> None:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     path = save_run_config(cfg, cfg.run.dir)
+    if cfg.launch.backend == "slurm":
+        from launcher import slurm
+
+        sys.exit(slurm.launch(cfg))
     argv, env = backends.command(cfg, cfg.run.dir)
     print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s), config {path}", flush=True)
-    sys.exit(run_forwarding_signals(argv, env))
+    sys.exit(run_forwarding_signals(argv, env, backend=cfg.launch.backend))
 
 
-def run_forwarding_signals(argv: list[str], env: dict) -> int:
-    """Run the backend command; SIGTERM/SIGINT sent to the launcher (a scheduler, a kill) reach the
-    workers too instead of orphaning them. Returns the command's exit status."""
+def run_forwarding_signals(argv: list[str], env: dict, *, backend: str) -> int:
+    """Run the backend command; SIGTERM/SIGINT/SIGUSR1 sent to the launcher (a scheduler, a kill, a
+    preemption warning) reach the workers too instead of orphaning them. Returns the command's exit
+    status (75: the workers stopped on a signal after saving a checkpoint). torchrun and the deepspeed
+    launcher die of SIGUSR1, so they get SIGTERM instead, which they pass on to their workers."""
     proc = subprocess.Popen(argv, env=env)
 
     def forward(signum, _frame):
+        if signum == signal.SIGUSR1 and backend != "local":
+            signum = signal.SIGTERM
         proc.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
     return proc.wait()
 

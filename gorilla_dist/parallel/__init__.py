@@ -1,8 +1,9 @@
 """Process groups: torch.distributed + megatron-core parallel_state, set up in one place.
 
 Every `parallel_state` call of the framework lives in this package or in `gorilla_dist/model/spec.py`.
-Workers get their rank and world from the environment that torchrun, the deepspeed launcher, the
-local backend (or, later, Slurm) set: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+Workers get their rank and world from the environment that torchrun, the deepspeed launcher or the
+local backend set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or, under `srun`, from
+Slurm's own variables (`rendezvous.from_slurm`).
 """
 
 from __future__ import annotations
@@ -82,12 +83,15 @@ def _skip_deepspeed_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def init_distributed(parallel_cfg, *, timeout_s: float = 600.0) -> ParallelLayout:
+def init_distributed(parallel_cfg) -> ParallelLayout:
     """Start torch.distributed (through DeepSpeed, so its comm layer is initialised too) and
     megatron-core's tensor/data-parallel groups."""
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    from gorilla_dist.parallel.rendezvous import from_slurm
+
+    os.environ.update(from_slurm(dict(os.environ)))
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ConfigError(f"environment variable {var} is not set: start workers with `python -m launcher`")
@@ -103,8 +107,10 @@ def init_distributed(parallel_cfg, *, timeout_s: float = 600.0) -> ParallelLayou
     if world % tp:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+                               timeout=datetime.timedelta(seconds=parallel_cfg.timeout_s), verbose=False)
+    # megatron's groups get their own timeout (30 min by default): give them ours
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                 distributed_timeout_minutes=parallel_cfg.timeout_s / 60)
     return ParallelLayout(rank=rank, local_rank=local_rank, world=world, tp=tp,
                           tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                           dp_rank=ps.get_data_parallel_rank(), device=device)

@@ -1,0 +1,44 @@
+"""Stop cleanly on a signal: preemption warnings (Slurm's --signal=USR1@<s>), `scancel`, time limits.
+
+On SIGUSR1 or SIGTERM a rank only records the signal. At each step boundary every rank joins one
+tiny all-reduce (MAX), so all ranks agree to stop after the same step even when the signal reached
+only some of them; the trainer then saves a checkpoint and the worker exits with EXIT_PREEMPTED,
+which tells the Slurm script to requeue the job. A second SIGTERM ends the process at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopSignals:
+    def __init__(self, layout):
+        self.layout = layout
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.received is not None and signum == signal.SIGTERM:  # asked twice: go now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.received = signal.Signals(signum).name
+        print(f"[rank {self.layout.rank}] {self.received}: saving a checkpoint at the next step boundary, "
+              "then exiting", file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """Collective (every rank calls it each step): did any rank get a stop signal?"""
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.layout.device)
+        if self.layout.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

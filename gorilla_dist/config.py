@@ -237,7 +237,7 @@ class SlurmConfig:
     requeue: bool = True
     """After a stop signal and a saved checkpoint, `scontrol requeue` the job so it resumes."""
     extra: list[str] = field(default_factory=list)
-    """More sbatch options, one per item, e.g. '[--qos=high, --constraint=a100]'."""
+    """More sbatch options, one per item, e.g. "slurm.extra=['--qos=high','--constraint=a100']" (quoted)."""
     submit: bool = True
     """false: write run.dir/train.sbatch and print the sbatch command without submitting."""
     wait: bool = False
@@ -420,7 +420,13 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.yaml; start runs with `python -m launcher run.dir={run_dir}`")
+    from omegaconf.errors import OmegaConfBaseException
+
     schema = OmegaConf.structured(Config)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    except (OmegaConfBaseException, ValueError) as err:  # a hand-edited file: unknown key, wrong type, bad YAML
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, True)
+    validate(cfg)
     return cfg

@@ -38,10 +38,11 @@ def main(argv: list[str]) -> int:
     quiet_libraries()
     from gorilla_dist.config import load_run_config
     from gorilla_dist.errors import EXIT_PREEMPTED, UserError
-    from gorilla_dist.parallel import init_distributed, teardown
+    from gorilla_dist.parallel import describe_comm_failure, init_distributed, teardown
     from gorilla_dist.train import train
 
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    cfg = None
     try:
         cfg = load_run_config(argv[0])
         layout = init_distributed(cfg.parallel)
@@ -53,6 +54,12 @@ def main(argv: list[str]) -> int:
         if not getattr(err, "printed_elsewhere", False):
             print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except RuntimeError as err:
+        message = describe_comm_failure(err, int(rank), cfg.parallel.timeout_s) if cfg is not None else None
+        if message is None:
+            raise
+        print(message, file=sys.stderr, flush=True)
+        return 1
     return 0 if finished else EXIT_PREEMPTED
 
 

@@ -51,7 +51,8 @@ def run_forwarding_signals(argv: list[str], env: dict, *, backend: str) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
-    return proc.wait()
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc  # killed by signal N: 128+N, as a shell reports it
 
 
 if __name__ == "__main__":

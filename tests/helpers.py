@@ -14,12 +14,17 @@ QUICK = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false",
          "train.eval_interval=0", "train.log_interval=5"]
 
 
-def launch(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m launcher run.dir=<run_dir> ...`; returns the finished process (stdout+stderr merged)."""
-    args = [sys.executable, "-m", "launcher", f"run.dir={run_dir}", *(QUICK if quick else []), *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+def launcher_args(run_dir: Path, *overrides: str, quick: bool = True) -> list[str]:
+    return [sys.executable, "-m", "launcher", f"run.dir={run_dir}", *(QUICK if quick else []), *overrides]
+
+
+def launch(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 600,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m launcher run.dir=<run_dir> ...`; returns the finished process (stdout+stderr merged).
+    `env`: extra environment variables (e.g. GORILLA_FAULT)."""
+    return subprocess.run(launcher_args(run_dir, *overrides, quick=quick), cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def generate(run_dir: Path, *args: str) -> subprocess.CompletedProcess:

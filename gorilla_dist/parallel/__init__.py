@@ -159,6 +159,36 @@ def dp_mean(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     return tensor
 
 
+_TIMEOUT = ("Timed out", "timed out", "Timeout(ms)", "timeout")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def describe_comm_failure(err: BaseException, rank: int, timeout_s: float) -> str | None:
+    """A message for people when a collective failed (timed out, or a peer's connection closed),
+    naming this rank, the operation and where our code called it; None for any other error.
+    The operation comes from the traceback: the innermost torch.distributed function on it."""
+    text = str(err)
+    timed_out = any(s in text for s in _TIMEOUT)
+    peer_gone = any(s in text for s in _PEER_GONE)
+    if not isinstance(err, RuntimeError) or not (timed_out or peer_gone):
+        return None
+    op, caller, tb = "a collective", None, err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename.endswith("distributed_c10d.py"):
+            op = code.co_name
+        elif "gorilla_dist" in code.co_filename:
+            caller = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} {code.co_name}"
+        tb = tb.tb_next
+    where = f" (called from {caller})" if caller else ""
+    if timed_out:
+        return (f"[rank {rank}] error: {op} did not complete within parallel.timeout_s={timeout_s:g} s{where}: "
+                "another rank is stuck or far behind; its log shows where. Raise parallel.timeout_s if ranks "
+                f"are merely slow (e.g. a long first compile). [{text.strip()[:200]}]")
+    return (f"[rank {rank}] error: {op} failed{where}: a peer rank closed its connection (it crashed or was "
+            f"killed; see its log). [{text.strip()[:200]}]")
+
+
 def teardown() -> None:
     from megatron.core import parallel_state as ps
 

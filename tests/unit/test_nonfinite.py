@@ -1,0 +1,77 @@
+"""The NaN/inf guard on every optimizer path (fp32/bf16, ZeRO 0-3): a step with a non-finite loss
+changes nothing (weights, optimizer state, LR schedule), the next good step is exactly the one it would
+have been, and a model with non-finite weights is never saved."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gorilla_dist.checkpoint import Checkpointer, consolidated_state_dict
+from gorilla_dist.config import Config
+from gorilla_dist.data.loader import pack
+from gorilla_dist.errors import CheckpointError
+from gorilla_dist.model import build_model
+from gorilla_dist.optim import build_engine
+from gorilla_dist.train import train_step
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_engine(layout, dtype: str, zero: int, run_dir: Path | None = None):
+    cfg = OmegaConf.structured(Config)
+    cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
+    cfg.model.vocab_size = 16
+    cfg.precision.dtype, cfg.parallel.zero_stage = dtype, zero
+    cfg.train.global_batch_size = cfg.train.micro_batch_size = 2
+    cfg.optim.warmup_steps = 5  # the LR changes every step, so a wrongly advanced schedule shows
+    if run_dir is not None:
+        cfg.run.dir = str(run_dir)
+    model = build_model(cfg.model, dtype=dtype, device=layout.device, seed=1)
+    return build_engine(model, cfg, layout), cfg
+
+
+def batch(seed: int, seq: int = 32):
+    tokens = np.random.default_rng(seed).integers(0, 15, (2, seq + 1))
+    return pack(tokens, np.array([seq + 1, seq + 1]), np.array([0, 0]), eod=15, reset_at_eod=False)
+
+
+def weights(engine, zero: int) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(engine.module, zero_stage=zero)
+
+
+@pytest.mark.parametrize("dtype,zero", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 0),
+                                        ("bf16", 2)])
+def test_a_nan_step_changes_nothing_and_the_next_step_is_unaffected(world1, dtype, zero):
+    engine, _ = make_engine(world1, dtype, zero)
+    reference, _ = make_engine(world1, dtype, zero)
+    for e in (engine, reference):
+        train_step(e, [batch(1)])
+    before, lr_before = weights(engine, zero), engine.get_lr()[0]
+
+    loss = train_step(engine, [batch(2)], poison=True)
+    assert not torch.isfinite(loss)
+    assert engine.skipped_steps == 1 and reference.skipped_steps == 0
+    after = weights(engine, zero)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update at all
+    assert engine.get_lr()[0] == lr_before  # the schedule did not advance
+
+    for e in (engine, reference):
+        train_step(e, [batch(3)])
+    got, want = weights(engine, zero), weights(reference, zero)
+    assert all(torch.equal(got[k], want[k]) for k in want)  # as if the bad step never happened
+    assert engine.get_lr()[0] == reference.get_lr()[0]
+    assert all(torch.isfinite(w).all() for w in got.values())
+
+
+def test_a_model_with_nan_weights_is_never_saved(world1, tmp_path):
+    engine, cfg = make_engine(world1, "fp32", 0, run_dir=tmp_path)
+    ckpt = Checkpointer(cfg, world1)
+    ckpt.save(1, engine, {"step": 1})
+    with torch.no_grad():
+        next(engine.module.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"step 2: the model has non-finite \(inf/NaN\) weights in 1 tensors"):
+        ckpt.save(2, engine, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]

@@ -1,0 +1,66 @@
+"""Slurm pieces that need no cluster: the rendezvous read from a Slurm task's environment, and the job
+script the launcher writes (the cluster tests are in tests/integration/test_slurm.py)."""
+
+import re
+import subprocess
+
+import pytest
+from helpers import REPO
+from hydra import compose, initialize_config_dir
+
+from gorilla_dist.config import register_configs, resolve, validate
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.parallel.rendezvous import first_host, from_slurm, port_for_job
+from launcher.slurm import render, sbatch_options
+
+
+@pytest.mark.parametrize("nodelist,host", [("vm", "vm"), ("node3,node1", "node3"), ("gpu-[07-09,12]", "gpu-07"),
+                                           ("gpu-[007-010],cpu1", "gpu-007"), ("a[3]", "a3"),
+                                           ("rack1-[2-4]", "rack1-2")])
+def test_first_host_of_a_slurm_host_list(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_rank_world_and_rendezvous_come_from_the_slurm_step():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu-[03-06]", "SLURM_STEP_NODELIST": "gpu-[03-06]"}
+    assert from_slurm(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-03",
+                               "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert port_for_job("123456") == 23456
+    # a launcher's own variables win; outside an srun step (the batch shell) nothing is derived
+    assert from_slurm({**env, "RANK": "0"}) == {}
+    assert from_slurm({k: v for k, v in env.items() if k != "SLURM_STEP_ID"}) == {}
+    assert from_slurm({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}) == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+
+
+def config(*overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["launch=slurm", "run.dir=/scratch/run1", *overrides])
+    resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def test_the_job_script_carries_the_slurm_config():
+    cfg = config("slurm.nodes=4", "slurm.gpus_per_node=8", "launch.nproc_per_node=8", "slurm.partition=gpu",
+                 "slurm.time=2-00:00:00", "slurm.cpus_per_task=12", "slurm.signal_seconds=300",
+                 "train.global_batch_size=64", "slurm.extra=['--qos=high','--exclusive']")
+    opts = sbatch_options(cfg)
+    for want in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--time=2-00:00:00",
+                 "--cpus-per-task=12", "--signal=USR1@300", "--requeue", "--qos=high", "--exclusive",
+                 "--output=/scratch/run1/slurm-%j.out", "--open-mode=append", "--job-name=run1"]:
+        assert want in opts
+    script = render(cfg, python="/opt/venv/bin/python")
+    assert "#SBATCH --nodes=4\n" in script and "srun /opt/venv/bin/python -m gorilla_dist.worker" in script
+    assert "RUN_DIR=/scratch/run1\n" in script and "REQUEUE=true\n" in script
+    assert not re.findall(r"@[A-Z_]+@", script)  # every template field filled
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
+    assert "--account" not in script and "--gpus-per-node" not in render(config())  # unset: left out
+
+
+def test_world_size_counts_all_nodes():
+    with pytest.raises(ConfigError, match=r"world size 6 \(slurm.nodes\(3\) \* launch.nproc_per_node\(2\)\) "
+                                          r"is not divisible by parallel.tp\(4\)"):
+        config("slurm.nodes=3", "launch.nproc_per_node=2", "parallel.tp=4", "model.num_heads=4")

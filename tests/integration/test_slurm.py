@@ -56,8 +56,12 @@ def test_a_preempted_job_saves_requeues_itself_and_finishes_with_the_same_losses
     job_id = re.search(r"submitted job (\d+)", check(launch(run, *COMMON, "launch=slurm"))).group(1)
     wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 10, "training to start", 120)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # what --signal=USR1@<s> sends
-    wait_until(lambda: job(job_id).get("Restarts") == "1", "the job to requeue itself", 120)
-    # a requeued job waits ~2 minutes before it may start again; let it start now
+    wait_until(lambda: job(job_id).get("Restarts") == "1" and job(job_id).get("JobState") == "PENDING",
+               "the job to requeue itself", 120)
+    # A requeued job waits ~2 minutes before it may start again; let it start now, but not within the
+    # second of the requeue: slurmd compares a launch credential's time with the old instance's
+    # revocation at 1 s resolution and kills a restart in the same second ("Job credential revoked").
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
     wait_until(lambda: job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 300)
     log = (run / f"slurm-{job_id}.out").read_text()

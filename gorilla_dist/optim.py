@@ -100,18 +100,17 @@ def _skip_nonfinite_fp32_steps(engine) -> None:
     torch_step = optimizer.step
     optimizer.overflow = False
 
-    def clip_and_record():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    def record_norm(max_norm: float) -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=max_norm,
+                                                   mpu=engine.mpu)
 
     def guarded_step(closure=None):
         if engine.gradient_clipping() <= 0:  # not clipped, so no norm yet: measure without clipping
-            engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                       max_norm=float("inf"), mpu=engine.mpu)
+            record_norm(float("inf"))
         optimizer.overflow = not math.isfinite(float(engine._global_grad_norm))
         if not optimizer.overflow:
             return torch_step(closure)
         return None
 
-    engine.clip_fp32_gradients = clip_and_record
+    engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
     optimizer.step = guarded_step

@@ -34,9 +34,10 @@ class StopSignals:
 
     def agreed(self) -> bool:
         """Collective (every rank calls it each step): did any rank get a stop signal?"""
+        if self.layout.world == 1:  # nobody to agree with: no tensor, no device sync
+            return self.received is not None
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.layout.device)
-        if self.layout.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def close(self) -> None:

@@ -14,6 +14,19 @@ QUICK = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false",
          "train.eval_interval=0", "train.log_interval=5"]
 
 
+def composed(*overrides: str):
+    """The config `python -m launcher <overrides>` would compose, resolved (not yet validated)."""
+    from hydra import compose, initialize_config_dir
+
+    from gorilla_dist.config import register_configs, resolve
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    resolve(cfg)
+    return cfg
+
+
 def launcher_args(run_dir: Path, *overrides: str, quick: bool = True) -> list[str]:
     return [sys.executable, "-m", "launcher", f"run.dir={run_dir}", *(QUICK if quick else []), *overrides]
 

@@ -2,20 +2,10 @@
 names the key, the value and what is valid."""
 
 import pytest
-from helpers import REPO, launch
-from hydra import compose, initialize_config_dir
+from helpers import composed, launch
 
-from gorilla_dist.config import register_configs, resolve, validate
+from gorilla_dist.config import validate
 from gorilla_dist.errors import ConfigError
-
-register_configs()
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    resolve(cfg)
-    return cfg
 
 
 def test_default_config_is_valid_and_derives_micro_batch():

@@ -5,10 +5,9 @@ import re
 import subprocess
 
 import pytest
-from helpers import REPO
-from hydra import compose, initialize_config_dir
+from helpers import composed
 
-from gorilla_dist.config import register_configs, resolve, validate
+from gorilla_dist.config import validate
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.parallel.rendezvous import first_host, from_slurm, port_for_job
 from launcher.slurm import render, sbatch_options
@@ -35,10 +34,7 @@ def test_rank_world_and_rendezvous_come_from_the_slurm_step():
 
 
 def config(*overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["launch=slurm", "run.dir=/scratch/run1", *overrides])
-    resolve(cfg)
+    cfg = composed("launch=slurm", "run.dir=/scratch/run1", *overrides)
     validate(cfg)
     return cfg
 

@@ -44,7 +44,9 @@ def wait_until(condition, what: str, timeout: float):
 
 def test_a_two_task_job_trains_exactly_like_torchrun(cluster, reference, tmp_path):
     run = tmp_path / "run"
-    out = check(launch(run, *COMMON, "launch=slurm", "slurm.wait=true"))
+    # submitted from a shell that has torch.distributed variables of its own: they must not leak into the job
+    out = check(launch(run, *COMMON, "launch=slurm", "slurm.wait=true",
+                       env={"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}))
     job_id = re.search(r"submitted job (\d+)", out).group(1)
     assert f"job {job_id} ended: COMPLETED, exit 0" in out
     assert "2 workers" in out  # srun started both tasks; they found each other from SLURM_* alone

@@ -1,0 +1,303 @@
+"""Block-sparse causal attention in Triton: forward and backward over a BlockLayout.
+
+In the order of Triton's fused-attention tutorial (06-fused-attention.py), whose online softmax
+and backward recomputation this follows (FlashAttention-2, Dao 2023):
+  1. `_fwd_kernel`: one program per (query block, batch*head); it walks only the key blocks its
+     layout lists, keeps a running max and sum (online softmax), writes O and the row
+     log-sum-exp (LSE) that the backward reuses instead of storing probabilities.
+  2. `_bwd_dq_kernel`: the same walk per query block, recomputes P from the LSE, accumulates dQ,
+     and writes the gradient of each (query block, slot) tile bias: the sum of dS over the tile.
+  3. `_bwd_dkv_kernel`: one program per key block, walking the *transposed* layout (the query
+     blocks that visit it), accumulates dK and dV. Both backward kernels own their outputs, so no
+     atomics: results are deterministic.
+  4. `BlockSparseAttention` (autograd.Function) checks shapes and dtypes and launches them;
+     `block_sparse_attention` is the public entry (Triton on CUDA, the block-gather path elsewhere);
+     `block_sparse_reference` is the dense PyTorch reference the tests compare against.
+
+Options: causal inside the diagonal block (always), fp32/fp16/bf16 inputs with fp32 accumulation,
+head dims 16-256 (powers of two; 64 and 128 are the tested ones), grouped-query attention (query
+head h reads key/value head h // (H / H_kv)), ALiBi slopes, and a per-(query block, slot) additive
+bias (the learned layout's gate). The triton interpreter (TRITON_INTERPRET=1) runs these on CPU
+for tests; its bf16 `tl.dot` is wrong, so under the interpreter bf16 operands are upcast first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from gorilla_dist.kernels.layouts import BlockLayout
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                UPCAST: tl.constexpr):
+        """(BLOCK, BLOCK) fp32 scores of one tile, masked causally with -inf."""
+        s = _dot(q, tl.trans(k), UPCAST) * scale
+        if HAS_ALIBI:
+            s -= slope * (offs_m[:, None] - offs_k[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            s += bias
+        return tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, NUM, IDX, SLOPES, BIAS,
+                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+                    snb, snh, snm, sib, sih, sim, sbb, sbh, sbm,
+                    H, GROUP, n_blocks, scale,
+                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        offs_m = m * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :])
+        num = tl.load(NUM + b * snb + h * snh + m * snm)
+        slope = tl.load(SLOPES + h) if HAS_ALIBI else 0.0
+        # finite start: a fully masked tile then gives p = 0 instead of exp(-inf + inf) = nan
+        m_i = tl.full([BLOCK], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        for s in range(0, num):
+            j = tl.load(IDX + b * sib + h * sih + m * sim + s)
+            offs_k = j * BLOCK + offs_n
+            k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
+            v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
+            bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + s) if HAS_BIAS else 0.0
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], acc.to(O.dtype.element_ty))
+        tl.store(LSE + bh * n_blocks * BLOCK + offs_m, m_i + tl.log(l_i))
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, NUM, IDX, SLOPES, BIAS,
+                       sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                       snb, snh, snm, sib, sih, sim, sbb, sbh, sbm, max_kv,
+                       H, GROUP, n_blocks, scale,
+                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        offs_m = m * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]  # Q, DO and DQ share strides
+        q = tl.load(Q + q_off)
+        do = tl.load(DO + q_off)
+        lse = tl.load(LSE + bh * n_blocks * BLOCK + offs_m)
+        delta = tl.load(DELTA + bh * n_blocks * BLOCK + offs_m)
+        num = tl.load(NUM + b * snb + h * snh + m * snm)
+        slope = tl.load(SLOPES + h) if HAS_ALIBI else 0.0
+        dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        for s in range(0, num):
+            j = tl.load(IDX + b * sib + h * sih + m * sim + s)
+            offs_k = j * BLOCK + offs_n
+            k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
+            v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
+            bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + s) if HAS_BIAS else 0.0
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST)
+            p = tl.exp(qk - lse[:, None])
+            dp = _dot(do, tl.trans(v), UPCAST)
+            ds = p * (dp - delta[:, None])
+            if HAS_BIAS:
+                tl.store(DBIAS + (bh * n_blocks + m) * max_kv + s, tl.sum(tl.sum(ds, 1), 0))
+            dq += _dot(ds.to(k.dtype), k, UPCAST)
+        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
+
+    @triton.jit
+    def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QNUM, QIDX, QSLOT, SLOPES, BIAS,
+                        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                        stb, sth, stj, sbb, sbh, sbm,
+                        H, GROUP, n_blocks, max_q, scale,
+                        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+        j = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        offs_k = j * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
+        v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
+        t_off = b * stb + h * sth + j * stj
+        num = tl.load(QNUM + t_off)
+        slope = tl.load(SLOPES + h) if HAS_ALIBI else 0.0
+        dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        for t in range(0, num):
+            m = tl.load(QIDX + t_off * max_q + t)
+            offs_m = m * BLOCK + offs_n
+            q_off = b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+            q = tl.load(Q + q_off)
+            do = tl.load(DO + q_off)
+            lse = tl.load(LSE + bh * n_blocks * BLOCK + offs_m)
+            delta = tl.load(DELTA + bh * n_blocks * BLOCK + offs_m)
+            if HAS_BIAS:
+                bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + tl.load(QSLOT + t_off * max_q + t))
+            else:
+                bias = 0.0
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST)
+            p = tl.exp(qk - lse[:, None])
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+            dp = _dot(do, tl.trans(v), UPCAST)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+        out = bh * n_blocks * BLOCK * HEAD_DIM + offs_k[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + out, dk * scale)
+        tl.store(DV + out, dv)
+
+
+def _strides(t: torch.Tensor, dims: int = 3):
+    """Strides of the leading `dims` dimensions, 0 where the dimension is broadcast (size 1)."""
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(dims)]
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_options(head_dim: int) -> dict:
+    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes):
+        B, H, S, D = q.shape
+        bs, n = layout.block_size, layout.n_blocks
+        if k.shape[1] == 0 or H % k.shape[1] or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (S, D):
+            raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                             "expected (B, H, S, D) and (B, H_kv, S, D) with H divisible by H_kv")
+        if S != layout.seq_len:
+            raise ValueError(f"sequence length {S} != layout's {layout.seq_len} ({n} blocks of {bs})")
+        if D & (D - 1) or not 16 <= D <= 256:
+            raise ValueError(f"head dim {D}: the Triton kernel needs a power of two in [16, 256]")
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: expected one of fp32/fp16/bf16 for all")
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        num, idx = layout.kv_num_blocks, layout.kv_indices.contiguous()
+        slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else q.new_empty(1, dtype=torch.float32)
+        bias = block_bias.float().contiguous() if block_bias is not None else q.new_empty(1, 1, 1, dtype=torch.float32)
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+        _fwd_kernel[(n, B * H)](
+            q, k, v, o, lse, num, idx, slopes, bias,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            *_strides(num), *_strides(idx), *_strides(bias),
+            H, H // k.shape[1], n, scale,
+            BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, HAS_BIAS=block_bias is not None,
+            UPCAST=_upcast(q.dtype), **_launch_options(D))
+        ctx.save_for_backward(q, k, v, o, lse, slopes, bias)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.has_alibi = alibi_slopes is not None
+        ctx.bias_shape = None if block_bias is None else block_bias.shape
+        ctx.bias_dtype = None if block_bias is None else block_bias.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, slopes, bias = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        B, H, S, D = q.shape
+        H_kv, bs, n = k.shape[1], layout.block_size, layout.n_blocks
+        has_bias = ctx.bias_shape is not None
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)  # (B, H, S): rowsum(dO * O) = rowsum(P * dP)
+        dq = torch.empty_like(q)
+        dbias = torch.zeros(B, H, n, layout.max_kv, device=q.device, dtype=torch.float32) if has_bias else bias
+        num, idx = layout.kv_num_blocks, layout.kv_indices.contiguous()
+        common = dict(BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=ctx.has_alibi, HAS_BIAS=has_bias, UPCAST=_upcast(q.dtype),
+                      **_launch_options(D))
+        _bwd_dq_kernel[(n, B * H)](
+            q, k, v, do, lse, delta, dq, dbias, num, idx, slopes, bias,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(num), *_strides(idx), *_strides(bias),
+            layout.max_kv, H, H // H_kv, n, scale, **common)
+        q_num, q_idx, q_slot = layout.transposed()
+        q_num = q_num.contiguous()
+        q_idx, q_slot = q_idx.expand(*q_num.shape, -1).contiguous(), q_slot.expand(*q_num.shape, -1).contiguous()
+        dk = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)  # per query head; GQA sums below
+        dv = torch.empty_like(dk)
+        _bwd_dkv_kernel[(n, B * H)](
+            q, k, v, do, lse, delta, dk, dv, q_num, q_idx, q_slot, slopes, bias,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(q_num), *_strides(bias),
+            H, H // H_kv, n, q_idx.shape[-1], scale, **common)
+        dk = dk.view(B, H_kv, H // H_kv, S, D).sum(2).to(k.dtype)
+        dv = dv.view(B, H_kv, H // H_kv, S, D).sum(2).to(v.dtype)
+        if has_bias:  # reduce over broadcast dimensions of the given bias
+            dims = [i for i, size in enumerate(ctx.bias_shape) if size == 1 and dbias.shape[i] != 1]
+            dbias = (dbias.sum(dims, keepdim=True) if dims else dbias).to(ctx.bias_dtype)
+        return dq, dk, dv, dbias if has_bias else None, None, None, None
+
+
+def triton_block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
+                                  alibi_slopes: torch.Tensor | None = None,
+                                  block_bias: torch.Tensor | None = None) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("triton is not installed; use the block-gather path (gorilla_dist.kernels.block_gather)")
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return BlockSparseAttention.apply(q, k, v, block_bias, layout.to(q.device), scale, alibi_slopes)
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           block_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal block-sparse attention. q (B, H, S, D); k, v (B, H_kv, S, D); layout over H query heads
+    (or broadcast); alibi_slopes (H,); block_bias (B|1, H|1, n_blocks, layout.max_kv). Triton on CUDA
+    tensors, the block-gather path (autograd) elsewhere."""
+    if q.is_cuda and triton is not None:
+        return triton_block_sparse_attention(q, k, v, layout, scale=scale, alibi_slopes=alibi_slopes,
+                                             block_bias=block_bias)
+    from gorilla_dist.kernels.block_gather import block_gather_attention
+
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return block_gather_attention(q, k, v, layout.to(q.device), scale=scale, alibi_slopes=alibi_slopes,
+                                  block_bias=block_bias)
+
+
+def block_sparse_reference(q, k, v, layout: BlockLayout, *, scale: float | None = None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           block_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention in fp32 with the layout expanded to a token mask: what both kernels compute."""
+    B, H, S, D = q.shape
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+    scores = q.float() @ k.transpose(-1, -2) * (scale if scale is not None else 1.0 / math.sqrt(D))
+    pos = torch.arange(S, device=q.device)
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.float().view(1, H, 1, 1) * (pos[:, None] - pos[None, :]).float()
+    if block_bias is not None:
+        n, bs = layout.n_blocks, layout.block_size
+        full = torch.zeros(*block_bias.shape[:3], n + 1, device=q.device, dtype=torch.float32)
+        col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
+        full = full.scatter(-1, col, block_bias.float())[..., :n]
+        scores = scores + full.repeat_interleave(bs, -1).repeat_interleave(bs, -2)
+    scores = scores.masked_fill(~layout.dense_mask(), float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)

@@ -18,10 +18,11 @@ from gorilla_dist.errors import ConfigError
 from gorilla_dist.files import write_text_atomic
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-POSITIONS = ("rope", "learned_absolute")
+POSITIONS = ("rope", "learned_absolute", "alibi")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
-ATTENTIONS = ("dense",)
+ATTENTIONS = ("dense", "flash", "sliding", "strided", "bigbird", "learned")
+SPARSE_ATTENTIONS = ATTENTIONS[2:]
 SAMPLE_BY = ("document", "paragraph", "line")
 VERIFY = ("checksum", "size")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
@@ -41,6 +42,29 @@ class RunConfig:
 
 
 @dataclass
+class SparseConfig:
+    """Sizes of the block-sparse attention layouts (model.attention=sliding|strided|bigbird|learned),
+    counted in blocks of block_size tokens."""
+
+    block_size: int = 64
+    """Tokens per block (a power of two, 16-128); model.seq_length must be a multiple of it."""
+    window: int = 4
+    """sliding, strided, bigbird: the local window, in blocks, including the query's own block."""
+    stride: int = 8
+    """strided: chunk length; each query block also sees the last block of every earlier chunk."""
+    global_blocks: int = 1
+    """bigbird: the first this-many key blocks are seen by every query block."""
+    random_blocks: int = 2
+    """bigbird: further earlier key blocks per query block, drawn per head from `seed`."""
+    seed: int = 0
+    """bigbird: seed of the random blocks (fixed across ranks and resumes)."""
+    topk: int = 8
+    """learned: key blocks per query block, the forced ones (own block, first block) included."""
+    keep_first: bool = True
+    """learned: always keep the first block (an attention sink), besides the query's own."""
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     """Name of the size preset this config came from (conf/model/<name>.yaml)."""
@@ -57,7 +81,7 @@ class ModelConfig:
     seq_length: int = MISSING
     """Training context length (tokens per sample)."""
     position_embedding: str = "rope"
-    """Relative/absolute positions: rope | learned_absolute."""
+    """Positions: rope (rotary) | alibi (linear distance penalty in attention) | learned_absolute."""
     rotary_base: int = 10000
     """RoPE base period."""
     normalization: str = "LayerNorm"
@@ -73,7 +97,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
     attention: str = "dense"
-    """core_attention implementation: dense (flash-attn on GPU when installed, else SDPA)."""
+    """core_attention: dense (flash-attn on GPU when installed, else SDPA) | flash (flash-attn or an
+    error) | sliding | strided | bigbird (static block-sparse) | learned (learned top-k blocks)."""
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    """Block sizes and pattern sizes for the block-sparse attentions."""
     vocab_size: int | None = None
     """Set from the tokenizer at start; padded up to a multiple of 128 inside the model."""
 
@@ -334,6 +361,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(t.nonfinite, NONFINITE, "train.nonfinite")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
+    _validate_sparse(m, cfg.data)
     if m.dropout >= 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be < 1")
     if o.min_lr > o.lr:
@@ -364,6 +392,28 @@ def validate(cfg, world: int | None = None) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
+
+
+def _validate_sparse(m, d) -> None:
+    if m.attention not in SPARSE_ATTENTIONS:
+        return
+    sp = m.sparse
+    bs = sp.block_size
+    if bs not in (16, 32, 64, 128):
+        raise ConfigError(f"model.sparse.block_size={bs} is not valid; choose one of: 16, 32, 64, 128")
+    if m.seq_length % bs:
+        raise ConfigError(f"model.seq_length({m.seq_length}) is not a multiple of model.sparse.block_size({bs}), "
+                          f"which model.attention={m.attention} needs")
+    for key, value, low in [("window", sp.window, 1), ("stride", sp.stride, 1), ("global_blocks", sp.global_blocks, 0),
+                            ("random_blocks", sp.random_blocks, 0), ("topk", sp.topk, 2 if sp.keep_first else 1)]:
+        if value < low:
+            raise ConfigError(f"model.sparse.{key}={value} must be >= {low}")
+    if m.dropout:
+        raise ConfigError(f"model.dropout={m.dropout}: model.attention={m.attention} has no attention dropout; "
+                          "set model.dropout=0 or use model.attention=dense")
+    if d.reset_at_eod:
+        raise ConfigError(f"data.reset_at_eod=true needs per-sample attention masks, which model.attention="
+                          f"{m.attention} does not support; use model.attention=dense")
 
 
 def _validate_data(d, t) -> None:

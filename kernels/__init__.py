@@ -1,8 +1,33 @@
 """Attention kernels that plug into megatron-core's `core_attention` slot (shipped as
-`gorilla_dist.kernels`; the top-level name `kernels` belongs to an unrelated PyPI package)."""
+`gorilla_dist.kernels`; the top-level name `kernels` belongs to an unrelated PyPI package).
 
+`core_attention_spec(m)` maps `model.attention` to a module and its keyword arguments:
+  dense    flash-attn on GPU when installed, else SDPA          (dense.py)
+  flash    flash-attn, and an error instead of a fallback       (dense.py)
+  sliding | strided | bigbird   static block-sparse layouts      (sparse_attention.py, layouts.py)
+  learned  learned top-k block selection                        (sparse_attention.py)
+The block-sparse kernels: Triton on CUDA (block_sparse.py), block-gather on CPU (block_gather.py).
+"""
+
+from gorilla_dist.config import ATTENTIONS
 from gorilla_dist.kernels.dense import DenseAttention
+from gorilla_dist.kernels.sparse_attention import LearnedSparseAttention, StaticSparseAttention
 
-CORE_ATTENTION = {"dense": DenseAttention}
 
-__all__ = ["CORE_ATTENTION", "DenseAttention"]
+def core_attention_spec(m) -> tuple[type, dict]:
+    """(module class, constructor keyword arguments) for a ModelConfig's attention choice."""
+    alibi = m.position_embedding == "alibi"
+    if m.attention in ("dense", "flash"):
+        return DenseAttention, {"require_flash": m.attention == "flash", "alibi": alibi}
+    sp = m.sparse
+    common = {"block_size": sp.block_size, "alibi": alibi}
+    if m.attention == "learned":
+        return LearnedSparseAttention, {**common, "topk": sp.topk, "keep_first": sp.keep_first}
+    sizes = {"sliding": {"window": sp.window},
+             "strided": {"stride": sp.stride, "window": sp.window},
+             "bigbird": {"global_blocks": sp.global_blocks, "window": sp.window,
+                         "random_blocks": sp.random_blocks, "seed": sp.seed}}[m.attention]
+    return StaticSparseAttention, {**common, "kind": m.attention, **sizes}
+
+
+__all__ = ["ATTENTIONS", "DenseAttention", "LearnedSparseAttention", "StaticSparseAttention", "core_attention_spec"]

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.kernels.alibi import local_alibi_slopes
+
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -38,13 +41,23 @@ def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = N
 
 
 class DenseAttention(MegatronModule):
+    """`require_flash`: model.attention=flash, which refuses to fall back to SDPA. `alibi`: add ALiBi's
+    distance penalty (model.position_embedding=alibi)."""
+
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+                 cp_comm_type: str | None = None, pg_collection=None, *, require_flash: bool = False,
+                 alibi: bool = False):
         super().__init__(config=config)
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.require_flash = require_flash
+        if require_flash and flash_attn_func is None:
+            raise ConfigError("model.attention=flash needs the flash-attn package (pip install -e '.[gpu]' on a "
+                               "CUDA machine); model.attention=dense uses it when present and SDPA otherwise")
+        slopes = local_alibi_slopes(config.num_attention_heads, pg_collection) if alibi else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -57,14 +70,24 @@ class DenseAttention(MegatronModule):
         if _use_flash(query) and attention_mask is None:
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale,
-                                  causal=mask_type == AttnMaskType.causal)
+                                  causal=mask_type == AttnMaskType.causal, alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float())
             return out.transpose(0, 1).reshape(s, b, np_ * hn)
+        if self.require_flash:
+            raise ConfigError(f"model.attention=flash: flash-attn runs on CUDA fp16/bf16 tensors without a "
+                               f"per-sample mask; got {query.device.type} {query.dtype}"
+                               f"{' with a mask' if attention_mask is not None else ''}; use model.attention=dense")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
         if k.shape[1] != np_:
             rep = np_ // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # megatron masks are True where attention is NOT allowed; SDPA's boolean mask is the opposite.
         sdpa_mask = None if attention_mask is None else ~attention_mask
+        if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty
+            pos = torch.arange(s, device=q.device)
+            dist = (pos[:, None] - pos[None, :]).to(q.dtype)
+            allowed = sdpa_mask if sdpa_mask is not None else dist >= 0
+            bias = -self.alibi_slopes.to(q.dtype).view(1, -1, 1, 1) * dist
+            sdpa_mask = bias.masked_fill(~allowed, float("-inf"))
         causal = mask_type == AttnMaskType.causal and sdpa_mask is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout,
                                              is_causal=causal, scale=self.softmax_scale)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Triton kernels are checked on CPU by Triton's interpreter. It must be on before any @triton.jit
+# decorator runs (i.e. before gorilla_dist.kernels is imported); on a GPU machine they run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

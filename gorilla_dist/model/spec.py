@@ -17,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from gorilla_dist.kernels import CORE_ATTENTION
+from gorilla_dist.kernels import core_attention_spec
 from gorilla_dist.model.compat import adapt_for_device
 
 VOCAB_MULTIPLE = 128
@@ -70,7 +70,8 @@ def transformer_config(m, *, tp: int, dtype: str) -> TransformerConfig:
 
 def layer_spec(m) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=m.normalization))
-    spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[m.attention]
+    module, params = core_attention_spec(m)
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=module, params=params)
     return spec
 
 
@@ -91,7 +92,8 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int) -> GPTModel:
         vocab_size=padded_vocab_size(m.vocab_size),
         max_sequence_length=m.seq_length,
         share_embeddings_and_output_weights=m.tie_embeddings,
-        position_embedding_type=m.position_embedding,
+        # ALiBi lives in core_attention (kernels/alibi.py): megatron adds no position embedding then.
+        position_embedding_type="none" if m.position_embedding == "alibi" else m.position_embedding,
         rotary_base=m.rotary_base,
         parallel_output=True,
     )

@@ -1,0 +1,129 @@
+"""Block-sparse attention as megatron-core `core_attention` modules (static and learned layouts).
+
+Both take megatron's DotProductAttention constructor and forward (see dense.py), plus the keyword
+arguments the spec passes through `ModuleSpec.params` (gorilla_dist.model.spec). Inputs arrive as
+[s, b, local_heads, d]; with tensor parallelism each rank holds heads
+[tp_rank * local_heads, (tp_rank + 1) * local_heads) and uses that slice of a static layout and of
+the ALiBi slopes, so every tensor-parallel split computes the same model.
+
+`LearnedSparseAttention` learns its layout, in the spirit of MoBA (Lu et al. 2025, "Mixture of
+Block Attention") and Native Sparse Attention (Yuan et al. 2025): each query block scores every
+earlier key block by its mean-pooled query against the block's mean-pooled key, through a
+learned per-head map, and keeps the top-k (always its own block, and the first block when
+`keep_first`). The top-k choice itself is discrete; the differentiable path is a gate, as in a
+mixture-of-experts router: the scores of a selected, non-forced block's keys get
+log(sigmoid(score + bias)) added, so the loss gradient reaches the scoring parameters through
+every block it kept, and blocks whose gate it lowers fall out of the top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from gorilla_dist.kernels import layouts
+from gorilla_dist.kernels.alibi import local_alibi_slopes, tp_rank_size
+from gorilla_dist.kernels.block_sparse import block_sparse_attention
+
+
+class _BlockSparseBase(MegatronModule):
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, *, block_size: int = 64,
+                 alibi: bool = False, **pattern):
+        super().__init__(config=config)
+        if (config.attention_dropout if attention_dropout is None else attention_dropout) > 0:
+            raise ValueError("block-sparse attention does not implement attention dropout; set model.dropout=0")
+        self.block_size, self.pattern = block_size, pattern
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        tp_rank, tp_size = tp_rank_size(pg_collection)
+        self.num_heads = config.num_attention_heads
+        self.local_heads = self.num_heads // tp_size
+        self.head_start = tp_rank * self.local_heads
+        slopes = local_alibi_slopes(self.num_heads, pg_collection) if alibi else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError(f"{type(self).__name__}: per-sample attention masks (data.reset_at_eod), "
+                                      "attention_bias and packed sequences are not supported")
+        s, b, np_, hn = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
+        layout, block_bias = self.select(q, k)
+        out = block_sparse_attention(q, k, v, layout, scale=self.softmax_scale, alibi_slopes=self.alibi_slopes,
+                                     block_bias=block_bias)
+        return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
+
+
+class StaticSparseAttention(_BlockSparseBase):
+    """A fixed layout, built once per (sequence length, device): pattern `kind` = causal | sliding |
+    strided | bigbird | lists, with that builder's sizes (in blocks) as keyword arguments."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cache: dict = {}
+
+    def build_layout(self, seq_len: int) -> layouts.BlockLayout:
+        p, bs = dict(self.pattern), self.block_size
+        kind = p.pop("kind")
+        if kind == "causal":
+            lay = layouts.causal(seq_len, bs)
+        elif kind == "sliding":
+            lay = layouts.sliding(seq_len, bs, p["window"])
+        elif kind == "strided":
+            lay = layouts.strided(seq_len, bs, p["stride"], p["window"])
+        elif kind == "bigbird":
+            lay = layouts.bigbird(seq_len, bs, num_heads=self.num_heads, global_blocks=p["global_blocks"],
+                                  window=p["window"], random_blocks=p["random_blocks"], seed=p["seed"])
+        elif kind == "lists":
+            lay = layouts.from_lists(p["lists"], seq_len, bs)
+        else:
+            raise ValueError(f"unknown static layout kind {kind!r}")
+        return lay.heads(self.head_start, self.head_start + self.local_heads)
+
+    def select(self, q, k):
+        key = (q.shape[2], q.device)
+        if key not in self._cache:
+            self._cache[key] = self.build_layout(q.shape[2]).to(q.device)
+        return self._cache[key], None
+
+
+class LearnedSparseAttention(_BlockSparseBase):
+    """Learned top-k block selection; `topk` key blocks per query block in all (forced ones included)."""
+
+    def __init__(self, *args, topk: int = 8, keep_first: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.topk, self.keep_first = topk, keep_first
+        d = self.config.kv_channels
+        # The key map is identity + score_delta; score_delta starts at 0 and weight decay pulls it back
+        # there, so the untrained selection is MoBA's plain pooled-query . pooled-key score.
+        self.score_delta = torch.nn.Parameter(torch.zeros(self.local_heads, d, d, dtype=self.config.params_dtype))
+        self.score_bias = torch.nn.Parameter(torch.zeros(self.local_heads, dtype=self.config.params_dtype))
+        for p in (self.score_delta, self.score_bias):  # one slice per local head: split like the heads under TP
+            p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+        self.last_layout: layouts.BlockLayout | None = None
+
+    def block_scores(self, q, k) -> torch.Tensor:
+        """(b, h, n, n) scores of (query block, key block); q [b, h, s, d], k [b, h_kv, s, d]."""
+        b, h, s, d = q.shape
+        n = s // self.block_size
+        qp = q.reshape(b, h, n, self.block_size, d).mean(3)
+        kp = k.reshape(b, k.shape[1], n, self.block_size, d).mean(3).repeat_interleave(h // k.shape[1], 1)
+        kp = kp + kp @ self.score_delta.to(kp.dtype)
+        return (qp @ kp.transpose(-1, -2)).float() * self.softmax_scale + self.score_bias.float().view(1, h, 1, 1)
+
+    def select(self, q, k):
+        layouts.check_block_size(q.shape[2], self.block_size, "model.sparse.block_size")
+        scores = self.block_scores(q, k)
+        num, idx = layouts.topk(scores, self.topk, keep_first=self.keep_first)
+        layout = layouts.BlockLayout(num, idx, self.block_size)
+        n = layout.n_blocks
+        m = torch.arange(n, device=q.device).view(1, 1, n, 1)
+        idx = idx.long()
+        forced = (idx == m) | ((idx == 0) if self.keep_first else torch.zeros_like(idx, dtype=torch.bool))
+        gate = torch.nn.functional.logsigmoid(scores.gather(-1, idx))
+        block_bias = torch.where(forced | ~layout.valid_slots(), 0.0, gate)
+        self.last_layout = layout
+        return layout, block_bias

@@ -1,0 +1,123 @@
+"""Sparse attention inside the megatron-core model: the core_attention swap, ALiBi, the learned
+layout's training signal, and the config checks."""
+
+import pytest
+import torch
+from helpers import composed
+from omegaconf import OmegaConf
+
+from gorilla_dist.config import ModelConfig, validate
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.kernels import DenseAttention, LearnedSparseAttention, StaticSparseAttention
+from gorilla_dist.kernels.alibi import alibi_slopes
+from gorilla_dist.model import build_model
+
+
+def model_cfg(**kw):
+    base = dict(name="t", num_layers=2, hidden_size=64, num_heads=4, seq_length=64, vocab_size=50,
+                sparse=dict(block_size=16))
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), {**base, **kw})
+
+
+def per_token_loss(m, world, x):
+    model = build_model(m, dtype="fp32", device=world.device, seed=3)
+    pos = torch.arange(x.shape[1]).expand_as(x)
+    return model, model(x, pos, None, labels=x.roll(-1, 1))
+
+
+def core_attention(model):
+    return model.decoder.layers[0].self_attention.core_attention
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_full_window_sparse_equals_dense(world1, position):
+    """A sliding window covering every block is dense causal attention: the swapped core_attention
+    must give the dense model's losses, forward and backward."""
+    x = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    dense_model, dense = per_token_loss(model_cfg(position_embedding=position), world1, x)
+    sparse_model, sparse = per_token_loss(
+        model_cfg(position_embedding=position, attention="sliding", sparse=dict(block_size=16, window=4)), world1, x)
+    assert isinstance(core_attention(dense_model), DenseAttention)
+    assert isinstance(core_attention(sparse_model), StaticSparseAttention)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    dense.mean().backward()
+    sparse.mean().backward()
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    g_dense, g_sparse = (dict(mod.named_parameters())[name].grad for mod in (dense_model, sparse_model))
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6)
+    # and a narrower window is a different model
+    _, narrow = per_token_loss(model_cfg(position_embedding=position, attention="sliding",
+                                         sparse=dict(block_size=16, window=1)), world1, x)
+    assert (narrow - dense).abs().max() > 1e-3
+
+
+def test_alibi_slopes():
+    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    # not a power of two: the 4-head sequence, then every other slope of the 8-head one
+    assert alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+
+
+def test_alibi_changes_the_model_and_has_no_position_embedding(world1):
+    x = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    alibi_model, alibi = per_token_loss(model_cfg(position_embedding="alibi"), world1, x)
+    _, rope = per_token_loss(model_cfg(position_embedding="rope"), world1, x)
+    assert getattr(alibi_model, "rotary_pos_emb", None) is None and not hasattr(alibi_model.embedding, "position_embeddings")
+    assert (alibi - rope).abs().max() > 1e-3
+
+
+def test_learned_layout_trains_its_selection(world1):
+    """Gradients reach the scoring parameters, and a short training run changes which blocks are kept."""
+    torch.manual_seed(0)
+    m = model_cfg(attention="learned", sparse=dict(block_size=16, topk=2, keep_first=False), num_layers=1)
+    model = build_model(m, dtype="fp32", device=world1.device, seed=3)
+    attn = core_attention(model)
+    assert isinstance(attn, LearnedSparseAttention)
+    g = torch.Generator().manual_seed(1)
+    # a task that rewards looking far back: the target is the token 40 positions earlier
+    x = torch.randint(0, 50, (8, 64), generator=g)
+    y = x.roll(40, 1)
+    pos = torch.arange(64).expand_as(x)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def step():
+        opt.zero_grad()
+        loss = model(x, pos, None, labels=y).mean()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    first = step()
+    chosen_before = attn.last_layout.kv_indices.clone()
+    assert attn.score_delta.grad.abs().sum() > 0 and attn.score_bias.grad.abs().sum() > 0
+    for _ in range(60):
+        last = step()
+    step()
+    assert last < first
+    assert not torch.equal(attn.last_layout.kv_indices, chosen_before), "the selection never changed"
+    # every query block keeps its own block and exactly topk blocks where that many exist
+    num = attn.last_layout.kv_num_blocks
+    assert num.tolist() == [[[1, 2, 2, 2]] * 4] * 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention=sliding", "model.sparse.block_size=48"], "model.sparse.block_size=48"),
+    (["model.attention=learned", "model.seq_length=80", "model.sparse.block_size=32"],
+     "model.seq_length(80) is not a multiple of model.sparse.block_size(32)"),
+    (["model.attention=bigbird", "model.dropout=0.1"], "model.dropout=0.1"),
+    (["model.attention=strided", "data.reset_at_eod=true"], "data.reset_at_eod=true"),
+    (["model.attention=learned", "model.sparse.topk=1"], "model.sparse.topk=1 must be >= 2"),
+    (["model.attention=sparse"], "model.attention='sparse' is not valid"),
+])
+def test_sparse_config_errors(overrides, message):
+    cfg = composed("model.seq_length=128", *overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg)
+
+
+def test_flash_without_flash_attn_is_a_config_error(world1):
+    from gorilla_dist.kernels import dense
+
+    if dense.flash_attn_func is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="model.attention=flash needs the flash-attn package"):
+        build_model(model_cfg(attention="flash"), dtype="fp32", device=world1.device, seed=0)

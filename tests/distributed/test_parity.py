@@ -59,3 +59,19 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, single):
     run = tmp_path / "accum"
     check(launch(run, *STEPS, "train.micro_batch_size=4"))  # 12 = 3 micro-batches of 4, accumulated
     assert_close(losses(run), single, 1e-5)
+
+
+@pytest.mark.parametrize("attention", [
+    ["model.attention=bigbird", "model.position_embedding=alibi", "model.sparse.window=1",
+     "model.sparse.random_blocks=1"],
+    ["model.attention=learned", "model.sparse.topk=2", "model.sparse.keep_first=false"],
+], ids=["bigbird-alibi", "learned"])
+def test_sparse_attention_tensor_parallel_2_matches_single_process(tmp_path, attention):
+    """Heads split across 2 ranks: each rank slices the per-head random layout and ALiBi slopes (and
+    holds its heads' scoring parameters) so the model is the one a single process trains."""
+    sparse = [*STEPS, "model.seq_length=128", "model.sparse.block_size=16", *attention]
+    one, tp2 = tmp_path / "one", tmp_path / "tp2"
+    check(launch(one, *sparse))
+    check(launch(tp2, *sparse, "launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2"))
+    assert_close(losses(tp2), losses(one), 1e-5)
+    assert losses(one)[20] < losses(one)[1] - 0.5

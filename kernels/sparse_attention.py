@@ -51,10 +51,13 @@ class _BlockSparseBase(MegatronModule):
                                       "attention_bias and packed sequences are not supported")
         s, b, np_, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
+        pad = -s % self.block_size
+        if pad:  # e.g. sampling at any length: pad the end; causal, so earlier positions never see it
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         layout, block_bias = self.select(q, k)
         out = block_sparse_attention(q, k, v, layout, scale=self.softmax_scale, alibi_slopes=self.alibi_slopes,
                                      block_bias=block_bias)
-        return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
+        return out[:, :, :s].permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
 
 
 class StaticSparseAttention(_BlockSparseBase):

@@ -9,6 +9,9 @@ COMMON = ["optim.warmup_steps=2", "optim.decay_steps=20", "train.eval_interval=1
 LAYOUTS = {
     "local": [],
     "torchrun-zero3": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.zero_stage=3"],
+    # the learned layout's scoring parameters are saved and restored; sampling pads to whole blocks
+    "learned-sparse": ["model.attention=learned", "model.seq_length=64", "model.sparse.block_size=16",
+                       "model.sparse.topk=2", "train.sample_tokens=20"],
 }
 
 

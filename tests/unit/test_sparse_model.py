@@ -51,6 +51,23 @@ def test_full_window_sparse_equals_dense(world1, position):
     assert (narrow - dense).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["bigbird", "learned"])
+def test_any_length_is_padded_to_whole_blocks(world1, attention):
+    """Sampling runs the model at every length: a length that is not a whole number of blocks is
+    padded at the end, which (causal) leaves the outputs of the real positions as they would be."""
+    model = build_model(model_cfg(attention=attention, sparse=dict(block_size=16, window=1, random_blocks=1, topk=2)),
+                        dtype="fp32", device=world1.device, seed=3).eval()
+    x = torch.randint(0, 50, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x, torch.arange(48)[None], None)
+        short = model(x[:, :40], torch.arange(40)[None], None)
+    if attention == "bigbird":  # a fixed layout: exactly the first 40 positions of the longer run
+        torch.testing.assert_close(short, full[:, :40], rtol=1e-5, atol=1e-5)
+    else:  # learned: the last block's pooled query differs, so only the first two blocks must agree
+        torch.testing.assert_close(short[:, :32], full[:, :32], rtol=1e-5, atol=1e-5)
+    assert short.shape == (1, 40, 128)
+
+
 def test_alibi_slopes():
     assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
     # not a power of two: the 4-head sequence, then every other slope of the 8-head one

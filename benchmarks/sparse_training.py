@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ def kept_blocks(topk: int | None) -> int:
 
 
 def run(name: str, overrides: list[str], steps: int, batch: int, eval_interval: int, workdir: Path) -> dict:
-    run_dir = workdir / name.replace(" ", "_").replace("+", "")
+    run_dir = workdir / re.sub(r"[^A-Za-z0-9]+", "_", name)  # no '=' or '+': Hydra would parse them
     cmd = [sys.executable, "-m", "launcher", f"run.dir={run_dir}", "model=tiny", f"model.seq_length={SEQ}",
            f"model.sparse.block_size={BLOCK}", f"train.max_steps={steps}", f"train.global_batch_size={batch}",
            f"train.eval_interval={eval_interval}", "train.eval_batches=10", "train.sample_tokens=0",

@@ -40,16 +40,16 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
+    def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32))
-        return tl.dot(a, b)
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+        return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
     def _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """(BLOCK, BLOCK) fp32 scores of one tile, masked causally with -inf."""
-        s = _dot(q, tl.trans(k), UPCAST) * scale
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale
         if HAS_ALIBI:
             s -= slope * (offs_m[:, None] - offs_k[None, :]).to(tl.float32)
         if HAS_BIAS:
@@ -62,7 +62,7 @@ if triton is not None:
                     snb, snh, snm, sib, sih, sim, sbb, sbh, sbm,
                     H, GROUP, n_blocks, scale,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         m = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -83,12 +83,12 @@ if triton is not None:
             k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
             v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
             bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + s) if HAS_BIAS else 0.0
-            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST)
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST, PRECISION)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], acc.to(O.dtype.element_ty))
@@ -100,7 +100,7 @@ if triton is not None:
                        snb, snh, snm, sib, sih, sim, sbb, sbh, sbm, max_kv,
                        H, GROUP, n_blocks, scale,
                        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         m = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -122,13 +122,13 @@ if triton is not None:
             k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
             v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
             bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + s) if HAS_BIAS else 0.0
-            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST)
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST, PRECISION)
             p = tl.exp(qk - lse[:, None])
-            dp = _dot(do, tl.trans(v), UPCAST)
+            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
             ds = p * (dp - delta[:, None])
             if HAS_BIAS:
                 tl.store(DBIAS + (bh * n_blocks + m) * max_kv + s, tl.sum(tl.sum(ds, 1), 0))
-            dq += _dot(ds.to(k.dtype), k, UPCAST)
+            dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
         tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
 
     @triton.jit
@@ -137,7 +137,7 @@ if triton is not None:
                         stb, sth, stj, sbb, sbh, sbm,
                         H, GROUP, n_blocks, max_q, scale,
                         BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         j = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -164,12 +164,12 @@ if triton is not None:
                 bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + tl.load(QSLOT + t_off * max_q + t))
             else:
                 bias = 0.0
-            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST)
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST, PRECISION)
             p = tl.exp(qk - lse[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
-            dp = _dot(do, tl.trans(v), UPCAST)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
+            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
         out = bh * n_blocks * BLOCK * HEAD_DIM + offs_k[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DK + out, dk * scale)
         tl.store(DV + out, dv)
@@ -185,7 +185,10 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _launch_options(head_dim: int) -> dict:
-    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+    # fp32 inputs: full-precision dots unless the user allowed TF32 for matmuls (as torch does);
+    # ignored for fp16/bf16 inputs
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2, "PRECISION": precision}
 
 
 class BlockSparseAttention(torch.autograd.Function):

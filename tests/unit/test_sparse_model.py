@@ -138,3 +138,23 @@ def test_flash_without_flash_attn_is_a_config_error(world1):
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="model.attention=flash needs the flash-attn package"):
         build_model(model_cfg(attention="flash"), dtype="fp32", device=world1.device, seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton path inside the model")
+@pytest.mark.parametrize("attention", ["bigbird", "learned"])
+def test_triton_path_in_the_model_matches_the_cpu_path(world1, attention):
+    """The same model on CUDA (Triton kernels) and on CPU (block-gather): same losses and gradients."""
+    m = model_cfg(attention=attention, position_embedding="alibi",
+                  sparse=dict(block_size=16, window=1, random_blocks=1, topk=2))
+    x = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    results = []
+    for device in ("cpu", "cuda"):
+        model = build_model(m, dtype="fp32", device=torch.device(device), seed=3)
+        xs = x.to(device)
+        loss = model(xs, torch.arange(64, device=device).expand_as(xs), None, labels=xs.roll(-1, 1)).mean()
+        loss.backward()
+        grad = dict(model.named_parameters())["decoder.layers.0.self_attention.linear_qkv.weight"].grad
+        results.append((loss.item(), grad.cpu()))
+    assert abs(results[0][0] - results[1][0]) < 1e-4
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)

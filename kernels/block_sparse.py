@@ -274,8 +274,10 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None 
                            block_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal block-sparse attention. q (B, H, S, D); k, v (B, H_kv, S, D); layout over H query heads
     (or broadcast); alibi_slopes (H,); block_bias (B|1, H|1, n_blocks, layout.max_kv). Triton on CUDA
-    tensors, the block-gather path (autograd) elsewhere."""
-    if q.is_cuda and triton is not None:
+    tensors whose head dim it supports (powers of two, 16-256); the block-gather path otherwise (any
+    device, any head dim)."""
+    d = q.shape[-1]
+    if q.is_cuda and triton is not None and 16 <= d <= 256 and not d & (d - 1):
         return triton_block_sparse_attention(q, k, v, layout, scale=scale, alibi_slopes=alibi_slopes,
                                              block_bias=block_bias)
     from gorilla_dist.kernels.block_gather import block_gather_attention

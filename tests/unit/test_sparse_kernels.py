@@ -83,6 +83,15 @@ def test_block_gather_uses_only_listed_blocks():
     assert torch.equal(a[:, :, BS:], b[:, :, BS:]) and not torch.equal(a[:, :, :BS], b[:, :, :BS])
 
 
+def test_dispatch_takes_block_gather_for_cpu_tensors_and_odd_head_dims():
+    from gorilla_dist.kernels.block_sparse import block_sparse_attention
+
+    layout = LAYOUTS["strided"](4)
+    q, k, v, _ = inputs(D=48)  # not a power of two: the Triton kernel's tiles cannot hold it
+    got = block_sparse_attention(q, k, v, layout, scale=0.125)
+    torch.testing.assert_close(got, block_sparse_reference(q, k, v, layout, scale=0.125), rtol=1e-5, atol=1e-5)
+
+
 # ---- Triton: interpreter on CPU, the real thing on a GPU ------------------------------------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark_interp = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",

@@ -21,8 +21,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 POSITIONS = ("rope", "learned_absolute", "alibi")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
-ATTENTIONS = ("dense", "flash", "sliding", "strided", "bigbird", "learned")
-SPARSE_ATTENTIONS = ATTENTIONS[2:]
+SPARSE_ATTENTIONS = ("sliding", "strided", "bigbird", "learned")
+ATTENTIONS = ("dense", "flash", *SPARSE_ATTENTIONS)
+BLOCK_SIZES = (16, 32, 64, 128)
+"""Block-sparse attention block sizes (tokens); also the kernels' check (gorilla_dist.kernels.layouts)."""
 SAMPLE_BY = ("document", "paragraph", "line")
 VERIFY = ("checksum", "size")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
@@ -399,15 +401,17 @@ def _validate_sparse(m, d) -> None:
         return
     sp = m.sparse
     bs = sp.block_size
-    if bs not in (16, 32, 64, 128):
-        raise ConfigError(f"model.sparse.block_size={bs} is not valid; choose one of: 16, 32, 64, 128")
+    _choice(bs, BLOCK_SIZES, "model.sparse.block_size")
     if m.seq_length % bs:
         raise ConfigError(f"model.seq_length({m.seq_length}) is not a multiple of model.sparse.block_size({bs}), "
                           f"which model.attention={m.attention} needs")
-    for key, value, low in [("window", sp.window, 1), ("stride", sp.stride, 1), ("global_blocks", sp.global_blocks, 0),
-                            ("random_blocks", sp.random_blocks, 0), ("topk", sp.topk, 2 if sp.keep_first else 1)]:
-        if value < low:
-            raise ConfigError(f"model.sparse.{key}={value} must be >= {low}")
+    for key in ("window", "stride"):
+        _positive(sp[key], f"model.sparse.{key}")
+    for key in ("global_blocks", "random_blocks"):
+        _positive(sp[key], f"model.sparse.{key}", allow_zero=True)
+    forced = 2 if sp.keep_first else 1  # own block (+ first block): topk must leave room for them
+    if sp.topk < forced:
+        raise ConfigError(f"model.sparse.topk={sp.topk} must be >= {forced} (model.sparse.keep_first={sp.keep_first})")
     if m.dropout:
         raise ConfigError(f"model.dropout={m.dropout}: model.attention={m.attention} has no attention dropout; "
                           "set model.dropout=0 or use model.attention=dense")

@@ -9,7 +9,6 @@
 The block-sparse kernels: Triton on CUDA (block_sparse.py), block-gather on CPU (block_gather.py).
 """
 
-from gorilla_dist.config import ATTENTIONS
 from gorilla_dist.kernels.dense import DenseAttention
 from gorilla_dist.kernels.sparse_attention import LearnedSparseAttention, StaticSparseAttention
 
@@ -30,4 +29,4 @@ def core_attention_spec(m) -> tuple[type, dict]:
     return StaticSparseAttention, {**common, "kind": m.attention, **sizes}
 
 
-__all__ = ["ATTENTIONS", "DenseAttention", "LearnedSparseAttention", "StaticSparseAttention", "core_attention_spec"]
+__all__ = ["DenseAttention", "LearnedSparseAttention", "StaticSparseAttention", "core_attention_spec"]

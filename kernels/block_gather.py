@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from gorilla_dist.kernels.layouts import BlockLayout
+from gorilla_dist.kernels.layouts import BlockLayout, check_qkv
 
 CHUNK_BYTES = 4 << 20
 """Target size of one chunk's score tile (fp32): small enough for cache, large enough for BLAS."""
@@ -116,10 +116,8 @@ class BlockGatherAttention(torch.autograd.Function):
             dk.view(-1, bs, D).index_add_(0, u.rows[lo:hi].reshape(-1),
                                           torch.bmm(ds.transpose(1, 2), qu[lo:hi]).view(-1, bs, D))
         dbias = None
-        if block_bias is not None:
-            full = dtile.view(*q.shape[:2], -1, u.kmax)
-            dims = [i for i, size in enumerate(block_bias.shape) if size == 1 and full.shape[i] != 1]
-            dbias = (full.sum(dims, keepdim=True) if dims else full).to(block_bias.dtype)
+        if block_bias is not None:  # summed over the dimensions a broadcast bias leaves out
+            dbias = dtile.view(*q.shape[:2], -1, u.kmax).sum_to_size(block_bias.shape).to(block_bias.dtype)
         return dq, dk, dv, dbias, None, None, None
 
 
@@ -128,11 +126,6 @@ def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
                            block_bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, S, D); k, v (B, H_kv, S, D) with H % H_kv == 0; alibi_slopes (H,); block_bias
     (B|1, H|1, n, max_kv) added to every score of that (query block, slot) tile. Returns (B, H, S, D)."""
-    if q.shape[2] != layout.seq_len:
-        raise ValueError(f"sequence length {q.shape[2]} != layout's {layout.seq_len} "
-                         f"({layout.n_blocks} blocks of {layout.block_size})")
-    if q.shape[1] % k.shape[1] or k.shape != v.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, S, D) "
-                         "and (B, H_kv, S, D) with H divisible by H_kv")
+    check_qkv(q, k, v, layout)
     q, k, v = (t.contiguous() for t in (q, k, v))
     return BlockGatherAttention.apply(q, k, v, block_bias, layout, scale, alibi_slopes)

@@ -28,7 +28,8 @@ import os
 
 import torch
 
-from gorilla_dist.kernels.layouts import BlockLayout
+from gorilla_dist.kernels.dense import attention_reference
+from gorilla_dist.kernels.layouts import BlockLayout, check_qkv
 
 try:
     import triton
@@ -194,13 +195,9 @@ def _launch_options(head_dim: int) -> dict:
 class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes):
+        check_qkv(q, k, v, layout)
         B, H, S, D = q.shape
         bs, n = layout.block_size, layout.n_blocks
-        if k.shape[1] == 0 or H % k.shape[1] or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (S, D):
-            raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
-                             "expected (B, H, S, D) and (B, H_kv, S, D) with H divisible by H_kv")
-        if S != layout.seq_len:
-            raise ValueError(f"sequence length {S} != layout's {layout.seq_len} ({n} blocks of {bs})")
         if D & (D - 1) or not 16 <= D <= 256:
             raise ValueError(f"head dim {D}: the Triton kernel needs a power of two in [16, 256]")
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -243,7 +240,7 @@ class BlockSparseAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, dq, dbias, num, idx, slopes, bias,
             *_strides(q), *_strides(k), *_strides(v), *_strides(num), *_strides(idx), *_strides(bias),
             layout.max_kv, H, H // H_kv, n, scale, **common)
-        q_num, q_idx, q_slot = layout.transposed()
+        q_num, q_idx, q_slot = layout.transposed  # cached on the layout: once per static layout
         q_num = q_num.contiguous()
         q_idx, q_slot = q_idx.expand(*q_num.shape, -1).contiguous(), q_slot.expand(*q_num.shape, -1).contiguous()
         dk = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)  # per query head; GQA sums below
@@ -254,10 +251,8 @@ class BlockSparseAttention(torch.autograd.Function):
             H, H // H_kv, n, q_idx.shape[-1], scale, **common)
         dk = dk.view(B, H_kv, H // H_kv, S, D).sum(2).to(k.dtype)
         dv = dv.view(B, H_kv, H // H_kv, S, D).sum(2).to(v.dtype)
-        if has_bias:  # reduce over broadcast dimensions of the given bias
-            dims = [i for i, size in enumerate(ctx.bias_shape) if size == 1 and dbias.shape[i] != 1]
-            dbias = (dbias.sum(dims, keepdim=True) if dims else dbias).to(ctx.bias_dtype)
-        return dq, dk, dv, dbias if has_bias else None, None, None, None
+        dbias = dbias.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype) if has_bias else None  # a broadcast bias
+        return dq, dk, dv, dbias, None, None, None
 
 
 def triton_block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
@@ -282,7 +277,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None 
                                              block_bias=block_bias)
     from gorilla_dist.kernels.block_gather import block_gather_attention
 
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
     return block_gather_attention(q, k, v, layout.to(q.device), scale=scale, alibi_slopes=alibi_slopes,
                                   block_bias=block_bias)
 
@@ -290,19 +285,17 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None 
 def block_sparse_reference(q, k, v, layout: BlockLayout, *, scale: float | None = None,
                            alibi_slopes: torch.Tensor | None = None,
                            block_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense attention in fp32 with the layout expanded to a token mask: what both kernels compute."""
+    """Dense attention in fp32 (dense.attention_reference) with the layout expanded to a token mask, and
+    ALiBi and the tile bias expanded to token scores: what both kernels compute."""
     B, H, S, D = q.shape
-    rep = H // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
-    scores = q.float() @ k.transpose(-1, -2) * (scale if scale is not None else 1.0 / math.sqrt(D))
+    bias = torch.zeros((), device=q.device)
     pos = torch.arange(S, device=q.device)
     if alibi_slopes is not None:
-        scores = scores - alibi_slopes.float().view(1, H, 1, 1) * (pos[:, None] - pos[None, :]).float()
+        bias = bias - alibi_slopes.float().view(1, H, 1, 1) * (pos[:, None] - pos[None, :]).float()
     if block_bias is not None:
         n, bs = layout.n_blocks, layout.block_size
         full = torch.zeros(*block_bias.shape[:3], n + 1, device=q.device, dtype=torch.float32)
         col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
         full = full.scatter(-1, col, block_bias.float())[..., :n]
-        scores = scores + full.repeat_interleave(bs, -1).repeat_interleave(bs, -2)
-    scores = scores.masked_fill(~layout.dense_mask(), float("-inf"))
-    return (scores.softmax(-1) @ v).to(q.dtype)
+        bias = bias + full.repeat_interleave(bs, -1).repeat_interleave(bs, -2)
+    return attention_reference(q, k, v, causal=False, scale=scale, mask=layout.dense_mask(), bias=bias)

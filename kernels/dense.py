@@ -27,11 +27,14 @@ def _use_flash(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, mask=None):
-    """Plain softmax attention in fp32, for tests. q [b, h, s, d]; k, v [b, h_kv, s, d]; mask: True = keep."""
+def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, mask=None, bias=None):
+    """Plain softmax attention in fp32, for tests. q [b, h, s, d]; k, v [b, h_kv, s, d]; mask: True = keep;
+    bias: added to the scores (broadcast to [b, h, s, s]) before masking."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * (scale or 1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias
     s_q, s_k = q.shape[2], k.shape[2]
     if causal:
         mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
@@ -69,8 +72,9 @@ class DenseAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         if _use_flash(query) and attention_mask is None:
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
+            slopes = None if self.alibi_slopes is None else self.alibi_slopes.float()  # flash-attn wants fp32
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale,
-                                  causal=mask_type == AttnMaskType.causal, alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float())
+                                  causal=mask_type == AttnMaskType.causal, alibi_slopes=slopes)
             return out.transpose(0, 1).reshape(s, b, np_ * hn)
         if self.require_flash:
             raise ConfigError(f"model.attention=flash: flash-attn runs on CUDA fp16/bf16 tensors without a "

@@ -12,16 +12,17 @@ diagonal block, so no query row is ever empty.
 
 Builders: `causal` (dense), `sliding` (local window), `strided` (Sparse Transformer "fixed"),
 `bigbird` (global + window + seeded random), `from_lists` (any user-given lists) and `topk` (the
-learned layout's selection from block scores; see gorilla_dist.kernels.learned).
+learned layout's selection from block scores; see gorilla_dist.kernels.sparse_attention).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-MIN_BLOCK, MAX_BLOCK = 16, 128
+from gorilla_dist.config import BLOCK_SIZES
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,10 @@ class BlockLayout:
         n = self.n_blocks
         return self.kv_num_blocks.double().mean().item() * n / (n * (n + 1) / 2)
 
+    @cached_property  # a static layout is built once, so its backward walk is too
     def transposed(self):
         """For the backward over key blocks: for every key block j, the query blocks that visit it and
-        the slot j has in each of their lists. Returns (q_num_blocks (B|1, H|1, n), q_indices and
+        the slot j has in each of their lists: (q_num_blocks (B|1, H|1, n), q_indices and
         q_slots (B|1, H|1, n, max_q)), int32, ascending by query block."""
         slot_of = torch.full((*self.kv_indices.shape[:3], self.n_blocks + 1), -1, dtype=torch.long,
                              device=self.kv_indices.device)
@@ -87,6 +89,8 @@ class BlockLayout:
         return q_num.int(), q_idx.int(), q_slot.int()
 
     def to(self, device) -> "BlockLayout":
+        if self.kv_indices.device == torch.device(device):
+            return self
         return BlockLayout(self.kv_num_blocks.to(device), self.kv_indices.to(device), self.block_size)
 
     def heads(self, start: int, stop: int) -> "BlockLayout":
@@ -97,11 +101,23 @@ class BlockLayout:
 
 
 def check_block_size(seq_len: int, block_size: int, where: str = "block_size") -> int:
-    if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
-        raise ValueError(f"{where}={block_size}: must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}]")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"{where}={block_size}: must be one of {', '.join(map(str, BLOCK_SIZES))}")
     if seq_len % block_size:
         raise ValueError(f"sequence length {seq_len} is not a multiple of {where}={block_size}")
     return seq_len // block_size
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
+    """The shapes every block-sparse kernel takes: q (B, H, S, D), k and v (B, H_kv, S, D), H divisible by
+    H_kv, S the layout's length."""
+    B, H, S, D = q.shape
+    if k.shape[1] == 0 or H % k.shape[1] or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (S, D):
+        raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "expected (B, H, S, D) and (B, H_kv, S, D) with H divisible by H_kv")
+    if S != layout.seq_len:
+        raise ValueError(f"sequence length {S} != layout's {layout.seq_len} "
+                         f"({layout.n_blocks} blocks of {layout.block_size})")
 
 
 def from_block_mask(mask: torch.Tensor, block_size: int) -> BlockLayout:
@@ -196,16 +212,20 @@ def from_lists(lists, seq_len: int, block_size: int, device=None) -> BlockLayout
     return from_block_mask(mask[None].to(device), block_size)
 
 
+def forced_blocks(n: int, *, keep_first: bool, device=None) -> torch.Tensor:
+    """(n, n) bool: the blocks the learned layout always keeps: the diagonal, and block 0 when keep_first."""
+    m, j = _grid(n, device)
+    return (j == m) | ((j == 0) & keep_first)
+
+
 def topk(scores: torch.Tensor, k: int, *, keep_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The learned layout's selection. scores (B, H, n, n) (query block, key block); returns
-    kv_num_blocks (B, H, n) and kv_indices (B, H, n, k), ascending: the diagonal block, the first
-    block when keep_first, and the best-scoring remaining earlier blocks, k in all (fewer where
-    fewer exist)."""
+    kv_num_blocks (B, H, n) and kv_indices (B, H, n, k), ascending: the forced blocks (forced_blocks)
+    and the best-scoring remaining earlier blocks, k in all (fewer where fewer exist)."""
     n = scores.shape[-1]
     m, j = _grid(n, scores.device)
-    forced = (j == m) | ((j == 0) if keep_first else torch.zeros_like(j == m))
-    allowed = j <= m
-    s = scores.detach().float().masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
+    forced = forced_blocks(n, keep_first=keep_first, device=scores.device)
+    s = scores.detach().float().masked_fill(j > m, float("-inf")).masked_fill(forced, float("inf"))
     k = min(k, n)
     val, idx = s.topk(k, dim=-1)
     valid = val > float("-inf")

@@ -61,27 +61,23 @@ class _BlockSparseBase(MegatronModule):
 
 
 class StaticSparseAttention(_BlockSparseBase):
-    """A fixed layout, built once per (sequence length, device): pattern `kind` = causal | sliding |
-    strided | bigbird | lists, with that builder's sizes (in blocks) as keyword arguments."""
+    """A fixed layout, built once per (sequence length, device): pattern `kind` = sliding | strided |
+    bigbird (model.attention), with that builder's sizes (in blocks) as keyword arguments."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._cache: dict = {}
 
     def build_layout(self, seq_len: int) -> layouts.BlockLayout:
-        p, bs = dict(self.pattern), self.block_size
-        kind = p.pop("kind")
-        if kind == "causal":
-            lay = layouts.causal(seq_len, bs)
-        elif kind == "sliding":
+        p, bs = self.pattern, self.block_size
+        kind = p["kind"]
+        if kind == "sliding":
             lay = layouts.sliding(seq_len, bs, p["window"])
         elif kind == "strided":
             lay = layouts.strided(seq_len, bs, p["stride"], p["window"])
         elif kind == "bigbird":
             lay = layouts.bigbird(seq_len, bs, num_heads=self.num_heads, global_blocks=p["global_blocks"],
                                   window=p["window"], random_blocks=p["random_blocks"], seed=p["seed"])
-        elif kind == "lists":
-            lay = layouts.from_lists(p["lists"], seq_len, bs)
         else:
             raise ValueError(f"unknown static layout kind {kind!r}")
         return lay.heads(self.head_start, self.head_start + self.local_heads)
@@ -122,10 +118,9 @@ class LearnedSparseAttention(_BlockSparseBase):
         scores = self.block_scores(q, k)
         num, idx = layouts.topk(scores, self.topk, keep_first=self.keep_first)
         layout = layouts.BlockLayout(num, idx, self.block_size)
-        n = layout.n_blocks
-        m = torch.arange(n, device=q.device).view(1, 1, n, 1)
         idx = idx.long()
-        forced = (idx == m) | ((idx == 0) if self.keep_first else torch.zeros_like(idx, dtype=torch.bool))
+        forced = layouts.forced_blocks(layout.n_blocks, keep_first=self.keep_first, device=q.device)
+        forced = forced.expand(*idx.shape[:2], -1, -1).gather(-1, idx)  # per slot
         gate = torch.nn.functional.logsigmoid(scores.gather(-1, idx))
         block_bias = torch.where(forced | ~layout.valid_slots(), 0.0, gate)
         self.last_layout = layout

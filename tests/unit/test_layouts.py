@@ -71,7 +71,7 @@ def test_topk_keeps_forced_blocks_and_best_scores():
 
 def test_transposed_layout_lists_every_visit_once():
     lay = L.bigbird(12 * 16, 16, num_heads=3, global_blocks=1, window=2, random_blocks=3, seed=1)
-    q_num, q_idx, q_slot = lay.transposed()
+    q_num, q_idx, q_slot = lay.transposed
     visits = set()
     for h in range(3):
         for j in range(12):
@@ -85,7 +85,7 @@ def test_transposed_layout_lists_every_visit_once():
 
 def test_density_and_block_size_checks():
     assert L.sliding(64 * 16, 16, 1).density() == pytest.approx(64 / (64 * 65 / 2))
-    with pytest.raises(ValueError, match="block_size=48"):
+    with pytest.raises(ValueError, match="block_size=48: must be one of 16, 32, 64, 128"):
         L.causal(96, 48)
     with pytest.raises(ValueError, match="not a multiple of block_size=32"):
         L.causal(80, 32)

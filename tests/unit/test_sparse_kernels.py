@@ -2,8 +2,6 @@
 the CPU block-gather path everywhere, the Triton kernels under TRITON_INTERPRET=1 on CPU (set in
 conftest) or for real on a GPU. Forward output and the gradients of q, k, v and the tile bias."""
 
-import os
-
 import pytest
 import torch
 
@@ -92,13 +90,10 @@ def test_dispatch_takes_block_gather_for_cpu_tensors_and_odd_head_dims():
     torch.testing.assert_close(got, block_sparse_reference(q, k, v, layout, scale=0.125), rtol=1e-5, atol=1e-5)
 
 
-# ---- Triton: interpreter on CPU, the real thing on a GPU ------------------------------------------
+# ---- Triton: interpreter on CPU (conftest turns it on), the real thing on a GPU ------------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark_interp = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                                       reason="conftest turns the Triton interpreter on for CPU runs")
 
 
-@pytestmark_interp
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_triton_fp32_matches_reference(kind):
     H = 4
@@ -109,7 +104,6 @@ def test_triton_fp32_matches_reference(kind):
                      run(block_sparse_reference, q, k, v, layout, bias, slopes), 1e-4)
 
 
-@pytestmark_interp
 @pytest.mark.parametrize("kind", ["sliding-single-block", "ragged-lists"])
 def test_triton_head_dim_128_mha(kind):
     layout = LAYOUTS[kind](2)
@@ -118,7 +112,6 @@ def test_triton_head_dim_128_mha(kind):
                      run(block_sparse_reference, q, k, v, layout), 1e-4)
 
 
-@pytestmark_interp
 @pytest.mark.parametrize("kind", ["bigbird", "topk-per-head"])
 def test_triton_fp16_matches_reference(kind):
     layout = LAYOUTS[kind](4)

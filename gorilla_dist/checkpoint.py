@@ -1,15 +1,23 @@
 """Atomic checkpoints with auto-resume.
 
-Layout of one checkpoint (`run.dir/checkpoints/step_00000500/`):
-    ds/                    DeepSpeed engine state: module, optimizer (ZeRO partitions), LR schedule
-    trainer_rank*.pt       per-rank framework state: step, data position, RNG (tensors only)
-    model.safetensors      consolidated, layout-free weights (TP shards merged, ZeRO-3 gathered)
+Layout of one checkpoint (`run.dir/checkpoints/step_00000500/`); nothing in it depends on the parallel
+layout (TP size, data-parallel size, ZeRO stage, precision) that wrote it, so any layout resumes it
+(gorilla_dist.portable):
+    model.safetensors      fp32 master weights under single-process names and shapes (also what
+                           generate and export read)
+    optimizer.safetensors  AdamW moments, `<param>.exp_avg` / `<param>.exp_avg_sq`, same names
+    trainer.json           step, AdamW step count, LR schedule, DeepSpeed's counters, data position
+    rng_rank*.safetensors  each rank's RNG state (restored when the world size is unchanged)
     config.yaml            the resolved config that produced it
     manifest.json          written last: every file with its size and sha256; a checkpoint is complete
                            iff it has a manifest whose sizes match, and usable iff the checksums match too
                            (checked for the one a run resumes from or generate loads)
 Everything is written into `.tmp-step_XXXXXXXX/` and renamed into place, so an interrupted save never
-looks like a checkpoint. Incomplete checkpoints are reported and skipped, never deleted.
+looks like a checkpoint. Incomplete checkpoints are reported and skipped, never deleted. Loading
+reads safetensors and JSON only: a checkpoint cannot run code (no pickle).
+
+`python -m gorilla_dist.checkpoint consolidate run.dir=... out=model.safetensors` writes one weights
+file (with the config in its metadata) from a run's newest usable checkpoint.
 """
 
 from __future__ import annotations
@@ -24,14 +32,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from gorilla_dist import faults
+from gorilla_dist import faults, portable
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.parallel import on_main
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS = "model.safetensors"
+MOMENTS = "optimizer.safetensors"
+TRAINER = "trainer.json"
 
 
 def _barrier():
@@ -98,55 +110,12 @@ def complete_checkpoints(root: Path, *, report: bool = False) -> list[Path]:
     return found
 
 
-def consolidated_state_dict(module: torch.nn.Module, *, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 parameters as the single-process model names them. Collective: every rank calls it.
-
-    ZeRO-3 partitions are gathered over data parallel; tensor-parallel shards are all-gathered over
-    the TP group and concatenated along their `partition_dim` (megatron-core's fused QKV layout is
-    grouped by query group, so the concatenation is the TP=1 layout). Gated MLPs keep [gate; up]
-    per rank, so their shards are re-interleaved into the TP=1 [gate; up] order.
-    """
-    from megatron.core import parallel_state as ps
-
-    from gorilla_dist.parallel import tp_all_gather
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    gated = getattr(getattr(module, "config", None), "gated_linear_unit", False)
-    out = {}
-    for name, p in module.named_parameters():
-        if zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p]):
-                full = p.data.detach().float().clone()
-        else:
-            full = p.data.detach().float().clone()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            dim = p.partition_dim
-            shards = tp_all_gather(full)
-            if gated and "linear_fc1" in name:
-                halves = [s.chunk(2, dim=dim) for s in shards]
-                shards = [h[0] for h in halves] + [h[1] for h in halves]
-            full = torch.cat(shards, dim=dim)
-        out[name] = full.cpu().contiguous()
-    return out
-
-
 def load_consolidated(model: torch.nn.Module, path: Path) -> None:
     """Load a consolidated weights file into a single-process (TP=1) model; every parameter must be there."""
-    from safetensors.torch import load_file
-
     state = load_file(str(path))
-    params = dict(model.named_parameters())
-    missing = sorted(params.keys() - state.keys())
-    unexpected = sorted(state.keys() - params.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    portable.check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, str(path))
     with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != state[name].shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
-                                      f"the model expects {tuple(p.shape)}")
+        for name, p in model.named_parameters():
             p.copy_(state[name])
 
 
@@ -177,13 +146,12 @@ class Checkpointer:
         return {"world": self.layout.world, "tp": self.layout.tp, "zero_stage": self.cfg.parallel.zero_stage,
                 "precision": self.cfg.precision.dtype}
 
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
+    def save(self, step: int, engine, data_state: dict) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint directory. Refuses (on every
         rank alike, before writing anything) a model with inf/NaN weights."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
-        weights = consolidated_state_dict(engine.module, zero_stage=self.cfg.parallel.zero_stage)
-        bad = [name for name, w in weights.items() if not torch.isfinite(w).all()]
+        weights, moments, bad = portable.full_state(engine, keep=self.layout.is_main)
         if bad:
             raise CheckpointError(f"step {step}: the model has non-finite (inf/NaN) weights in {len(bad)} tensors "
                                   f"({', '.join(bad[:3])}); not saving it, the checkpoints in {self.root} are "
@@ -196,12 +164,13 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier()
         faults.hit("checkpoint.begin", **fault)
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-        torch.save(trainer_state, tmp / f"trainer_rank{self.layout.rank:05d}.pt")
+        save_file(rng_state(), str(tmp / f"rng_rank{self.layout.rank:05d}.safetensors"))
+        if self.layout.is_main:
+            save_file(moments, str(tmp / MOMENTS), metadata={"step": str(step)})
+            trainer = {"step": step, "data": data_state, **portable.schedule_state(engine)}
+            (tmp / TRAINER).write_text(json.dumps(trainer, indent=1))
         faults.hit("checkpoint.engine_saved", **fault)
         if self.layout.is_main:
-            from safetensors.torch import save_file
-
             save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
         faults.hit("checkpoint.weights_saved", **fault)
@@ -242,16 +211,36 @@ class Checkpointer:
         return on_main(lambda: resolve_checkpoint(self.cfg.run.dir, mode), self.layout)
 
     def load(self, ckpt: Path, engine) -> dict:
-        """Restore engine state from `ckpt`; returns this rank's trainer state."""
+        """Restore the model, optimizer, schedule and RNG from `ckpt`, whatever layout wrote it;
+        returns the trainer state (step, data position). Collective."""
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        saved, now = manifest["layout"], self._layout()
-        if {k: saved[k] for k in ("world", "tp", "zero_stage")} != {k: now[k] for k in ("world", "tp", "zero_stage")}:
-            raise CheckpointError(
-                f"{ckpt} was saved with world={saved['world']} tp={saved['tp']} zero_stage={saved['zero_stage']}, "
-                f"this run has world={now['world']} tp={now['tp']} zero_stage={now['zero_stage']}; resume with "
-                "the same layout (layout-changing resume is not supported yet)")
-        path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {ckpt / 'ds'}")
-        return torch.load(ckpt / f"trainer_rank{self.layout.rank:05d}.pt", weights_only=True)
+        saved, now = manifest.get("layout", {}), self._layout()
+        if saved != now and self.layout.is_main:
+            print(f"[checkpoint] {ckpt.name} was written with {_describe(saved)}; continuing it with "
+                  f"{_describe(now)}", flush=True)
+        trainer = json.loads((ckpt / TRAINER).read_text())
+        with safe_open(str(ckpt / WEIGHTS), "pt") as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
+            portable.check_fits(engine.module, {k: tuple(w.get_slice(k).get_shape()) for k in w.keys()},
+                                str(ckpt / WEIGHTS))
+            portable.load_full_state(engine, w, m, trainer)
+        rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
+        if saved.get("world") == now["world"] and rng.is_file():
+            set_rng_state(load_file(str(rng)))
+        return trainer
+
+
+def _describe(layout: dict) -> str:
+    return " ".join(f"{k}={layout.get(k, '?')}" for k in ("world", "tp", "zero_stage", "precision"))
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -47,6 +47,9 @@ def deepspeed_config(cfg, dp: int) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": dtype == "bf16"},
+        # bf16 with ZeRO-1: fp32 gradient accumulation (DeepSpeed's BF16_Optimizer; its default accumulates
+        # in bf16). DeepSpeed 0.19.8 has no fp32 accumulation for bf16 at ZeRO-0 ("unsupported mix").
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bf16" and cfg.parallel.zero_stage == 1 else {}),
         "fp16": {"enabled": dtype == "fp16", "loss_scale": 0,
                  "initial_scale_power": cfg.precision.initial_scale_power,
                  "loss_scale_window": cfg.precision.loss_scale_window},
@@ -78,6 +81,7 @@ def build_engine(model: torch.nn.Module, cfg, layout):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, layout.dp), mpu=MegatronMPU())
     _skip_nonfinite_fp32_steps(engine)
+    _undo_unfused_init_step(engine)
     if layout.dp == 1 and cfg.parallel.zero_stage == 0:
         # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
         # all-reduce it over a group of one and copy it back (~2 ms/step for the tiny model on CPU).
@@ -114,3 +118,26 @@ def _skip_nonfinite_fp32_steps(engine) -> None:
 
     engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
     optimizer.step = guarded_step
+
+
+def _undo_unfused_init_step(engine) -> None:
+    """DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO-0) creates AdamW's state by running one
+    step with zero gradients at start (fp16/unfused_optimizer.py `initialize_optimizer_states`). The
+    update is zero, but AdamW's step count is then 1 ahead, so bias correction shrinks the first real
+    updates (~0.74x at the first step), and its fp32 masters received one weight decay the model's
+    weights did not. Here that step is undone — count 0, masters equal to the weights — so ZeRO-0
+    follows the same trajectory as ZeRO-1/2/3, which start from a fresh AdamW."""
+    from gorilla_dist.portable import unfused_masters
+
+    masters = unfused_masters(engine)
+    if not masters:
+        return
+    basic = engine.optimizer.optimizer
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            if id(p) in masters:
+                masters[id(p)].copy_(p.float())
+                state = basic.state[masters[id(p)]]
+                state["step"].zero_()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key].zero_()

@@ -77,19 +77,6 @@ class NonFiniteGuard:
             print(f"[train] {what}: skipped ({self.in_a_row} in a row)", flush=True)
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
@@ -108,7 +95,6 @@ def train(cfg, layout) -> bool:
         state = ckpt.load(resume_from, engine)
         step = int(state["step"])
         data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
         if layout.is_main:
             print(f"[train] resumed from {resume_from} at step {step}", flush=True)
 
@@ -134,7 +120,7 @@ def train(cfg, layout) -> bool:
         stopping = signals.agreed()
         if ckpt.due(step, last) or stopping:
             with metrics.paused():
-                ckpt.save(step, engine, {"step": step, "data": data.state_dict(), "rng": rng_state()})
+                ckpt.save(step, engine, data.state_dict())
     signals.close()
     metrics.close()
     if stopping:

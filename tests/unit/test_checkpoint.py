@@ -7,14 +7,14 @@ from gorilla_dist.checkpoint import complete_checkpoints, verify
 
 def fake_ckpt(root, step, *, manifest=True, truncate=False):
     d = root / f"step_{step:08d}"
-    (d / "ds").mkdir(parents=True)
-    (d / "ds" / "model.pt").write_bytes(b"x" * 100)
-    (d / "trainer_rank00000.pt").write_bytes(b"y" * 10)
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"x" * 100)
+    (d / "trainer.json").write_bytes(b"y" * 10)
     if manifest:
-        (d / "manifest.json").write_text(json.dumps({"step": step, "files": {"ds/model.pt": 100,
-                                                                            "trainer_rank00000.pt": 10}}))
+        (d / "manifest.json").write_text(json.dumps({"step": step, "files": {"model.safetensors": 100,
+                                                                            "trainer.json": 10}}))
     if truncate:
-        (d / "ds" / "model.pt").write_bytes(b"x" * 40)
+        (d / "model.safetensors").write_bytes(b"x" * 40)
     return d
 
 
@@ -29,7 +29,7 @@ def test_only_verified_checkpoints_count(tmp_path, capsys):
     assert complete_checkpoints(root, report=True) == [good10, good20]
     err = capsys.readouterr().err
     assert "step_00000030: no manifest.json" in err
-    assert "step_00000040: ds/model.pt has 40 bytes, the manifest says 100" in err
+    assert "step_00000040: model.safetensors has 40 bytes, the manifest says 100" in err
     assert ".tmp-step_00000050: an interrupted save" in err
     assert all(p.exists() for p in root.iterdir())  # reported and skipped, never deleted
     assert verify(good20) is None

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gorilla_dist.checkpoint import Checkpointer, consolidated_state_dict
+from gorilla_dist import portable
+from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.config import Config
 from gorilla_dist.data.loader import pack
 from gorilla_dist.errors import CheckpointError
@@ -39,7 +40,7 @@ def batch(seed: int, seq: int = 32):
 
 
 def weights(engine, zero: int) -> dict[str, torch.Tensor]:
-    return consolidated_state_dict(engine.module, zero_stage=zero)
+    return portable.full_state(engine)[0]
 
 
 @pytest.mark.parametrize("dtype,zero", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 0),

@@ -1,0 +1,257 @@
+"""Layout-free training state: what a checkpoint holds, independent of how the run was laid out.
+
+Every parameter's fp32 master weight and its AdamW moments are stored under the name a single-process
+model gives the parameter, at its full shape, whatever the tensor-parallel size, ZeRO stage or
+precision of the run that wrote them. Loading is the inverse: each rank takes its tensor-parallel
+slice and hands it to whichever optimizer the engine has (torch's AdamW for fp32 ZeRO-0, DeepSpeed's
+bf16 or ZeRO 1/2/3 optimizers), which keeps its own partition. So a checkpoint written by
+DP=2 x TP=2 ZeRO-3 bf16 resumes under one fp32 process, or DP=4 ZeRO-1, and continues the same
+trajectory.
+
+DeepSpeed's per-parameter accessors (`deepspeed.utils.safe_get_full_fp32_param` and friends) reach
+its partitioned fp32 copies; they are collectives over the data-parallel group, so every rank calls
+these functions for every parameter in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-parameter state besides the step count."""
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def _is_gated_fc1(module, name: str) -> bool:
+    return getattr(getattr(module, "config", None), "gated_linear_unit", False) and "linear_fc1" in name
+
+
+def tp_full(module, name: str, p, local: torch.Tensor) -> torch.Tensor:
+    """The single-process tensor from this rank's tensor-parallel shard `local` of parameter `p`.
+    Collective over the TP group. Shards are concatenated along `partition_dim` (megatron-core's fused
+    QKV is grouped by query group, so the concatenation is the TP=1 layout); gated MLPs keep
+    [gate; up] per rank, so their shards are re-interleaved into the TP=1 [gate; up] order."""
+    tp = _tp_size()
+    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return local
+    from gorilla_dist.parallel import tp_all_gather
+
+    dim = p.partition_dim
+    shards = tp_all_gather(local)
+    if _is_gated_fc1(module, name):
+        halves = [s.chunk(2, dim=dim) for s in shards]
+        shards = [h[0] for h in halves] + [h[1] for h in halves]
+    return torch.cat(shards, dim=dim)
+
+
+def tp_local(module, name: str, p, full: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor-parallel shard of the single-process tensor `full` (the inverse of tp_full)."""
+    tp = _tp_size()
+    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return full
+    from megatron.core import parallel_state as ps
+
+    rank, dim = ps.get_tensor_model_parallel_rank(), p.partition_dim
+    if _is_gated_fc1(module, name):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _deepspeed_owns(p) -> bool:
+    """True when a DeepSpeed optimizer (bf16/fp16, ZeRO 1-3) keeps p's fp32 master and moments."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _basic_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW doing the update (inside DeepSpeed's wrapper, when there is one)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def unfused_masters(engine) -> dict[int, torch.Tensor]:
+    """{id(model parameter): its fp32 master} for DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at
+    ZeRO-0), which keeps one unpartitioned fp32 copy per parameter; empty for every other optimizer."""
+    opt = engine.optimizer
+    if not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")) or _is_zero(opt):
+        return {}
+    return {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+
+
+def _is_zero(opt) -> bool:
+    return hasattr(opt, "fp32_partitioned_groups_flat") or hasattr(opt, "single_partition_of_fp32_groups")
+
+
+def _rank_master(engine, p, key: str | None, unfused: dict) -> torch.Tensor:
+    """p's fp32 master (key None) or AdamW moment, at p's local (this TP rank's) shape."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if id(p) in unfused:
+        p = unfused[id(p)]  # its master: plain AdamW state from here on
+    elif _deepspeed_owns(p):
+        value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        return value.detach().float().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+    if key is None:
+        return p.detach().float()
+    state = _basic_optimizer(engine).state.get(p, {})
+    return state[key].detach().float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+
+
+def optimizer_step_count(engine) -> int:
+    """AdamW's step count (the same for every parameter); 0 before the first step."""
+    steps = {int(s["step"]) for s in _basic_optimizer(engine).state.values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"parameters disagree on the optimizer step count: {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def full_state(engine, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
+    """(weights, moments, non-finite): fp32 tensors under single-process names and shapes, on the CPU;
+    moments are keyed `<param>.exp_avg` / `<param>.exp_avg_sq`; the names of weights holding inf/NaN.
+    Collective: every rank calls it. Each whole tensor passes through every rank one at a time; ranks
+    with keep=False (all but the writer) drop them, so they never hold more than one."""
+    module, unfused = engine.module, unfused_masters(engine)
+    _link_optimizer_state(engine)
+    weights, moments, bad = {}, {}, []
+    for name, p in module.named_parameters():
+        weight = tp_full(module, name, p, _rank_master(engine, p, None, unfused))
+        if not torch.isfinite(weight).all():
+            bad.append(name)
+        if keep:
+            weights[name] = weight.cpu().contiguous()
+        for key in MOMENTS:
+            moment = tp_full(module, name, p, _rank_master(engine, p, key, unfused))
+            if keep:
+                moments[f"{name}.{key}"] = moment.cpu().contiguous()
+    return weights, moments, bad
+
+
+def schedule_state(engine) -> dict:
+    """Everything besides tensors that the next step depends on, as JSON: AdamW's step count, the LR
+    schedule, DeepSpeed's step counters and (fp16) its loss scaler."""
+    scaler = _loss_scaler(engine)
+    return {"optimizer_step": optimizer_step_count(engine),
+            "lr_schedule": engine.lr_scheduler.state_dict(),  # LambdaLR: numbers (its lambda is not saved)
+            "engine": {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS},
+            "loss_scaler": {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)} if scaler else None}
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(engine):
+    """fp16's dynamic loss scaler (ZeRO: `loss_scaler`; ZeRO-0: `loss_scale_config`), else None."""
+    if not engine.fp16_enabled():
+        return None
+    return getattr(engine.optimizer, "loss_scaler", None) or getattr(engine.optimizer, "loss_scale_config", None)
+
+
+def _set_model_weight(p, value: torch.Tensor) -> None:
+    """The model's (possibly bf16, possibly ZeRO-3 partitioned) copy of p := value."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # rank 0's value is re-partitioned
+            p.data.copy_(value.to(p.device, p.dtype).reshape(p.ds_shape))
+    else:
+        p.data.copy_(value.to(p.device, p.dtype))
+
+
+def _link_optimizer_state(engine) -> None:
+    """Make every parameter's AdamW state reachable through DeepSpeed's accessors.
+
+    AdamW creates its state (zeros) at its first step; here it is created the same way where that step
+    has not run yet, so a checkpoint can be loaded into it. DeepSpeed's ZeRO-1/2 and bf16 optimizers
+    link each parameter to its slice of that state only after their first step
+    (`_lazy_init_hp_params_optimizer_state`), and ZeRO-1/2 does it right after stepping its *first*
+    param group, when the second group (our no-weight-decay parameters) has no state yet: those
+    parameters stay unlinked for good and `safe_get_full_optimizer_state` raises for them
+    (DeepSpeed 0.19.8, stage_1_and_2.py `_optimizer_step`). The link is redone here over all groups with
+    DeepSpeed's own `lazy_init_hp_params_optimizer_state`. ZeRO-3 creates and links its state at start."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    basic, opt = _basic_optimizer(engine), engine.optimizer
+    # ZeRO-3 puts its flat fp32 partitions into AdamW's param groups only while it steps them
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None) or [p for g in basic.param_groups for p in g["params"]]
+    for p in masters:
+        state = basic.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in MOMENTS:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
+    hp_groups = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition",
+                                                                                   None)
+    if lp_groups is not None and hp_groups is not None:
+        for lp, hp in zip(lp_groups, hp_groups):
+            lazy_init_hp_params_optimizer_state(lp, hp, basic.state)
+        opt._hp_optimizer_states_linked = True
+
+
+def load_full_state(engine, weights, moments, schedule: dict) -> None:
+    """Inverse of full_state + schedule_state, for any layout: every rank takes its slice. `weights`
+    and `moments` are mappings or safetensors handles (read one tensor at a time). Collective. The
+    caller has checked that the names and shapes fit (check_fits)."""
+    get_w = getattr(weights, "get_tensor", None) or weights.__getitem__
+    get_m = getattr(moments, "get_tensor", None) or moments.__getitem__
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    module, basic, unfused = engine.module, _basic_optimizer(engine), unfused_masters(engine)
+    _link_optimizer_state(engine)
+    for name, p in module.named_parameters():
+        local = tp_local(module, name, p, get_w(name))
+        _set_model_weight(p, local)
+        local_moments = {key: tp_local(module, name, p, get_m(f"{name}.{key}")) for key in MOMENTS}
+        if id(p) in unfused:
+            master = unfused[id(p)]
+            master.data.copy_(local)
+            for key, value in local_moments.items():
+                basic.state[master][key] = value.to(master.device).clone()
+        elif _deepspeed_owns(p):
+            safe_set_full_fp32_param(p, local.to(p.device))
+            for key, value in local_moments.items():
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+        else:  # torch's AdamW on the model's own fp32 parameters: its state, as its step() would make it
+            state = basic.state[p]
+            for key, value in local_moments.items():
+                state[key] = value.to(p.device, p.dtype).clone()
+    for state in basic.state.values():
+        state["step"] = torch.tensor(float(schedule["optimizer_step"]), dtype=torch.float32)
+    engine.lr_scheduler.load_state_dict(schedule["lr_schedule"])
+    for group, lr in zip(basic.param_groups, schedule["lr_schedule"]["_last_lr"]):
+        group["lr"] = lr  # the schedule sets it only when it next steps; this step needs it now
+    for key, value in schedule["engine"].items():
+        setattr(engine, key, value)
+    scaler = _loss_scaler(engine)
+    for key, value in (schedule.get("loss_scaler") or {}).items():
+        setattr(scaler, key, value)
+
+
+def check_fits(module, shapes: dict[str, tuple], source: str) -> None:
+    """A CheckpointError naming what does not match, unless `shapes` has exactly the single-process
+    names and shapes of `module`'s parameters."""
+    from gorilla_dist.errors import CheckpointError
+
+    params = dict(module.named_parameters())
+    missing, unexpected = sorted(params.keys() - shapes.keys()), sorted(shapes.keys() - params.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit this model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); was it written with another model config?")
+    for name, p in params.items():
+        want = full_shape(module, name, p)
+        if tuple(shapes[name]) != want:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(shapes[name])}, this model's is "
+                                  f"{want}; was it written with another model config?")
+
+
+def full_shape(module, name: str, p) -> tuple[int, ...]:
+    """The single-process shape of parameter p (no communication)."""
+    shape = list(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+    if _tp_size() > 1 and getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= _tp_size()
+    return tuple(shape)

@@ -23,6 +23,7 @@ file (with the config in its metadata) from a run's newest usable checkpoint.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import os
 import re
 import shutil
@@ -244,3 +245,68 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m gorilla_dist.checkpoint consolidate run.dir=... out=...
+
+CONSOLIDATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ConsolidateArgs:
+    run_dir: str | None = None
+    """The training run's directory (run.dir=...)."""
+    out: str | None = None
+    """The file to write (safetensors); it must not exist yet."""
+    checkpoint: str = "latest"
+    """latest (newest usable checkpoint of run.dir) or a checkpoint directory."""
+    dtype: str = "fp32"
+    """Weights are stored as fp32 masters; cast to fp32 | bf16 | fp16 on the way out."""
+
+
+def consolidate(args) -> tuple[Path, Path, int]:
+    """One layout-free weights file from a run's checkpoint, with the run's config and step in its
+    metadata. Returns (checkpoint used, file written, parameter count)."""
+    from gorilla_dist.errors import UserError
+
+    if not args.run_dir or not args.out:
+        raise UserError("usage: python -m gorilla_dist.checkpoint consolidate run.dir=<run> out=<file.safetensors> "
+                        "[checkpoint=latest|<dir>] [dtype=fp32|bf16|fp16]")
+    if args.dtype not in CONSOLIDATE_DTYPES:
+        raise UserError(f"dtype={args.dtype!r} is not valid; choose one of: {', '.join(CONSOLIDATE_DTYPES)}")
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"out={out} already exists; not overwriting it (remove it or choose another out=)")
+    ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
+    weights = {k: v.to(CONSOLIDATE_DTYPES[args.dtype]) for k, v in load_file(str(ckpt / WEIGHTS)).items()}
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    metadata = {"format": "gorilla_dist", "step": str(manifest["step"]), "dtype": args.dtype,
+                "written_by_layout": json.dumps(manifest.get("layout", {})),
+                "config": (ckpt / "config.yaml").read_text()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file(weights, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return ckpt, out, sum(v.numel() for v in weights.values())
+
+
+def main(argv: list[str]) -> int:
+    from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.errors import UserError
+
+    try:
+        if not argv or argv[0] != "consolidate":
+            raise UserError("usage: python -m gorilla_dist.checkpoint consolidate run.dir=<run> "
+                            "out=<file.safetensors> [checkpoint=latest|<dir>] [dtype=fp32|bf16|fp16]")
+        args = parse_key_values(argv[1:], ConsolidateArgs, aliases={"run.dir": "run_dir"})
+        ckpt, out, n = consolidate(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"[consolidate] {out}: {n:,} parameters ({args.dtype}) from {ckpt}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -31,6 +31,7 @@ BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
 NONFINITE = ("skip", "stop")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULES = ("cosine", "constant")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -112,7 +113,14 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
+    """DeepSpeed ZeRO stage 0-3 over the data-parallel group: 1 partitions the optimizer state (and
+    the fp32 master weights), 2 also the gradients, 3 also the parameters."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1): norms, dropout and residuals run on 1/tp of the
+    sequence per rank, dividing their activation memory by tp."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in the backward instead of keeping them: none | selective (each layer's
+    core attention) | full (each layer keeps only its input)."""
     timeout_s: float = 600.0
     """A collective (all-reduce, broadcast, barrier) that does not complete within this many seconds
     ends the job with a message naming the rank and the operation, instead of hanging forever."""
@@ -356,6 +364,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(m.activation, ACTIVATIONS, "model.activation")
     _choice(m.attention, ATTENTIONS, "model.attention")
     _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
+    _choice(p.activation_checkpointing, RECOMPUTE, "parallel.activation_checkpointing")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
     _choice(cfg.data.sample_by, SAMPLE_BY, "data.sample_by")
     _choice(cfg.data.verify, VERIFY, "data.verify")
@@ -383,6 +392,12 @@ def validate(cfg, world: int | None = None) -> None:
         raise ConfigError(f"model.ffn_hidden_size({ffn}) is not divisible by parallel.tp({p.tp})")
     if world % p.tp:
         raise ConfigError(f"world size {world} ({_world_source(cfg)}) is not divisible by parallel.tp({p.tp})")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks, "
+                          "but parallel.tp=1; set parallel.tp > 1 or parallel.sequence_parallel=false")
+    if p.sequence_parallel and m.seq_length % p.tp:
+        raise ConfigError(f"model.seq_length({m.seq_length}) is not divisible by parallel.tp({p.tp}), which "
+                          "parallel.sequence_parallel=true needs")
     if cfg.launch.backend == "local" and world != 1:
         raise ConfigError(f"launch.backend=local starts one process but launch.nproc_per_node={world}; "
                           "use launch=torchrun or launch=deepspeed for several")

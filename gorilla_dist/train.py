@@ -83,7 +83,8 @@ def train(cfg, layout) -> bool:
     data = build_data(cfg, layout)
     with open_dict(cfg):
         cfg.model.vocab_size = data.vocab_size
-    model = build_model(cfg.model, dtype=cfg.precision.dtype, device=layout.device, seed=cfg.run.seed)
+    model = build_model(cfg.model, dtype=cfg.precision.dtype, device=layout.device, seed=cfg.run.seed,
+                        parallel=cfg.parallel)
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, consolidation) stay unchanged
     engine = build_engine(model, cfg, layout)

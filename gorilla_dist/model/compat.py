@@ -16,9 +16,29 @@ megatron-core also assumes CUDA in a few places that the local (no Transformer E
   3. Weight init through the CUDA RNG tracker: avoided with `use_cpu_initialization=True`, which also
      makes the initial weights identical for every tensor-parallel size (the full matrix is drawn
      from one seeded generator, then split).
+  4. Sequence parallelism allocates its gather / reduce-scatter buffers with
+     `device=torch.cuda.current_device()` (tensor_parallel/mappings.py, tensor_parallel/layers.py, and
+     the GlobalMemoryBuffer in utils.py). Without CUDA, `cpu_buffers` gives those three modules a
+     `torch` that is the real one except that `torch.cuda.current_device()` names the CPU.
+  4b. Dropout under sequence parallelism forks the CUDA RNG tracker, and activation recompute
+     (tensor_parallel.random.CheckpointFunction) saves and restores the CUDA RNG state around the
+     recomputed forward. `seed_rng_tracker` seeds the tracker (on CUDA with megatron's own call) and,
+     without CUDA, makes both use the CPU generator.
+
+Two things megatron-core leaves to its own DDP wrapper, which we do not use (DeepSpeed owns gradients):
+  5. Sequence parallelism: each TP rank normalises only its slice of the sequence, so a norm's weight
+     gradient is a partial sum that megatron's `finalize_model_grads` all-reduces over the TP group.
+     `sum_sequence_parallel_grads` does that with a gradient hook on every parameter megatron marks
+     `sequence_parallel` (before DeepSpeed accumulates or partitions the gradient).
+  6. megatron's torch-norm wrapper (WrappedTorchNorm, used when Apex is absent) refuses sequence
+     parallelism only because it does not mark its parameters; `TorchNorm` is the same torch
+     LayerNorm/RMSNorm with the parameters marked, as megatron's fused norms mark theirs.
 """
 
 from __future__ import annotations
+
+import contextlib
+import types
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -55,7 +75,105 @@ class _DeviceRotaryEmbedding(RotaryEmbedding):
 def adapt_for_device(model: torch.nn.Module, device: torch.device) -> None:
     """Applied to every model build_model returns."""
     quiet_tp_group_lookup()
+    cpu_buffers()
     rope = getattr(model, "rotary_pos_emb", None)
     if device.type != "cuda" and type(rope) is RotaryEmbedding:
         rope.__class__ = _DeviceRotaryEmbedding
         rope.inv_freq = rope.inv_freq.to(device)
+
+
+class _CudaOnCPU(types.ModuleType):
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+
+class _TorchOnCPU(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCPU("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def cpu_buffers() -> None:
+    import megatron.core.tensor_parallel.layers as layers
+    import megatron.core.tensor_parallel.mappings as mappings
+    import megatron.core.utils as mutils
+
+    if torch.cuda.is_available():
+        return
+    for module in (layers, mappings, mutils):
+        if not isinstance(module.torch, _TorchOnCPU):
+            module.torch = _TorchOnCPU()
+
+
+def seed_rng_tracker(seed: int, device: torch.device) -> None:
+    """megatron-core's model-parallel RNG stream (dropout inside sequence-parallel regions runs under
+    `get_cuda_rng_tracker().fork()`), seeded as Megatron's initialisation does: seed + 2718 + TP rank.
+    On CUDA this is megatron's own `model_parallel_cuda_manual_seed`. Without CUDA the tracker keeps
+    CPU generator states and forks the CPU generator, and activation recompute saves and restores the
+    CPU generator and the tracker (what `CheckpointFunction` does with the CUDA ones)."""
+    import megatron.core.tensor_parallel.random as mrandom
+    from megatron.core import parallel_state as ps
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    if device.type == "cuda":
+        mrandom.model_parallel_cuda_manual_seed(seed)
+        return
+    stream = torch.Generator().manual_seed(seed + 2718 + ps.get_tensor_model_parallel_rank())
+    tracker.states_[mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME] = stream.get_state()
+    tracker.fork = types.MethodType(_fork_cpu, tracker)
+    mrandom._get_all_rng_states = lambda: (torch.get_rng_state(), None, tracker.get_states())
+
+    def set_all(cpu_state, _cuda_state, tracker_states):
+        torch.set_rng_state(cpu_state)
+        tracker.set_states(tracker_states)
+
+    mrandom._set_all_rng_states = set_all
+
+
+@contextlib.contextmanager
+def _fork_cpu(tracker, name: str = "model-parallel-rng"):
+    if name not in tracker.states_:
+        raise RuntimeError(f"RNG stream {name} was not seeded")
+    outside = torch.get_rng_state()
+    torch.set_rng_state(tracker.states_[name])
+    try:
+        yield
+    finally:
+        tracker.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(outside)
+
+
+class TorchNorm:
+    """torch LayerNorm / RMSNorm for megatron-core's norm slots (see 6 above)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def sum_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Gradients of parameters marked `sequence_parallel` are summed over the TP group (see 5 above)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+
+    def tp_sum(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            p.register_hook(tp_sum)

@@ -18,7 +18,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from gorilla_dist.kernels import core_attention_spec
-from gorilla_dist.model.compat import adapt_for_device
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from gorilla_dist.model.compat import TorchNorm, adapt_for_device, seed_rng_tracker, sum_sequence_parallel_grads
 
 VOCAB_MULTIPLE = 128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,7 +36,15 @@ def unpadded_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
-def transformer_config(m, *, tp: int, dtype: str) -> TransformerConfig:
+RECOMPUTE = {"none": {},
+             # megatron-core's selective recompute: the core attention (scores, softmax) of every layer
+             "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+             # every layer: only its input is kept; the layer runs again in the backward
+             "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+
+
+def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = False,
+                       activation_checkpointing: str = "none") -> TransformerConfig:
     swiglu = m.activation == "swiglu"
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -51,6 +61,8 @@ def transformer_config(m, *, tp: int, dtype: str) -> TransformerConfig:
         layernorm_epsilon=1e-5,
         init_method_std=m.init_std,
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        **RECOMPUTE[activation_checkpointing],
         # Draw each full weight on the host from one seeded generator, then split: the same initial
         # model for every TP size (and no CUDA RNG tracker needed; see compat.py).
         use_cpu_initialization=True,
@@ -68,27 +80,35 @@ def transformer_config(m, *, tp: int, dtype: str) -> TransformerConfig:
     )
 
 
-def layer_spec(m) -> ModuleSpec:
+def block_spec(m) -> TransformerBlockSubmodules:
+    """megatron-core's local layer spec (one per layer) with our core attention and our norm."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=m.normalization))
     module, params = core_attention_spec(m)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=module, params=params)
-    return spec
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * m.num_layers, layer_norm=TorchNorm)
 
 
-def build_model(m, *, dtype: str, device: torch.device, seed: int) -> GPTModel:
+def build_model(m, *, dtype: str, device: torch.device, seed: int, parallel=None) -> GPTModel:
     """A GPTModel on `device`. `m.vocab_size` must be set (from the tokenizer). The initial weights
-    depend only on (m, seed), never on the tensor-parallel layout."""
+    depend only on (m, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
+    sequence parallelism and activation checkpointing; None: neither."""
     from megatron.core import parallel_state as ps
 
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    sp = bool(parallel is not None and parallel.sequence_parallel)
+    recompute = parallel.activation_checkpointing if parallel is not None else "none"
     torch.manual_seed(seed)
+    seed_rng_tracker(seed, device)
     model = GPTModel(
         # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
         # RowParallelLinear still passes tp_group=None internally; compat.quiet_tp_group_lookup covers that.
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype),
-        transformer_layer_spec=layer_spec(m),
+        config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
+                                  sequence_parallel=sp, activation_checkpointing=recompute),
+        transformer_layer_spec=block_spec(m),
         vocab_size=padded_vocab_size(m.vocab_size),
         max_sequence_length=m.seq_length,
         share_embeddings_and_output_weights=m.tie_embeddings,
@@ -98,6 +118,8 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int) -> GPTModel:
         parallel_output=True,
     )
     adapt_for_device(model, device)
+    if sp:
+        sum_sequence_parallel_grads(model)
     return model.to(device)
 
 

@@ -128,6 +128,22 @@ class Metrics:
             msg = f"step {step}: val_loss {val_loss:.4f}"
             (self.bar.write if self.bar is not None else print)(msg)
 
+    def memory(self, when: str, step: int, per_rank: list[dict[str, int]]) -> None:
+        """Per-rank bytes (gorilla_dist.memory) at `when` (start | first_step): one metrics.jsonl row
+        {"step", "memory": when, "ranks": [...]}, W&B memory/<when>/<kind> (the largest rank), and a
+        printed table."""
+        if not self.main:
+            return
+        from gorilla_dist.memory import describe
+
+        row = {"step": step, "memory": when, "ranks": per_rank}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"memory/{when}/{k}": max(r[k] for r in per_rank) for k in per_rank[0]}, step=step)
+        msg = f"[memory] {when.replace('_', ' ')} (step {step}), per rank:\n{describe(per_rank)}"
+        (self.bar.write if self.bar is not None else print)(msg)
+
     def _write(self, rows: list[dict]) -> None:
         if not self.main:
             return

@@ -1,0 +1,108 @@
+"""Layout-free checkpoints in one process: every optimizer path (torch AdamW, DeepSpeed's unfused
+bf16, BF16_Optimizer, ZeRO 1/2/3) hands out and takes back exactly the same state, loading never
+unpickles, and a checkpoint of another model is refused with the mismatch named."""
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_nonfinite import batch, make_engine
+
+from gorilla_dist import portable
+from gorilla_dist.checkpoint import Checkpointer, complete_checkpoints
+from gorilla_dist.errors import CheckpointError
+from gorilla_dist.train import train_step
+
+PATHS = [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)]
+
+
+@pytest.mark.parametrize("dtype,zero", PATHS)
+def test_state_round_trip_continues_bitwise(world1, dtype, zero):
+    """Train 2 steps, move the full state into a fresh engine: the next step is bitwise the same."""
+    trained, _ = make_engine(world1, dtype, zero)
+    for i in range(2):
+        train_step(trained, [batch(i)])
+    weights, moments, bad = portable.full_state(trained)
+    assert not bad and portable.optimizer_step_count(trained) == 2
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert all(moments[f"{name}.exp_avg_sq"].abs().sum() > 0 for name in weights)  # real moments, not zeros
+
+    fresh, _ = make_engine(world1, dtype, zero)
+    portable.load_full_state(fresh, weights, moments, portable.schedule_state(trained))
+    assert fresh.get_lr() == trained.get_lr() and fresh.global_steps == trained.global_steps == 2
+    again_w, again_m, _ = portable.full_state(fresh)
+    assert all(torch.equal(weights[k], again_w[k]) for k in weights)
+    assert all(torch.equal(moments[k], again_m[k]) for k in moments)
+
+    a, b = train_step(trained, [batch(5)]), train_step(fresh, [batch(5)])
+    assert a.item() == b.item()
+    after_a, after_b = portable.full_state(trained)[0], portable.full_state(fresh)[0]
+    assert all(torch.equal(after_a[k], after_b[k]) for k in after_a)
+
+
+def test_bf16_zero0_starts_like_the_other_stages(world1):
+    """DeepSpeed's unfused bf16 optimizer runs a zero-gradient step at start; it is undone, so AdamW's
+    step count starts at 0 and its updates are ZeRO-1's."""
+    z0, _ = make_engine(world1, "bf16", 0)
+    z1, _ = make_engine(world1, "bf16", 1)
+    assert portable.optimizer_step_count(z0) == 0
+    for e in (z0, z1):
+        for i in range(4):
+            train_step(e, [batch(i)])
+    w0, w1 = portable.full_state(z0)[0], portable.full_state(z1)[0]
+    worst = max((w0[k] - w1[k]).abs().max().item() for k in w0)
+    assert worst < 1e-5, worst  # measured: 6e-8 (fp32 vs bf16 gradient accumulation); 1.3e-3 without the fix
+
+
+def test_loading_a_checkpoint_never_unpickles(world1, tmp_path, monkeypatch):
+    engine, cfg = make_engine(world1, "bf16", 2, run_dir=tmp_path)
+    train_step(engine, [batch(1)])
+    ckpt = Checkpointer(cfg, world1).save(1, engine, {"position": 12})
+    assert not [f for f in ckpt.rglob("*") if f.suffix in (".pt", ".pkl", ".bin")]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled something")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    fresh, _ = make_engine(world1, "bf16", 2, run_dir=tmp_path)
+    trainer = Checkpointer(cfg, world1).load(ckpt, fresh)
+    assert trainer["step"] == 1 and trainer["data"] == {"position": 12}
+    want, got = portable.full_state(engine)[0], portable.full_state(fresh)[0]
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name_and_shape(world1, tmp_path):
+    engine, cfg = make_engine(world1, "fp32", 0, run_dir=tmp_path)
+    ckpt = Checkpointer(cfg, world1).save(1, engine, {})
+    cfg.model.hidden_size = 32
+    from gorilla_dist.model import build_model
+    from gorilla_dist.optim import build_engine
+
+    other = build_engine(build_model(cfg.model, dtype="fp32", device=world1.device, seed=1), cfg, world1)
+    with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight has shape \(128, 64\), this "
+                                              r"model's is \(128, 32\); was it written with another model config"):
+        Checkpointer(cfg, world1).load(ckpt, other)
+    assert complete_checkpoints(tmp_path / "checkpoints") == [ckpt]  # untouched
+
+
+def test_consolidate_refuses_to_overwrite_and_names_bad_values(tmp_path):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"keep me")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "gorilla_dist.checkpoint", *args], capture_output=True,
+                              text=True)
+
+    proc = run("consolidate", f"run.dir={tmp_path}", f"out={out}")
+    assert proc.returncode == 1 and f"out={out} already exists; not overwriting it" in proc.stderr
+    assert out.read_bytes() == b"keep me"
+    proc = run("consolidate", f"run.dir={tmp_path}", f"out={tmp_path / 'x.safetensors'}", "dtype=int8")
+    assert proc.returncode == 1 and "dtype='int8' is not valid; choose one of: fp32, bf16, fp16" in proc.stderr
+    proc = run("consolidate", f"run.dir={tmp_path}", f"out={tmp_path / 'x.safetensors'}")
+    assert proc.returncode == 1 and f"no complete checkpoint under {tmp_path / 'checkpoints'}" in proc.stderr
+    proc = run("export")
+    assert proc.returncode == 1 and "usage: python -m gorilla_dist.checkpoint consolidate" in proc.stderr

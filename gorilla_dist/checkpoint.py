@@ -235,16 +235,26 @@ def _describe(layout: dict) -> str:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's generators: torch's, CUDA's, and megatron's model-parallel tracker streams."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    for name, value in get_cuda_rng_tracker().get_states().items():
+        state[f"tracker/{name}"] = value.cpu()
     return state
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    tracker = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
+    if tracker:
+        get_cuda_rng_tracker().set_states(tracker)
 
 
 # ---------------------------------------------------------------------------------------------

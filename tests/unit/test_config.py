@@ -28,6 +28,13 @@ def test_default_config_is_valid_and_derives_micro_batch():
      "world size 3 (launch.nproc_per_node) is not divisible by parallel.tp(2)"),
     (["data.path=/nonexistent/corpus.txt"], "data.path='/nonexistent/corpus.txt': no such file"),
     (["optim.min_lr=0.1"], "optim.min_lr(0.1) must not exceed optim.lr(0.001)"),
+    (["parallel.activation_checkpointing=some"],
+     "parallel.activation_checkpointing='some' is not valid; choose one of: none, selective, full"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true splits the sequence over the "
+                                          "tensor-parallel ranks, but parallel.tp=1"),
+    (["launch=torchrun", "launch.nproc_per_node=4", "parallel.tp=4", "parallel.sequence_parallel=true",
+      "model.seq_length=66"], "model.seq_length(66) is not divisible by parallel.tp(4), which "
+                              "parallel.sequence_parallel=true needs"),
 ])
 def test_invalid_values_name_key_value_and_choices(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -51,8 +51,10 @@ def check(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def metrics(run_dir: Path, memory: bool = False) -> list[dict]:
+    """The rows of <run_dir>/metrics.jsonl; the per-rank memory rows only with memory=True."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return rows if memory else [r for r in rows if "memory" not in r]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

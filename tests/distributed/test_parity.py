@@ -88,7 +88,7 @@ def test_layout_matches_single_process_and_golden(tmp_path, single, golden, layo
     assert_close(losses(run), single, 1e-5)
     assert_close(losses(run), golden, 1e-4)
     # every rank reported its memory at start and after the first step
-    memory = {r["memory"]: r["ranks"] for r in metrics(run) if "memory" in r}
+    memory = {r["memory"]: r["ranks"] for r in metrics(run, memory=True) if "memory" in r}
     assert sorted(memory) == ["first_step", "start"] and all(len(v) == world for v in memory.values())
 
 

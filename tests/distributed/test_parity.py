@@ -99,7 +99,7 @@ def test_memory_accounting_sees_zero_partitioning(tmp_path):
     for stage in (0, 1):
         run = tmp_path / f"z{stage}"
         check(launch(run, *STEPS, *ranks(2), f"parallel.zero_stage={stage}", "train.max_steps=1"))
-        per_rank[stage] = next(r["ranks"] for r in metrics(run) if r.get("memory") == "first_step")
+        per_rank[stage] = next(r["ranks"] for r in metrics(run, memory=True) if r.get("memory") == "first_step")
     n = per_rank[0][0]["params"] / 4  # parameter count
     for r in per_rank[0]:
         assert r["optimizer"] == pytest.approx(8 * n, rel=0.01) and r["grads"] == pytest.approx(4 * n, rel=0.01)

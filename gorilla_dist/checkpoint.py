@@ -294,6 +294,9 @@ def consolidate(args) -> tuple[Path, Path, int]:
     metadata = {"format": "gorilla_dist", "step": str(manifest["step"]), "dtype": args.dtype,
                 "written_by_layout": json.dumps(manifest.get("layout", {})),
                 "config": (ckpt / "config.yaml").read_text()}
+    tokenizer = Path(args.run_dir) / "tokenizer.json"
+    if tokenizer.is_file():  # so that the file alone can be exported (python -m gorilla_dist.export consolidated=)
+        metadata["tokenizer"] = tokenizer.read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     save_file(weights, str(tmp), metadata=metadata)

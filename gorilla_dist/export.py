@@ -1,0 +1,307 @@
+"""Export to Hugging Face transformers: `python -m gorilla_dist.export run.dir=... out=<dir>`.
+
+Writes a directory `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`
+load as they are: config.json, model.safetensors, generation_config.json and the tokenizer files. The
+source is a run's checkpoint (any training layout; `checkpoint=latest|<dir>`) or a file written by
+`python -m gorilla_dist.checkpoint consolidate` (`consolidated=<file>`, which carries the config and
+tokenizer in its metadata).
+
+Our model is megatron-core's pre-norm GPT; each supported combination maps exactly onto one
+transformers architecture (same maths, parameters renamed and re-laid-out, vocabulary padding dropped):
+
+    rope             + RMSNorm   + swiglu  -> LlamaForCausalLM   (grouped-query attention too)
+    rope             + LayerNorm + gelu    -> GPTNeoXForCausalLM (sequential residual, full rotary)
+    learned_absolute + LayerNorm + gelu    -> GPT2LMHeadModel
+
+Anything else (ALiBi, block-sparse attention, ...) has no transformers architecture computing the same
+function, and is refused rather than exported approximately. transformers itself is not needed to
+export, only to load the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gorilla_dist.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+EOD_TOKEN = "<|endoftext|>"  # the name char/byte tokenizers' end-of-document id gets in transformers
+SUPPORTED = ("rope + RMSNorm + swiglu (Llama), rope + LayerNorm + gelu (GPT-NeoX), "
+             "learned_absolute + LayerNorm + gelu (GPT-2)")
+
+
+class ExportError(UserError):
+    pass
+
+
+def architecture(m) -> str:
+    """The transformers model_type computing exactly what our model `m` (a ModelConfig) computes."""
+    if m.attention not in ("dense", "flash"):
+        raise ExportError(f"model.attention={m.attention}: transformers has no block-sparse attention, so the "
+                          "exported model would compute something else; only dense attention exports")
+    mha = m.num_query_groups in (None, m.num_heads)
+    combo = (m.position_embedding, m.normalization, m.activation)
+    if combo == ("rope", "RMSNorm", "swiglu"):
+        return "llama"
+    if combo in (("rope", "LayerNorm", "gelu"), ("learned_absolute", "LayerNorm", "gelu")):
+        arch = "gpt_neox" if m.position_embedding == "rope" else "gpt2"
+        if not mha:
+            raise ExportError(f"model.num_query_groups={m.num_query_groups}: {arch} has no grouped-query "
+                              "attention (use RMSNorm + swiglu, which exports as Llama)")
+        return arch
+    raise ExportError(f"model.position_embedding={m.position_embedding}, model.normalization={m.normalization}, "
+                      f"model.activation={m.activation}: no transformers architecture computes this model exactly; "
+                      f"exportable: {SUPPORTED}")
+
+
+def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
+    h, nh = m.hidden_size, m.num_heads
+    common = {"vocab_size": vocab_size, "tie_word_embeddings": bool(m.tie_embeddings), "eos_token_id": eod,
+              "bos_token_id": eod, "torch_dtype": TORCH_DTYPE_NAMES[dtype], "use_cache": True}
+    ffn = m.ffn_hidden_size or 4 * h
+    if arch == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+                "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
+                "num_key_value_heads": m.num_query_groups or nh, "head_dim": h // nh, "hidden_act": "silu",
+                "max_position_embeddings": m.seq_length, "rms_norm_eps": 1e-5, "rope_theta": float(m.rotary_base),
+                "rope_scaling": None, "attention_bias": bool(m.bias), "mlp_bias": bool(m.bias),
+                "attention_dropout": 0.0, **common}
+    if arch == "gpt_neox":
+        # Biases always present in GPT-NeoX's linears: a model trained without them exports zeros.
+        return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": h,
+                "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
+                "hidden_act": "gelu", "rotary_pct": 1.0, "rotary_emb_base": m.rotary_base,
+                "rope_theta": float(m.rotary_base), "max_position_embeddings": m.seq_length,
+                "layer_norm_eps": 1e-5, "use_parallel_residual": False, "attention_bias": True,
+                "attention_dropout": 0.0, "hidden_dropout": 0.0, **common}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": h, "n_inner": ffn,
+            "n_layer": m.num_layers, "n_head": nh, "n_positions": m.seq_length, "activation_function": "gelu",
+            "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, **common}
+
+
+def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our consolidated (TP=1, megatron-core names) weights -> the transformers architecture's names."""
+    h, nh = m.hidden_size, m.num_heads
+    ng, hd = m.num_query_groups or nh, h // nh
+    ffn = m.ffn_hidden_size or 4 * h
+    out: dict[str, torch.Tensor] = {}
+
+    def get(name, shape=None):
+        t = w.get(name)
+        if t is None:  # no bias parameters when model.bias=false: the architecture's biases are zero
+            return torch.zeros(shape) if shape is not None else None
+        return t
+
+    def qkv_split(t):
+        # megatron's fused QKV (output rows): per query group, its nh/ng query heads, then one key, one value head
+        t = t.reshape(ng, nh // ng + 2, hd, *t.shape[1:])
+        q, k, v = t[:, :-2], t[:, -2], t[:, -1]
+        return (x.reshape(-1, *t.shape[3:]) for x in (q, k, v))
+
+    emb = w["embedding.word_embeddings.weight"][:vocab_size]
+    head = emb if m.tie_embeddings else w["output_layer.weight"][:vocab_size]
+    for i in range(m.num_layers):
+        src = f"decoder.layers.{i}."
+        ln1 = (w[src + "input_layernorm.weight"], w.get(src + "input_layernorm.bias"))
+        ln2 = (w[src + "pre_mlp_layernorm.weight"], w.get(src + "pre_mlp_layernorm.bias"))
+        qkv_w, qkv_b = w[src + "self_attention.linear_qkv.weight"], get(src + "self_attention.linear_qkv.bias", [h + 2 * ng * hd])
+        proj_w, proj_b = w[src + "self_attention.linear_proj.weight"], get(src + "self_attention.linear_proj.bias", [h])
+        fc1_w, fc1_b = w[src + "mlp.linear_fc1.weight"], get(src + "mlp.linear_fc1.bias", [ffn])
+        fc2_w, fc2_b = w[src + "mlp.linear_fc2.weight"], get(src + "mlp.linear_fc2.bias", [h])
+        if arch == "llama":
+            dst = f"model.layers.{i}."
+            out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
+            for proj, t in zip("qkv", qkv_split(qkv_w)):
+                out[dst + f"self_attn.{proj}_proj.weight"] = t
+            out[dst + "self_attn.o_proj.weight"] = proj_w
+            # megatron's gated fc1 is [gate; up]: act(first half) * second half
+            out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = fc1_w.chunk(2, dim=0)
+            out[dst + "mlp.down_proj.weight"] = fc2_w
+            if m.bias:
+                for proj, t in zip("qkv", qkv_split(qkv_b)):
+                    out[dst + f"self_attn.{proj}_proj.bias"] = t
+                out[dst + "self_attn.o_proj.bias"] = proj_b
+                out[dst + "mlp.gate_proj.bias"], out[dst + "mlp.up_proj.bias"] = fc1_b.chunk(2, dim=0)
+                out[dst + "mlp.down_proj.bias"] = fc2_b
+        elif arch == "gpt_neox":
+            # GPT-NeoX's query_key_value is laid out per head as [q, k, v]: megatron's MHA layout as it is
+            dst = f"gpt_neox.layers.{i}."
+            out.update({dst + "input_layernorm.weight": ln1[0], dst + "input_layernorm.bias": ln1[1],
+                        dst + "post_attention_layernorm.weight": ln2[0], dst + "post_attention_layernorm.bias": ln2[1],
+                        dst + "attention.query_key_value.weight": qkv_w, dst + "attention.query_key_value.bias": qkv_b,
+                        dst + "attention.dense.weight": proj_w, dst + "attention.dense.bias": proj_b,
+                        dst + "mlp.dense_h_to_4h.weight": fc1_w, dst + "mlp.dense_h_to_4h.bias": fc1_b,
+                        dst + "mlp.dense_4h_to_h.weight": fc2_w, dst + "mlp.dense_4h_to_h.bias": fc2_b})
+        else:
+            # GPT-2: c_attn is [all q; all k; all v], and its Conv1D weights are stored (in, out)
+            dst = f"transformer.h.{i}."
+            q, k, v = qkv_split(qkv_w)
+            qb, kb, vb = qkv_split(qkv_b)
+            out.update({dst + "ln_1.weight": ln1[0], dst + "ln_1.bias": ln1[1],
+                        dst + "ln_2.weight": ln2[0], dst + "ln_2.bias": ln2[1],
+                        dst + "attn.c_attn.weight": torch.cat([q, k, v]).T, dst + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
+                        dst + "attn.c_proj.weight": proj_w.T, dst + "attn.c_proj.bias": proj_b,
+                        dst + "mlp.c_fc.weight": fc1_w.T, dst + "mlp.c_fc.bias": fc1_b,
+                        dst + "mlp.c_proj.weight": fc2_w.T, dst + "mlp.c_proj.bias": fc2_b})
+    final = (w["decoder.final_layernorm.weight"], w.get("decoder.final_layernorm.bias"))
+    if arch == "llama":
+        out.update({"model.embed_tokens.weight": emb, "model.norm.weight": final[0]})
+        head_name = "lm_head.weight"
+    elif arch == "gpt_neox":
+        out.update({"gpt_neox.embed_in.weight": emb, "gpt_neox.final_layer_norm.weight": final[0],
+                    "gpt_neox.final_layer_norm.bias": final[1]})
+        head_name = "embed_out.weight"
+    else:
+        out.update({"transformer.wte.weight": emb, "transformer.wpe.weight": w["embedding.position_embeddings.weight"],
+                    "transformer.ln_f.weight": final[0], "transformer.ln_f.bias": final[1]})
+        head_name = "lm_head.weight"
+    if not m.tie_embeddings:  # tied: transformers ties the head to the input embedding on load
+        out[head_name] = head
+    return out
+
+
+def hf_tokenizer(tok) -> tuple[str, str]:
+    """(tokenizer.json text, end-of-document token) for transformers' PreTrainedTokenizerFast; encodes
+    every text to the same ids as our tokenizer. The end-of-document id of char/byte tokenizers becomes
+    the special token <|endoftext|> (which is how transformers decodes it; ours decodes it as a newline)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if tok.kind == "hf":
+        return json.dumps(tok.to_json()["hf"], ensure_ascii=False), tok.eod_token
+    if tok.kind == "char":
+        vocab = {c: i for i, c in enumerate(tok.chars)}
+        t = Tokenizer(models.WordLevel(vocab, unk_token=None))
+        t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+        t.decoder = decoders.Fuse()  # characters back to back, no spaces between them
+    else:  # byte: the 256 byte values under GPT-2's printable byte alphabet, ids = byte values, no merges
+        from gorilla_dist.data.tokenizer import _bytes_to_unicode
+
+        t = Tokenizer(models.BPE({c: b for b, c in _bytes_to_unicode().items()}, [], byte_fallback=False))
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        t.decoder = decoders.ByteLevel()
+    t.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])
+    if t.token_to_id(EOD_TOKEN) != tok.eod:
+        raise ExportError(f"tokenizer: {EOD_TOKEN} got id {t.token_to_id(EOD_TOKEN)}, expected {tok.eod}")
+    return t.to_str(), EOD_TOKEN
+
+
+@dataclass
+class ExportArgs:
+    run_dir: str | None = None
+    """The training run's directory (run.dir=...); or give consolidated=."""
+    consolidated: str | None = None
+    """A file written by `python -m gorilla_dist.checkpoint consolidate` (instead of run.dir=)."""
+    out: str | None = None
+    """The directory to write; it must not exist yet."""
+    checkpoint: str = "latest"
+    """With run.dir: latest (newest usable checkpoint) or a checkpoint directory."""
+    dtype: str = "fp32"
+    """fp32 | bf16 | fp16 (the checkpoint holds fp32 master weights)."""
+
+
+def load_source(args):
+    """(ModelConfig, tokenizer, fp32 weights, where they came from) from run.dir= or consolidated=."""
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+
+    from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
+    from gorilla_dist.config import Config, load_run_config
+    from gorilla_dist.data.tokenizer import load_tokenizer, tokenizer_from_json
+
+    if bool(args.run_dir) == bool(args.consolidated):
+        raise ExportError("usage: python -m gorilla_dist.export (run.dir=<run> [checkpoint=latest|<dir>] | "
+                          "consolidated=<file.safetensors>) out=<dir> [dtype=fp32|bf16|fp16]")
+    if args.run_dir:
+        ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
+        cfg = load_run_config(ckpt)
+        tok = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
+        path, source = ckpt / WEIGHTS, str(ckpt)
+    else:
+        path = source = Path(args.consolidated)
+        if not path.is_file():
+            raise ExportError(f"consolidated={path}: no such file")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on a bad header
+            raise ExportError(f"consolidated={path}: not a safetensors file ({err})") from None
+        if meta.get("format") != "gorilla_dist" or "tokenizer" not in meta:
+            raise ExportError(f"consolidated={path}: not written by `python -m gorilla_dist.checkpoint consolidate` "
+                              "(no config/tokenizer in its metadata); export from run.dir= instead")
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(meta["config"]))
+        tok = tokenizer_from_json(json.loads(meta["tokenizer"]), source=str(path))
+    from safetensors.torch import load_file
+
+    weights = {k: v.float() for k, v in load_file(str(path)).items()}
+    return cfg.model, tok, weights, source
+
+
+def export(args) -> tuple[str, Path, str, int]:
+    """Returns (source, out directory, architecture, parameter count)."""
+    if not args.out:
+        raise ExportError("out=<directory> is required")
+    if args.dtype not in DTYPES:
+        raise ExportError(f"dtype={args.dtype!r} is not valid; choose one of: {', '.join(DTYPES)}")
+    if Path(args.out).exists():
+        raise ExportError(f"out={args.out} already exists; not overwriting it (remove it or choose another out=)")
+    m, tok, weights, source = load_source(args)
+    arch, n = write_hf(Path(args.out), m, tok, weights, dtype=args.dtype)
+    return source, Path(args.out), arch, n
+
+
+def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str = "fp32") -> tuple[str, int]:
+    """Write the transformers directory `out` (atomically: all of it or nothing) for our model config `m`,
+    tokenizer `tok` and consolidated weights. Returns (architecture, parameter count)."""
+    from safetensors.torch import save_file
+
+    from gorilla_dist.files import write_text_atomic
+
+    arch = architecture(m)
+    vocab = tok.vocab_size
+    tensors = {k: v.to(DTYPES[dtype]).contiguous().clone()
+               for k, v in hf_weights(m, arch, weights, vocab_size=vocab).items()}
+    tok_json, eod_token = hf_tokenizer(tok)
+    files = {
+        "config.json": hf_config(m, arch, vocab_size=vocab, eod=tok.eod, dtype=dtype),
+        "generation_config.json": {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": tok.eod},
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token,
+                                  "bos_token": eod_token, "pad_token": eod_token, "model_max_length": m.seq_length,
+                                  "clean_up_tokenization_spaces": False},
+        "special_tokens_map.json": {"eos_token": eod_token, "bos_token": eod_token, "pad_token": eod_token},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a previous export cut off half-way
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name, content in files.items():
+        write_text_atomic(tmp / name, json.dumps(content, indent=2) + "\n")
+    write_text_atomic(tmp / "tokenizer.json", tok_json)
+    os.replace(tmp, out)
+    return arch, sum(v.numel() for v in tensors.values())
+
+
+def main(argv: list[str]) -> int:
+    from gorilla_dist.cli import parse_key_values
+
+    try:
+        args = parse_key_values(argv, ExportArgs, aliases={"run.dir": "run_dir"})
+        source, out, arch, n = export(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"[export] {out}: {arch} with {n:,} parameters ({args.dtype}) from {source}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

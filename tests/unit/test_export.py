@@ -1,0 +1,100 @@
+"""Export to Hugging Face transformers: the exported model, loaded by transformers itself, computes the
+same logits as our megatron-core model; the exported tokenizer encodes to the same ids as ours."""
+
+import json
+
+import pytest
+import torch
+import transformers  # the dev extra has it: loading the export is the point of the test
+from omegaconf import OmegaConf
+
+from gorilla_dist.config import ModelConfig
+from gorilla_dist.data.tokenizer import ByteTokenizer, CharTokenizer, train_bpe
+from gorilla_dist.errors import UserError
+from gorilla_dist.export import architecture, write_hf
+from gorilla_dist.model import build_model
+
+VARIANTS = {  # name: (model overrides, transformers class that must load it)
+    "neox-rope-layernorm-gelu-tied": ({}, "GPTNeoXForCausalLM"),
+    "neox-bias-untied": (dict(bias=True, tie_embeddings=False), "GPTNeoXForCausalLM"),
+    "llama-rmsnorm-swiglu-gqa-untied": (dict(normalization="RMSNorm", activation="swiglu", num_query_groups=2,
+                                             tie_embeddings=False, rotary_base=500), "LlamaForCausalLM"),
+    "llama-bias-tied": (dict(normalization="RMSNorm", activation="swiglu", bias=True), "LlamaForCausalLM"),
+    "gpt2-learned-bias-tied": (dict(position_embedding="learned_absolute", bias=True), "GPT2LMHeadModel"),
+    "gpt2-learned-untied": (dict(position_embedding="learned_absolute", tie_embeddings=False), "GPT2LMHeadModel"),
+}
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def model_cfg(**kw):
+    base = dict(name="t", num_layers=2, hidden_size=64, num_heads=4, seq_length=16, vocab_size=len(CHARS) + 1)
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), {**base, **kw})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformers_computes_our_logits(world1, tmp_path, variant):
+    overrides, cls = VARIANTS[variant]
+    m = model_cfg(**overrides)
+    model = build_model(m, dtype="fp32", device=world1.device, seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every parameter random (norm weights and biases included): no layout hides behind 1s or 0s
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tok = CharTokenizer(CHARS)
+    arch, n = write_hf(tmp_path / "hf", m, tok, weights)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == cls and arch == hf.config.model_type
+    assert n == sum(p.numel() for p in hf.parameters())  # every weight written is a weight transformers uses
+    x = torch.randint(0, tok.vocab_size, (3, 16), generator=g)
+    with torch.no_grad():
+        ours = model(x, torch.arange(16).expand(3, 16), None)[..., :tok.vocab_size]
+        theirs = hf(input_ids=x).logits
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert ours.std() > 0.1  # random weights: logits far from zero, so the comparison has teeth
+
+
+def test_tokenizers_encode_and_decode_like_ours(tmp_path):
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n\nJuliet: é ü 日本"
+    m = model_cfg()
+    bpe = train_bpe([text * 3, "hello world " * 20], vocab_size=300)
+    chars = CharTokenizer("".join(sorted(set(text))))
+    for name, tok in {"char": chars, "byte": ByteTokenizer(), "bpe": bpe}.items():
+        out = tmp_path / name
+        write_hf(out, model_cfg(vocab_size=tok.vocab_size), tok, _random_weights(m, tok.vocab_size))
+        hf = transformers.AutoTokenizer.from_pretrained(out)
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == tok.encode(text).tolist(), name
+        assert hf.eos_token_id == tok.eod, name
+        assert hf.decode(ids) == tok.decode(ids) == text, name
+        eod = hf.eos_token
+        assert hf.decode(ids + [tok.eod] + ids[:2]) == text + eod + tok.decode(ids[:2]), name
+        assert hf.decode(ids + [tok.eod], skip_special_tokens=True) == text, name
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == tok.vocab_size
+
+
+def _random_weights(m, vocab: int) -> dict:
+    """Weights with the names and shapes of a TP=1 model of config `m` (vocabulary padded to 128)."""
+    h, ffn, rows = m.hidden_size, 4 * m.hidden_size, -(-vocab // 128) * 128
+    w = {"embedding.word_embeddings.weight": torch.randn(rows, h), "decoder.final_layernorm.weight": torch.ones(h),
+         "decoder.final_layernorm.bias": torch.zeros(h)}
+    for i in range(m.num_layers):
+        L = f"decoder.layers.{i}."
+        w.update({L + "input_layernorm.weight": torch.ones(h), L + "input_layernorm.bias": torch.zeros(h),
+                  L + "pre_mlp_layernorm.weight": torch.ones(h), L + "pre_mlp_layernorm.bias": torch.zeros(h),
+                  L + "self_attention.linear_qkv.weight": torch.randn(3 * h, h),
+                  L + "self_attention.linear_proj.weight": torch.randn(h, h),
+                  L + "mlp.linear_fc1.weight": torch.randn(ffn, h), L + "mlp.linear_fc2.weight": torch.randn(h, ffn)})
+    return w
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(position_embedding="alibi"), "no transformers architecture computes this model exactly"),
+    (dict(attention="bigbird"), "model.attention=bigbird: transformers has no block-sparse attention"),
+    (dict(num_query_groups=2), "gpt_neox has no grouped-query attention"),
+    (dict(normalization="RMSNorm"), "model.normalization=RMSNorm"),
+])
+def test_models_without_an_exact_transformers_twin_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        architecture(model_cfg(**overrides))

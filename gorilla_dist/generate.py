@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,10 @@ def main(argv: list[str]) -> int:
         return err.exit_code
 
 
-def generate(args) -> str:
+@contextmanager
+def inference_model(run_dir: str | os.PathLike, which: str = "latest"):
+    """(config, checkpoint directory, fp32 model with the checkpoint's weights, tokenizer) in this one
+    process (TP=1), whatever layout trained it; torch.distributed is torn down on exit."""
     from launcher.backends import free_port
 
     from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
@@ -96,10 +100,9 @@ def generate(args) -> str:
     from gorilla_dist.model import build_model
     from gorilla_dist.parallel import init_distributed, teardown
 
-    run_dir = Path(args.run_dir)
-    ckpt = resolve_checkpoint(run_dir, args.checkpoint)
+    ckpt = resolve_checkpoint(run_dir, which)
     cfg = load_run_config(ckpt)
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     cfg.parallel.tp = 1
@@ -107,11 +110,16 @@ def generate(args) -> str:
     try:
         model = build_model(cfg.model, dtype="fp32", device=layout.device, seed=cfg.run.seed)
         load_consolidated(model, ckpt / WEIGHTS)
+        yield cfg, ckpt, model.eval(), tokenizer
+    finally:
+        teardown()
+
+
+def generate(args) -> str:
+    with inference_model(args.run_dir, args.checkpoint) as (cfg, _, model, tokenizer):
         return sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                       seq_length=cfg.model.seq_length, temperature=args.temperature, top_k=args.top_k,
                       seed=args.seed)
-    finally:
-        teardown()
 
 
 if __name__ == "__main__":

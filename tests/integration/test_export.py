@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, check, generate, launch
+from helpers import REPO, check, generate, launch, trained_model
 
 TRAIN = ["model=debug", "train.max_steps=10", "checkpoint.interval=10"]
 PROMPT = "ROMEO:"
@@ -42,16 +42,7 @@ def logits_of_both(world1, run, out, text: str) -> tuple[torch.Tensor, torch.Ten
     """(our model from the run's newest checkpoint, transformers from the export): logits for `text`."""
     import transformers
 
-    from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
-    from gorilla_dist.config import load_run_config
-    from gorilla_dist.data.tokenizer import load_tokenizer
-    from gorilla_dist.model import build_model
-
-    ckpt = resolve_checkpoint(run)
-    m = load_run_config(ckpt).model
-    model = build_model(m, dtype="fp32", device=world1.device, seed=0).eval()
-    load_consolidated(model, ckpt / WEIGHTS)
-    tok = load_tokenizer(run / "tokenizer.json")
+    model, tok, _ = trained_model(world1, run)
     ids = torch.as_tensor(tok.encode(text))[None]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():

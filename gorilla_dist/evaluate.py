@@ -1,0 +1,186 @@
+"""Held-out loss, perplexity and bits per byte of a checkpoint:
+`python -m gorilla_dist.evaluate run.dir=... [data=<prepared dir | text/jsonl/parquet files>] [out=<json>]`.
+
+Without `data=`, the run's own validation split (every source of its blend, each reported, plus the
+total). With `data=`, a prepared dataset (same tokenizer as the run, checked) or raw files, which are
+prepared with the run's tokenizer into a temporary directory first. Samples are the training's
+fixed-length windows, packed and masked exactly as in training (data.loader.pack), so `samples=N`
+on the run's own data reproduces the val_loss training logged from its first N validation samples.
+
+The loss is training's: a softmax over the padded vocabulary (megatron's convention; the padding ids
+never occur, and training pushes their logits down).
+
+Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the predicted tokens (an <eod>
+counts as one byte: the separator it stands for): unlike perplexity, it compares models with different
+tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gorilla_dist.errors import DataError, UserError
+
+
+@dataclass
+class EvaluateArgs:
+    run_dir: str | None = None
+    """The training run's directory (run.dir=...)."""
+    checkpoint: str = "latest"
+    """latest (newest usable checkpoint) or a checkpoint directory."""
+    data: str | None = None
+    """None: the run's own validation split. A prepared dataset directory, or text/jsonl/parquet files
+    (comma-separated; prepared with the run's tokenizer first)."""
+    split: str | None = None
+    """validation | all. Default: validation for the run's own data, all for data=."""
+    sample_by: str = "document"
+    """data= raw .txt files: what one document is: document | paragraph | line (as in prepare)."""
+    samples: int | None = None
+    """Evaluate only the first N samples of each source (default: all of them)."""
+    batch_size: int = 16
+    out: str | None = None
+    """Also write the results as JSON to this file."""
+
+
+def token_bytes(tok) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (<eod>: 1)."""
+    n = tok.vocab_size
+    if tok.kind == "char":
+        out = np.array([len(c.encode()) for c in tok.chars] + [1], dtype=np.int64)
+    elif tok.kind == "byte":
+        out = np.ones(n, dtype=np.int64)
+    else:
+        from gorilla_dist.data.tokenizer import _bytes_to_unicode
+
+        alphabet = set(_bytes_to_unicode().values())
+        out = np.zeros(n, dtype=np.int64)
+        for token, i in tok.tok.get_vocab(with_added_tokens=True).items():
+            # byte-level BPE: one alphabet character per byte; anything else: its decoded text
+            out[i] = len(token) if set(token) <= alphabet else len(tok.decode([i]).encode())
+    out[tok.eod] = 1
+    return out
+
+
+@torch.no_grad()
+def evaluate_span(model, span, *, eod: int, reset_at_eod: bool, batch_size: int, samples: int | None,
+                  bytes_of: np.ndarray, device) -> dict:
+    """Summed loss (nats), predicted tokens, their bytes, over the first `samples` windows of `span`."""
+    from gorilla_dist.data.loader import pack
+
+    n = span.samples if samples is None else min(samples, span.samples)
+    loss_sum, tokens, nbytes = 0.0, 0, 0
+    for start in range(0, n, batch_size):
+        rows = range(start, min(start + batch_size, n))
+        windows = np.empty((len(rows), span.seq + 1), dtype=np.int64)
+        valid = np.array([span.window(j, windows[r]) for r, j in enumerate(rows)])
+        b = pack(windows, valid, np.zeros(len(rows), dtype=np.int64), eod=eod, reset_at_eod=reset_at_eod).to(device)
+        per_token = model(b.tokens, b.position_ids, b.attention_mask, labels=b.labels).double()
+        loss_sum += float((per_token * b.loss_mask).sum())
+        tokens += int(b.loss_mask.sum())
+        nbytes += int((torch.from_numpy(bytes_of)[b.labels.cpu()] * b.loss_mask.cpu()).sum())
+    return {"samples": n, "tokens": tokens, "bytes": nbytes, "loss_sum": loss_sum}
+
+
+def summary(part: dict) -> dict:
+    loss = part["loss_sum"] / max(part["tokens"], 1)
+    return {"samples": part["samples"], "tokens": part["tokens"], "bytes": part["bytes"], "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": part["loss_sum"] / math.log(2) / max(part["bytes"], 1)}
+
+
+def _datasets(args, cfg, run_dir: Path, tmp: Path):
+    """[(name, TokenDataset)] to evaluate, and the split."""
+    from gorilla_dist.data.dataset import TokenDataset
+    from gorilla_dist.data.prepare import PrepareArgs, prepare
+
+    if args.data is None:
+        paths = [s.path for s in cfg.data.sources] if cfg.data.sources else [run_dir / "data"]
+        return [(str(p), TokenDataset(p, verify="size")) for p in paths], args.split or "validation"
+    path = Path(args.data)
+    if path.is_dir() and (path / "meta.json").is_file():
+        ds = TokenDataset(path, verify="checksum")
+    else:  # raw files: prepare them with the run's tokenizer
+        prepare(PrepareArgs(input=args.data.split(","), output=str(tmp / "data"),
+                            tokenizer=str(run_dir / "tokenizer.json"), sample_by=args.sample_by, workers=1,
+                            progress=False))
+        ds = TokenDataset(tmp / "data", verify="size")
+    if (ds.path / "tokenizer.json").read_bytes() != (run_dir / "tokenizer.json").read_bytes():
+        raise DataError(f"data={args.data}: prepared with another tokenizer ({ds.meta['tokenizer']['kind']}, "
+                        f"{ds.vocab_size} ids) than this run's; evaluate raw files instead (data=<file>) to "
+                        "tokenize them with the run's tokenizer")
+    return [(args.data, ds)], args.split or "all"
+
+
+def evaluate(args) -> dict:
+    from gorilla_dist.data.dataset import Span
+    from gorilla_dist.generate import inference_model
+
+    if not args.run_dir:
+        raise UserError("run.dir=<run directory> is required")
+    if args.split not in (None, "validation", "all"):
+        raise UserError(f"split={args.split!r} is not valid; choose validation or all")
+    if args.batch_size < 1 or (args.samples is not None and args.samples < 1):
+        raise UserError("batch_size= and samples= must be positive")
+    run_dir = Path(args.run_dir)
+    with inference_model(run_dir, args.checkpoint) as (cfg, ckpt, model, tok), \
+            tempfile.TemporaryDirectory(prefix="gorilla-evaluate-") as tmp:
+        sets, split = _datasets(args, cfg, run_dir, Path(tmp))
+        bytes_of = token_bytes(tok)
+        device = next(model.parameters()).device
+        parts = {}
+        for name, ds in sets:
+            a, b = ds.split(cfg.data.val_fraction)[1] if split == "validation" else (0, ds.tokens)
+            span = Span(ds, a, b, cfg.model.seq_length)
+            if span.samples == 0:
+                raise DataError(f"{name}: its {split} split has {b - a} tokens, too few for one sample of "
+                                f"model.seq_length={cfg.model.seq_length}")
+            parts[name] = evaluate_span(model, span, eod=tok.eod, reset_at_eod=cfg.data.reset_at_eod,
+                                        batch_size=args.batch_size, samples=args.samples, bytes_of=bytes_of,
+                                        device=device)
+        total = {k: sum(p[k] for p in parts.values()) for k in ("samples", "tokens", "bytes", "loss_sum")}
+        step = json.loads((ckpt / "manifest.json").read_text())["step"]
+    return {"checkpoint": str(ckpt), "step": step, "split": split, **summary(total),
+            "sources": {name: summary(p) for name, p in parts.items()}}
+
+
+def report(result: dict) -> str:
+    lines = [f"[evaluate] {result['checkpoint']} (step {result['step']}), {result['split']} split:"]
+    rows = [*result["sources"].items()] + ([("total", result)] if len(result["sources"]) > 1 else [])
+    for name, r in rows:
+        lines.append(f"  {name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
+                     f"bits/byte {r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens, {r['samples']:,} samples)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.files import write_text_atomic
+    from gorilla_dist.worker import quiet_libraries
+
+    quiet_libraries()
+    try:
+        args = parse_key_values(argv, EvaluateArgs, aliases={"run.dir": "run_dir"})
+        if args.out and Path(args.out).exists():
+            raise UserError(f"out={args.out} already exists; not overwriting it")
+        result = evaluate(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(report(result), flush=True)
+    if args.out:
+        os.makedirs(Path(args.out).parent, exist_ok=True)
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -230,6 +230,38 @@ class Checkpointer:
         return trainer
 
 
+    def init_weights(self, source: str, engine) -> Path:
+        """Fine-tuning start: the model weights of `source` (a checkpoint directory, or a run directory's
+        newest complete checkpoint) in this run's layout, with fresh optimizer moments and schedule.
+        Refuses a source trained with another tokenizer. Collective; returns the checkpoint used."""
+        def find() -> Path:
+            src = Path(source)
+            ckpt = resolve_checkpoint(None, str(src)) if (src / "manifest.json").is_file() else resolve_checkpoint(src)
+            theirs, ours = ckpt.parent.parent / "tokenizer.json", Path(self.cfg.run.dir) / "tokenizer.json"
+            if theirs.is_file() and theirs.read_bytes() != ours.read_bytes():
+                raise CheckpointError(f"checkpoint.init_from={source}: its run was trained with another tokenizer "
+                                      f"({theirs}) than this run's data ({ours}); the token ids would mean other things")
+            return ckpt
+
+        ckpt = on_main(find, self.layout)
+        with safe_open(str(ckpt / WEIGHTS), "pt") as w:
+            portable.check_fits(engine.module, {k: tuple(w.get_slice(k).get_shape()) for k in w.keys()},
+                                f"checkpoint.init_from: {ckpt / WEIGHTS}")
+            zeros = _ZeroMoments(w)
+            portable.load_full_state(engine, w, zeros, portable.schedule_state(engine))
+        return ckpt
+
+
+class _ZeroMoments:
+    """Fresh AdamW moments for `<param>.exp_avg` / `.exp_avg_sq`: zeros shaped like the weights."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return torch.zeros(self.weights.get_slice(key.rsplit(".", 1)[0]).get_shape())
+
+
 def _describe(layout: dict) -> str:
     return " ".join(f"{k}={layout.get(k, '?')}" for k in ("world", "tp", "zero_stage", "precision"))
 

@@ -223,6 +223,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in run.dir; never: start fresh
     (refuses if checkpoints exist); or the path of one checkpoint directory."""
+    init_from: str | None = None
+    """Fine-tuning: start this run from another run's weights — a checkpoint directory, or a run
+    directory (its newest complete checkpoint). Any layout; the optimizer, LR schedule and data order
+    start fresh. Only used when run.dir has no checkpoint to resume (a preempted fine-tune resumes itself)."""
 
 
 @dataclass
@@ -409,6 +413,10 @@ def validate(cfg, world: int | None = None) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
+    init = cfg.checkpoint.init_from
+    if init is not None and not Path(init).is_dir():
+        raise ConfigError(f"checkpoint.init_from={init!r}: no such directory; expected a checkpoint directory "
+                          "(run.dir/checkpoints/step_XXXXXXXX) or a run directory")
 
 
 def _validate_sparse(m, d) -> None:
@@ -473,6 +481,8 @@ def resolve(cfg) -> None:
         cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
     if cfg.checkpoint.resume not in ("auto", "never"):
         cfg.checkpoint.resume = os.path.abspath(cfg.checkpoint.resume)
+    if cfg.checkpoint.init_from is not None:
+        cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
     if cfg.run.name is None:
         cfg.run.name = os.path.basename(cfg.run.dir)
 

@@ -77,7 +77,7 @@ def build_engine(model: torch.nn.Module, cfg, layout):
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, o, cfg.train.max_steps) / o.lr)
+        optimizer, lambda step: lr_at(step, o, cfg.train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, layout.dp), mpu=MegatronMPU())
     _skip_nonfinite_fp32_steps(engine)

@@ -107,6 +107,10 @@ def train(cfg, layout) -> bool:
         data.load_state_dict(state["data"])
         if layout.is_main:
             print(f"[train] resumed from {resume_from} at step {step}", flush=True)
+    elif cfg.checkpoint.init_from:
+        source = ckpt.init_weights(cfg.checkpoint.init_from, engine)
+        if layout.is_main:
+            print(f"[train] weights from {source}; optimizer, LR schedule and data order start fresh", flush=True)
 
     metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model),
                       tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step)

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gorilla_dist import faults, portable
-from gorilla_dist.errors import CheckpointError
+from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.parallel import on_main
 
@@ -236,6 +236,9 @@ class Checkpointer:
         Refuses a source trained with another tokenizer. Collective; returns the checkpoint used."""
         def find() -> Path:
             src = Path(source)
+            if not src.is_dir():
+                raise ConfigError(f"checkpoint.init_from={source!r}: no such directory; expected a checkpoint "
+                                  "directory (run.dir/checkpoints/step_XXXXXXXX) or a run directory")
             ckpt = resolve_checkpoint(None, str(src)) if (src / "manifest.json").is_file() else resolve_checkpoint(src)
             theirs, ours = ckpt.parent.parent / "tokenizer.json", Path(self.cfg.run.dir) / "tokenizer.json"
             if theirs.is_file() and theirs.read_bytes() != ours.read_bytes():

@@ -413,10 +413,6 @@ def validate(cfg, world: int | None = None) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
-    init = cfg.checkpoint.init_from
-    if init is not None and not Path(init).is_dir():
-        raise ConfigError(f"checkpoint.init_from={init!r}: no such directory; expected a checkpoint directory "
-                          "(run.dir/checkpoints/step_XXXXXXXX) or a run directory")
 
 
 def _validate_sparse(m, d) -> None:

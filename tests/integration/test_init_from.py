@@ -1,6 +1,8 @@
 """checkpoint.init_from: a new run starts from another run's weights (any layout), with a fresh optimizer,
 schedule and data order; its own checkpoints take precedence when it is restarted; mismatches are refused."""
 
+import shutil
+
 import pytest
 from helpers import check, launch, losses, metrics
 
@@ -31,10 +33,12 @@ def test_the_new_run_holds_the_source_weights(source, tmp_path, layout):
 
 def test_fine_tuning_starts_low_and_a_restart_resumes_itself(source, tmp_path):
     run = tmp_path / "run"
-    ckpt = source / "checkpoints" / "step_00000010"
+    ckpt = tmp_path / "step_00000010"  # a copy of the source's checkpoint, deleted before the restart
+    shutil.copytree(source / "checkpoints" / "step_00000010", ckpt)
     check(launch(run, *BASE, "train.max_steps=10", f"checkpoint.init_from={ckpt}"))
     fresh, tuned = losses(source), losses(run)
     assert all(tuned[s] < fresh[s] - 0.05 for s in range(1, 11))  # the same batches, from trained weights
+    shutil.rmtree(ckpt)  # the restart needs only its own checkpoints
     out = check(launch(run, *BASE, "train.max_steps=15", f"checkpoint.init_from={ckpt}"))
     assert f"resumed from {run / 'checkpoints' / 'step_00000010'} at step 10" in out and "weights from" not in out
 

@@ -221,14 +221,12 @@ class Checkpointer:
                   f"{_describe(now)}", flush=True)
         trainer = json.loads((ckpt / TRAINER).read_text())
         with safe_open(str(ckpt / WEIGHTS), "pt") as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
-            portable.check_fits(engine.module, {k: tuple(w.get_slice(k).get_shape()) for k in w.keys()},
-                                str(ckpt / WEIGHTS))
+            _check_fits(engine, w, str(ckpt / WEIGHTS))
             portable.load_full_state(engine, w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
         if saved.get("world") == now["world"] and rng.is_file():
             set_rng_state(load_file(str(rng)))
         return trainer
-
 
     def init_weights(self, source: str, engine) -> Path:
         """Fine-tuning start: the model weights of `source` (a checkpoint directory, or a run directory's
@@ -248,11 +246,14 @@ class Checkpointer:
 
         ckpt = on_main(find, self.layout)
         with safe_open(str(ckpt / WEIGHTS), "pt") as w:
-            portable.check_fits(engine.module, {k: tuple(w.get_slice(k).get_shape()) for k in w.keys()},
-                                f"checkpoint.init_from: {ckpt / WEIGHTS}")
-            zeros = _ZeroMoments(w)
-            portable.load_full_state(engine, w, zeros, portable.schedule_state(engine))
+            _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}")
+            portable.load_full_state(engine, w, _ZeroMoments(w), portable.schedule_state(engine))
         return ckpt
+
+
+def _check_fits(engine, weights, where: str) -> None:
+    """The weights file (a safetensors handle) has this model's names and full shapes."""
+    portable.check_fits(engine.module, {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}, where)
 
 
 class _ZeroMoments:
@@ -340,20 +341,19 @@ def consolidate(args) -> tuple[Path, Path, int]:
 
 
 def main(argv: list[str]) -> int:
-    from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.cli import parse_key_values, run_tool
     from gorilla_dist.errors import UserError
 
-    try:
+    def body() -> int:
         if not argv or argv[0] != "consolidate":
             raise UserError("usage: python -m gorilla_dist.checkpoint consolidate run.dir=<run> "
                             "out=<file.safetensors> [checkpoint=latest|<dir>] [dtype=fp32|bf16|fp16]")
         args = parse_key_values(argv[1:], ConsolidateArgs, aliases={"run.dir": "run_dir"})
         ckpt, out, n = consolidate(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"[consolidate] {out}: {n:,} parameters ({args.dtype}) from {ckpt}", flush=True)
-    return 0
+        print(f"[consolidate] {out}: {n:,} parameters ({args.dtype}) from {ckpt}", flush=True)
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from gorilla_dist.errors import UserError
+
+
+def run_tool(body) -> int:
+    """A tool's `main`: run `body()` (which returns the exit status); a UserError prints `error: ...` on
+    stderr, without a traceback, and its exit code is the status."""
+    try:
+        return body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def parse_key_values(argv: list[str], schema, *, aliases: dict[str, str] | None = None, lists: tuple = ()):

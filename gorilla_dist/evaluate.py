@@ -162,24 +162,23 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.cli import parse_key_values, run_tool
     from gorilla_dist.files import write_text_atomic
     from gorilla_dist.worker import quiet_libraries
 
-    quiet_libraries()
-    try:
+    def body() -> int:
         args = parse_key_values(argv, EvaluateArgs, aliases={"run.dir": "run_dir"})
         if args.out and Path(args.out).exists():
             raise UserError(f"out={args.out} already exists; not overwriting it")
         result = evaluate(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(report(result), flush=True)
-    if args.out:
-        os.makedirs(Path(args.out).parent, exist_ok=True)
-        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    return 0
+        print(report(result), flush=True)
+        if args.out:
+            os.makedirs(Path(args.out).parent, exist_ok=True)
+            write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+        return 0
+
+    quiet_libraries()
+    return run_tool(body)
 
 
 if __name__ == "__main__":

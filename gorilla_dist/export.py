@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from gorilla_dist.checkpoint import CONSOLIDATE_DTYPES as DTYPES
 from gorilla_dist.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 EOD_TOKEN = "<|endoftext|>"  # the name char/byte tokenizers' end-of-document id gets in transformers
 SUPPORTED = ("rope + RMSNorm + swiglu (Llama), rope + LayerNorm + gelu (GPT-NeoX), "
@@ -291,16 +291,15 @@ def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str 
 
 
 def main(argv: list[str]) -> int:
-    from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.cli import parse_key_values, run_tool
 
-    try:
+    def body() -> int:
         args = parse_key_values(argv, ExportArgs, aliases={"run.dir": "run_dir"})
         source, out, arch, n = export(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"[export] {out}: {arch} with {n:,} parameters ({args.dtype}) from {source}", flush=True)
-    return 0
+        print(f"[export] {out}: {arch} with {n:,} parameters ({args.dtype}) from {source}", flush=True)
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -73,44 +73,51 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
+    from gorilla_dist.cli import run_tool
     from gorilla_dist.errors import UserError
     from gorilla_dist.worker import quiet_libraries
 
-    quiet_libraries()
-    try:
+    def body() -> int:
         args = parse_args(argv)
         if not args.run_dir:
             raise UserError("run.dir=<run directory> is required")
         print(generate(args), flush=True)
         return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+
+    quiet_libraries()
+    return run_tool(body)
 
 
-@contextmanager
-def inference_model(run_dir: str | os.PathLike, which: str = "latest"):
-    """(config, checkpoint directory, fp32 model with the checkpoint's weights, tokenizer) in this one
-    process (TP=1), whatever layout trained it; torch.distributed is torn down on exit."""
-    from launcher.backends import free_port
-
+def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
+    """(config, checkpoint directory, fp32 TP=1 model in eval mode with the checkpoint's weights,
+    tokenizer). Needs torch.distributed and megatron's parallel state set up with TP=1."""
     from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
     from gorilla_dist.config import load_run_config
     from gorilla_dist.data.tokenizer import load_tokenizer
     from gorilla_dist.model import build_model
-    from gorilla_dist.parallel import init_distributed, teardown
 
     ckpt = resolve_checkpoint(run_dir, which)
     cfg = load_run_config(ckpt)
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    model = build_model(cfg.model, dtype="fp32", device=device, seed=cfg.run.seed)
+    load_consolidated(model, ckpt / WEIGHTS)
+    return cfg, ckpt, model.eval(), load_tokenizer(Path(run_dir) / "tokenizer.json")
+
+
+@contextmanager
+def inference_model(run_dir: str | os.PathLike, which: str = "latest"):
+    """checkpoint_model in this one process (TP=1), whatever layout trained it; torch.distributed is
+    set up for it and torn down on exit."""
+    from launcher.backends import free_port
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import ParallelConfig
+    from gorilla_dist.parallel import init_distributed, teardown
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
-    cfg.parallel.tp = 1
-    layout = init_distributed(cfg.parallel)
+    layout = init_distributed(OmegaConf.structured(ParallelConfig))
     try:
-        model = build_model(cfg.model, dtype="fp32", device=layout.device, seed=cfg.run.seed)
-        load_consolidated(model, ckpt / WEIGHTS)
-        yield cfg, ckpt, model.eval(), tokenizer
+        yield checkpoint_model(run_dir, which, layout.device)
     finally:
         teardown()
 

@@ -66,13 +66,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def trained_model(world1, run_dir: Path):
     """(our model with the run's newest checkpoint loaded, in this process (TP=1, needs the world1 fixture),
     its tokenizer, its ModelConfig)."""
-    from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
-    from gorilla_dist.config import load_run_config
-    from gorilla_dist.data.tokenizer import load_tokenizer
-    from gorilla_dist.model import build_model
+    from gorilla_dist.generate import checkpoint_model
 
-    ckpt = resolve_checkpoint(run_dir)
-    m = load_run_config(ckpt).model
-    model = build_model(m, dtype="fp32", device=world1.device, seed=0).eval()
-    load_consolidated(model, ckpt / WEIGHTS)
-    return model, load_tokenizer(Path(run_dir) / "tokenizer.json"), m
+    cfg, _, model, tok = checkpoint_model(run_dir, "latest", world1.device)
+    return model, tok, cfg.model

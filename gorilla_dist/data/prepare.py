@@ -33,7 +33,7 @@ import numpy as np
 
 from gorilla_dist.data import tokenizer as toks
 from gorilla_dist.data.readers import DocumentReader, expand_inputs
-from gorilla_dist.errors import DataError, UserError
+from gorilla_dist.errors import DataError
 from gorilla_dist.files import sha256_file, write_text_atomic
 
 FORMAT = 1
@@ -365,15 +365,15 @@ def _tokenize(reader: DocumentReader, writer: ShardWriter, tok, dtype: str, work
 
 
 def main(argv: list[str]) -> int:
-    from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.cli import parse_key_values, run_tool
 
-    try:
+    def body() -> int:
         args = parse_key_values(argv, PrepareArgs, lists=("input",))
         prepare(PrepareArgs(**{k: getattr(args, k) for k in PrepareArgs.__dataclass_fields__}))
         return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+
+    try:
+        return run_tool(body)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.files import write_text_atomic
+from gorilla_dist.kernels.limits import BLOCK_SIZES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 POSITIONS = ("rope", "learned_absolute", "alibi")
@@ -23,8 +24,6 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 SPARSE_ATTENTIONS = ("sliding", "strided", "bigbird", "learned")
 ATTENTIONS = ("dense", "flash", *SPARSE_ATTENTIONS)
-BLOCK_SIZES = (16, 32, 64, 128)
-"""Block-sparse attention block sizes (tokens); also the kernels' check (gorilla_dist.kernels.layouts)."""
 SAMPLE_BY = ("document", "paragraph", "line")
 VERIFY = ("checksum", "size")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")

@@ -59,9 +59,9 @@ def token_bytes(tok) -> np.ndarray:
     elif tok.kind == "byte":
         out = np.ones(n, dtype=np.int64)
     else:
-        from gorilla_dist.data.tokenizer import _bytes_to_unicode
+        from gorilla_dist.data.tokenizer import bytes_to_unicode
 
-        alphabet = set(_bytes_to_unicode().values())
+        alphabet = set(bytes_to_unicode().values())
         out = np.zeros(n, dtype=np.int64)
         for token, i in tok.tok.get_vocab(with_added_tokens=True).items():
             # byte-level BPE: one alphabet character per byte; anything else: its decoded text
@@ -122,7 +122,7 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
 
 def evaluate(args) -> dict:
     from gorilla_dist.data.dataset import Span
-    from gorilla_dist.generate import inference_model
+    from gorilla_dist.inference import inference_model
 
     if not args.run_dir:
         raise UserError("run.dir=<run directory> is required")
@@ -164,7 +164,7 @@ def report(result: dict) -> str:
 def main(argv: list[str]) -> int:
     from gorilla_dist.cli import parse_key_values, run_tool
     from gorilla_dist.files import write_text_atomic
-    from gorilla_dist.worker import quiet_libraries
+    from gorilla_dist.runtime import quiet_libraries
 
     def body() -> int:
         args = parse_key_values(argv, EvaluateArgs, aliases={"run.dir": "run_dir"})

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from gorilla_dist.checkpoint import CONSOLIDATE_DTYPES as DTYPES
+from gorilla_dist.dtypes import TORCH_DTYPES as DTYPES
 from gorilla_dist.errors import UserError
 
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -183,9 +183,9 @@ def hf_tokenizer(tok) -> tuple[str, str]:
         t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
         t.decoder = decoders.Fuse()  # characters back to back, no spaces between them
     else:  # byte: the 256 byte values under GPT-2's printable byte alphabet, ids = byte values, no merges
-        from gorilla_dist.data.tokenizer import _bytes_to_unicode
+        from gorilla_dist.data.tokenizer import bytes_to_unicode
 
-        t = Tokenizer(models.BPE({c: b for b, c in _bytes_to_unicode().items()}, [], byte_fallback=False))
+        t = Tokenizer(models.BPE({c: b for b, c in bytes_to_unicode().items()}, [], byte_fallback=False))
         t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         t.decoder = decoders.ByteLevel()
     t.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])

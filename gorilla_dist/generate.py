@@ -1,52 +1,13 @@
-"""Sampling from a model, and `python -m gorilla_dist.generate run.dir=... prompt=... max_new_tokens=...`.
+"""`python -m gorilla_dist.generate run.dir=... prompt=... max_new_tokens=...`: text from a checkpoint.
 
-The CLI loads the consolidated weights of a checkpoint (any training layout) into a single-process
-model. `sample` also runs inside training on all ranks at once (tensor-parallel logits are gathered,
-and every rank draws from an identically seeded generator, so all ranks agree on every token).
+Loads the weights of a checkpoint (any training layout) into a single-process model and samples from
+it (gorilla_dist.inference).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: int, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0) -> str:
-    """Autoregressive sampling (no KV cache: the context is cropped to seq_length and re-run)."""
-    from megatron.core import parallel_state as ps
-
-    from gorilla_dist.parallel import tp_all_gather
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)[None]  # (1, t)
-    for _ in range(max_new_tokens):
-        ctx = ids[:, -seq_length:]
-        pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
-        logits = model(ctx, pos, None)[:, -1, :]  # (1, vocab / tp)
-        if ps.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits -> full vocabulary
-            logits = torch.cat(tp_all_gather(logits), dim=-1)
-        logits = logits[:, :tokenizer.vocab_size].float()  # drop the padding rows of the vocabulary
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-        ids = torch.cat([ids, nxt], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(ids[0].tolist())
 
 
 @dataclass
@@ -75,7 +36,7 @@ def parse_args(argv: list[str]):
 def main(argv: list[str]) -> int:
     from gorilla_dist.cli import run_tool
     from gorilla_dist.errors import UserError
-    from gorilla_dist.worker import quiet_libraries
+    from gorilla_dist.runtime import quiet_libraries
 
     def body() -> int:
         args = parse_args(argv)
@@ -88,41 +49,9 @@ def main(argv: list[str]) -> int:
     return run_tool(body)
 
 
-def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
-    """(config, checkpoint directory, fp32 TP=1 model in eval mode with the checkpoint's weights,
-    tokenizer). Needs torch.distributed and megatron's parallel state set up with TP=1."""
-    from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
-    from gorilla_dist.config import load_run_config
-    from gorilla_dist.data.tokenizer import load_tokenizer
-    from gorilla_dist.model import build_model
-
-    ckpt = resolve_checkpoint(run_dir, which)
-    cfg = load_run_config(ckpt)
-    model = build_model(cfg.model, dtype="fp32", device=device, seed=cfg.run.seed)
-    load_consolidated(model, ckpt / WEIGHTS)
-    return cfg, ckpt, model.eval(), load_tokenizer(Path(run_dir) / "tokenizer.json")
-
-
-@contextmanager
-def inference_model(run_dir: str | os.PathLike, which: str = "latest"):
-    """checkpoint_model in this one process (TP=1), whatever layout trained it; torch.distributed is
-    set up for it and torn down on exit."""
-    from launcher.backends import free_port
-    from omegaconf import OmegaConf
-
-    from gorilla_dist.config import ParallelConfig
-    from gorilla_dist.parallel import init_distributed, teardown
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    layout = init_distributed(OmegaConf.structured(ParallelConfig))
-    try:
-        yield checkpoint_model(run_dir, which, layout.device)
-    finally:
-        teardown()
-
-
 def generate(args) -> str:
+    from gorilla_dist.inference import inference_model, sample
+
     with inference_model(args.run_dir, args.checkpoint) as (cfg, _, model, tokenizer):
         return sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                       seq_length=cfg.model.seq_length, temperature=args.temperature, top_k=args.top_k,

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from omegaconf import open_dict
 
 from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.data.loader import build_data
+from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
-from gorilla_dist.generate import sample
-from gorilla_dist.memory import FirstStepProbe, gather_ranks, state_bytes
+from gorilla_dist.inference import sample
+from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
-from gorilla_dist.optim import build_engine
 from gorilla_dist.parallel import dp_mean
 from gorilla_dist.stopping import StopSignals
 
@@ -27,24 +25,16 @@ def lm_loss(model, batch) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def train_step(engine, micro_batches, *, poison: bool = False, probe: FirstStepProbe | None = None) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns the mean loss (not synced).
-    DeepSpeed skips the update when the gradient norm is inf/NaN (see NonFiniteGuard). `probe`
-    measures memory (the first step of a run)."""
-    total = torch.zeros((), device=micro_batches[0].tokens.device)
-    for i, batch in enumerate(micro_batches):
-        with probe.micro_batch() if probe else nullcontext():
-            loss = lm_loss(engine, batch)
-            if poison:  # fault injection (tests): a NaN loss, as from an overflow
-                loss = loss * float("nan")
-            engine.backward(loss)  # DeepSpeed divides by the accumulation count
-        if probe and i == len(micro_batches) - 1:
-            probe.before_update()
-        engine.step()  # updates only at the accumulation boundary
-        total += loss.detach().float()
-    if probe:
-        probe.after_update()
-    return total / len(micro_batches)
+def train_step(engine: TrainEngine, micro_batches, *, poison: bool = False,
+               probe: FirstStepProbe | None = None) -> StepResult:
+    """One optimizer step over this rank's micro-batches. DeepSpeed skips the update when the gradient
+    norm is inf/NaN (see NonFiniteGuard). `poison` (fault injection, tests): a NaN loss, as from an
+    overflow. `probe` measures memory (the first step of a run)."""
+    def loss_fn(model, batch):
+        loss = lm_loss(model, batch)
+        return loss * float("nan") if poison else loss
+
+    return engine.step(micro_batches, loss_fn, probe=probe)
 
 
 @torch.no_grad()
@@ -115,21 +105,19 @@ def train(cfg, layout) -> bool:
     metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model),
                       tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step)
     guard, signals = NonFiniteGuard(t, layout), StopSignals(layout)
-    metrics.memory("start", step, gather_ranks(state_bytes(engine), layout))
+    metrics.memory("start", step, gather_ranks(engine.state_bytes(), layout))
     probe = FirstStepProbe(engine, layout.device)
     stopping = False
     while step < t.max_steps and not stopping:
-        lr = engine.get_lr()[0]  # the rate this step uses (the schedule advances inside the step)
-        skipped_before = engine.skipped_steps
-        loss = train_step(engine, data.next_train_batches(),
-                          poison=faults.hit("loss", step=step + 1, rank=layout.rank), probe=probe)
+        lr = engine.lr  # the rate this step uses (the schedule advances inside the step)
+        result = train_step(engine, data.next_train_batches(),
+                            poison=faults.hit("loss", step=step + 1, rank=layout.rank), probe=probe)
         step += 1
         if probe is not None:
             metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
             probe = None
-        skipped = engine.skipped_steps > skipped_before
-        metrics.step(step, loss, lr, engine.get_global_grad_norm(), skipped=skipped)
-        guard.check(step, skipped)
+        metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped)
+        guard.check(step, result.skipped)
         faults.hit("step", step=step, rank=layout.rank)
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):

@@ -9,32 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
-
-
-def quiet_libraries() -> None:
-    """Silence the import-time notices megatron-core and DeepSpeed print about optional packages we
-    deliberately run without (Transformer Engine, Apex) and DeepSpeed's INFO logging; name DeepSpeed's
-    accelerator (cuda or cpu) instead of letting it guess and warn (the user's DS_ACCELERATOR wins)."""
-    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|transformer_engine|TE).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    import logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m gorilla_dist.worker <run.dir>", file=sys.stderr)
         return 2
+    from gorilla_dist.runtime import quiet_libraries
+
     quiet_libraries()
     from gorilla_dist.config import load_run_config
     from gorilla_dist.errors import EXIT_PREEMPTED, UserError

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels.alibi import local_alibi_slopes
+from gorilla_dist.kernels.limits import UnsupportedAttention
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
@@ -25,6 +25,15 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 def _use_flash(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def flash_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash-attn cannot run here (None: it can, given no per-sample mask)."""
+    if flash_attn_func is None:
+        return "needs the flash-attn package (pip install -e '.[gpu]' on a CUDA machine)"
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return f"needs CUDA fp16/bf16 tensors for flash-attn; got {device.type} {str(dtype).replace('torch.', '')}"
+    return None
 
 
 def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, mask=None, bias=None):
@@ -57,8 +66,7 @@ class DenseAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.require_flash = require_flash
         if require_flash and flash_attn_func is None:
-            raise ConfigError("model.attention=flash needs the flash-attn package (pip install -e '.[gpu]' on a "
-                               "CUDA machine); model.attention=dense uses it when present and SDPA otherwise")
+            raise UnsupportedAttention(flash_unusable(torch.device("cuda"), torch.bfloat16))
         slopes = local_alibi_slopes(config.num_attention_heads, pg_collection) if alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
@@ -77,9 +85,9 @@ class DenseAttention(MegatronModule):
                                   causal=mask_type == AttnMaskType.causal, alibi_slopes=slopes)
             return out.transpose(0, 1).reshape(s, b, np_ * hn)
         if self.require_flash:
-            raise ConfigError(f"model.attention=flash: flash-attn runs on CUDA fp16/bf16 tensors without a "
-                               f"per-sample mask; got {query.device.type} {query.dtype}"
-                               f"{' with a mask' if attention_mask is not None else ''}; use model.attention=dense")
+            raise UnsupportedAttention(f"flash-attn runs on CUDA fp16/bf16 tensors without a per-sample mask; got "
+                                       f"{query.device.type} {query.dtype}"
+                                       f"{' with a mask' if attention_mask is not None else ''}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
         if k.shape[1] != np_:
             rep = np_ // k.shape[1]

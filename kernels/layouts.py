@@ -22,7 +22,7 @@ from functools import cached_property
 
 import torch
 
-from gorilla_dist.config import BLOCK_SIZES
+from gorilla_dist.kernels.limits import BLOCK_SIZES
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from gorilla_dist.kernels import layouts
 from gorilla_dist.kernels.alibi import local_alibi_slopes, tp_rank_size
 from gorilla_dist.kernels.block_sparse import block_sparse_attention
+from gorilla_dist.kernels.limits import UnsupportedAttention
 
 
 class _BlockSparseBase(MegatronModule):
@@ -34,7 +35,7 @@ class _BlockSparseBase(MegatronModule):
                  alibi: bool = False, **pattern):
         super().__init__(config=config)
         if (config.attention_dropout if attention_dropout is None else attention_dropout) > 0:
-            raise ValueError("block-sparse attention does not implement attention dropout; set model.dropout=0")
+            raise UnsupportedAttention("block-sparse attention does not implement attention dropout")
         self.block_size, self.pattern = block_size, pattern
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         tp_rank, tp_size = tp_rank_size(pg_collection)

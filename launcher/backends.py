@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gorilla_dist.runtime import free_port, single_process_env
 
 
 def _worker(run_dir: str) -> list[str]:
@@ -20,9 +15,7 @@ def _worker(run_dir: str) -> list[str]:
 
 
 def local(cfg, run_dir: str, port: int) -> tuple[list[str], dict]:
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    return [sys.executable, *_worker(run_dir)], env
+    return [sys.executable, *_worker(run_dir)], {**single_process_env(), "MASTER_PORT": str(port)}
 
 
 def torchrun(cfg, run_dir: str, port: int) -> tuple[list[str], dict]:

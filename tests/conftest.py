@@ -16,17 +16,21 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def world1():
     """torch.distributed (gloo, world 1) + megatron parallel_state with TP=1, for in-process tests."""
-    from launcher.backends import free_port
+    from unittest import mock
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
     from omegaconf import OmegaConf
 
     from gorilla_dist.config import ParallelConfig
     from gorilla_dist.parallel import init_distributed, teardown
-    from gorilla_dist.worker import quiet_libraries
+    from gorilla_dist.runtime import quiet_libraries, single_process_env
 
     quiet_libraries()
-    layout = init_distributed(OmegaConf.structured(ParallelConfig))
+    # Scoped: subprocesses started by later tests (launchers, torchrun, sbatch) must not inherit RANK or
+    # MASTER_PORT. LOCAL_RANK stays: DeepSpeed's accelerator reads it at every device lookup, and every
+    # launch backend sets its own.
+    env = single_process_env()
+    with mock.patch.dict(os.environ, env):
+        layout = init_distributed(OmegaConf.structured(ParallelConfig))
+    os.environ["LOCAL_RANK"] = env["LOCAL_RANK"]
     yield layout
     teardown()

@@ -66,7 +66,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def trained_model(world1, run_dir: Path):
     """(our model with the run's newest checkpoint loaded, in this process (TP=1, needs the world1 fixture),
     its tokenizer, its ModelConfig)."""
-    from gorilla_dist.generate import checkpoint_model
+    from gorilla_dist.inference import checkpoint_model
 
     cfg, _, model, tok = checkpoint_model(run_dir, "latest", world1.device)
     return model, tok, cfg.model

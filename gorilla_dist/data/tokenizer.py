@@ -81,7 +81,7 @@ class ByteTokenizer:
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map of the 256 byte values to printable characters (what ByteLevel uses)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = (b for b in range(256) if b not in keep)
@@ -102,7 +102,7 @@ class _CachedByteLevelBPE:
         import regex
 
         self.model, self.split = tok.model, regex.compile(GPT2_SPLIT).findall
-        self.table = str.maketrans(_bytes_to_unicode())
+        self.table = str.maketrans(bytes_to_unicode())
         self.specials = [t["content"] for t in spec.get("added_tokens", [])]
         self.cache: dict[str, list[int]] = {}
 

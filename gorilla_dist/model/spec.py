@@ -17,13 +17,16 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from gorilla_dist.kernels import core_attention_spec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from gorilla_dist.model.compat import TorchNorm, adapt_for_device, seed_rng_tracker, sum_sequence_parallel_grads
+from gorilla_dist.dtypes import TORCH_DTYPES
+from gorilla_dist.engine.megatron_cpu import adapt_model
+from gorilla_dist.engine.rng import seed_rng_tracker
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.kernels import core_attention_spec
+from gorilla_dist.kernels.limits import UnsupportedAttention
 
 VOCAB_MULTIPLE = 128
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -34,6 +37,20 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 def unpadded_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
+
+
+class TorchNorm:
+    """torch LayerNorm / RMSNorm for megatron-core's norm slots. megatron's own torch-norm wrapper
+    (WrappedTorchNorm, used when Apex is absent) refuses sequence parallelism only because it does not
+    mark its parameters; here they are marked `sequence_parallel`, as megatron's fused norms mark theirs
+    (their gradients are then summed over the TP group: engine/megatron_cpu.py)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
 
 
 RECOMPUTE = {"none": {},
@@ -64,10 +81,10 @@ def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = Fals
         sequence_parallel=sequence_parallel,
         **RECOMPUTE[activation_checkpointing],
         # Draw each full weight on the host from one seeded generator, then split: the same initial
-        # model for every TP size (and no CUDA RNG tracker needed; see compat.py).
+        # model for every TP size (and no CUDA RNG tracker needed; see engine/megatron_cpu.py).
         use_cpu_initialization=True,
         perform_initialization=True,
-        params_dtype=DTYPES[dtype],
+        params_dtype=TORCH_DTYPES[dtype],
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         # The fused CUDA kernels are optional speed-ups; the unfused paths run on every device.
@@ -95,31 +112,38 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int, parallel=None
     depend only on (m, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
     sequence parallelism and activation checkpointing; None: neither."""
     from megatron.core import parallel_state as ps
-
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     sp = bool(parallel is not None and parallel.sequence_parallel)
     recompute = parallel.activation_checkpointing if parallel is not None else "none"
+    if m.attention == "flash":  # fail at build, not at the first step
+        from gorilla_dist.kernels.dense import flash_unusable
+
+        reason = flash_unusable(device, TORCH_DTYPES[dtype])
+        if reason:
+            raise ConfigError(f"model.attention=flash {reason}; model.attention=dense uses flash-attn when "
+                              "it can and SDPA otherwise")
     torch.manual_seed(seed)
     seed_rng_tracker(seed, device)
-    model = GPTModel(
-        # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
-        # RowParallelLinear still passes tp_group=None internally; compat.quiet_tp_group_lookup covers that.
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
-                                  sequence_parallel=sp, activation_checkpointing=recompute),
-        transformer_layer_spec=block_spec(m),
-        vocab_size=padded_vocab_size(m.vocab_size),
-        max_sequence_length=m.seq_length,
-        share_embeddings_and_output_weights=m.tie_embeddings,
-        # ALiBi lives in core_attention (kernels/alibi.py): megatron adds no position embedding then.
-        position_embedding_type="none" if m.position_embedding == "alibi" else m.position_embedding,
-        rotary_base=m.rotary_base,
-        parallel_output=True,
-    )
-    adapt_for_device(model, device)
-    if sp:
-        sum_sequence_parallel_grads(model)
+    try:
+        model = GPTModel(
+            # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
+            # RowParallelLinear still passes tp_group=None internally; engine/megatron_cpu.py covers that.
+            pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+            config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
+                                      sequence_parallel=sp, activation_checkpointing=recompute),
+            transformer_layer_spec=block_spec(m),
+            vocab_size=padded_vocab_size(m.vocab_size),
+            max_sequence_length=m.seq_length,
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            # ALiBi lives in core_attention (kernels/alibi.py): megatron adds no position embedding then.
+            position_embedding_type="none" if m.position_embedding == "alibi" else m.position_embedding,
+            rotary_base=m.rotary_base,
+            parallel_output=True,
+        )
+    except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
+        raise ConfigError(f"model.attention={m.attention}: {err}") from None
+    adapt_model(model, device, sequence_parallel=sp)
     return model.to(device)
 
 

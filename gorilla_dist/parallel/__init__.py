@@ -8,9 +8,7 @@ Slurm's own variables (`rendezvous.from_slurm`).
 
 from __future__ import annotations
 
-import datetime
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,54 +39,12 @@ class ParallelLayout:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
 
-class MegatronMPU:
-    """The `mpu` object DeepSpeed asks for (model-parallel = tensor-parallel groups, data-parallel
-    groups), answered from megatron-core's parallel_state so both libraries agree on the groups."""
-
-    def __init__(self):
-        from megatron.core import parallel_state as ps
-
-        self._ps = ps
-
-    def get_model_parallel_rank(self):
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self):
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_data_parallel_rank(self):
-        return self._ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self):
-        return self._ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
-
-
-def _skip_deepspeed_shm_build() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce op (~30 s, needs g++/ninja)
-    the first time its comm backend starts. We reduce through gloo on CPU, which is exact and fast
-    enough for CPU ranks, so we replace `build_shm_op` (deepspeed/comm/torch.py) with "not available"
-    — the same answer it gives on machines where the op cannot be built."""
-    import deepspeed.comm.torch  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
 def init_distributed(parallel_cfg) -> ParallelLayout:
     """Start torch.distributed (through DeepSpeed, so its comm layer is initialised too) and
     megatron-core's tensor/data-parallel groups."""
-    import deepspeed
     from megatron.core import parallel_state as ps
 
+    from gorilla_dist.engine.comm import init_process_group
     from gorilla_dist.parallel.rendezvous import from_slurm
 
     os.environ.update(from_slurm(dict(os.environ)))
@@ -102,12 +58,10 @@ def init_distributed(parallel_cfg) -> ParallelLayout:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        _skip_deepspeed_shm_build()
     tp = parallel_cfg.tp
     if world % tp:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=parallel_cfg.timeout_s), verbose=False)
+    init_process_group(device, parallel_cfg.timeout_s)
     # megatron's groups get their own timeout (30 min by default): give them ours
     ps.initialize_model_parallel(tensor_model_parallel_size=tp,
                                  distributed_timeout_minutes=parallel_cfg.timeout_s / 60)

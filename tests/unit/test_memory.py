@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from test_nonfinite import REPO, batch, make_engine
 
 from gorilla_dist.config import Config
-from gorilla_dist.memory import ActivationPeak, FirstStepProbe, state_bytes
+from gorilla_dist.memory import ActivationPeak, FirstStepProbe
 from gorilla_dist.model import build_model
 from gorilla_dist.train import lm_loss, train_step
 
@@ -16,7 +16,7 @@ def test_fp32_zero0_state_is_4_bytes_of_weights_4_of_grads_8_of_moments(world1):
     engine, _ = make_engine(world1, "fp32", 0)
     n = sum(p.numel() for p in engine.module.parameters())
     tensors = len(list(engine.module.parameters()))
-    assert state_bytes(engine) == {"params": 4 * n, "grads": 0, "optimizer": 0}  # AdamW state is lazy
+    assert engine.state_bytes() == {"params": 4 * n, "grads": 0, "optimizer": 0}  # AdamW state is lazy
     probe = FirstStepProbe(engine, world1.device)
     train_step(engine, [batch(1)], probe=probe)
     got = probe.result()

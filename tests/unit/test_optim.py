@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from gorilla_dist.config import OptimConfig
-from gorilla_dist.optim import deepspeed_config, lr_at, param_groups
+from gorilla_dist.engine.deepspeed_engine import deepspeed_config
+from gorilla_dist.optim import lr_at, param_groups
 
 
 def nanogpt_lr(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from test_nonfinite import batch, make_engine
 
-from gorilla_dist import portable
 from gorilla_dist.checkpoint import Checkpointer, complete_checkpoints
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.train import train_step
@@ -24,21 +23,21 @@ def test_state_round_trip_continues_bitwise(world1, dtype, zero):
     trained, _ = make_engine(world1, dtype, zero)
     for i in range(2):
         train_step(trained, [batch(i)])
-    weights, moments, bad = portable.full_state(trained)
-    assert not bad and portable.optimizer_step_count(trained) == 2
+    weights, moments, bad = trained.full_state()
+    assert not bad and trained.optimizer_step_count() == 2
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert all(moments[f"{name}.exp_avg_sq"].abs().sum() > 0 for name in weights)  # real moments, not zeros
 
     fresh, _ = make_engine(world1, dtype, zero)
-    portable.load_full_state(fresh, weights, moments, portable.schedule_state(trained))
-    assert fresh.get_lr() == trained.get_lr() and fresh.global_steps == trained.global_steps == 2
-    again_w, again_m, _ = portable.full_state(fresh)
+    fresh.load_full_state(weights, moments, trained.schedule_state())
+    assert fresh.lr == trained.lr and fresh.global_steps == trained.global_steps == 2
+    again_w, again_m, _ = fresh.full_state()
     assert all(torch.equal(weights[k], again_w[k]) for k in weights)
     assert all(torch.equal(moments[k], again_m[k]) for k in moments)
 
     a, b = train_step(trained, [batch(5)]), train_step(fresh, [batch(5)])
-    assert a.item() == b.item()
-    after_a, after_b = portable.full_state(trained)[0], portable.full_state(fresh)[0]
+    assert a.loss.item() == b.loss.item()
+    after_a, after_b = trained.full_state()[0], fresh.full_state()[0]
     assert all(torch.equal(after_a[k], after_b[k]) for k in after_a)
 
 
@@ -47,11 +46,11 @@ def test_bf16_zero0_starts_like_the_other_stages(world1):
     step count starts at 0 and its updates are ZeRO-1's."""
     z0, _ = make_engine(world1, "bf16", 0)
     z1, _ = make_engine(world1, "bf16", 1)
-    assert portable.optimizer_step_count(z0) == 0
+    assert z0.optimizer_step_count() == 0
     for e in (z0, z1):
         for i in range(4):
             train_step(e, [batch(i)])
-    w0, w1 = portable.full_state(z0)[0], portable.full_state(z1)[0]
+    w0, w1 = z0.full_state()[0], z1.full_state()[0]
     worst = max((w0[k] - w1[k]).abs().max().item() for k in w0)
     assert worst < 1e-5, worst  # measured: 6e-8 (fp32 vs bf16 gradient accumulation); 1.3e-3 without the fix
 
@@ -71,7 +70,7 @@ def test_loading_a_checkpoint_never_unpickles(world1, tmp_path, monkeypatch):
     fresh, _ = make_engine(world1, "bf16", 2, run_dir=tmp_path)
     trainer = Checkpointer(cfg, world1).load(ckpt, fresh)
     assert trainer["step"] == 1 and trainer["data"] == {"position": 12}
-    want, got = portable.full_state(engine)[0], portable.full_state(fresh)[0]
+    want, got = engine.full_state()[0], fresh.full_state()[0]
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
@@ -80,7 +79,7 @@ def test_a_checkpoint_of_another_model_is_refused_by_name_and_shape(world1, tmp_
     ckpt = Checkpointer(cfg, world1).save(1, engine, {})
     cfg.model.hidden_size = 32
     from gorilla_dist.model import build_model
-    from gorilla_dist.optim import build_engine
+    from gorilla_dist.engine import build_engine
 
     other = build_engine(build_model(cfg.model, dtype="fp32", device=world1.device, seed=1), cfg, world1)
     with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight has shape \(128, 64\), this "

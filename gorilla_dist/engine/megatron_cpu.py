@@ -1,4 +1,5 @@
-"""The narrow adaptations megatron-core 0.16 needs, each replacing one named library call.
+"""The adaptations megatron-core needs (written against 0.16.1, see versions.py), each replacing one
+named library call. Applied by `adapt_model` to every model build_model returns.
 
 0. RowParallelLinear.forward passes `tp_group=None` to
    `linear_with_grad_accumulation_and_async_allreduce`, which then looks the group up and emits a
@@ -9,7 +10,7 @@
 megatron-core also assumes CUDA in a few places that the local (no Transformer Engine) spec reaches
 (no-ops on GPU):
   1. RotaryEmbedding.get_emb moves `inv_freq` to `torch.cuda.current_device()` on the first forward
-     (models/common/embeddings/rotary_pos_embedding.py). `adapt_for_device` swaps in a subclass
+     (models/common/embeddings/rotary_pos_embedding.py). `adapt_model` swaps in a subclass
      whose get_emb is identical except that it leaves `inv_freq` where the model lives.
   2. DotProductAttention allocates a buffer on CUDA and forks the CUDA RNG tracker for dropout; we do
      not use it: our own core_attention (gorilla_dist.kernels) runs on any device.
@@ -22,22 +23,19 @@ megatron-core also assumes CUDA in a few places that the local (no Transformer E
      `torch` that is the real one except that `torch.cuda.current_device()` names the CPU.
   4b. Dropout under sequence parallelism forks the CUDA RNG tracker, and activation recompute
      (tensor_parallel.random.CheckpointFunction) saves and restores the CUDA RNG state around the
-     recomputed forward. `seed_rng_tracker` seeds the tracker (on CUDA with megatron's own call) and,
+     recomputed forward. `rng.seed_rng_tracker` seeds the tracker (on CUDA with megatron's own call) and,
      without CUDA, makes both use the CPU generator.
 
-Two things megatron-core leaves to its own DDP wrapper, which we do not use (DeepSpeed owns gradients):
+One thing megatron-core leaves to its own DDP wrapper, which we do not use (DeepSpeed owns gradients):
   5. Sequence parallelism: each TP rank normalises only its slice of the sequence, so a norm's weight
      gradient is a partial sum that megatron's `finalize_model_grads` all-reduces over the TP group.
      `sum_sequence_parallel_grads` does that with a gradient hook on every parameter megatron marks
      `sequence_parallel` (before DeepSpeed accumulates or partitions the gradient).
-  6. megatron's torch-norm wrapper (WrappedTorchNorm, used when Apex is absent) refuses sequence
-     parallelism only because it does not mark its parameters; `TorchNorm` is the same torch
-     LayerNorm/RMSNorm with the parameters marked, as megatron's fused norms mark theirs.
+     (Its norm wrapper refuses sequence parallelism, so model/spec.py's TorchNorm marks the parameters.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
@@ -72,10 +70,12 @@ class _DeviceRotaryEmbedding(RotaryEmbedding):
         return emb[:, None, None, :]  # [s, 1, 1, dim]
 
 
-def adapt_for_device(model: torch.nn.Module, device: torch.device) -> None:
-    """Applied to every model build_model returns."""
+def adapt_model(model: torch.nn.Module, device: torch.device, *, sequence_parallel: bool) -> None:
+    """Applied to every model build_model returns (1, 4 and 5 above; 0 and 4 are process-wide)."""
     quiet_tp_group_lookup()
     cpu_buffers()
+    if sequence_parallel:
+        sum_sequence_parallel_grads(model)
     rope = getattr(model, "rotary_pos_emb", None)
     if device.type != "cuda" and type(rope) is RotaryEmbedding:
         rope.__class__ = _DeviceRotaryEmbedding
@@ -110,56 +110,6 @@ def cpu_buffers() -> None:
     for module in (layers, mappings, mutils):
         if not isinstance(module.torch, _TorchOnCPU):
             module.torch = _TorchOnCPU()
-
-
-def seed_rng_tracker(seed: int, device: torch.device) -> None:
-    """megatron-core's model-parallel RNG stream (dropout inside sequence-parallel regions runs under
-    `get_cuda_rng_tracker().fork()`), seeded as Megatron's initialisation does: seed + 2718 + TP rank.
-    On CUDA this is megatron's own `model_parallel_cuda_manual_seed`. Without CUDA the tracker keeps
-    CPU generator states and forks the CPU generator, and activation recompute saves and restores the
-    CPU generator and the tracker (what `CheckpointFunction` does with the CUDA ones)."""
-    import megatron.core.tensor_parallel.random as mrandom
-    from megatron.core import parallel_state as ps
-
-    tracker = mrandom.get_cuda_rng_tracker()
-    tracker.reset()
-    if device.type == "cuda":
-        mrandom.model_parallel_cuda_manual_seed(seed)
-        return
-    stream = torch.Generator().manual_seed(seed + 2718 + ps.get_tensor_model_parallel_rank())
-    tracker.states_[mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME] = stream.get_state()
-    tracker.fork = types.MethodType(_fork_cpu, tracker)
-    mrandom._get_all_rng_states = lambda: (torch.get_rng_state(), None, tracker.get_states())
-
-    def set_all(cpu_state, _cuda_state, tracker_states):
-        torch.set_rng_state(cpu_state)
-        tracker.set_states(tracker_states)
-
-    mrandom._set_all_rng_states = set_all
-
-
-@contextlib.contextmanager
-def _fork_cpu(tracker, name: str = "model-parallel-rng"):
-    if name not in tracker.states_:
-        raise RuntimeError(f"RNG stream {name} was not seeded")
-    outside = torch.get_rng_state()
-    torch.set_rng_state(tracker.states_[name])
-    try:
-        yield
-    finally:
-        tracker.states_[name] = torch.get_rng_state()
-        torch.set_rng_state(outside)
-
-
-class TorchNorm:
-    """torch LayerNorm / RMSNorm for megatron-core's norm slots (see 6 above)."""
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
-        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
-        for p in norm.parameters():
-            p.sequence_parallel = config.sequence_parallel
-        return norm
 
 
 def sum_sequence_parallel_grads(model: torch.nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 Layout of one checkpoint (`run.dir/checkpoints/step_00000500/`); nothing in it depends on the parallel
 layout (TP size, data-parallel size, ZeRO stage, precision) that wrote it, so any layout resumes it
-(gorilla_dist.portable):
+(gorilla_dist.engine.state):
     model.safetensors      fp32 master weights under single-process names and shapes (also what
                            generate and export read)
     optimizer.safetensors  AdamW moments, `<param>.exp_avg` / `<param>.exp_avg_sq`, same names
@@ -16,14 +16,13 @@ Everything is written into `.tmp-step_XXXXXXXX/` and renamed into place, so an i
 looks like a checkpoint. Incomplete checkpoints are reported and skipped, never deleted. Loading
 reads safetensors and JSON only: a checkpoint cannot run code (no pickle).
 
-`python -m gorilla_dist.checkpoint consolidate run.dir=... out=model.safetensors` writes one weights
-file (with the config in its metadata) from a run's newest usable checkpoint.
+`python -m gorilla_dist.checkpoint consolidate run.dir=... out=model.safetensors` (checkpoint/__main__.py)
+writes one weights file (with the config in its metadata) from a run's newest usable checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import os
 import re
 import shutil
@@ -36,7 +35,9 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gorilla_dist import faults, portable
+from gorilla_dist import faults
+from gorilla_dist.engine import check_fits
+from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.parallel import on_main
@@ -114,7 +115,7 @@ def complete_checkpoints(root: Path, *, report: bool = False) -> list[Path]:
 def load_consolidated(model: torch.nn.Module, path: Path) -> None:
     """Load a consolidated weights file into a single-process (TP=1) model; every parameter must be there."""
     state = load_file(str(path))
-    portable.check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, str(path))
+    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, str(path))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
@@ -152,7 +153,7 @@ class Checkpointer:
         rank alike, before writing anything) a model with inf/NaN weights."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
-        weights, moments, bad = portable.full_state(engine, keep=self.layout.is_main)
+        weights, moments, bad = engine.full_state(keep=self.layout.is_main)
         if bad:
             raise CheckpointError(f"step {step}: the model has non-finite (inf/NaN) weights in {len(bad)} tensors "
                                   f"({', '.join(bad[:3])}); not saving it, the checkpoints in {self.root} are "
@@ -168,7 +169,7 @@ class Checkpointer:
         save_file(rng_state(), str(tmp / f"rng_rank{self.layout.rank:05d}.safetensors"))
         if self.layout.is_main:
             save_file(moments, str(tmp / MOMENTS), metadata={"step": str(step)})
-            trainer = {"step": step, "data": data_state, **portable.schedule_state(engine)}
+            trainer = {"step": step, "data": data_state, **engine.schedule_state()}
             (tmp / TRAINER).write_text(json.dumps(trainer, indent=1))
         faults.hit("checkpoint.engine_saved", **fault)
         if self.layout.is_main:
@@ -222,7 +223,7 @@ class Checkpointer:
         trainer = json.loads((ckpt / TRAINER).read_text())
         with safe_open(str(ckpt / WEIGHTS), "pt") as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
             _check_fits(engine, w, str(ckpt / WEIGHTS))
-            portable.load_full_state(engine, w, m, trainer)
+            engine.load_full_state(w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
         if saved.get("world") == now["world"] and rng.is_file():
             set_rng_state(load_file(str(rng)))
@@ -247,13 +248,13 @@ class Checkpointer:
         ckpt = on_main(find, self.layout)
         with safe_open(str(ckpt / WEIGHTS), "pt") as w:
             _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}")
-            portable.load_full_state(engine, w, _ZeroMoments(w), portable.schedule_state(engine))
+            engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state())
         return ckpt
 
 
 def _check_fits(engine, weights, where: str) -> None:
     """The weights file (a safetensors handle) has this model's names and full shapes."""
-    portable.check_fits(engine.module, {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}, where)
+    engine.check_fits({k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}, where)
 
 
 class _ZeroMoments:
@@ -268,93 +269,3 @@ class _ZeroMoments:
 
 def _describe(layout: dict) -> str:
     return " ".join(f"{k}={layout.get(k, '?')}" for k in ("world", "tp", "zero_stage", "precision"))
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """This rank's generators: torch's, CUDA's, and megatron's model-parallel tracker streams."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    for name, value in get_cuda_rng_tracker().get_states().items():
-        state[f"tracker/{name}"] = value.cpu()
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tracker = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
-    if tracker:
-        get_cuda_rng_tracker().set_states(tracker)
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m gorilla_dist.checkpoint consolidate run.dir=... out=...
-
-CONSOLIDATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class ConsolidateArgs:
-    run_dir: str | None = None
-    """The training run's directory (run.dir=...)."""
-    out: str | None = None
-    """The file to write (safetensors); it must not exist yet."""
-    checkpoint: str = "latest"
-    """latest (newest usable checkpoint of run.dir) or a checkpoint directory."""
-    dtype: str = "fp32"
-    """Weights are stored as fp32 masters; cast to fp32 | bf16 | fp16 on the way out."""
-
-
-def consolidate(args) -> tuple[Path, Path, int]:
-    """One layout-free weights file from a run's checkpoint, with the run's config and step in its
-    metadata. Returns (checkpoint used, file written, parameter count)."""
-    from gorilla_dist.errors import UserError
-
-    if not args.run_dir or not args.out:
-        raise UserError("usage: python -m gorilla_dist.checkpoint consolidate run.dir=<run> out=<file.safetensors> "
-                        "[checkpoint=latest|<dir>] [dtype=fp32|bf16|fp16]")
-    if args.dtype not in CONSOLIDATE_DTYPES:
-        raise UserError(f"dtype={args.dtype!r} is not valid; choose one of: {', '.join(CONSOLIDATE_DTYPES)}")
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"out={out} already exists; not overwriting it (remove it or choose another out=)")
-    ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
-    weights = {k: v.to(CONSOLIDATE_DTYPES[args.dtype]) for k, v in load_file(str(ckpt / WEIGHTS)).items()}
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    metadata = {"format": "gorilla_dist", "step": str(manifest["step"]), "dtype": args.dtype,
-                "written_by_layout": json.dumps(manifest.get("layout", {})),
-                "config": (ckpt / "config.yaml").read_text()}
-    tokenizer = Path(args.run_dir) / "tokenizer.json"
-    if tokenizer.is_file():  # so that the file alone can be exported (python -m gorilla_dist.export consolidated=)
-        metadata["tokenizer"] = tokenizer.read_text()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file(weights, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
-    return ckpt, out, sum(v.numel() for v in weights.values())
-
-
-def main(argv: list[str]) -> int:
-    from gorilla_dist.cli import parse_key_values, run_tool
-    from gorilla_dist.errors import UserError
-
-    def body() -> int:
-        if not argv or argv[0] != "consolidate":
-            raise UserError("usage: python -m gorilla_dist.checkpoint consolidate run.dir=<run> "
-                            "out=<file.safetensors> [checkpoint=latest|<dir>] [dtype=fp32|bf16|fp16]")
-        args = parse_key_values(argv[1:], ConsolidateArgs, aliases={"run.dir": "run_dir"})
-        ckpt, out, n = consolidate(args)
-        print(f"[consolidate] {out}: {n:,} parameters ({args.dtype}) from {ckpt}", flush=True)
-        return 0
-
-    return run_tool(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

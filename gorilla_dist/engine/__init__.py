@@ -1,0 +1,126 @@
+"""The engine boundary: the only package that knows DeepSpeed's and megatron-core's internals.
+
+Everything that reads a private field of either library, replaces one of their functions or depends
+on how they lay out their state lives here, each adaptation named and checked against the tested
+versions (versions.py):
+    deepspeed_engine.py  building the DeepSpeed engine; its adaptations (non-finite fp32 steps, the
+                         unfused optimizer's init step, the shm op); the `mpu`; starting torch.distributed
+    megatron_cpu.py      megatron-core's CUDA assumptions adapted for CPU; sequence-parallel grad sums
+    rng.py               megatron's model-parallel RNG tracker: seeding, capture, restore
+    state.py             the layout-free training state: full tensors out of / into any TP x ZeRO layout
+    accounting.py        per-rank bytes of parameters, gradients and optimizer state
+
+The rest of the framework talks to `TrainEngine` only: `step(micro_batches, loss_fn) -> StepResult`,
+`full_state()` / `load_full_state()`, `state_bytes()`, and the model to call forward on. Megatron-core
+*layers* (the model spec) are built in gorilla_dist/model/ from megatron's public specs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from gorilla_dist.engine import accounting, state
+from gorilla_dist.engine.versions import check_versions
+
+__all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits"]
+
+check_fits = state.check_fits
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as the loop needs it. Nothing here was read back to the host."""
+
+    loss: torch.Tensor
+    """Mean loss over this rank's micro-batches (0-d; not averaged over ranks)."""
+    grad_norm: torch.Tensor | float | None
+    """Global gradient norm before clipping (None when the engine measured none)."""
+    skipped: bool
+    """The update was not applied (inf/NaN gradient norm): weights, optimizer and schedule unchanged."""
+
+
+class TrainEngine:
+    """A model inside DeepSpeed (ZeRO 0-3, fp32/bf16/fp16, accumulation, clipping), behind the narrow
+    interface the loop, checkpoints and memory accounting use."""
+
+    def __init__(self, ds_engine):
+        self._ds = ds_engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (single-process code: sampling, inspection)."""
+        return self._ds.module
+
+    def __call__(self, *args, **kwargs):
+        """Forward through the engine (ZeRO-3 gathers the parameters it needs)."""
+        return self._ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses (the schedule advances inside a step)."""
+        return self._ds.get_lr()[0]
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._ds.skipped_steps
+
+    @property
+    def global_steps(self) -> int:
+        return self._ds.global_steps
+
+    def step(self, micro_batches, loss_fn, *, probe=None) -> StepResult:
+        """One optimizer step over this rank's micro-batches: `loss_fn(self, batch)` -> 0-d loss for each,
+        backward, and the update at the accumulation boundary (DeepSpeed divides by the accumulation
+        count). `probe` (memory.FirstStepProbe) measures the first step's memory."""
+        skipped_before = self._ds.skipped_steps
+        total = torch.zeros((), device=micro_batches[0].tokens.device)
+        for i, batch in enumerate(micro_batches):
+            with probe.micro_batch() if probe else nullcontext():
+                loss = loss_fn(self, batch)
+                self._ds.backward(loss)
+            if probe and i == len(micro_batches) - 1:
+                probe.before_update()
+            self._ds.step()  # updates only at the accumulation boundary
+            total += loss.detach().float()
+        if probe:
+            probe.after_update()
+        return StepResult(loss=total / len(micro_batches), grad_norm=self._ds.get_global_grad_norm(),
+                          skipped=self._ds.skipped_steps > skipped_before)
+
+    def full_state(self, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
+        """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""
+        return state.full_state(self._ds, keep=keep)
+
+    def schedule_state(self) -> dict:
+        """AdamW's step count, the LR schedule, the step counters, the loss scaler, as JSON."""
+        return state.schedule_state(self._ds)
+
+    def load_full_state(self, weights, moments, schedule: dict) -> None:
+        state.load_full_state(self._ds, weights, moments, schedule)
+
+    def optimizer_step_count(self) -> int:
+        return state.optimizer_step_count(self._ds)
+
+    def check_fits(self, shapes: dict[str, tuple], source: str) -> None:
+        """A CheckpointError unless `shapes` are exactly this model's single-process names and shapes."""
+        state.check_fits(self._ds.module, shapes, source)
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of params, grads and optimizer state (see gorilla_dist/memory.py)."""
+        return accounting.state_bytes(self._ds)
+
+
+def build_engine(model: torch.nn.Module, cfg, layout) -> TrainEngine:
+    """The model inside DeepSpeed: AdamW, the LR schedule, ZeRO, precision, clipping, accumulation."""
+    from gorilla_dist.engine.deepspeed_engine import build_deepspeed
+
+    return TrainEngine(build_deepspeed(model, cfg, layout))

@@ -1,0 +1,154 @@
+"""Building the DeepSpeed engine, and the adaptations of DeepSpeed our training relies on (written
+against DeepSpeed 0.19.8, see versions.py), each named:
+
+1. `_skip_nonfinite_fp32_steps`: fp32 ZeRO-0 skips a step whose gradient norm is inf/NaN, as every
+   other DeepSpeed optimizer path does (replaces `engine.clip_fp32_gradients` and `optimizer.step`).
+2. `_undo_unfused_init_step`: undoes the zero-gradient AdamW step DeepSpeed's FP16_UnfusedOptimizer
+   (bf16/fp16 at ZeRO-0) takes at start.
+3. bf16 at ZeRO-1 accumulates gradients in fp32 (`data_types.grad_accum_dtype`; a config choice).
+4. One data-parallel rank at ZeRO-0: no gradient all-reduce over a group of one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gorilla_dist.config import grad_accum_steps
+from gorilla_dist.engine.state import unfused_masters
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.optim import lr_at, param_groups
+
+
+class MegatronMPU:
+    """The `mpu` object DeepSpeed asks for (model-parallel = tensor-parallel groups, data-parallel
+    groups), answered from megatron-core's parallel_state so both libraries agree on the groups."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+
+def deepspeed_config(cfg, dp: int) -> dict:
+    dtype = cfg.precision.dtype
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, dp),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": dtype == "bf16"},
+        # bf16 with ZeRO-1: fp32 gradient accumulation (DeepSpeed's BF16_Optimizer; its default accumulates
+        # in bf16). DeepSpeed 0.19.8 has no fp32 accumulation for bf16 at ZeRO-0 ("unsupported mix").
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bf16" and cfg.parallel.zero_stage == 1 else {}),
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0,
+                 "initial_scale_power": cfg.precision.initial_scale_power,
+                 "loss_scale_window": cfg.precision.loss_scale_window},
+        # We bring torch's AdamW (no JIT-compiled fused op on CPU); DeepSpeed calls it "untested" for ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_deepspeed(model: torch.nn.Module, cfg, layout):
+    """deepspeed.initialize: AdamW (decay on matrices only), warmup + cosine schedule, ZeRO, precision,
+    clipping; with the adaptations above applied."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if cfg.precision.dtype == "fp16" and not acc.is_fp16_supported():
+        raise ConfigError(f"precision.dtype=fp16 is not supported on this device ({acc.device_name()}): "
+                          "DeepSpeed has fp16 training on GPUs only; use precision=bf16 or precision=fp32")
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, o, cfg.train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, layout.dp), mpu=MegatronMPU())
+    _skip_nonfinite_fp32_steps(engine)
+    _undo_unfused_init_step(engine)
+    if layout.dp == 1 and cfg.parallel.zero_stage == 0:
+        # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
+        # all-reduce it over a group of one and copy it back (~2 ms/step for the tiny model on CPU).
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def _skip_nonfinite_fp32_steps(engine) -> None:
+    """DeepSpeed's ZeRO and bf16/fp16 optimizers skip a step whose gradient norm is inf/NaN (no update,
+    no LR-schedule advance, `engine.skipped_steps` += 1). Its fp32 ZeRO-0 path hands the gradients
+    straight to the torch optimizer instead, and clips with `clip_grad_norm_` but drops the norm it
+    returns (so `get_global_grad_norm()` stays None). Here that path behaves like the others: the norm
+    is kept (same clipping call, same mpu), and a non-finite one skips the optimizer step through the
+    `overflow` flag the engine reads after every step (engine.py `_take_model_step`)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    optimizer = engine.optimizer
+    torch_step = optimizer.step
+    optimizer.overflow = False
+
+    def record_norm(max_norm: float) -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=max_norm,
+                                                   mpu=engine.mpu)
+
+    def guarded_step(closure=None):
+        if engine.gradient_clipping() <= 0:  # not clipped, so no norm yet: measure without clipping
+            record_norm(float("inf"))
+        optimizer.overflow = not math.isfinite(float(engine._global_grad_norm))
+        if not optimizer.overflow:
+            return torch_step(closure)
+        return None
+
+    engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
+    optimizer.step = guarded_step
+
+
+def _undo_unfused_init_step(engine) -> None:
+    """DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO-0) creates AdamW's state by running one
+    step with zero gradients at start (fp16/unfused_optimizer.py `initialize_optimizer_states`). The
+    update is zero, but AdamW's step count is then 1 ahead, so bias correction shrinks the first real
+    updates (~0.74x at the first step), and its fp32 masters received one weight decay the model's
+    weights did not. Here that step is undone — count 0, masters equal to the weights — so ZeRO-0
+    follows the same trajectory as ZeRO-1/2/3, which start from a fresh AdamW."""
+    masters = unfused_masters(engine)
+    if not masters:
+        return
+    basic = engine.optimizer.optimizer
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            if id(p) in masters:
+                masters[id(p)].copy_(p.float())
+                state = basic.state[masters[id(p)]]
+                state["step"].zero_()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key].zero_()

@@ -1,0 +1,10 @@
+"""What the kernels can do, as plain constants and one error type (no torch import: the config
+validation imports these without loading any kernel)."""
+
+BLOCK_SIZES = (16, 32, 64, 128)
+"""Block-sparse attention block sizes (tokens) the CPU and Triton kernels support."""
+
+
+class UnsupportedAttention(ValueError):
+    """A kernel was asked for something it cannot do on this machine or with these inputs. The model
+    builder (gorilla_dist/model/spec.py) turns it into a config error naming model.attention."""

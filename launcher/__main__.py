@@ -10,11 +10,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from gorilla_dist import conf
 from gorilla_dist.config import register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import UserError
 from launcher import backends
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(conf.__file__).resolve().parent)  # conf/ in a checkout, gorilla_dist/conf when installed
 
 register_configs()
 

@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import gorilla_dist.slurm
 from gorilla_dist.files import write_text_atomic
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+TEMPLATE = Path(gorilla_dist.slurm.__file__).resolve().parent / "train.sbatch"  # slurm/ in a checkout
 # JobState values after which a job will not run again (a requeued job goes back to PENDING instead)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "SPECIAL_EXIT"}

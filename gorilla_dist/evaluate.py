@@ -7,8 +7,8 @@ prepared with the run's tokenizer into a temporary directory first. Samples are 
 fixed-length windows, packed and masked exactly as in training (data.loader.pack), so `samples=N`
 on the run's own data reproduces the val_loss training logged from its first N validation samples.
 
-The loss is training's: a softmax over the padded vocabulary (megatron's convention; the padding ids
-never occur, and training pushes their logits down).
+The loss is training's (gorilla_dist.loss): a softmax over the real vocabulary (the embedding's padding
+rows are masked out), so it equals what transformers computes on the exported model.
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the predicted tokens (an <eod>
 counts as one byte: the separator it stands for): unlike perplexity, it compares models with different
@@ -75,6 +75,7 @@ def evaluate_span(model, span, *, eod: int, reset_at_eod: bool, batch_size: int,
                   bytes_of: np.ndarray, device) -> dict:
     """Summed loss (nats), predicted tokens, their bytes, over the first `samples` windows of `span`."""
     from gorilla_dist.data.loader import pack
+    from gorilla_dist.loss import lm_loss_sum
 
     n = span.samples if samples is None else min(samples, span.samples)
     loss_sum, tokens, nbytes = 0.0, 0, 0
@@ -83,9 +84,9 @@ def evaluate_span(model, span, *, eod: int, reset_at_eod: bool, batch_size: int,
         windows = np.empty((len(rows), span.seq + 1), dtype=np.int64)
         valid = np.array([span.window(j, windows[r]) for r, j in enumerate(rows)])
         b = pack(windows, valid, np.zeros(len(rows), dtype=np.int64), eod=eod, reset_at_eod=reset_at_eod).to(device)
-        per_token = model(b.tokens, b.position_ids, b.attention_mask, labels=b.labels).double()
-        loss_sum += float((per_token * b.loss_mask).sum())
-        tokens += int(b.loss_mask.sum())
+        batch_sum, batch_count = lm_loss_sum(model, b)
+        loss_sum += float(batch_sum)
+        tokens += int(batch_count)
         nbytes += int((torch.from_numpy(bytes_of)[b.labels.cpu()] * b.loss_mask.cpu()).sum())
     return {"samples": n, "tokens": tokens, "bytes": nbytes, "loss_sum": loss_sum}
 

@@ -11,18 +11,12 @@ from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
 from gorilla_dist.inference import sample
+from gorilla_dist.loss import lm_loss, lm_loss_sum
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
-from gorilla_dist.parallel import dp_mean
+from gorilla_dist.parallel import dp_sum
 from gorilla_dist.stopping import StopSignals
-
-
-def lm_loss(model, batch) -> torch.Tensor:
-    """Next-token cross entropy averaged over the batch's unmasked targets (see data.loader.Batch)."""
-    per_token = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)  # (b, s)
-    mask = batch.loss_mask
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def train_step(engine: TrainEngine, micro_batches, *, poison: bool = False,
@@ -39,10 +33,13 @@ def train_step(engine: TrainEngine, micro_batches, *, poison: bool = False,
 
 @torch.no_grad()
 def evaluate(engine, data, n_batches: int, layout) -> float:
+    """Held-out loss over the fixed validation batches of every data-parallel rank (per target, as
+    `python -m gorilla_dist.evaluate` computes it). One host sync."""
     engine.eval()
-    losses = torch.stack([lm_loss(engine, batch) for batch in data.val_batches(n_batches)]).mean()
+    totals = torch.stack([torch.stack(lm_loss_sum(engine, batch)) for batch in data.val_batches(n_batches)]).sum(0)
     engine.train()
-    return dp_mean(losses, layout).item()
+    loss_sum, count = dp_sum(totals, layout).tolist()
+    return loss_sum / max(count, 1.0)
 
 
 class DivergenceError(UserError):

@@ -103,14 +103,18 @@ def tp_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return shards
 
 
-def dp_mean(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
-    """Mean of `tensor` over the data-parallel ranks, in place (one collective; no-op when dp == 1)."""
+def dp_sum(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Sum of `tensor` over the data-parallel ranks, in place (one collective; no-op when dp == 1)."""
     if layout.dp > 1:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(tensor, group=ps.get_data_parallel_group())
-        tensor /= layout.dp
     return tensor
+
+
+def dp_mean(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Mean of `tensor` over the data-parallel ranks, in place (one collective; no-op when dp == 1)."""
+    return dp_sum(tensor, layout).div_(layout.dp)
 
 
 _TIMEOUT = ("Timed out", "timed out", "Timeout(ms)", "timeout")

@@ -52,6 +52,30 @@ def test_own_validation_split_reproduces_the_logged_val_loss(run, tmp_path):
     assert whole.returncode == 0 and "validation split" in whole.stdout
 
 
+def test_training_eval_equals_evaluate_when_batches_score_different_numbers_of_targets(tmp_path):
+    """data.reset_at_eod=true: <eod> inputs are not scored, so each validation batch has its own number of
+    targets. The loop's val_loss and `evaluate` both weigh every target the same (summed loss / count);
+    a mean of per-batch means would differ here by more than the tolerance (checked below)."""
+    run = tmp_path / "run"
+    check(launch(run, "model=debug", "train.max_steps=2", "train.eval_interval=2", "train.eval_batches=2",
+                 "data.reset_at_eod=true", "checkpoint.interval=2"))
+    mbs, seq = (lambda c: (c.train.micro_batch_size, c.model.seq_length))(OmegaConf.load(run / "config.yaml"))
+    logged = next(r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if r.get("val_loss") is not None)
+    totals = []  # (summed loss, targets) of the first 1 and 2 batches
+    for k in (1, 2):
+        proc = evaluate(run, f"samples={k * mbs}", f"batch_size={mbs}", f"out={tmp_path / f'{k}.json'}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((tmp_path / f"{k}.json").read_text())
+        totals.append((result["loss"] * result["tokens"], result["tokens"]))
+    per_batch = [(totals[0][0], totals[0][1])] + [(b[0] - a[0], b[1] - a[1]) for a, b in zip(totals, totals[1:])]
+    counts = [c for _, c in per_batch]
+    assert len(set(counts)) > 1 and max(counts) < mbs * seq  # unequal, and fewer than every position
+    assert result["loss"] == pytest.approx(logged, rel=1e-6)
+    mean_of_means = sum(s / c for s, c in per_batch) / 2
+    assert abs(mean_of_means - logged) > 1e-6 * logged
+
+
 def test_a_text_file_equals_plain_cross_entropy_over_its_windows(world1, run, tmp_path):
     text = bundled_corpus().read_text()[:2000]  # 2000 chars + <eod>: 62 full windows of 32 and a partial one
     (tmp_path / "doc.txt").write_text(text)
@@ -64,7 +88,7 @@ def test_a_text_file_equals_plain_cross_entropy_over_its_windows(world1, run, tm
     with torch.no_grad():
         for a in range(0, len(ids) - 1, s):
             x, y = ids[a:a + s], ids[a + 1:a + s + 1]
-            # the softmax runs over the padded vocabulary, as training's loss does (megatron's convention)
+            # logits of the padding ids are -inf: the softmax covers the real vocabulary, as training's loss
             logits = model(x[None], torch.arange(len(x))[None], None)[0, :len(y)]
             total += F.cross_entropy(logits.double(), y, reduction="sum").item()
             count += len(y)

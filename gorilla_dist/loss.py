@@ -1,0 +1,29 @@
+"""The language-model loss, one definition for training, the loop's evaluation and `evaluate`.
+
+The model's softmax covers the real vocabulary only (the padding rows of the output layer are masked
+out: model/spec.py), so these are the numbers a transformers user gets from an exported model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_token_loss(model, batch) -> torch.Tensor:
+    """(b, s) next-token cross entropy at every position (see data.loader.Batch)."""
+    return model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Training's loss: mean next-token cross entropy over the batch's unmasked targets (fp32)."""
+    mask = batch.loss_mask
+    return (per_token_loss(model, batch).float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def lm_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss in nats, number of unmasked targets), both float64 0-d tensors on the batch's device.
+    Held-out loss over many batches is sum(sums) / sum(counts): every target weighs the same, however
+    the batches' masks differ (documents resetting attention, a padded last window)."""
+    mask = batch.loss_mask.double()
+    return (per_token_loss(model, batch).double() * mask).sum(), mask.sum()

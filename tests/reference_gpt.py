@@ -60,5 +60,5 @@ def reference_loss(p: dict, m, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
         z = z + u @ p[f"{L}.mlp.linear_fc2.weight"].T
     z = _norm(z, p, "decoder.final_layernorm", m.normalization)
     out_w = emb if m.tie_embeddings else p["output_layer.weight"]
-    logits = z @ out_w.T
+    logits = z @ out_w[:m.vocab_size].T  # the real vocabulary: padding rows take no probability
     return F.cross_entropy(logits.reshape(b * s, -1), y.reshape(-1), reduction="none").view(b, s)

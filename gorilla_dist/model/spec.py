@@ -39,6 +39,25 @@ def unpadded_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
+def mask_vocab_padding(model: GPTModel, vocab_size: int, *, tp_rank: int, tp_size: int) -> None:
+    """The output layer's padding rows (ids >= vocab_size, which no tokenizer produces) get logit -inf,
+    so the softmax — training's loss, TP's vocab-parallel loss, evaluation — covers the real vocabulary
+    only, exactly as the exported transformers model (which has no padding rows) computes it. Each
+    tensor-parallel rank masks the ids of its own vocabulary slice."""
+    padded = padded_vocab_size(vocab_size)
+    if padded == vocab_size:
+        return
+    local = padded // tp_size
+    ids = torch.arange(tp_rank * local, (tp_rank + 1) * local)
+    model.output_layer.register_buffer("vocab_padding", ids >= vocab_size, persistent=False)  # (local,)
+
+    def mask(layer, _args, output):
+        logits, bias = output  # logits (s, b, local)
+        return logits.masked_fill(layer.vocab_padding, float("-inf")), bias
+
+    model.output_layer.register_forward_hook(mask)
+
+
 class TorchNorm:
     """torch LayerNorm / RMSNorm for megatron-core's norm slots. megatron's own torch-norm wrapper
     (WrappedTorchNorm, used when Apex is absent) refuses sequence parallelism only because it does not
@@ -143,6 +162,8 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int, parallel=None
         )
     except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
         raise ConfigError(f"model.attention={m.attention}: {err}") from None
+    mask_vocab_padding(model, m.vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
+                       tp_size=ps.get_tensor_model_parallel_world_size())
     adapt_model(model, device, sequence_parallel=sp)
     return model.to(device)
 

@@ -5,6 +5,7 @@ from the checkpoint, and its greedy generation prints what ours prints."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, check, generate, launch, trained_model
@@ -50,6 +51,22 @@ def logits_of_both(world1, run, out, text: str) -> tuple[torch.Tensor, torch.Ten
         return ours, hf(input_ids=ids).logits
 
 
+def losses_of_both(world1, run, out, text: str) -> tuple[float, float]:
+    """(our training loss on `text`, transformers' loss on it): the same number, the padding rows of our
+    vocabulary being masked out of our softmax."""
+    import transformers
+
+    from gorilla_dist.data.loader import pack
+    from gorilla_dist.loss import lm_loss
+
+    model, tok, _ = trained_model(world1, run)
+    ids = torch.as_tensor(tok.encode(text))[None]
+    batch = pack(ids.numpy(), np.array([ids.shape[1]]), np.array([0]), eod=tok.eod, reset_at_eod=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return lm_loss(model, batch).item(), hf(input_ids=ids, labels=ids).loss.item()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_exported_model_computes_and_generates_like_ours(world1, tmp_path, layout):
     overrides, cls = LAYOUTS[layout]
@@ -74,6 +91,8 @@ def test_exported_model_computes_and_generates_like_ours(world1, tmp_path, layou
     ours, theirs = logits_of_both(world1, run, out, TEXT)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert ours.std() > 0.1  # 1000x the tolerance
+    ours, theirs = losses_of_both(world1, run, out, TEXT)
+    assert ours == pytest.approx(theirs, rel=1e-5)
 
     # a second export onto the same directory is refused and leaves the first one as it was
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -340,8 +340,9 @@ def grad_accum_steps(cfg, dp: int) -> int:
 
 
 def validate(cfg, world: int | None = None) -> None:
-    """Check the whole config once, before any process starts. Raises ConfigError naming the key,
-    the value and what would be valid."""
+    """Check that the config is consistent (types, ranges, choices, how the keys fit together), before any
+    process starts and wherever a run's config is read again. Raises ConfigError naming the key, the
+    value and what would be valid. Looks at no file: see check_inputs."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     world = world_size(cfg) if world is None else world
     for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
@@ -409,6 +410,25 @@ def validate(cfg, world: int | None = None) -> None:
         raise ConfigError(
             f"train.global_batch_size({t.global_batch_size}) is not divisible by "
             f"train.micro_batch_size({t.micro_batch_size}) * data_parallel({dp}) = {t.micro_batch_size * dp}")
+
+
+def check_inputs(cfg) -> None:
+    """The inputs a training run reads exist: data.path, data.tokenizer (a file), data.sources,
+    checkpoint.resume (a directory). Run by the launcher and by each worker before training; not by
+    generate, evaluate or export, which need only the run's own files (its config, tokenizer and
+    checkpoints), so they keep working after a run's data was moved or deleted. checkpoint.init_from is
+    checked where it is used (a run's first start only)."""
+    d = cfg.data
+    if d.path is not None and not Path(d.path).is_file():
+        raise ConfigError(f"data.path={d.path!r}: no such file")
+    tok = d.tokenizer
+    if tok not in ("char", "byte") and not tok.startswith("bpe:") and not Path(tok).exists():
+        raise ConfigError(f"data.tokenizer={tok!r}: expected char, byte, bpe:<vocab_size>, or the path of a "
+                          "Hugging Face tokenizer.json (or its directory)")
+    for i, src in enumerate(d.sources):
+        if not Path(src.path).is_dir():
+            raise ConfigError(f"data.sources[{i}].path={src.path!r}: no such directory (prepare one with "
+                              "python -m gorilla_dist.data.prepare input=... output=...)")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
@@ -447,16 +467,7 @@ def _validate_data(d, t) -> None:
     if d.sources and d.path is not None:
         raise ConfigError("data.sources and data.path are both set; give prepared data.sources, or one data.path "
                           "to prepare into run.dir/data")
-    if d.path is not None and not Path(d.path).is_file():
-        raise ConfigError(f"data.path={d.path!r}: no such file")
-    tok = d.tokenizer
-    if tok not in ("char", "byte") and not tok.startswith("bpe:") and not Path(tok).exists():
-        raise ConfigError(f"data.tokenizer={tok!r}: expected char, byte, bpe:<vocab_size>, or the path of a "
-                          "Hugging Face tokenizer.json (or its directory)")
     for i, src in enumerate(d.sources):
-        if not Path(src.path).is_dir():
-            raise ConfigError(f"data.sources[{i}].path={src.path!r}: no such directory (prepare one with "
-                              "python -m gorilla_dist.data.prepare input=... output=...)")
         if not src.weight > 0:
             raise ConfigError(f"data.sources[{i}].weight={src.weight} must be positive")
 

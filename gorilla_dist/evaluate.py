@@ -105,6 +105,11 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
 
     if args.data is None:
         paths = [s.path for s in cfg.data.sources] if cfg.data.sources else [run_dir / "data"]
+        for p in paths:
+            if not Path(p).is_dir():
+                raise DataError(f"{p}: the run's data is not there any more (moved or deleted), so its validation "
+                                "split cannot be read; evaluate other data with data=<prepared directory | text "
+                                "files>")
         return [(str(p), TokenDataset(p, verify="size")) for p in paths], args.split or "validation"
     path = Path(args.data)
     if path.is_dir() and (path / "meta.json").is_file():

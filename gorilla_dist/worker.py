@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     from gorilla_dist.runtime import quiet_libraries
 
     quiet_libraries()
-    from gorilla_dist.config import load_run_config
+    from gorilla_dist.config import check_inputs, load_run_config
     from gorilla_dist.errors import EXIT_PREEMPTED, UserError
     from gorilla_dist.parallel import describe_comm_failure, init_distributed, teardown
     from gorilla_dist.train import train
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     cfg = None
     try:
         cfg = load_run_config(argv[0])
+        check_inputs(cfg)
         layout = init_distributed(cfg.parallel)
         try:
             finished = train(cfg, layout)

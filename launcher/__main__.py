@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gorilla_dist import conf
-from gorilla_dist.config import register_configs, resolve, save_run_config, validate
+from gorilla_dist.config import check_inputs, register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import UserError
 from launcher import backends
 
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
     try:
         resolve(cfg)
         validate(cfg)
+        check_inputs(cfg)
     except UserError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -75,3 +75,36 @@ def test_a_corrupted_source_stops_the_run_before_training(tmp_path, sources):
     assert proc.returncode == 1
     assert f"error: {shard}: sha256 does not match meta.json" in proc.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_generate_evaluate_and_export_need_only_the_run_after_its_data_is_deleted(tmp_path, sources):
+    """A run's checkpoints, tokenizer and config are all the tools need: with its data.sources deleted,
+    generate and export work, evaluate reads other data, and only what needs the data says it is gone."""
+    import re
+    import shutil
+
+    moved = sources
+    for path in re.findall(r"path: ([^,]+)", sources):
+        copy = tmp_path / "sources" / path.rsplit("/", 1)[-1]
+        shutil.copytree(path, copy)
+        moved = moved.replace(path, str(copy))
+    run = tmp_path / "run"
+    check(launch(run, moved, *COMMON, "train.max_steps=2"))
+    shutil.rmtree(tmp_path / "sources")
+
+    def tool(module: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+
+    gen = tool("gorilla_dist.generate", f"run.dir={run}", "max_new_tokens=5", "temperature=0")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    exported = tool("gorilla_dist.export", f"run.dir={run}", f"out={tmp_path / 'hf'}")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    (tmp_path / "doc.txt").write_text("To be, or not to be, that is the question.\n" * 20)
+    other = tool("gorilla_dist.evaluate", f"run.dir={run}", f"data={tmp_path / 'doc.txt'}")
+    assert other.returncode == 0, other.stderr[-2000:]
+    own = tool("gorilla_dist.evaluate", f"run.dir={run}")
+    assert own.returncode == 1
+    assert "the run's data is not there any more (moved or deleted)" in own.stderr and "data=<" in own.stderr
+    again = launch(run, moved, *COMMON, "train.max_steps=4")  # training needs its data: refused up front
+    assert again.returncode == 2 and "no such directory" in again.stdout

@@ -4,7 +4,7 @@ names the key, the value and what is valid."""
 import pytest
 from helpers import composed, launch
 
-from gorilla_dist.config import validate
+from gorilla_dist.config import check_inputs, validate
 from gorilla_dist.errors import ConfigError
 
 
@@ -38,8 +38,26 @@ def test_default_config_is_valid_and_derives_micro_batch():
 ])
 def test_invalid_values_name_key_value_and_choices(overrides, message):
     with pytest.raises(ConfigError) as err:
-        validate(composed(*overrides))
+        cfg = composed(*overrides)
+        validate(cfg)
+        check_inputs(cfg)
     assert message in str(err.value)
+
+
+def test_consistency_checks_read_no_file_and_input_checks_do():
+    """validate() runs wherever a run's config is read again (generate, evaluate, export): it must not
+    fail because the run's inputs were moved. check_inputs() is the launcher's and the worker's."""
+    cfg = composed("data.path=/nonexistent/corpus.txt", "data.tokenizer=/nonexistent/tokenizer.json",
+                   "checkpoint.resume=/nonexistent/step_00000010")
+    validate(cfg)
+    with pytest.raises(ConfigError, match="data.path='/nonexistent/corpus.txt': no such file"):
+        check_inputs(cfg)
+    cfg.data.path = None
+    with pytest.raises(ConfigError, match="data.tokenizer='/nonexistent/tokenizer.json': expected char"):
+        check_inputs(cfg)
+    cfg.data.tokenizer = "char"
+    with pytest.raises(ConfigError, match="checkpoint.resume='/nonexistent/step_00000010': expected auto"):
+        check_inputs(cfg)
 
 
 def test_launcher_rejects_bad_config_before_starting_workers(tmp_path):

@@ -41,8 +41,7 @@ def flops_per_token(vocab: int) -> float:
     from gorilla_dist.model.spec import flops_per_token as fpt
 
     m = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml"))
-    m.vocab_size = vocab
-    return fpt(m)
+    return fpt(m, vocab)
 
 
 def nanogpt_data() -> tuple[np.ndarray, np.ndarray, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from gorilla_dist.data.format import VERIFY
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.files import write_text_atomic
 from gorilla_dist.kernels.limits import BLOCK_SIZES
@@ -25,12 +26,16 @@ ACTIVATIONS = ("gelu", "swiglu")
 SPARSE_ATTENTIONS = ("sliding", "strided", "bigbird", "learned")
 ATTENTIONS = ("dense", "flash", *SPARSE_ATTENTIONS)
 SAMPLE_BY = ("document", "paragraph", "line")
-VERIFY = ("checksum", "size")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
 NONFINITE = ("skip", "stop")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULES = ("cosine", "constant")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = {"none": {},
+             # megatron-core's selective recompute: the core attention (scores, softmax) of every layer
+             "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+             # every layer: only its input is kept; the layer runs again in the backward
+             "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+"""parallel.activation_checkpointing: each choice and the megatron-core TransformerConfig fields it sets."""
 
 
 @dataclass
@@ -103,8 +108,6 @@ class ModelConfig:
     error) | sliding | strided | bigbird (static block-sparse) | learned (learned top-k blocks)."""
     sparse: SparseConfig = field(default_factory=SparseConfig)
     """Block sizes and pattern sizes for the block-sparse attentions."""
-    vocab_size: int | None = None
-    """Set from the tokenizer at start; padded up to a multiple of 128 inside the model."""
 
 
 @dataclass
@@ -505,13 +508,21 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.yaml; start runs with `python -m launcher run.dir={run_dir}`")
+    return parse_run_config(path.read_text(), str(path))
+
+
+def parse_run_config(text: str, where: str) -> DictConfig:
+    """A resolved config's YAML (run.dir/config.yaml, a checkpoint's, a consolidated file's metadata),
+    typed against the schema (struct mode) and validated."""
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(Config)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+        raw = OmegaConf.create(text)
+        if "vocab_size" in raw.get("model", {}):  # written by runs before the vocabulary came from the tokenizer
+            del raw.model["vocab_size"]
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     except (OmegaConfBaseException, ValueError) as err:  # a hand-edited file: unknown key, wrong type, bad YAML
-        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg

@@ -102,6 +102,7 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
     """[(name, TokenDataset)] to evaluate, and the split."""
     from gorilla_dist.data.dataset import TokenDataset
     from gorilla_dist.data.prepare import PrepareArgs, prepare
+    from gorilla_dist.data.tokenizer import same_tokenizer
 
     if args.data is None:
         paths = [s.path for s in cfg.data.sources] if cfg.data.sources else [run_dir / "data"]
@@ -119,7 +120,7 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
                             tokenizer=str(run_dir / "tokenizer.json"), sample_by=args.sample_by, workers=1,
                             progress=False))
         ds = TokenDataset(tmp / "data", verify="size")
-    if (ds.path / "tokenizer.json").read_bytes() != (run_dir / "tokenizer.json").read_bytes():
+    if not same_tokenizer(ds.path / "tokenizer.json", run_dir / "tokenizer.json"):
         raise DataError(f"data={args.data}: prepared with another tokenizer ({ds.meta['tokenizer']['kind']}, "
                         f"{ds.vocab_size} ids) than this run's; evaluate raw files instead (data=<file>) to "
                         "tokenize them with the run's tokenizer")

@@ -210,11 +210,10 @@ class ExportArgs:
 
 def load_source(args):
     """(ModelConfig, tokenizer, fp32 weights, where they came from) from run.dir= or consolidated=."""
-    from omegaconf import OmegaConf
     from safetensors import safe_open
 
     from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
-    from gorilla_dist.config import Config, load_run_config
+    from gorilla_dist.config import load_run_config, parse_run_config
     from gorilla_dist.data.tokenizer import load_tokenizer, tokenizer_from_json
 
     if bool(args.run_dir) == bool(args.consolidated):
@@ -237,7 +236,7 @@ def load_source(args):
         if meta.get("format") != "gorilla_dist" or "tokenizer" not in meta:
             raise ExportError(f"consolidated={path}: not written by `python -m gorilla_dist.checkpoint consolidate` "
                               "(no config/tokenizer in its metadata); export from run.dir= instead")
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(meta["config"]))
+        cfg = parse_run_config(meta["config"], f"consolidated={path} (its config)")
         tok = tokenizer_from_json(json.loads(meta["tokenizer"]), source=str(path))
     from safetensors.torch import load_file
 

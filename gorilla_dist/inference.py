@@ -59,9 +59,10 @@ def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
 
     ckpt = resolve_checkpoint(run_dir, which)
     cfg = load_run_config(ckpt)
-    model = build_model(cfg.model, dtype="fp32", device=device, seed=cfg.run.seed)
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, dtype="fp32", device=device, seed=cfg.run.seed)
     load_consolidated(model, ckpt / WEIGHTS)
-    return cfg, ckpt, model.eval(), load_tokenizer(Path(run_dir) / "tokenizer.json")
+    return cfg, ckpt, model.eval(), tokenizer
 
 
 @contextmanager

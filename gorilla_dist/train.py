@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import open_dict
 
 from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
@@ -77,10 +76,8 @@ def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
     data = build_data(cfg, layout)
-    with open_dict(cfg):
-        cfg.model.vocab_size = data.vocab_size
-    model = build_model(cfg.model, dtype=cfg.precision.dtype, device=layout.device, seed=cfg.run.seed,
-                        parallel=cfg.parallel)
+    model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
+                        seed=cfg.run.seed, parallel=cfg.parallel)
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, consolidation) stay unchanged
     engine = build_engine(model, cfg, layout)
@@ -99,7 +96,7 @@ def train(cfg, layout) -> bool:
         if layout.is_main:
             print(f"[train] weights from {source}; optimizer, LR schedule and data order start fresh", flush=True)
 
-    metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model),
+    metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model, data.vocab_size),
                       tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step)
     guard, signals = NonFiniteGuard(t, layout), StopSignals(layout)
     metrics.memory("start", step, gather_ranks(engine.state_bytes(), layout))

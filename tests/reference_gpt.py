@@ -27,7 +27,7 @@ def _rope(x, base: float):
     return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
 
 
-def reference_loss(p: dict, m, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def reference_loss(p: dict, m, x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-token cross entropy (b, s). p: megatron parameter name -> tensor; m: our ModelConfig."""
     b, s = x.shape
     h, nh = m.hidden_size, m.num_heads
@@ -60,5 +60,5 @@ def reference_loss(p: dict, m, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
         z = z + u @ p[f"{L}.mlp.linear_fc2.weight"].T
     z = _norm(z, p, "decoder.final_layernorm", m.normalization)
     out_w = emb if m.tie_embeddings else p["output_layer.weight"]
-    logits = z @ out_w[:m.vocab_size].T  # the real vocabulary: padding rows take no probability
+    logits = z @ out_w[:vocab_size].T  # the real vocabulary: padding rows take no probability
     return F.cross_entropy(logits.reshape(b * s, -1), y.reshape(-1), reduction="none").view(b, s)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from gorilla_dist import faults
 from gorilla_dist.engine import check_fits
 from gorilla_dist.engine.rng import rng_state, set_rng_state
+from gorilla_dist.data.tokenizer import same_tokenizer
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.parallel import on_main
@@ -240,7 +241,7 @@ class Checkpointer:
                                   "directory (run.dir/checkpoints/step_XXXXXXXX) or a run directory")
             ckpt = resolve_checkpoint(None, str(src)) if (src / "manifest.json").is_file() else resolve_checkpoint(src)
             theirs, ours = ckpt.parent.parent / "tokenizer.json", Path(self.cfg.run.dir) / "tokenizer.json"
-            if theirs.is_file() and theirs.read_bytes() != ours.read_bytes():
+            if theirs.is_file() and not same_tokenizer(theirs, ours):
                 raise CheckpointError(f"checkpoint.init_from={source}: its run was trained with another tokenizer "
                                       f"({theirs}) than this run's data ({ours}); the token ids would mean other things")
             return ckpt

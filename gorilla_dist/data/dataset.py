@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gorilla_dist.data.prepare import DTYPES, FORMAT
+from gorilla_dist.data.format import DTYPES, FORMAT, VERIFY
 from gorilla_dist.errors import DataError
 from gorilla_dist.files import sha256_file
-
-VERIFY = ("checksum", "size")
 
 
 class TokenDataset:

@@ -19,7 +19,7 @@ import torch
 
 from gorilla_dist.data.dataset import Span, TokenDataset
 from gorilla_dist.data.order import Blend, permute
-from gorilla_dist.data.tokenizer import load_tokenizer
+from gorilla_dist.data.tokenizer import load_tokenizer, same_tokenizer
 from gorilla_dist.errors import DataError
 
 BUNDLED = "tinyshakespeare.txt"
@@ -188,7 +188,7 @@ def build_data(cfg, layout) -> ShardData:
     tok_file, run_tok = datasets[0].path / "tokenizer.json", Path(cfg.run.dir) / "tokenizer.json"
 
     def record_tokenizer():
-        if run_tok.is_file() and run_tok.read_bytes() != tok_file.read_bytes():
+        if run_tok.is_file() and not same_tokenizer(run_tok, tok_file):
             raise DataError(f"{run_tok}: this run.dir was trained with another tokenizer than {tok_file}'s; "
                             "use a new run.dir")
         shutil.copyfile(tok_file, run_tok)

@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from gorilla_dist.data import tokenizer as toks
+from gorilla_dist.data.format import DTYPES, FORMAT
 from gorilla_dist.data.readers import DocumentReader, expand_inputs
 from gorilla_dist.errors import DataError
 from gorilla_dist.files import sha256_file, write_text_atomic
 
-FORMAT = 1
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 CHUNK_BYTES = 1 << 20  # text per task sent to a tokenizer process
 
 

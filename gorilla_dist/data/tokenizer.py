@@ -238,3 +238,9 @@ def train_bpe(texts, vocab_size: int, eod_token: str = "<|endoftext|>") -> HFTok
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok.to_str(), eod_token, source=f"bpe:{vocab_size}")
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Two tokenizer.json files describe the same token ids (our files are written canonically, so byte
+    equality is the test)."""
+    return Path(a).read_bytes() == Path(b).read_bytes()

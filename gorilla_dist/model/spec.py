@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from gorilla_dist.config import RECOMPUTE
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.engine.megatron_cpu import adapt_model
 from gorilla_dist.engine.rng import seed_rng_tracker
@@ -72,13 +73,6 @@ class TorchNorm:
         return norm
 
 
-RECOMPUTE = {"none": {},
-             # megatron-core's selective recompute: the core attention (scores, softmax) of every layer
-             "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
-             # every layer: only its input is kept; the layer runs again in the backward
-             "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
-
-
 def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = False,
                        activation_checkpointing: str = "none") -> TransformerConfig:
     swiglu = m.activation == "swiglu"
@@ -126,9 +120,9 @@ def block_spec(m) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[spec] * m.num_layers, layer_norm=TorchNorm)
 
 
-def build_model(m, *, dtype: str, device: torch.device, seed: int, parallel=None) -> GPTModel:
-    """A GPTModel on `device`. `m.vocab_size` must be set (from the tokenizer). The initial weights
-    depend only on (m, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
+def build_model(m, *, vocab_size: int, dtype: str, device: torch.device, seed: int, parallel=None) -> GPTModel:
+    """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
+    (m, vocab_size, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
     sequence parallelism and activation checkpointing; None: neither."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -152,7 +146,7 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int, parallel=None
             config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
                                       sequence_parallel=sp, activation_checkpointing=recompute),
             transformer_layer_spec=block_spec(m),
-            vocab_size=padded_vocab_size(m.vocab_size),
+            vocab_size=padded_vocab_size(vocab_size),
             max_sequence_length=m.seq_length,
             share_embeddings_and_output_weights=m.tie_embeddings,
             # ALiBi lives in core_attention (kernels/alibi.py): megatron adds no position embedding then.
@@ -162,18 +156,18 @@ def build_model(m, *, dtype: str, device: torch.device, seed: int, parallel=None
         )
     except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
         raise ConfigError(f"model.attention={m.attention}: {err}") from None
-    mask_vocab_padding(model, m.vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
+    mask_vocab_padding(model, vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
                        tp_size=ps.get_tensor_model_parallel_world_size())
     adapt_model(model, device, sequence_parallel=sp)
     return model.to(device)
 
 
-def flops_per_token(m) -> float:
+def flops_per_token(m, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/Megatron MFU
     convention: 6 * matmul parameters + 12 * layers * width * sequence for attention scores."""
     h, L, s = m.hidden_size, m.num_layers, m.seq_length
     kv = (m.num_query_groups or m.num_heads) * (h // m.num_heads)
     ffn = m.ffn_hidden_size or 4 * h
     per_layer = h * (h + 2 * kv) + h * h + (3 if m.activation == "swiglu" else 2) * h * ffn
-    matmul_params = L * per_layer + h * padded_vocab_size(m.vocab_size)
+    matmul_params = L * per_layer + h * padded_vocab_size(vocab_size)
     return 6.0 * matmul_params + 12.0 * L * h * s

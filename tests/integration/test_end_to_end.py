@@ -36,8 +36,14 @@ def test_train_then_generate(tmp_path, layout):
     from omegaconf import OmegaConf
 
     from gorilla_dist.model import flops_per_token
+    from gorilla_dist.data.tokenizer import load_tokenizer
+
     m = OmegaConf.load(run / "checkpoints" / "step_00000020" / "config.yaml").model
-    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(m) / (0.174e12 * world)) for r in steps)
+    vocab = load_tokenizer(run / "tokenizer.json").vocab_size
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(m, vocab) / (0.174e12 * world))
+               for r in steps)
+    # the vocabulary comes from the tokenizer, not from a config written at run time: the two configs agree
+    assert (run / "config.yaml").read_text() == (run / "checkpoints" / "step_00000020" / "config.yaml").read_text()
     # checkpoints every 5 steps, the newest 2 kept
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000015", "step_00000020"]
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]

@@ -83,3 +83,17 @@ def test_cfg_job_prints_resolved_config(tmp_path):
     assert proc.returncode == 0
     assert "name: small" in proc.stdout and "zero_stage: 3" in proc.stdout and "dtype: bf16" in proc.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_configs_of_older_runs_with_a_recorded_vocab_size_still_load():
+    """Runs before the vocabulary came from the tokenizer wrote model.vocab_size into their checkpoints'
+    config.yaml; generate, evaluate, export and resume still read them."""
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import parse_run_config
+
+    old = OmegaConf.to_yaml(composed("model=debug")).replace("  name: debug\n", "  name: debug\n  vocab_size: 66\n")
+    assert "vocab_size: 66" in old
+    assert "vocab_size" not in parse_run_config(old, "old/config.yaml").model
+    with pytest.raises(ConfigError, match=r"old/config.yaml: Key 'vocab_sise' not in 'ModelConfig'"):
+        parse_run_config(old.replace("vocab_size", "vocab_sise"), "old/config.yaml")

@@ -80,8 +80,8 @@ def test_attention_reset_makes_a_packed_document_equal_to_the_document_alone(wor
     from gorilla_dist.model import build_model
 
     m = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(name="t", num_layers=2, hidden_size=64, num_heads=4,
-                        seq_length=16, vocab_size=16, position_embedding="learned_absolute"))
-    model = build_model(m, dtype="fp32", device=world1.device, seed=3).eval()
+                        seq_length=16, position_embedding="learned_absolute"))
+    model = build_model(m, vocab_size=16, dtype="fp32", device=world1.device, seed=3).eval()
     eod, s = 15, m.seq_length
     rng = np.random.default_rng(0)
     first, second = rng.integers(0, 15, 5), rng.integers(0, 15, s - 5)

@@ -27,7 +27,7 @@ CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def model_cfg(**kw):
-    base = dict(name="t", num_layers=2, hidden_size=64, num_heads=4, seq_length=16, vocab_size=len(CHARS) + 1)
+    base = dict(name="t", num_layers=2, hidden_size=64, num_heads=4, seq_length=16)
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), {**base, **kw})
 
 
@@ -35,7 +35,7 @@ def model_cfg(**kw):
 def test_transformers_computes_our_logits(world1, tmp_path, variant):
     overrides, cls = VARIANTS[variant]
     m = model_cfg(**overrides)
-    model = build_model(m, dtype="fp32", device=world1.device, seed=3).eval()
+    model = build_model(m, vocab_size=len(CHARS) + 1, dtype="fp32", device=world1.device, seed=3).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every parameter random (norm weights and biases included): no layout hides behind 1s or 0s
         for p in model.parameters():
@@ -62,7 +62,7 @@ def test_tokenizers_encode_and_decode_like_ours(tmp_path):
     chars = CharTokenizer("".join(sorted(set(text))))
     for name, tok in {"char": chars, "byte": ByteTokenizer(), "bpe": bpe}.items():
         out = tmp_path / name
-        write_hf(out, model_cfg(vocab_size=tok.vocab_size), tok, _random_weights(m, tok.vocab_size))
+        write_hf(out, model_cfg(), tok, _random_weights(m, tok.vocab_size))
         hf = transformers.AutoTokenizer.from_pretrained(out)
         ids = hf.encode(text, add_special_tokens=False)
         assert ids == tok.encode(text).tolist(), name

@@ -52,8 +52,8 @@ def test_the_cpu_tracker_counts_fresh_storages_not_views_and_uncounts_frees():
 def model_activation_peak(world1, mode: str) -> int:
     cfg = OmegaConf.structured(Config)
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
-    cfg.model.vocab_size, cfg.model.num_layers, cfg.parallel.activation_checkpointing = 16, 6, mode
-    model = build_model(cfg.model, dtype="fp32", device=world1.device, seed=1, parallel=cfg.parallel)
+    cfg.model.num_layers, cfg.parallel.activation_checkpointing = 6, mode
+    model = build_model(cfg.model, vocab_size=16, dtype="fp32", device=world1.device, seed=1, parallel=cfg.parallel)
     peak = ActivationPeak(world1.device)
     with peak.measure():
         lm_loss(model, batch(1, seq=256)).backward()
@@ -71,11 +71,10 @@ def test_activation_checkpointing_keeps_less(world1):
 def test_checkpointed_gradients_equal_plain_ones(world1, mode):
     cfg = OmegaConf.structured(Config)
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
-    cfg.model.vocab_size = 16
     grads = {}
     for m in ("none", mode):
         cfg.parallel.activation_checkpointing = m
-        model = build_model(cfg.model, dtype="fp32", device=world1.device, seed=1, parallel=cfg.parallel)
+        model = build_model(cfg.model, vocab_size=16, dtype="fp32", device=world1.device, seed=1, parallel=cfg.parallel)
         lm_loss(model, batch(1)).backward()
         grads[m] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert all(torch.allclose(grads["none"][k], grads[mode][k], atol=1e-6) for k in grads["none"])

@@ -23,13 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 def make_engine(layout, dtype: str, zero: int, run_dir: Path | None = None):
     cfg = OmegaConf.structured(Config)
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
-    cfg.model.vocab_size = 16
     cfg.precision.dtype, cfg.parallel.zero_stage = dtype, zero
     cfg.train.global_batch_size = cfg.train.micro_batch_size = 2
     cfg.optim.warmup_steps = 5  # the LR changes every step, so a wrongly advanced schedule shows
     if run_dir is not None:
         cfg.run.dir = str(run_dir)
-    model = build_model(cfg.model, dtype=dtype, device=layout.device, seed=1)
+    model = build_model(cfg.model, vocab_size=16, dtype=dtype, device=layout.device, seed=1)
     return build_engine(model, cfg, layout), cfg
 
 

@@ -14,13 +14,13 @@ from gorilla_dist.model import build_model
 
 
 def model_cfg(**kw):
-    base = dict(name="t", num_layers=2, hidden_size=64, num_heads=4, seq_length=64, vocab_size=50,
+    base = dict(name="t", num_layers=2, hidden_size=64, num_heads=4, seq_length=64,
                 sparse=dict(block_size=16))
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), {**base, **kw})
 
 
 def per_token_loss(m, world, x):
-    model = build_model(m, dtype="fp32", device=world.device, seed=3)
+    model = build_model(m, vocab_size=50, dtype="fp32", device=world.device, seed=3)
     pos = torch.arange(x.shape[1]).expand_as(x)
     return model, model(x, pos, None, labels=x.roll(-1, 1))
 
@@ -55,8 +55,8 @@ def test_full_window_sparse_equals_dense(world1, position):
 def test_any_length_is_padded_to_whole_blocks(world1, attention):
     """Sampling runs the model at every length: a length that is not a whole number of blocks is
     padded at the end, which (causal) leaves the outputs of the real positions as they would be."""
-    model = build_model(model_cfg(attention=attention, sparse=dict(block_size=16, window=1, random_blocks=1, topk=2)),
-                        dtype="fp32", device=world1.device, seed=3).eval()
+    m = model_cfg(attention=attention, sparse=dict(block_size=16, window=1, random_blocks=1, topk=2))
+    model = build_model(m, vocab_size=50, dtype="fp32", device=world1.device, seed=3).eval()
     x = torch.randint(0, 50, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(x, torch.arange(48)[None], None)
@@ -86,7 +86,7 @@ def test_learned_layout_trains_its_selection(world1):
     """Gradients reach the scoring parameters, and a short training run changes which blocks are kept."""
     torch.manual_seed(0)
     m = model_cfg(attention="learned", sparse=dict(block_size=16, topk=2, keep_first=False), num_layers=1)
-    model = build_model(m, dtype="fp32", device=world1.device, seed=3)
+    model = build_model(m, vocab_size=50, dtype="fp32", device=world1.device, seed=3)
     attn = core_attention(model)
     assert isinstance(attn, LearnedSparseAttention)
     g = torch.Generator().manual_seed(1)
@@ -136,7 +136,7 @@ def test_flash_without_flash_attn_is_a_config_error(world1, monkeypatch):
 
     monkeypatch.setattr(dense, "flash_attn_func", None)  # as on a machine without the gpu extra
     with pytest.raises(ConfigError, match="model.attention=flash needs the flash-attn package"):
-        build_model(model_cfg(attention="flash"), dtype="fp32", device=world1.device, seed=0)
+        build_model(model_cfg(attention="flash"), vocab_size=50, dtype="fp32", device=world1.device, seed=0)
 
 
 @pytest.mark.gpu
@@ -149,7 +149,7 @@ def test_triton_path_in_the_model_matches_the_cpu_path(world1, attention):
     x = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
     results = []
     for device in ("cpu", "cuda"):
-        model = build_model(m, dtype="fp32", device=torch.device(device), seed=3)
+        model = build_model(m, vocab_size=50, dtype="fp32", device=torch.device(device), seed=3)
         xs = x.to(device)
         loss = model(xs, torch.arange(64, device=device).expand_as(xs), None, labels=xs.roll(-1, 1)).mean()
         loss.backward()

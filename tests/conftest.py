@@ -13,6 +13,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Multi-process and end-to-end tests (tests/distributed, tests/integration) are `slow`:
+    `pytest -m "not slow"` is the inner loop (unit tests, a couple of minutes); CI runs everything."""
+    for item in items:
+        if item.path.parent.name in ("distributed", "integration"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def world1():
     """torch.distributed (gloo, world 1) + megatron parallel_state with TP=1, for in-process tests."""

@@ -13,7 +13,8 @@ layout (TP size, data-parallel size, ZeRO stage, precision) that wrote it, so an
                            iff it has a manifest whose sizes match, and usable iff the checksums match too
                            (checked for the one a run resumes from or generate loads)
 Everything is written into `.tmp-step_XXXXXXXX/` and renamed into place, so an interrupted save never
-looks like a checkpoint. Incomplete checkpoints are reported and skipped, never deleted. Loading
+looks like a checkpoint. Incomplete checkpoints are reported and skipped; one is deleted only when the
+run saves that same step again (the new save replaces the leftover, and says so). Loading
 reads safetensors and JSON only: a checkpoint cannot run code (no pickle).
 
 `python -m gorilla_dist.checkpoint consolidate run.dir=... out=model.safetensors` (checkpoint/__main__.py)

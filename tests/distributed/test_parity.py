@@ -46,10 +46,27 @@ MATRIX = {
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("single")
     check(launch(run, *STEPS))
-    return losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+    return losses(single_run)
+
+
+def grad_norms(run) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in metrics(run) if "grad_norm" in r}
+
+
+def first_step_memory(run) -> list[dict]:
+    return next(r["ranks"] for r in metrics(run, memory=True) if r.get("memory") == "first_step")
+
+
+def setting(overrides: list[str], key: str, default: int) -> int:
+    return next((int(o.split("=")[1]) for o in overrides if o.startswith(f"{key}=")), default)
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +95,49 @@ def test_golden_losses(single, golden):
 
 
 @pytest.mark.parametrize("layout", MATRIX)
-def test_layout_matches_single_process_and_golden(tmp_path, single, golden, layout):
+def test_layout_matches_single_process_and_golden(tmp_path, single_run, single, golden, layout):
     run = tmp_path / "run"
     out = check(launch(run, *STEPS, *MATRIX[layout]))
-    world = next((int(o.split("=")[1]) for o in MATRIX[layout] if o.startswith("launch.nproc_per_node=")), 1)
+    world = setting(MATRIX[layout], "launch.nproc_per_node", 1)
     if world > 1:
         launcher = "deepspeed" if "deepspeed" in layout else "torchrun"
         assert f"{launcher}: {world} worker(s)" in out
     assert_close(losses(run), single, 1e-5)
     assert_close(losses(run), golden, 1e-4)
+    # the gradient norm before clipping too: clipped at 1.0, a wrong TP norm would not show in the losses
+    assert_close(grad_norms(run), grad_norms(single_run), 1e-4)
     # every rank reported its memory at start and after the first step
     memory = {r["memory"]: r["ranks"] for r in metrics(run, memory=True) if "memory" in r}
     assert sorted(memory) == ["first_step", "start"] and all(len(v) == world for v in memory.values())
+    assert_layout_took_effect(MATRIX[layout], world, memory["first_step"], first_step_memory(single_run)[0])
+
+
+def assert_layout_took_effect(overrides: list[str], world: int, ranks: list[dict], one: dict) -> None:
+    """Each rank holds the share of the state its layout promises, against the single process `one`
+    (fp32: 4 bytes per weight and gradient, AdamW's 8 per parameter; ZeRO adds a 4-byte fp32 master)."""
+    tp, zero = setting(overrides, "parallel.tp", 1), setting(overrides, "parallel.zero_stage", 0)
+    dp = world // tp
+    for r in ranks:
+        if zero < 3:  # TP splits every matrix (norms stay whole: 1% of the debug model)
+            assert r["params"] == pytest.approx(one["params"] / tp, rel=0.02), (r, one)
+        else:  # the debug model's tensors are below DeepSpeed's persistence threshold: whole + a 1/dp partition
+            assert r["params"] == pytest.approx(one["params"] / tp * (1 + 1 / dp), rel=0.02), (r, one)
+        if zero >= 1 and dp > 1:  # ZeRO-1/2 (one DeepSpeed code path) and 3 keep this rank's gradient partition,
+            # plus reduction buckets whose share grows with dp (measured: 1.07x the partition at dp 2, 1.53x at 4)
+            share = one["grads"] / (tp * dp)
+            assert share * 0.99 <= r["grads"] <= min(1.6 * share, 0.6 * one["grads"] / tp), (r, one)
+        else:
+            assert r["grads"] == pytest.approx(one["grads"] / tp, rel=0.02), (r, one)
+        if zero >= 1:  # fp32 masters + moments (12 bytes per parameter), partitioned over dp
+            assert r["optimizer"] == pytest.approx(one["optimizer"] * 1.5 / (tp * dp), rel=0.02), (r, one)
+        else:
+            assert r["optimizer"] == pytest.approx(one["optimizer"] / tp, rel=0.02), (r, one)
+    if world == 1:  # activations, measured: checkpointing keeps less than the plain single process
+        micro = setting(overrides, "train.micro_batch_size", 12)
+        recompute = next((o.split("=")[1] for o in overrides if o.startswith("parallel.activation_checkpointing=")),
+                         "none")
+        limit = {"none": 1.0, "selective": 1.0, "full": 0.8}[recompute] * one["activations_peak"] * micro / 12
+        assert ranks[0]["activations_peak"] < limit, (ranks[0], one)
 
 
 def test_memory_accounting_sees_zero_partitioning(tmp_path):

@@ -8,8 +8,6 @@ import sys
 import pytest
 from helpers import REPO, QUICK
 
-pytestmark = pytest.mark.slow
-
 
 def test_a_non_editable_install_trains_from_another_directory(tmp_path):
     site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -12,7 +14,7 @@ from omegaconf import DictConfig
 
 from gorilla_dist import conf
 from gorilla_dist.config import check_inputs, register_configs, resolve, save_run_config, validate
-from gorilla_dist.errors import UserError
+from gorilla_dist.errors import EXIT_PREEMPTED, UserError
 from launcher import backends
 
 CONF_DIR = str(Path(conf.__file__).resolve().parent)  # conf/ in a checkout, gorilla_dist/conf when installed
@@ -36,25 +38,71 @@ def main(cfg: DictConfig) -> None:
         sys.exit(slurm.launch(cfg))
     argv, env = backends.command(cfg, cfg.run.dir)
     print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s), config {path}", flush=True)
-    sys.exit(run_forwarding_signals(argv, env, backend=cfg.launch.backend))
+    sys.exit(run_forwarding_signals(argv, env, backend=cfg.launch.backend, run_dir=cfg.run.dir))
 
 
-def run_forwarding_signals(argv: list[str], env: dict, *, backend: str) -> int:
+def run_forwarding_signals(argv: list[str], env: dict, *, backend: str, run_dir: str) -> int:
     """Run the backend command; SIGTERM/SIGINT/SIGUSR1 sent to the launcher (a scheduler, a kill, a
     preemption warning) reach the workers too instead of orphaning them. Returns the command's exit
-    status (75: the workers stopped on a signal after saving a checkpoint). torchrun and the deepspeed
-    launcher die of SIGUSR1, so they get SIGTERM instead, which they pass on to their workers."""
+    status (75: the workers stopped on a signal after saving a checkpoint).
+
+    torchrun and the deepspeed launcher do not pass a stop on well: torchrun ends its workers' run with
+    a traceback and exit 1, the deepspeed launcher kills them before they can save. So SIGTERM and
+    SIGUSR1 go straight to the worker processes under them, which agree on a step, save and exit 75;
+    the backend then fails, and the launcher reports 75 when a checkpoint was completed after the signal."""
     proc = subprocess.Popen(argv, env=env)
+    stop_at: list[float] = []
 
     def forward(signum, _frame):
-        if signum == signal.SIGUSR1 and backend != "local":
-            signum = signal.SIGTERM
-        proc.send_signal(signum)
+        targets, sig = [proc.pid], signum  # local: proc is the worker itself
+        if signum != signal.SIGINT:
+            stop_at.append(time.time())
+            if backend != "local":
+                targets = worker_pids(proc.pid) or [proc.pid]
+                if targets == [proc.pid] and signum == signal.SIGUSR1:  # no worker yet: torchrun and the
+                    sig = signal.SIGTERM  # deepspeed launcher die of SIGUSR1, SIGTERM they pass on
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
     rc = proc.wait()
-    return 128 - rc if rc < 0 else rc  # killed by signal N: 128+N, as a shell reports it
+    rc = 128 - rc if rc < 0 else rc  # killed by signal N: 128+N, as a shell reports it
+    if stop_at and rc not in (0, EXIT_PREEMPTED) and saved_since(run_dir, stop_at[0]):
+        print(f"[launcher] the workers stopped on the signal and saved a checkpoint ({backend} exited {rc}); "
+              f"exit {EXIT_PREEMPTED}: launch again to resume", file=sys.stderr, flush=True)
+        rc = EXIT_PREEMPTED
+    return rc
+
+
+def worker_pids(root: int) -> list[int]:
+    """Processes under `root` that run gorilla_dist.worker (read from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            if b"gorilla_dist.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def saved_since(run_dir: str, since: float) -> bool:
+    """A complete checkpoint (its manifest is written last) appeared in run_dir after `since`."""
+    return any(m.stat().st_mtime >= since for m in Path(run_dir).glob("checkpoints/step_*/manifest.json"))
 
 
 if __name__ == "__main__":

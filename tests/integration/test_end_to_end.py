@@ -80,20 +80,30 @@ def test_compiled_model_trains_like_eager(tmp_path):
     assert gen.returncode == 0 and len(gen.stdout.rstrip("\n")) >= 5, gen.stderr[-2000:]
 
 
-def test_sigterm_to_the_launcher_reaches_the_workers(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "torchrun", "deepspeed"])
+def test_sigterm_to_the_launcher_stops_the_workers_which_save_and_exit_75(tmp_path, backend):
+    """A scheduler's SIGTERM to the launcher reaches every worker (not just torchrun / the deepspeed
+    launcher, which would kill them or end with a traceback): they agree on a step, save, and the
+    launcher exits 75; nothing is left running."""
     import time
 
     run = tmp_path / "run"
+    ranks = [] if backend == "local" else [f"launch={backend}", "launch.nproc_per_node=2"]
     proc = subprocess.Popen([sys.executable, "-m", "launcher", f"run.dir={run}", "model=debug",
                              "logging.wandb.mode=disabled", "logging.progress=false", "train.max_steps=100000",
-                             "checkpoint.interval=0", "train.eval_interval=0"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "checkpoint.interval=0", "train.eval_interval=0", "train.sample_tokens=0", *ranks],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None, "training never started"
         time.sleep(0.5)
     proc.terminate()
-    assert proc.wait(timeout=60) != 0
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    saved = sorted((run / "checkpoints").iterdir())
+    assert len(saved) == 1 and (saved[0] / "manifest.json").is_file(), out[-3000:]
+    step = int(saved[0].name.split("_")[1])
+    assert f"[train] stopped at step {step} on SIGTERM; the checkpoint is saved" in out
 
     def worker_alive():  # -ww: full command lines (ps cuts them at 80 columns without a terminal)
         return f"gorilla_dist.worker {run}" in subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True,
@@ -105,4 +115,4 @@ def test_sigterm_to_the_launcher_reaches_the_workers(tmp_path):
     orphaned = worker_alive()
     if orphaned:
         subprocess.run(["pkill", "-f", f"gorilla_dist.worker {run}"])
-    assert not orphaned, "the worker outlived a SIGTERM to the launcher"
+    assert not orphaned, "a worker outlived a SIGTERM to the launcher"

@@ -41,8 +41,13 @@ def test_kill_9_while_writing_a_checkpoint_then_a_restart_resumes_from_the_newes
 def test_kill_9_of_one_rank_of_two_during_a_checkpoint(tmp_path, straight):
     run = tmp_path / "run"
     two = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.zero_stage=1"]
+    start = time.monotonic()
     crashed = launch(run, *COMMON, *two, env={"GORILLA_FAULT": "kill:checkpoint.engine_saved@200/1"})
     assert crashed.returncode != 0
+    # the survivor names the failed collective and the cause at once, not after parallel.timeout_s (600 s)
+    assert "[rank 0] error: barrier failed" in crashed.stdout, crashed.stdout[-3000:]
+    assert "a peer rank closed its connection (it crashed or was killed; see its log)" in crashed.stdout
+    assert time.monotonic() - start < 300
     out = check(launch(run, *COMMON, *two))
     assert "step_00000100 at step 100" in out
     got = losses(run)
@@ -76,6 +81,18 @@ def test_nan_loss_skip_policy_skips_the_step_and_training_goes_on(tmp_path):
     assert "step 3: the loss or gradient norm is not finite (inf/NaN), the update was not applied: skipped" in out
     rows = {r["step"]: r for r in metrics(run)}
     assert rows[3].get("skipped") is True and rows[3]["loss"] != rows[3]["loss"]  # NaN
+    assert all("skipped" not in rows[s] and rows[s]["loss"] < 10 for s in (1, 2, 4, 5, 6))
+
+
+def test_nan_on_one_rank_of_two_skips_the_step_on_both(tmp_path):
+    """The verdict is global: one rank's NaN reaches every rank's gradients (all-reduce), both skip the
+    same step, and both go on in step (they would hang or diverge otherwise)."""
+    run = tmp_path / "run"
+    out = check(launch(run, "train.max_steps=6", "launch=torchrun", "launch.nproc_per_node=2",
+                       "parallel.zero_stage=1", env={"GORILLA_FAULT": "nan:loss@3/1"}))
+    assert "step 3: the loss or gradient norm is not finite (inf/NaN), the update was not applied: skipped" in out
+    rows = {r["step"]: r for r in metrics(run)}
+    assert rows[3].get("skipped") is True
     assert all("skipped" not in rows[s] and rows[s]["loss"] < 10 for s in (1, 2, 4, 5, 6))
 
 

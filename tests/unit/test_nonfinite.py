@@ -15,6 +15,7 @@ from gorilla_dist.data.loader import pack
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.model import build_model
 from gorilla_dist.engine import build_engine
+from gorilla_dist.loss import lm_loss
 from gorilla_dist.train import train_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +43,7 @@ def weights(engine, zero: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype,zero", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 0),
-                                        ("bf16", 2)])
+                                        ("bf16", 1), ("bf16", 2), ("bf16", 3)])
 def test_a_nan_step_changes_nothing_and_the_next_step_is_unaffected(world1, dtype, zero):
     engine, _ = make_engine(world1, dtype, zero)
     reference, _ = make_engine(world1, dtype, zero)
@@ -63,6 +64,38 @@ def test_a_nan_step_changes_nothing_and_the_next_step_is_unaffected(world1, dtyp
     assert all(torch.equal(got[k], want[k]) for k in want)  # as if the bad step never happened
     assert engine.lr == reference.lr
     assert all(torch.isfinite(w).all() for w in got.values())
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward, inf backward: a finite loss whose gradient overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("dtype,zero", [("fp32", 0), ("fp32", 2), ("bf16", 0), ("bf16", 1), ("bf16", 3)])
+def test_a_finite_loss_with_an_inf_gradient_is_skipped_too(world1, dtype, zero):
+    engine, _ = make_engine(world1, dtype, zero)
+    reference, _ = make_engine(world1, dtype, zero)
+    for e in (engine, reference):
+        train_step(e, [batch(1)])
+    before, lr_before = weights(engine, zero), engine.lr
+
+    result = engine.step([batch(2)], lambda model, b: InfGradient.apply(lm_loss(model, b)))
+    assert torch.isfinite(result.loss) and result.skipped
+    assert engine.skipped_steps == 1
+    after = weights(engine, zero)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert engine.lr == lr_before
+    for e in (engine, reference):
+        train_step(e, [batch(3)])
+    got, want = weights(engine, zero), weights(reference, zero)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_model_with_nan_weights_is_never_saved(world1, tmp_path):

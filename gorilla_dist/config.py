@@ -338,8 +338,9 @@ def data_parallel_size(cfg, world: int | None = None) -> int:
     return (world if world is not None else world_size(cfg)) // cfg.parallel.tp
 
 
-def grad_accum_steps(cfg, dp: int) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+def grad_accum_steps(train, dp: int) -> int:
+    """Micro-batches per rank per optimizer step (train: the TrainConfig)."""
+    return train.global_batch_size // (train.micro_batch_size * dp)
 
 
 def validate(cfg, world: int | None = None) -> None:

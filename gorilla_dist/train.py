@@ -80,7 +80,8 @@ def train(cfg, layout) -> bool:
                         seed=cfg.run.seed, parallel=cfg.parallel)
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, consolidation) stay unchanged
-    engine = build_engine(model, cfg, layout)
+    engine = build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
+                          precision=cfg.precision, layout=layout)
     ckpt = Checkpointer(cfg, layout)
 
     step = 0

@@ -119,8 +119,11 @@ class TrainEngine:
         return accounting.state_bytes(self._ds)
 
 
-def build_engine(model: torch.nn.Module, cfg, layout) -> TrainEngine:
-    """The model inside DeepSpeed: AdamW, the LR schedule, ZeRO, precision, clipping, accumulation."""
+def build_engine(model: torch.nn.Module, *, optim, train, parallel, precision, layout) -> TrainEngine:
+    """The model inside DeepSpeed: AdamW and its LR schedule (optim, train.max_steps), ZeRO
+    (parallel.zero_stage), precision, clipping, accumulation (train's batch sizes over layout.dp). Each
+    argument is one config section (OptimConfig, TrainConfig, ParallelConfig, PrecisionConfig)."""
     from gorilla_dist.engine.deepspeed_engine import build_deepspeed
 
-    return TrainEngine(build_deepspeed(model, cfg, layout))
+    return TrainEngine(build_deepspeed(model, optim=optim, train=train, zero_stage=parallel.zero_stage,
+                                       precision=precision, layout=layout))

@@ -53,21 +53,22 @@ class MegatronMPU:
         return self._ps.get_data_parallel_group()
 
 
-def deepspeed_config(cfg, dp: int) -> dict:
-    dtype = cfg.precision.dtype
+def deepspeed_config(*, optim, train, zero_stage: int, precision, dp: int) -> dict:
+    """DeepSpeed's config from our sections (OptimConfig, TrainConfig, PrecisionConfig)."""
+    dtype = precision.dtype
     return {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps(cfg, dp),
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(train, dp),
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": dtype == "bf16"},
         # bf16 with ZeRO-1: fp32 gradient accumulation (DeepSpeed's BF16_Optimizer; its default accumulates
         # in bf16). DeepSpeed 0.19.8 has no fp32 accumulation for bf16 at ZeRO-0 ("unsupported mix").
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bf16" and cfg.parallel.zero_stage == 1 else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bf16" and zero_stage == 1 else {}),
         "fp16": {"enabled": dtype == "fp16", "loss_scale": 0,
-                 "initial_scale_power": cfg.precision.initial_scale_power,
-                 "loss_scale_window": cfg.precision.loss_scale_window},
+                 "initial_scale_power": precision.initial_scale_power,
+                 "loss_scale_window": precision.loss_scale_window},
         # We bring torch's AdamW (no JIT-compiled fused op on CPU); DeepSpeed calls it "untested" for ZeRO.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -75,27 +76,28 @@ def deepspeed_config(cfg, dp: int) -> dict:
     }
 
 
-def build_deepspeed(model: torch.nn.Module, cfg, layout):
-    """deepspeed.initialize: AdamW (decay on matrices only), warmup + cosine schedule, ZeRO, precision,
-    clipping; with the adaptations above applied."""
+def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, precision, layout):
+    """deepspeed.initialize: AdamW (decay on matrices only), warmup + cosine schedule over
+    train.max_steps, ZeRO, precision, clipping, accumulation; with the adaptations above applied."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    if cfg.precision.dtype == "fp16" and not acc.is_fp16_supported():
+    if precision.dtype == "fp16" and not acc.is_fp16_supported():
         raise ConfigError(f"precision.dtype=fp16 is not supported on this device ({acc.device_name()}): "
                           "DeepSpeed has fp16 training on GPUs only; use precision=bf16 or precision=fp32")
 
-    o = cfg.optim
+    o = optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, o, cfg.train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg, layout.dp), mpu=MegatronMPU())
+        optimizer, lambda step: lr_at(step, o, train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
+    config = deepspeed_config(optim=optim, train=train, zero_stage=zero_stage, precision=precision, dp=layout.dp)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config,
+                                           mpu=MegatronMPU())
     _skip_nonfinite_fp32_steps(engine)
     _undo_unfused_init_step(engine)
-    if layout.dp == 1 and cfg.parallel.zero_stage == 0:
+    if layout.dp == 1 and zero_stage == 0:
         # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
         # all-reduce it over a group of one and copy it back (~2 ms/step for the tiny model on CPU).
         engine.enable_backward_allreduce = False

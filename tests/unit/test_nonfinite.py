@@ -30,7 +30,8 @@ def make_engine(layout, dtype: str, zero: int, run_dir: Path | None = None):
     if run_dir is not None:
         cfg.run.dir = str(run_dir)
     model = build_model(cfg.model, vocab_size=16, dtype=dtype, device=layout.device, seed=1)
-    return build_engine(model, cfg, layout), cfg
+    return build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, precision=cfg.precision,
+                        layout=layout), cfg
 
 
 def batch(seed: int, seq: int = 32):

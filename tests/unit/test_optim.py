@@ -49,6 +49,7 @@ def test_deepspeed_config_accumulation_and_precision():
     cfg = OmegaConf.structured(Config)
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 32, 4
     cfg.precision.dtype, cfg.parallel.zero_stage = "bf16", 3
-    ds = deepspeed_config(cfg, dp=2)
+    ds = deepspeed_config(optim=cfg.optim, train=cfg.train, zero_stage=cfg.parallel.zero_stage,
+                          precision=cfg.precision, dp=2)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 32
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 3

@@ -81,7 +81,9 @@ def test_a_checkpoint_of_another_model_is_refused_by_name_and_shape(world1, tmp_
     from gorilla_dist.model import build_model
     from gorilla_dist.engine import build_engine
 
-    other = build_engine(build_model(cfg.model, vocab_size=16, dtype="fp32", device=world1.device, seed=1), cfg, world1)
+    model = build_model(cfg.model, vocab_size=16, dtype="fp32", device=world1.device, seed=1)
+    other = build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, precision=cfg.precision,
+                         layout=world1)
     with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight has shape \(128, 64\), this "
                                               r"model's is \(128, 32\); was it written with another model config"):
         Checkpointer(cfg, world1).load(ckpt, other)

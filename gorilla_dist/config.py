@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from gorilla_dist.data.format import VERIFY
 from gorilla_dist.errors import ConfigError
@@ -448,9 +448,9 @@ def _validate_sparse(m, d) -> None:
         raise ConfigError(f"model.seq_length({m.seq_length}) is not a multiple of model.sparse.block_size({bs}), "
                           f"which model.attention={m.attention} needs")
     for key in ("window", "stride"):
-        _positive(sp[key], f"model.sparse.{key}")
+        _positive(getattr(sp, key), f"model.sparse.{key}")
     for key in ("global_blocks", "random_blocks"):
-        _positive(sp[key], f"model.sparse.{key}", allow_zero=True)
+        _positive(getattr(sp, key), f"model.sparse.{key}", allow_zero=True)
     forced = 2 if sp.keep_first else 1  # own block (+ first block): topk must leave room for them
     if sp.topk < forced:
         raise ConfigError(f"model.sparse.topk={sp.topk} must be >= {forced} (model.sparse.keep_first={sp.keep_first})")
@@ -504,17 +504,19 @@ def save_run_config(cfg, run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
-    """The resolved config a launcher wrote, re-typed against the schema (struct mode)."""
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The resolved config a launcher wrote, checked against the schema, validated, as typed objects."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.yaml; start runs with `python -m launcher run.dir={run_dir}`")
     return parse_run_config(path.read_text(), str(path))
 
 
-def parse_run_config(text: str, where: str) -> DictConfig:
+def parse_run_config(text: str, where: str) -> Config:
     """A resolved config's YAML (run.dir/config.yaml, a checkpoint's, a consolidated file's metadata),
-    typed against the schema (struct mode) and validated."""
+    checked against the schema (an unknown key or a wrong type is an error), validated, and returned as
+    the schema's dataclasses: code past this point holds plain typed objects (cfg.model is a ModelConfig),
+    never an OmegaConf node."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
@@ -524,6 +526,5 @@ def parse_run_config(text: str, where: str) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     except (OmegaConfBaseException, ValueError) as err:  # a hand-edited file: unknown key, wrong type, bad YAML
         raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
-    OmegaConf.set_struct(cfg, True)
     validate(cfg)
-    return cfg
+    return OmegaConf.to_object(cfg)

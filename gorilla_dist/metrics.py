@@ -79,7 +79,7 @@ class Metrics:
 
         return wandb.init(mode=mode, project=self.cfg.logging.wandb.project, entity=self.cfg.logging.wandb.entity,
                           name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir,
-                          config=OmegaConf.to_container(self.cfg, resolve=True))
+                          config=OmegaConf.to_container(OmegaConf.create(self.cfg), resolve=True))
 
     def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm, *, skipped: bool = False) -> None:
         """Record a step; `loss` is this rank's mean loss (a tensor, not read here); `skipped`: the update

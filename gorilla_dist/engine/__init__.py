@@ -19,9 +19,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from gorilla_dist.parallel import ParallelLayout
+
+from gorilla_dist.config import OptimConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from gorilla_dist.engine import accounting, state
 from gorilla_dist.engine.versions import check_versions
 
@@ -119,7 +124,8 @@ class TrainEngine:
         return accounting.state_bytes(self._ds)
 
 
-def build_engine(model: torch.nn.Module, *, optim, train, parallel, precision, layout) -> TrainEngine:
+def build_engine(model: torch.nn.Module, *, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig,
+                 precision: PrecisionConfig, layout: ParallelLayout) -> TrainEngine:
     """The model inside DeepSpeed: AdamW and its LR schedule (optim, train.max_steps), ZeRO
     (parallel.zero_stage), precision, clipping, accumulation (train's batch sizes over layout.dp). Each
     argument is one config section (OptimConfig, TrainConfig, ParallelConfig, PrecisionConfig)."""

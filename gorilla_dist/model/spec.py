@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from gorilla_dist.config import RECOMPUTE
+from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.engine.megatron_cpu import adapt_model
 from gorilla_dist.engine.rng import seed_rng_tracker
@@ -120,7 +120,8 @@ def block_spec(m) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[spec] * m.num_layers, layer_norm=TorchNorm)
 
 
-def build_model(m, *, vocab_size: int, dtype: str, device: torch.device, seed: int, parallel=None) -> GPTModel:
+def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
+                parallel: ParallelConfig | None = None) -> GPTModel:
     """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
     (m, vocab_size, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
     sequence parallelism and activation checkpointing; None: neither."""

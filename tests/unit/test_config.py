@@ -94,6 +94,17 @@ def test_configs_of_older_runs_with_a_recorded_vocab_size_still_load():
 
     old = OmegaConf.to_yaml(composed("model=debug")).replace("  name: debug\n", "  name: debug\n  vocab_size: 66\n")
     assert "vocab_size: 66" in old
-    assert "vocab_size" not in parse_run_config(old, "old/config.yaml").model
+    assert not hasattr(parse_run_config(old, "old/config.yaml").model, "vocab_size")
     with pytest.raises(ConfigError, match=r"old/config.yaml: Key 'vocab_sise' not in 'ModelConfig'"):
         parse_run_config(old.replace("vocab_size", "vocab_sise"), "old/config.yaml")
+
+
+def test_a_run_config_is_read_back_as_typed_sections(tmp_path):
+    """Workers and tools get the schema's dataclasses, section by section, not OmegaConf nodes."""
+    from gorilla_dist.config import Config, ModelConfig, SourceConfig, load_run_config, save_run_config
+
+    cfg = composed("model=debug", f"run.dir={tmp_path}", "data.sources=[{path: /somewhere, weight: 2}]")
+    save_run_config(cfg, tmp_path)
+    typed = load_run_config(tmp_path)
+    assert type(typed) is Config and type(typed.model) is ModelConfig and typed.model.num_layers == 2
+    assert typed.data.sources == [SourceConfig(path="/somewhere", weight=2.0)]  # no file is read: see check_inputs

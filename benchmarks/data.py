@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gorilla_dist.data.dataset import TokenDataset  # noqa: E402
 from gorilla_dist.data.loader import ShardData, bundled_corpus  # noqa: E402
-from gorilla_dist.data.prepare import PrepareArgs, prepare  # noqa: E402
+from gorilla_dist.data.writer import PrepareArgs, prepare  # noqa: E402
 from gorilla_dist.data.tokenizer import load_tokenizer  # noqa: E402
 
 SEQ, BATCH = 2048, 8

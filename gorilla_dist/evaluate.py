@@ -101,7 +101,7 @@ def summary(part: dict) -> dict:
 def _datasets(args, cfg, run_dir: Path, tmp: Path):
     """[(name, TokenDataset)] to evaluate, and the split."""
     from gorilla_dist.data.dataset import TokenDataset
-    from gorilla_dist.data.prepare import PrepareArgs, prepare
+    from gorilla_dist.data.writer import PrepareArgs, prepare
     from gorilla_dist.data.tokenizer import same_tokenizer
 
     if args.data is None:

@@ -2,7 +2,8 @@
 
     readers.py    input files (.txt, .jsonl[.gz], .parquet) → documents
     tokenizer.py  char | byte | Hugging Face | trained byte-level BPE, each with an <eod> token
-    prepare.py    documents → tokenized shards + document index + meta.json (multiprocess, resumable)
+    writer.py     documents → tokenized shards + document index + meta.json (multiprocess, resumable)
+    prepare.py    its command line: python -m gorilla_dist.data.prepare
     dataset.py    a prepared directory memory-mapped and verified; packed fixed-length samples
     order.py      the table-free shuffle and the weighted blend of sources
     loader.py     samples → this rank's micro-batches (`Batch`), with a resumable state_dict

@@ -160,7 +160,7 @@ def _open_sources(cfg, layout) -> list[TokenDataset]:
 
 
 def _prepare_in_run(cfg, layout) -> list[TokenDataset]:
-    from gorilla_dist.data.prepare import PrepareArgs, prepare
+    from gorilla_dist.data.writer import PrepareArgs, prepare
     from gorilla_dist.parallel import on_main
 
     out = Path(cfg.run.dir) / "data"

@@ -17,9 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"gorilla_dist": REPO / "gorilla_dist", "gorilla_dist.kernels": REPO / "kernels", "launcher": REPO / "launcher"}
 CLIS = ("gorilla_dist.generate", "gorilla_dist.evaluate", "gorilla_dist.export", "gorilla_dist.checkpoint.__main__",
-        "gorilla_dist.worker")
-"""Entry points nothing may import (gorilla_dist.data.prepare is also the library the loader prepares
-data.path with, so it is imported by the loader and by evaluate)."""
+        "gorilla_dist.data.prepare", "gorilla_dist.worker")
+"""Entry points nothing may import."""
 LIBRARIES = ("deepspeed", "megatron")
 DEEPSPEED_FIELDS = {
     # parameters and optimizers (ZeRO partitions, fp32 masters, links between them)

@@ -10,7 +10,7 @@ import torch
 
 from gorilla_dist.data.dataset import TokenDataset
 from gorilla_dist.data.loader import ShardData, bundled_corpus, pack
-from gorilla_dist.data.prepare import PrepareArgs, prepare
+from gorilla_dist.data.writer import PrepareArgs, prepare
 from gorilla_dist.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 from gorilla_dist.errors import DataError
 

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from gorilla_dist.data import prepare as prep
+from gorilla_dist.data import writer as prep
 from gorilla_dist.data.dataset import TokenDataset
 from gorilla_dist.data.loader import bundled_corpus
-from gorilla_dist.data.prepare import PrepareArgs, prepare
+from gorilla_dist.data.writer import PrepareArgs, prepare
 from gorilla_dist.data.tokenizer import load_tokenizer
 from gorilla_dist.errors import DataError
 

@@ -2,18 +2,21 @@
 template, the kernels, the bundled corpus — and trains from a directory that is not the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 
-import pytest
 from helpers import REPO, QUICK
 
 
 def test_a_non_editable_install_trains_from_another_directory(tmp_path):
-    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    site, elsewhere, source = tmp_path / "site", tmp_path / "elsewhere", tmp_path / "source"
     elsewhere.mkdir()
+    # a copy of the checkout: pip builds in the source tree, and a build/ left there would be reused
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 "runs", "wandb", "outputs", ".pytest_cache"))
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "--target", str(site), str(source)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     installed = site / "gorilla_dist"
     for shipped in ("conf/config.yaml", "conf/model/debug.yaml", "slurm/train.sbatch", "kernels/limits.py",

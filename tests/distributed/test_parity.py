@@ -166,19 +166,34 @@ def four_rank_checkpoint(tmp_path_factory):
     return run / "checkpoints" / "step_00000010"
 
 
+@pytest.fixture(scope="module")
+def bf16_twin(tmp_path_factory, four_rank_checkpoint):
+    """The DP2xTP2 checkpoint continued by one bf16 process."""
+    run = tmp_path_factory.mktemp("bf16_twin")
+    check(launch(run, *STEPS, f"checkpoint.resume={four_rank_checkpoint}", "precision=bf16"))
+    return run
+
+
 @pytest.mark.parametrize("target", {
     "1-zero0": [],
     "dp4-zero1": [*ranks(4), "parallel.zero_stage=1"],
     "tp2-zero2-bf16": [*ranks(2), "parallel.tp=2", "parallel.zero_stage=2", "precision=bf16"],
 }.items(), ids=lambda t: t[0])
-def test_checkpoint_from_dp2xtp2_zero3_resumes_under_another_layout(tmp_path, four_rank_checkpoint, single, target):
+def test_checkpoint_from_dp2xtp2_zero3_resumes_under_another_layout(tmp_path, four_rank_checkpoint, single, target,
+                                                                    request):
     name, overrides = target
     run = tmp_path / "resumed"
     out = check(launch(run, *STEPS, f"checkpoint.resume={four_rank_checkpoint}", *overrides))
     assert "was written with world=4 tp=2 zero_stage=3 precision=fp32" in out
     got = losses(run)
-    if "bf16" in name:  # bf16 weights round the fp32 masters: the same trajectory within bf16 precision
-        assert_close(got, single, 2e-2, steps=range(11, 21))
+    if "bf16" in name:
+        bf16_twin = request.getfixturevalue("bf16_twin")
+        # bf16 weights round the fp32 masters to 8 significant bits, so the reference is a bf16 twin: the same
+        # checkpoint continued by one bf16 process. The two differ only in the order of bf16 sums (measured
+        # 1.7e-4); against fp32 the bound is two bf16 roundings of the loss, 2**-8 relative (measured 5.7e-4).
+        twin = losses(bf16_twin)
+        assert_close(got, twin, 1e-3, steps=range(11, 21))
+        assert all(abs(got[s] - single[s]) <= 2**-8 * single[s] for s in range(11, 21)), (got, single)
     else:
         assert_close(got, single, 1e-5, steps=range(11, 21))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gorilla_dist.config import DataConfig, RunConfig, TrainConfig
 from gorilla_dist.data.dataset import Span, TokenDataset
 from gorilla_dist.data.order import Blend, permute
 from gorilla_dist.data.tokenizer import load_tokenizer, same_tokenizer
@@ -146,26 +147,26 @@ class ShardData:
         self.blend.load_state_dict(state["blend"])
 
 
-def _open_sources(cfg, layout) -> list[TokenDataset]:
+def _open_sources(d: DataConfig, layout) -> list[TokenDataset]:
     from gorilla_dist.parallel import on_main
 
-    paths = [s.path for s in cfg.data.sources]
+    paths = [s.path for s in d.sources]
 
     def verify() -> None:  # rank 0 verifies checksums (reads everything once); the others check sizes
         for p in paths:
-            TokenDataset(p, verify=cfg.data.verify)
+            TokenDataset(p, verify=d.verify)
 
     on_main(verify, layout)
     return [TokenDataset(p, verify="size") for p in paths]
 
 
-def _prepare_in_run(cfg, layout) -> list[TokenDataset]:
+def _prepare_in_run(d: DataConfig, run_dir: Path, layout) -> list[TokenDataset]:
     from gorilla_dist.data.writer import PrepareArgs, prepare
     from gorilla_dist.parallel import on_main
 
-    out = Path(cfg.run.dir) / "data"
-    args = PrepareArgs(input=[str(cfg.data.path or bundled_corpus())], output=str(out), tokenizer=cfg.data.tokenizer,
-                       sample_by=cfg.data.sample_by, file_identity="sha256", workers=1, progress=False)
+    out = run_dir / "data"
+    args = PrepareArgs(input=[str(d.path or bundled_corpus())], output=str(out), tokenizer=d.tokenizer,
+                       sample_by=d.sample_by, file_identity="sha256", workers=1, progress=False)
     def prepare_once() -> None:
         prepare(args, new_output_hint="this run.dir was trained on them; use a new run.dir for other data.path / "
                                       "data.tokenizer / data.sample_by")
@@ -174,18 +175,20 @@ def _prepare_in_run(cfg, layout) -> list[TokenDataset]:
     return [TokenDataset(out, verify="size")]
 
 
-def build_data(cfg, layout) -> ShardData:
-    """Open cfg.data.sources (or prepare cfg.data.path into run.dir/data), check they share one
-    tokenizer, record it as run.dir/tokenizer.json, and build the loader for this rank."""
+def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length: int, layout) -> ShardData:
+    """Open d.sources (or prepare d.path into run.dir/data), check they share one tokenizer, record it
+    as run.dir/tokenizer.json, and build the loader for this rank: samples of seq_length tokens, the
+    batch sizes of `train`, the order seeded by run.seed."""
     from gorilla_dist.parallel import on_main
 
-    datasets = _open_sources(cfg, layout) if cfg.data.sources else _prepare_in_run(cfg, layout)
-    digests = {d.meta["tokenizer"]["sha256"] for d in datasets}
+    run_dir = Path(run.dir)
+    datasets = _open_sources(d, layout) if d.sources else _prepare_in_run(d, run_dir, layout)
+    digests = {ds.meta["tokenizer"]["sha256"] for ds in datasets}
     if len(digests) > 1:
-        kinds = [f"{d.path} ({d.meta['tokenizer']['kind']}, {d.vocab_size} ids)" for d in datasets]
+        kinds = [f"{ds.path} ({ds.meta['tokenizer']['kind']}, {ds.vocab_size} ids)" for ds in datasets]
         raise DataError(f"data.sources were prepared with different tokenizers: {kinds}; blend only datasets "
                         "prepared with the same tokenizer")
-    tok_file, run_tok = datasets[0].path / "tokenizer.json", Path(cfg.run.dir) / "tokenizer.json"
+    tok_file, run_tok = datasets[0].path / "tokenizer.json", run_dir / "tokenizer.json"
 
     def record_tokenizer():
         if run_tok.is_file() and not same_tokenizer(run_tok, tok_file):
@@ -194,8 +197,8 @@ def build_data(cfg, layout) -> ShardData:
         shutil.copyfile(tok_file, run_tok)
 
     on_main(record_tokenizer, layout)
-    weights = [s.weight for s in cfg.data.sources] if cfg.data.sources else [1.0]
-    return ShardData(datasets, weights, load_tokenizer(tok_file), seq_length=cfg.model.seq_length,
-                     micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
-                     dp=layout.dp, dp_rank=layout.dp_rank, seed=cfg.run.seed, val_fraction=cfg.data.val_fraction,
-                     reset_at_eod=cfg.data.reset_at_eod, device=layout.device)
+    weights = [s.weight for s in d.sources] if d.sources else [1.0]
+    return ShardData(datasets, weights, load_tokenizer(tok_file), seq_length=seq_length,
+                     micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
+                     dp=layout.dp, dp_rank=layout.dp_rank, seed=run.seed, val_fraction=d.val_fraction,
+                     reset_at_eod=d.reset_at_eod, device=layout.device)

@@ -154,4 +154,4 @@ def test_build_data_refuses_sources_with_different_tokenizers(tmp_path):
         "sources": [{"path": str(byte.path)}, {"path": str(tmp_path / "char")}]}})
     layout = SimpleNamespace(is_main=True, world=1, rank=0, dp=1, dp_rank=0, device=torch.device("cpu"))
     with pytest.raises(DataError, match="were prepared with different tokenizers"):
-        build_data(cfg, layout)
+        build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=16, layout=layout)

@@ -10,7 +10,9 @@ trajectory.
 
 DeepSpeed's per-parameter accessors (`deepspeed.utils.safe_get_full_fp32_param` and friends) reach
 its partitioned fp32 copies; they are collectives over the data-parallel group, so every rank calls
-these functions for every parameter in the same order.
+these functions for every parameter in the same order. Written against DeepSpeed 0.19.8 (versions.py):
+besides those accessors it reads the optimizers' flat groups and partitions by their field names and
+relinks their state (`_link_optimizer_state`).
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ class DivergenceError(UserError):
 class NonFiniteGuard:
     """train.nonfinite: what to do after a step whose loss or gradient norm was inf/NaN. DeepSpeed has
     already left the model, the optimizer state and the LR schedule untouched (a NaN loss gives NaN
-    gradients, and every optimizer path skips a non-finite norm, see engine/deepspeed_engine.py), and the norm is global,
-    so every rank sees the same verdict."""
+    gradients, and every optimizer path skips a non-finite norm, see engine/deepspeed_engine.py), and the
+    norm is global, so every rank sees the same verdict."""
 
     def __init__(self, t, layout):
         self.policy, self.limit, self.layout = t.nonfinite, t.max_skipped_steps, layout

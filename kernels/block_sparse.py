@@ -30,6 +30,7 @@ import torch
 
 from gorilla_dist.kernels.dense import attention_reference
 from gorilla_dist.kernels.layouts import BlockLayout, check_qkv
+from gorilla_dist.kernels.limits import TRITON_HEAD_DIMS
 
 try:
     import triton
@@ -198,8 +199,8 @@ class BlockSparseAttention(torch.autograd.Function):
         check_qkv(q, k, v, layout)
         B, H, S, D = q.shape
         bs, n = layout.block_size, layout.n_blocks
-        if D & (D - 1) or not 16 <= D <= 256:
-            raise ValueError(f"head dim {D}: the Triton kernel needs a power of two in [16, 256]")
+        if D not in TRITON_HEAD_DIMS:
+            raise ValueError(f"head dim {D}: the Triton kernel takes {', '.join(map(str, TRITON_HEAD_DIMS))}")
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
             raise ValueError(f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: expected one of fp32/fp16/bf16 for all")
         q, k, v = (t.contiguous() for t in (q, k, v))
@@ -272,7 +273,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None 
     tensors whose head dim it supports (powers of two, 16-256); the block-gather path otherwise (any
     device, any head dim)."""
     d = q.shape[-1]
-    if q.is_cuda and triton is not None and 16 <= d <= 256 and not d & (d - 1):
+    if q.is_cuda and triton is not None and d in TRITON_HEAD_DIMS:
         return triton_block_sparse_attention(q, k, v, layout, scale=scale, alibi_slopes=alibi_slopes,
                                              block_bias=block_bias)
     from gorilla_dist.kernels.block_gather import block_gather_attention

@@ -3,6 +3,8 @@ validation imports these without loading any kernel)."""
 
 BLOCK_SIZES = (16, 32, 64, 128)
 """Block-sparse attention block sizes (tokens) the CPU and Triton kernels support."""
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+"""Head dims the Triton block-sparse kernels take; others run on the block-gather path (any head dim)."""
 
 
 class UnsupportedAttention(ValueError):

@@ -25,6 +25,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 SPARSE_ATTENTIONS = ("sliding", "strided", "bigbird", "learned")
 ATTENTIONS = ("dense", "flash", *SPARSE_ATTENTIONS)
+SHARING_PATTERNS = ("sequence", "cycle", "cycle_rev")
 SAMPLE_BY = ("document", "paragraph", "line")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
 NONFINITE = ("skip", "stop")
@@ -72,6 +73,22 @@ class SparseConfig:
 
 
 @dataclass
+class SharingConfig:
+    """Cross-layer parameter sharing (Takase & Kiyono 2021): num_layers layers use unique_layers weight
+    sets, each shared parameter one tensor (one gradient, one optimizer state, one checkpoint entry)."""
+
+    unique_layers: int | None = None
+    """Weight sets M for the model's N layers; None means N (no sharing); 1 shares one layer everywhere
+    (ALBERT, Universal Transformer)."""
+    pattern: str = "cycle_rev"
+    """Which set layer i uses (N = 6, M = 3): sequence 0 0 1 1 2 2 (layer i: floor(i*M/N), also when M does
+    not divide N) | cycle 0 1 2 0 1 2 (i mod M) | cycle_rev 0 1 2 2 1 0 (cycle for the first N-M layers,
+    then the M sets in reverse)."""
+    share_norms: bool = True
+    """Share the layers' norm weights too (false: every layer keeps its own norms)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     """Name of the size preset this config came from (conf/model/<name>.yaml)."""
@@ -108,6 +125,8 @@ class ModelConfig:
     error) | sliding | strided | bigbird (static block-sparse) | learned (learned top-k blocks)."""
     sparse: SparseConfig = field(default_factory=SparseConfig)
     """Block sizes and pattern sizes for the block-sparse attentions."""
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    """Cross-layer parameter sharing (off by default)."""
 
 
 @dataclass
@@ -338,6 +357,17 @@ def data_parallel_size(cfg, world: int | None = None) -> int:
     return (world if world is not None else world_size(cfg)) // cfg.parallel.tp
 
 
+def layer_weight_sets(num_layers: int, unique: int | None, pattern: str) -> list[int]:
+    """Which weight set each layer uses (model.sharing): for N = 6, M = 3, sequence 0 0 1 1 2 2, cycle
+    0 1 2 0 1 2, cycle_rev 0 1 2 2 1 0."""
+    n, m = num_layers, unique or num_layers
+    if pattern == "sequence":
+        return [i * m // n for i in range(n)]
+    if pattern == "cycle" or n <= m:
+        return [i % m for i in range(n)]
+    return [i % m for i in range(n - m)] + list(range(m - 1, -1, -1))  # cycle_rev
+
+
 def grad_accum_steps(train, dp: int) -> int:
     """Micro-batches per rank per optimizer step (train: the TrainConfig)."""
     return train.global_batch_size // (train.micro_batch_size * dp)
@@ -381,6 +411,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
     _validate_sparse(m, cfg.data)
+    _validate_sharing(m, p)
     if m.dropout >= 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be < 1")
     if o.min_lr > o.lr:
@@ -436,6 +467,21 @@ def check_inputs(cfg) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
+
+
+def _validate_sharing(m, p) -> None:
+    sh = m.sharing
+    _choice(sh.pattern, SHARING_PATTERNS, "model.sharing.pattern")
+    if sh.unique_layers is None or sh.unique_layers == m.num_layers:
+        return
+    if not 1 <= sh.unique_layers <= m.num_layers:
+        raise ConfigError(f"model.sharing.unique_layers={sh.unique_layers} must be in [1, model.num_layers="
+                          f"{m.num_layers}] (or null: no sharing)")
+    if p.activation_checkpointing == "full" and p.zero_stage >= 2:
+        raise ConfigError(f"model.sharing.unique_layers={sh.unique_layers} with parallel.activation_checkpointing=full "
+                          f"and parallel.zero_stage={p.zero_stage}: megatron's full recompute runs each layer in its "
+                          "own segment, so a shared weight's gradient arrives twice and DeepSpeed's ZeRO-2/3 reduce "
+                          "it twice; use activation_checkpointing=selective or zero_stage<=1")
 
 
 def _validate_sparse(m, d) -> None:

@@ -257,6 +257,25 @@ def export(args) -> tuple[str, Path, str, int]:
     return source, Path(args.out), arch, n
 
 
+def unrolled(m, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of the plain num_layers-layer model that a model with shared layers (model.sharing)
+    computes: each layer takes its weight set's tensors, which a checkpoint stores once, under the first
+    layer using the set (per-layer norms, with share_norms=false, are stored for every layer)."""
+    from gorilla_dist.config import layer_weight_sets
+
+    sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
+    out = dict(weights)
+    for i, j in enumerate(sets):
+        first = sets.index(j)
+        if first == i:
+            continue
+        source, target = f"decoder.layers.{first}.", f"decoder.layers.{i}."
+        for name, tensor in weights.items():
+            if name.startswith(source):
+                out.setdefault(target + name[len(source):], tensor)
+    return out
+
+
 def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str = "fp32") -> tuple[str, int]:
     """Write the transformers directory `out` (atomically: all of it or nothing) for our model config `m`,
     tokenizer `tok` and consolidated weights. Returns (architecture, parameter count)."""
@@ -267,7 +286,7 @@ def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str 
     arch = architecture(m)
     vocab = tok.vocab_size
     tensors = {k: v.to(DTYPES[dtype]).contiguous().clone()
-               for k, v in hf_weights(m, arch, weights, vocab_size=vocab).items()}
+               for k, v in hf_weights(m, arch, unrolled(m, weights), vocab_size=vocab).items()}
     tok_json, eod_token = hf_tokenizer(tok)
     files = {
         "config.json": hf_config(m, arch, vocab_size=vocab, eod=tok.eod, dtype=dtype),

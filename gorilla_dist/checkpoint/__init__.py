@@ -223,6 +223,7 @@ class Checkpointer:
             print(f"[checkpoint] {ckpt.name} was written with {_describe(saved)}; continuing it with "
                   f"{_describe(now)}", flush=True)
         trainer = json.loads((ckpt / TRAINER).read_text())
+        _check_same_sharing(ckpt, self.cfg.model)
         with safe_open(str(ckpt / WEIGHTS), "pt") as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
             _check_fits(engine, w, str(ckpt / WEIGHTS))
             engine.load_full_state(w, m, trainer)
@@ -248,10 +249,30 @@ class Checkpointer:
             return ckpt
 
         ckpt = on_main(find, self.layout)
+        _check_same_sharing(ckpt, self.cfg.model)
         with safe_open(str(ckpt / WEIGHTS), "pt") as w:
             _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}")
             engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state())
         return ckpt
+
+
+def _sharing(model) -> str:
+    """A model config's layer sharing, in words ('none' when every layer has its own weights)."""
+    m = OmegaConf.create(model)
+    sh = m.get("sharing") or {}
+    unique = sh.get("unique_layers") or m.num_layers
+    if unique == m.num_layers:
+        return "none"
+    return (f"unique_layers={unique} pattern={sh.get('pattern', 'cycle_rev')} "
+            f"share_norms={str(sh.get('share_norms', True)).lower()}")
+
+
+def _check_same_sharing(ckpt: Path, model) -> None:
+    """A CheckpointError unless `ckpt` was written by a model that shares its layers as `model` does."""
+    theirs, ours = _sharing(OmegaConf.load(ckpt / "config.yaml").model), _sharing(model)
+    if theirs != ours:
+        raise CheckpointError(f"{ckpt} was written by a model with model.sharing {theirs}, this run has {ours}: "
+                              "its weight sets would not line up with this model's layers")
 
 
 def _check_fits(engine, weights, where: str) -> None:

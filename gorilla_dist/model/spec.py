@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig
+from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig, layer_weight_sets
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.engine.megatron_cpu import adapt_model
 from gorilla_dist.engine.rng import seed_rng_tracker
@@ -120,6 +120,22 @@ def block_spec(m) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[spec] * m.num_layers, layer_norm=TorchNorm)
 
 
+def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None:
+    """Every layer using weight set j takes the parameter objects of the first layer using it (the module
+    structure stays: each position keeps its own module, layer_number and non-parameter state). Done
+    before any gradient hook, so a shared parameter gets each hook once."""
+    layers, owner = model.decoder.layers, {}
+    for i, j in enumerate(sets):
+        if owner.setdefault(j, i) == i:
+            continue
+        source = layers[owner[j]]
+        for name, _ in list(layers[i].named_parameters()):
+            if not share_norms and "layernorm" in name:
+                continue
+            path, _, attr = name.rpartition(".")
+            setattr(layers[i].get_submodule(path) if path else layers[i], attr, source.get_parameter(name))
+
+
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
                 parallel: ParallelConfig | None = None) -> GPTModel:
     """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
@@ -157,6 +173,9 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         )
     except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
         raise ConfigError(f"model.attention={m.attention}: {err}") from None
+    sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
+    if len(set(sets)) < m.num_layers:
+        share_layers(model, sets, share_norms=m.sharing.share_norms)
     mask_vocab_padding(model, vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
                        tp_size=ps.get_tensor_model_parallel_world_size())
     adapt_model(model, device, sequence_parallel=sp)

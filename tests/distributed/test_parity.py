@@ -248,3 +248,40 @@ def test_sparse_attention_tensor_parallel_2_matches_single_process(tmp_path, att
     check(launch(tp2, *sparse, "launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2"))
     assert_close(losses(tp2), losses(one), 1e-5)
     assert losses(one)[20] < losses(one)[1] - 0.5
+
+
+# ---- cross-layer parameter sharing: 4 layers, 2 weight sets (cycle_rev: 0 1 1 0) ----
+
+SHARED = [*STEPS, "model.num_layers=4", "model.sharing.unique_layers=2"]
+SHARED_GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "losses_debug_shared_20.json"
+
+
+@pytest.fixture(scope="module")
+def shared_single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("shared")
+    check(launch(run, *SHARED))
+    return run
+
+
+def test_shared_layers_golden_losses_and_the_bytes_of_two_layers(shared_single, single_run):
+    golden = dict(enumerate(json.loads(SHARED_GOLDEN.read_text())["losses"], start=1))
+    assert_close(losses(shared_single), golden, 1e-4)
+    assert losses(shared_single)[20] < losses(shared_single)[1] - 0.5
+    # 4 layers over 2 weight sets hold exactly what the unshared 2-layer model holds: parameters, gradients
+    # and optimizer state exist once per shared tensor
+    shared, two_layers = first_step_memory(shared_single)[0], first_step_memory(single_run)[0]
+    assert {k: shared[k] for k in ("params", "grads", "optimizer")} == \
+           {k: two_layers[k] for k in ("params", "grads", "optimizer")}
+
+
+@pytest.mark.parametrize("layout", {
+    "tp2-sp": [*ranks(2), "parallel.tp=2", "parallel.sequence_parallel=true"],
+    "dp2-zero3": [*ranks(2), "parallel.zero_stage=3"],
+}.items(), ids=lambda t: t[0])
+def test_shared_layers_match_one_process_under_tp_and_zero3(tmp_path, shared_single, layout):
+    name, overrides = layout
+    run = tmp_path / "run"
+    check(launch(run, *SHARED, *overrides))
+    assert_close(losses(run), losses(shared_single), 1e-5)
+    assert_close(grad_norms(run), grad_norms(shared_single), 1e-4)
+    assert_layout_took_effect(overrides, 2, first_step_memory(run), first_step_memory(shared_single)[0])

@@ -15,6 +15,8 @@ LAYOUTS = {
                        "model.dropout=0.1"],
     "learned-sparse": ["model.attention=learned", "model.seq_length=64", "model.sparse.block_size=16",
                        "model.sparse.topk=2", "train.sample_tokens=20"],
+    # shared weights are saved once and tied again on load
+    "shared-layers": ["model.num_layers=4", "model.sharing.unique_layers=2", "model.sharing.pattern=cycle"],
 }
 
 

@@ -129,3 +129,14 @@ def test_a_checkpoint_with_other_sharing_is_refused_with_the_reason(world1, tmp_
     with pytest.raises(CheckpointError, match=r"written by a model with model.sharing none, this run has "
                                               r"unique_layers=1 pattern=cycle_rev share_norms=true"):
         Checkpointer(cfg, world1).load(ckpt, other)
+
+
+def test_the_learned_layouts_scoring_parameters_are_shared_with_their_layer(world1):
+    m = model_cfg(unique_layers=2, pattern="cycle")
+    m.attention, m.seq_length, m.sparse.block_size, m.sparse.topk = "learned", 32, 16, 2
+    model = build_model(m, vocab_size=VOCAB, dtype="fp32", device=world1.device, seed=3)
+    scoring = [dict(layer.self_attention.core_attention.named_parameters(remove_duplicate=False))
+               for layer in model.decoder.layers]
+    assert scoring[0] and scoring[0].keys() == scoring[2].keys()
+    assert all(scoring[0][k] is scoring[2][k] is scoring[4][k] for k in scoring[0])  # set 0: layers 0, 2, 4
+    assert all(scoring[1][k] is scoring[3][k] and scoring[1][k] is not scoring[0][k] for k in scoring[1])

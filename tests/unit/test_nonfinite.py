@@ -29,9 +29,14 @@ def make_engine(layout, dtype: str, zero: int, run_dir: Path | None = None):
     cfg.optim.warmup_steps = 5  # the LR changes every step, so a wrongly advanced schedule shows
     if run_dir is not None:
         cfg.run.dir = str(run_dir)
-    model = build_model(cfg.model, vocab_size=16, dtype=dtype, device=layout.device, seed=1)
+    return engine_for(cfg, layout), cfg
+
+
+def engine_for(cfg, layout):
+    """The engine of config `cfg` (a 16-id vocabulary, seed 1): e.g. after a test changed its model."""
+    model = build_model(cfg.model, vocab_size=16, dtype=cfg.precision.dtype, device=layout.device, seed=1)
     return build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, precision=cfg.precision,
-                        layout=layout), cfg
+                        layout=layout)
 
 
 def batch(seed: int, seq: int = 32):

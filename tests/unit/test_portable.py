@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_nonfinite import batch, make_engine
+from test_nonfinite import batch, engine_for, make_engine
 
 from gorilla_dist.checkpoint import Checkpointer, complete_checkpoints
 from gorilla_dist.errors import CheckpointError
@@ -78,12 +78,7 @@ def test_a_checkpoint_of_another_model_is_refused_by_name_and_shape(world1, tmp_
     engine, cfg = make_engine(world1, "fp32", 0, run_dir=tmp_path)
     ckpt = Checkpointer(cfg, world1).save(1, engine, {})
     cfg.model.hidden_size = 32
-    from gorilla_dist.model import build_model
-    from gorilla_dist.engine import build_engine
-
-    model = build_model(cfg.model, vocab_size=16, dtype="fp32", device=world1.device, seed=1)
-    other = build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, precision=cfg.precision,
-                         layout=world1)
+    other = engine_for(cfg, world1)
     with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight has shape \(128, 64\), this "
                                               r"model's is \(128, 32\); was it written with another model config"):
         Checkpointer(cfg, world1).load(ckpt, other)

@@ -114,18 +114,15 @@ def test_export_unrolls_the_shared_layers_into_a_plain_transformers_model(world1
 
 
 def test_a_checkpoint_with_other_sharing_is_refused_with_the_reason(world1, tmp_path):
-    from test_nonfinite import make_engine
+    from test_nonfinite import engine_for, make_engine
 
     from gorilla_dist.checkpoint import Checkpointer
-    from gorilla_dist.engine import build_engine
     from gorilla_dist.errors import CheckpointError
 
     engine, cfg = make_engine(world1, "fp32", 0, run_dir=tmp_path)
     ckpt = Checkpointer(cfg, world1).save(1, engine, {})
     cfg.model.sharing.unique_layers = 1
-    model = build_model(cfg.model, vocab_size=16, dtype="fp32", device=world1.device, seed=1)
-    other = build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel, precision=cfg.precision,
-                         layout=world1)
+    other = engine_for(cfg, world1)
     with pytest.raises(CheckpointError, match=r"written by a model with model.sharing none, this run has "
                                               r"unique_layers=1 pattern=cycle_rev share_norms=true"):
         Checkpointer(cfg, world1).load(ckpt, other)

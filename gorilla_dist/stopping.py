@@ -40,6 +40,13 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def saved(self) -> None:
+        """The stop checkpoint is written: ignore further stop signals while this rank reports and exits.
+        (The deepspeed launcher sends SIGTERM to the remaining ranks as soon as one of them has exited; as a
+        second signal it would end this rank before it said where it stopped.)"""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

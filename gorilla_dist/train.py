@@ -123,14 +123,17 @@ def train(cfg, layout) -> bool:
         if ckpt.due(step, last) or stopping:
             with metrics.paused():
                 ckpt.save(step, engine, data.state_dict())
-    signals.close()
-    metrics.close()
     if stopping:
+        signals.saved()
+        metrics.close()
         if layout.is_main:
             cause = signals.received or "a peer rank's signal"
             print(f"[train] stopped at step {step} on {cause}; "
                   "the checkpoint is saved, a restart resumes from it", flush=True)
+        signals.close()
         return False
+    signals.close()
+    metrics.close()
 
     if t.sample_tokens:
         text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,

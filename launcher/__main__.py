@@ -79,7 +79,7 @@ def run_forwarding_signals(argv: list[str], env: dict, *, backend: str, run_dir:
 
 
 def worker_pids(root: int) -> list[int]:
-    """Processes under `root` that run gorilla_dist.worker (read from /proc; Linux)."""
+    """Processes under `root` that run `python -m gorilla_dist.worker` (read from /proc; Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -93,10 +93,13 @@ def worker_pids(root: int) -> list[int]:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
-            if b"gorilla_dist.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        # the module a python process runs: torchrun and the deepspeed launchers name gorilla_dist.worker
+        # in their own command lines too, and must not get the signal (they would end the workers)
+        if b"-m" in argv and argv[argv.index(b"-m") + 1:argv.index(b"-m") + 2] == [b"gorilla_dist.worker"]:
+            found.append(pid)
     return found
 
 

@@ -37,9 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gorilla_dist import faults
+from gorilla_dist.data.tokenizer import same_tokenizer
 from gorilla_dist.engine import check_fits
 from gorilla_dist.engine.rng import rng_state, set_rng_state
-from gorilla_dist.data.tokenizer import same_tokenizer
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.parallel import on_main

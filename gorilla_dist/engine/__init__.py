@@ -3,8 +3,10 @@
 Everything that reads a private field of either library, replaces one of their functions or depends
 on how they lay out their state lives here, each adaptation named and checked against the tested
 versions (versions.py):
-    deepspeed_engine.py  building the DeepSpeed engine; its adaptations (non-finite fp32 steps, the
-                         unfused optimizer's init step, the shm op); the `mpu`; starting torch.distributed
+    versions.py          the DeepSpeed / megatron-core versions these were written for, checked at start
+    comm.py              starting torch.distributed through DeepSpeed (the version check; no shm op on CPU)
+    deepspeed_engine.py  building the DeepSpeed engine and its adaptations (non-finite fp32 steps, the
+                         unfused optimizer's init step); the `mpu`
     megatron_cpu.py      megatron-core's CUDA assumptions adapted for CPU; sequence-parallel grad sums
     rng.py               megatron's model-parallel RNG tracker: seeding, capture, restore
     state.py             the layout-free training state: full tensors out of / into any TP x ZeRO layout

@@ -26,6 +26,8 @@ ACTIVATIONS = ("gelu", "swiglu")
 SPARSE_ATTENTIONS = ("sliding", "strided", "bigbird", "learned")
 ATTENTIONS = ("dense", "flash", *SPARSE_ATTENTIONS)
 SHARING_PATTERNS = ("sequence", "cycle", "cycle_rev")
+MOE_ROUTERS = ("softmax", "sigmoid")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 SAMPLE_BY = ("document", "paragraph", "line")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
 NONFINITE = ("skip", "stop")
@@ -89,6 +91,47 @@ class SharingConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts (megatron-core's MoELayer): some MLPs become `num_experts` expert MLPs and a
+    router sending each token to `topk` of them. Off when num_experts is 0."""
+
+    num_experts: int = 0
+    """Experts per MoE layer; 0: a dense model (every other key here is ignored)."""
+    topk: int = 2
+    """Experts each token is routed to."""
+    every: int = 1
+    """Layer i has an MoE MLP when i % every == 0 (1: every layer; 2: layers 0, 2, 4, ...), the others a
+    dense MLP of model.ffn_hidden_size."""
+    ffn_hidden_size: int | None = None
+    """Inner width of each expert's MLP; None means the dense MLP's (model.ffn_hidden_size or 4 * hidden)."""
+    shared_expert_size: int = 0
+    """Inner width of an always-active shared expert MLP beside the routed ones (DeepSeek / Qwen-MoE);
+    0: none."""
+    router: str = "softmax"
+    """softmax: top-k of the softmax scores, renormalised over the chosen k (Mixtral; topk=1 keeps the
+    softmax probability, as Switch) | sigmoid: sigmoid scores, the chosen k normalised to sum 1
+    (DeepSeek-V3)."""
+    aux_loss_coeff: float = 1e-2
+    """Load-balancing loss (Switch / GShard): coeff * E * sum_i f_i * P_i per MoE layer, f_i the fraction
+    of routed tokens that went to expert i and P_i its mean router probability; 0 disables."""
+    z_loss_coeff: float = 1e-3
+    """Router z-loss (ST-MoE): coeff * mean over tokens of logsumexp(router logits)^2; 0 disables."""
+    expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3, needs router=sigmoid): a per-expert bias added to the scores
+    for the top-k choice only, moved by bias_update_rate * sign(mean load - load) after every step,
+    outside the gradient."""
+    bias_update_rate: float = 1e-3
+    """Step of the expert_bias update."""
+    capacity_factor: float | None = None
+    """None: dropless (every routed token is computed). A number c: each expert takes at most
+    c * tokens * topk / num_experts tokens per micro-batch; the lowest-probability assignments beyond that
+    are dropped (megatron's "probs" policy) and the dropped fraction is logged."""
+    dispatcher: str = "alltoall"
+    """How tokens reach the experts of other expert-parallel ranks: alltoall | allgather (megatron's
+    token dispatchers; both give the same result)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     """Name of the size preset this config came from (conf/model/<name>.yaml)."""
@@ -127,12 +170,19 @@ class ModelConfig:
     """Block sizes and pattern sizes for the block-sparse attentions."""
     sharing: SharingConfig = field(default_factory=SharingConfig)
     """Cross-layer parameter sharing (off by default)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (off by default)."""
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp."""
+    ep: int = 1
+    """Expert-parallel size (model.moe): each MoE layer's experts are split over `ep` ranks of a
+    data-parallel group, which exchange tokens; expert weights are then reduced and partitioned over the
+    world / (tp * ep) ranks holding the same experts. Must divide the data-parallel size and
+    model.moe.num_experts."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 over the data-parallel group: 1 partitions the optimizer state (and
     the fp32 master weights), 2 also the gradients, 3 also the parameters."""
@@ -412,6 +462,7 @@ def validate(cfg, world: int | None = None) -> None:
     _validate_data(cfg.data, t)
     _validate_sparse(m, cfg.data)
     _validate_sharing(m, p)
+    _validate_moe(m, p, world)
     if m.dropout >= 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be < 1")
     if o.min_lr > o.lr:
@@ -482,6 +533,59 @@ def _validate_sharing(m, p) -> None:
                           f"and parallel.zero_stage={p.zero_stage}: megatron's full recompute runs each layer in its "
                           "own segment, so a shared weight's gradient arrives twice and DeepSpeed's ZeRO-2/3 reduce "
                           "it twice; use activation_checkpointing=selective or zero_stage<=1")
+
+
+def moe_layers(m) -> list[int]:
+    """Indices of the layers whose MLP is a mixture of experts (megatron's moe_layer_freq rule)."""
+    if not m.moe.num_experts:
+        return []
+    return [i for i in range(m.num_layers) if i % m.moe.every == 0]
+
+
+def _validate_moe(m, p, world: int) -> None:
+    e = m.moe
+    _positive(e.num_experts, "model.moe.num_experts", allow_zero=True)
+    _positive(p.ep, "parallel.ep")
+    if not e.num_experts:
+        if p.ep != 1:
+            raise ConfigError(f"parallel.ep={p.ep} splits experts over ranks, but model.moe.num_experts=0 (a dense "
+                              "model); set model.moe.num_experts or parallel.ep=1")
+        return
+    _choice(e.router, MOE_ROUTERS, "model.moe.router")
+    _choice(e.dispatcher, MOE_DISPATCHERS, "model.moe.dispatcher")
+    if not 1 <= e.topk <= e.num_experts:
+        raise ConfigError(f"model.moe.topk={e.topk} must be in [1, model.moe.num_experts={e.num_experts}]")
+    if not 1 <= e.every <= m.num_layers:
+        raise ConfigError(f"model.moe.every={e.every} must be in [1, model.num_layers={m.num_layers}]")
+    for key in ("aux_loss_coeff", "z_loss_coeff", "shared_expert_size", "bias_update_rate"):
+        _positive(getattr(e, key), f"model.moe.{key}", allow_zero=True)
+    if e.ffn_hidden_size is not None:
+        _positive(e.ffn_hidden_size, "model.moe.ffn_hidden_size")
+    if e.capacity_factor is not None and not e.capacity_factor > 0:
+        raise ConfigError(f"model.moe.capacity_factor={e.capacity_factor} must be > 0 (or null: dropless)")
+    if e.expert_bias and e.router != "sigmoid":
+        raise ConfigError("model.moe.expert_bias=true (DeepSeek-V3's aux-loss-free balancing) needs "
+                          f"model.moe.router=sigmoid, not {e.router}")
+    if e.expert_bias and e.capacity_factor is not None:
+        raise ConfigError("model.moe.expert_bias=true with model.moe.capacity_factor: megatron drops tokens only "
+                          "with the aux-loss balancing; use one or the other")
+    for key, width in (("ffn_hidden_size", e.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size),
+                       ("shared_expert_size", e.shared_expert_size)):
+        if width % p.tp:
+            raise ConfigError(f"model.moe.{key}({width}) is not divisible by parallel.tp({p.tp})")
+    if e.num_experts % p.ep:
+        raise ConfigError(f"model.moe.num_experts({e.num_experts}) is not divisible by parallel.ep({p.ep}); "
+                          f"valid ep values: {[d for d in range(1, e.num_experts + 1) if e.num_experts % d == 0]}")
+    dp = world // p.tp if world % p.tp == 0 else None
+    if dp is not None and dp % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (world {world} / parallel.tp "
+                          f"{p.tp}): each expert-parallel group is ep ranks of one tensor-parallel position")
+    if m.bias and p.tp > 1:
+        raise ConfigError("model.bias=true with model.moe and parallel.tp>1: megatron-core supports expert biases "
+                          "only without tensor-parallel experts; use model.bias=false or parallel.tp=1")
+    if m.sharing.unique_layers not in (None, m.num_layers):
+        raise ConfigError("model.moe with model.sharing.unique_layers: sharing experts across layers is not built "
+                          "yet (issue 18); use one or the other")
 
 
 def _validate_sparse(m, d) -> None:

@@ -45,9 +45,22 @@ def truncate_after(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
+def wandb_row(row: dict) -> dict:
+    """A metrics.jsonl row as W&B scalars: the expert-load matrix becomes moe_load/layer<i>/expert<j>."""
+    out = {k: v for k, v in row.items() if k not in ("step", "moe_load") and v is not None}
+    for i, load in enumerate(row.get("moe_load", [])):
+        out.update({f"moe_load/layer{i}/expert{j}": x for j, x in enumerate(load)})
+    return out
+
+
 class Metrics:
-    def __init__(self, cfg, layout, *, flops_per_token: float, tokens_per_step: int, start_step: int):
+    def __init__(self, cfg, layout, *, flops_per_token: float, tokens_per_step: int, start_step: int,
+                 router_stats=None):
         self.cfg, self.layout = cfg, layout
+        self.router_stats = router_stats  # engine.moe.RouterStats of an MoE model, else None
+        self.moe_pending: list[torch.Tensor] = []
+        e = cfg.model.moe
+        self.moe_logged = {name for name, on in (("moe_aux_loss", e.aux_loss_coeff), ("moe_z_loss", e.z_loss_coeff)) if on}
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
         self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None, bool]] = []
@@ -81,10 +94,13 @@ class Metrics:
                           name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir,
                           config=OmegaConf.to_container(OmegaConf.create(self.cfg), resolve=True))
 
-    def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm, *, skipped: bool = False) -> None:
+    def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm, *, skipped: bool = False,
+             moe: torch.Tensor | None = None) -> None:
         """Record a step; `loss` is this rank's mean loss (a tensor, not read here); `skipped`: the update
-        was not applied (non-finite loss or gradient norm)."""
+        was not applied (non-finite loss or gradient norm); `moe`: the routers' numbers (StepResult.moe)."""
         self.pending.append((step, loss.detach(), lr, grad_norm, skipped))
+        if moe is not None:
+            self.moe_pending.append(moe)
         if step % self.cfg.train.log_interval == 0:
             self.flush()
 
@@ -92,6 +108,7 @@ class Metrics:
         if not self.pending:
             return
         losses = dp_mean(torch.stack([p[1].float() for p in self.pending]), self.layout)
+        moe = self._moe_numbers()
         values = losses.tolist()  # the one host sync per interval
         now = time.perf_counter()
         steps = self.pending[-1][0] - self.last_step
@@ -106,6 +123,10 @@ class Metrics:
             if self.peak:
                 row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.layout.world)
             rows.append(row)
+        if moe is not None:
+            for i, row in enumerate(rows):
+                row.update({name: v[i] for name, v in moe["per_step"].items()})
+            rows[-1].update(moe["interval"])
         self.pending.clear()
         self._write(rows)
         if self.main and self.bar is not None:
@@ -114,6 +135,16 @@ class Metrics:
                 post["mfu"] = f"{rows[-1]['mfu']:.1%}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(rows[-1]["step"] - self.bar.n)  # one redraw per interval
+
+    def _moe_numbers(self) -> dict | None:
+        """The routers' numbers of the pending steps summed over every rank (one all-reduce), as metrics."""
+        if not self.moe_pending:
+            return None
+        summed = torch.stack(self.moe_pending).float()
+        self.moe_pending = []
+        if torch.distributed.is_initialized() and self.layout.world > 1:
+            torch.distributed.all_reduce(summed)
+        return self.router_stats.summarize(summed.cpu(), self.layout.dp, self.moe_logged)
 
     @contextmanager
     def paused(self):
@@ -150,7 +181,7 @@ class Metrics:
         for row in rows:
             self.file.write(json.dumps(row) + "\n")
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+                self.wandb.log(wandb_row(row), step=row["step"])
         self.file.flush()
 
     def close(self) -> None:

@@ -98,7 +98,8 @@ def train(cfg, layout) -> bool:
             print(f"[train] weights from {source}; optimizer, LR schedule and data order start fresh", flush=True)
 
     metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model, data.vocab_size),
-                      tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step)
+                      tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step,
+                      router_stats=engine.router_stats)
     guard, signals = NonFiniteGuard(t, layout), StopSignals(layout)
     metrics.memory("start", step, gather_ranks(engine.state_bytes(), layout))
     probe = FirstStepProbe(engine, layout.device)
@@ -111,7 +112,7 @@ def train(cfg, layout) -> bool:
         if probe is not None:
             metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
             probe = None
-        metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped)
+        metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe)
         guard.check(step, result.skipped)
         faults.hit("step", step=step, rank=layout.rank)
         last = step == t.max_steps

@@ -8,6 +8,8 @@ versions (versions.py):
     deepspeed_engine.py  building the DeepSpeed engine and its adaptations (non-finite fp32 steps, the
                          unfused optimizer's init step); the `mpu`
     megatron_cpu.py      megatron-core's CUDA assumptions adapted for CPU; sequence-parallel grad sums
+    moe.py               mixture of experts: aux-loss scaling, router statistics, the expert bias, expert
+                         parallelism inside DeepSpeed
     rng.py               megatron's model-parallel RNG tracker: seeding, capture, restore
     state.py             the layout-free training state: full tensors out of / into any TP x ZeRO layout
     accounting.py        per-rank bytes of parameters, gradients and optimizer state
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from gorilla_dist.parallel import ParallelLayout
 
 from gorilla_dist.config import OptimConfig, ParallelConfig, PrecisionConfig, TrainConfig
-from gorilla_dist.engine import accounting, state
+from gorilla_dist.engine import accounting, moe, state
 from gorilla_dist.engine.versions import check_versions
 
 __all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits"]
@@ -47,14 +49,18 @@ class StepResult:
     """Global gradient norm before clipping (None when the engine measured none)."""
     skipped: bool
     """The update was not applied (inf/NaN gradient norm): weights, optimizer and schedule unchanged."""
+    moe: torch.Tensor | None = None
+    """Mixture of experts: this rank's router numbers for the step (moe.RouterStats.take); None when dense."""
 
 
 class TrainEngine:
     """A model inside DeepSpeed (ZeRO 0-3, fp32/bf16/fp16, accumulation, clipping), behind the narrow
     interface the loop, checkpoints and memory accounting use."""
 
-    def __init__(self, ds_engine):
+    def __init__(self, ds_engine, router_stats: moe.RouterStats | None = None):
         self._ds = ds_engine
+        self.router_stats = router_stats
+        """Mixture of experts: turns StepResult.moe into metrics (None for a dense model)."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -89,7 +95,11 @@ class TrainEngine:
         backward, and the update at the accumulation boundary (DeepSpeed divides by the accumulation
         count). `probe` (memory.FirstStepProbe) measures the first step's memory."""
         skipped_before = self._ds.skipped_steps
-        total = torch.zeros((), device=micro_batches[0].tokens.device)
+        device = micro_batches[0].tokens.device
+        total = torch.zeros((), device=device)
+        if self.router_stats is not None:  # the aux losses' backward factor: the LM loss's (moe.py 1)
+            scale = self._ds.optimizer.loss_scale if self._ds.fp16_enabled() else 1.0
+            moe.set_aux_loss_scale(scale / self._ds.gradient_accumulation_steps(), device)
         for i, batch in enumerate(micro_batches):
             with probe.micro_batch() if probe else nullcontext():
                 loss = loss_fn(self, batch)
@@ -100,8 +110,12 @@ class TrainEngine:
             total += loss.detach().float()
         if probe:
             probe.after_update()
+        stats = None
+        if self.router_stats is not None:
+            moe.update_expert_bias(self._ds.module)
+            stats = self.router_stats.take(len(micro_batches))
         return StepResult(loss=total / len(micro_batches), grad_norm=self._ds.get_global_grad_norm(),
-                          skipped=self._ds.skipped_steps > skipped_before)
+                          skipped=self._ds.skipped_steps > skipped_before, moe=stats)
 
     def full_state(self, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
         """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""
@@ -133,5 +147,6 @@ def build_engine(model: torch.nn.Module, *, optim: OptimConfig, train: TrainConf
     argument is one config section (OptimConfig, TrainConfig, ParallelConfig, PrecisionConfig)."""
     from gorilla_dist.engine.deepspeed_engine import build_deepspeed
 
-    return TrainEngine(build_deepspeed(model, optim=optim, train=train, zero_stage=parallel.zero_stage,
-                                       precision=precision, layout=layout))
+    engine = build_deepspeed(model, optim=optim, train=train, zero_stage=parallel.zero_stage, precision=precision,
+                             layout=layout)
+    return TrainEngine(engine, moe.RouterStats(engine.module, layout.device) if moe.moe_layers(model) else None)

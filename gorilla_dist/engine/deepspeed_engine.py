@@ -87,14 +87,17 @@ def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, pr
         raise ConfigError(f"precision.dtype=fp16 is not supported on this device ({acc.device_name()}): "
                           "DeepSpeed has fp16 training on GPUs only; use precision=bf16 or precision=fp32")
 
+    from gorilla_dist.engine.moe import deepspeed_expert_groups, optimizer_groups
+
     o = optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, o, train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
     config = deepspeed_config(optim=optim, train=train, zero_stage=zero_stage, precision=precision, dp=layout.dp)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config,
-                                           mpu=MegatronMPU())
+    with deepspeed_expert_groups(model, layout.ep):
+        optimizer = torch.optim.AdamW(optimizer_groups(param_groups(model, o.weight_decay)), lr=o.lr,
+                                      betas=(o.beta1, o.beta2), eps=o.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, o, train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=config, mpu=MegatronMPU())
     _skip_nonfinite_fp32_steps(engine)
     _undo_unfused_init_step(engine)
     if layout.dp == 1 and zero_stage == 0:

@@ -26,6 +26,17 @@ megatron-core also assumes CUDA in a few places that the local (no Transformer E
      recomputed forward. `rng.seed_rng_tracker` seeds the tracker (on CUDA with megatron's own call) and,
      without CUDA, makes both use the CPU generator.
 
+Mixture of experts (transformer/moe/), applied by `cpu_moe` before an MoE model is built:
+  6. `moe_utils` names Transformer Engine's `te_general_gemm` and `fused_*` helpers in its functions but
+     binds them only when TE imports, so the router's gating linear raises NameError without TE (GPU
+     too). They are bound to None, which each call site already treats as "not available".
+  7. The router moves its weight to `torch.cuda.current_device()` in every forward (router.py) and
+     allocates its expert-bias buffers there: given the `torch` of 4.
+  8. The alltoall token dispatcher creates a `torch.cuda.Stream` when built and copies its split sizes to
+     the host on it (`_maybe_dtoh_and_synchronize`). On CPU there is no stream and the sizes are already
+     host tensors, which `all_to_all_single` takes as lists: `_cpu_dtoh_and_synchronize` replaces that
+     method without CUDA.
+
 One thing megatron-core leaves to its own DDP wrapper, which we do not use (DeepSpeed owns gradients):
   5. Sequence parallelism: each TP rank normalises only its slice of the sequence, so a norm's weight
      gradient is a partial sum that megatron's `finalize_model_grads` all-reduces over the TP group.
@@ -110,6 +121,40 @@ def cpu_buffers() -> None:
     for module in (layers, mappings, mutils):
         if not isinstance(module.torch, _TorchOnCPU):
             module.torch = _TorchOnCPU()
+
+
+def cpu_moe() -> None:
+    """6, 7 and 8 above (process-wide; 7 and 8 only without CUDA)."""
+    import megatron.core.transformer.moe.experts as experts
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.router as router
+    import megatron.core.transformer.moe.token_dispatcher as dispatcher
+
+    for name in ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute"):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+    if torch.cuda.is_available():
+        return
+    for module in (router, experts, dispatcher):
+        if not isinstance(module.torch, _TorchOnCPU):
+            module.torch = _TorchOnCPU()
+    a2a = dispatcher.MoEAlltoAllTokenDispatcher
+    if a2a.cuda_dtoh_stream is None:
+        a2a.cuda_dtoh_stream = "no stream on CPU"  # the constructor creates one only when this is None
+    a2a._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
+
+
+def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
+    """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize on CPU: the values it copies to the host are
+    there already; the split sizes become lists (what all_to_all_single takes on CPU)."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.tolist())
+    return tokens_per_expert
 
 
 def sum_sequence_parallel_grads(model: torch.nn.Module) -> None:

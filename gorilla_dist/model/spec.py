@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig, layer_weight_sets
+from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig, layer_weight_sets, moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES
-from gorilla_dist.engine.megatron_cpu import adapt_model
+from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe
 from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
@@ -73,8 +74,36 @@ class TorchNorm:
         return norm
 
 
+def moe_fields(m, *, ep: int) -> dict:
+    """megatron-core's TransformerConfig fields for model.moe (empty for a dense model)."""
+    e = m.moe
+    if not e.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=e.num_experts,
+        expert_model_parallel_size=ep,
+        moe_router_topk=e.topk,
+        moe_ffn_hidden_size=e.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+        moe_shared_expert_intermediate_size=e.shared_expert_size or None,
+        moe_router_score_function=e.router,
+        # top-1 softmax after the choice would be the constant 1 (no router gradient): Switch's softmax first
+        moe_router_pre_softmax=e.router == "softmax" and e.topk == 1,
+        moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff else "none",
+        moe_aux_loss_coeff=e.aux_loss_coeff,
+        moe_z_loss_coeff=e.z_loss_coeff or None,
+        moe_router_enable_expert_bias=e.expert_bias,
+        moe_router_bias_update_rate=e.bias_update_rate,
+        moe_expert_capacity_factor=e.capacity_factor,
+        moe_token_drop_policy="probs",
+        moe_token_dispatcher_type=e.dispatcher,
+        moe_router_dtype="fp32",  # routing in fp32 under bf16 too (megatron's advice for stability)
+        moe_grouped_gemm=False,  # SequentialMLP: grouped GEMM needs TE / the grouped_gemm CUDA package
+        moe_permute_fusion=False,
+    )
+
+
 def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = False,
-                       activation_checkpointing: str = "none") -> TransformerConfig:
+                       activation_checkpointing: str = "none", ep: int = 1) -> TransformerConfig:
     swiglu = m.activation == "swiglu"
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -107,17 +136,66 @@ def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = Fals
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe_fields(m, ep=ep),
     )
 
 
-def block_spec(m) -> TransformerBlockSubmodules:
-    """megatron-core's local layer spec (one per layer) with our core attention and our norm."""
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=m.normalization))
+class SequentialExperts(SequentialMLP):
+    """megatron-core's SequentialMLP (one MLP per local expert, run one after the other), built without
+    drawing from the global generator: otherwise the weights of everything built after it would depend
+    on how many experts this rank holds (num_experts / ep). `seed_experts` draws each expert instead."""
+
+    def __init__(self, *args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(*args, **kwargs)
+
+
+def layer_spec(m, *, num_experts: int | None = None) -> ModuleSpec:
+    """megatron-core's local layer spec with our core attention and our norm; with num_experts, its MoE
+    MLP (router, token dispatcher, SequentialExperts, optional shared expert)."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                  normalization=m.normalization))
     module, params = core_attention_spec(m)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=module, params=params)
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * m.num_layers, layer_norm=TorchNorm)
+    if num_experts:
+        spec.submodules.mlp.submodules.experts.module = SequentialExperts
+    return spec
+
+
+def block_spec(m) -> TransformerBlockSubmodules:
+    """One layer spec per layer: dense MLPs, and MoE MLPs on moe_layers(m)."""
+    dense, moe = layer_spec(m), (layer_spec(m, num_experts=m.moe.num_experts) if m.moe.num_experts else None)
+    on = set(moe_layers(m))
+    return TransformerBlockSubmodules(layer_specs=[moe if i in on else dense for i in range(m.num_layers)],
+                                      layer_norm=TorchNorm)
+
+
+def expert_seed(seed: int, layer: int, expert: int) -> int:
+    return (seed * 1_000_003 + layer * 10_007 + expert) % (1 << 63)
+
+
+def seed_experts(model: GPTModel, seed: int) -> None:
+    """Each expert's weights drawn from its own generator, seeded by (seed, layer, global expert index),
+    as full single-process tensors then split for tensor parallelism: the initial model depends on the
+    seed only, never on the expert- or tensor-parallel layout (as use_cpu_initialization does for TP)."""
+    from gorilla_dist.engine.state import full_shape, tp_local
+
+    config = model.config
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for i, layer in enumerate(model.decoder.layers):
+            if not isinstance(layer.mlp, MoELayer):
+                continue
+            for local, g in enumerate(layer.mlp.local_expert_indices):
+                torch.manual_seed(expert_seed(seed, i, g))
+                expert = layer.mlp.experts.local_experts[local]
+                prefix = f"decoder.layers.{i}.mlp.experts.local_experts.{local}."
+                for name, p in expert.named_parameters():
+                    full = torch.zeros(full_shape(model, prefix + name, p), dtype=torch.float32)
+                    if not name.endswith("bias"):
+                        (config.output_layer_init_method if "linear_fc2" in name else config.init_method)(full)
+                    p.copy_(tp_local(model, prefix + name, p, full))
 
 
 def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None:
@@ -153,6 +231,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         if reason:
             raise ConfigError(f"model.attention=flash {reason}; model.attention=dense uses flash-attn when "
                               "it can and SDPA otherwise")
+    if m.moe.num_experts:
+        cpu_moe()
     torch.manual_seed(seed)
     seed_rng_tracker(seed, device)
     try:
@@ -161,7 +241,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
             # RowParallelLinear still passes tp_group=None internally; engine/megatron_cpu.py covers that.
             pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
             config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
-                                      sequence_parallel=sp, activation_checkpointing=recompute),
+                                      sequence_parallel=sp, activation_checkpointing=recompute,
+                                      ep=ps.get_expert_model_parallel_world_size()),
             transformer_layer_spec=block_spec(m),
             vocab_size=padded_vocab_size(vocab_size),
             max_sequence_length=m.seq_length,
@@ -173,6 +254,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         )
     except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
         raise ConfigError(f"model.attention={m.attention}: {err}") from None
+    if m.moe.num_experts:
+        seed_experts(model, seed)
     sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
     if len(set(sets)) < m.num_layers:
         share_layers(model, sets, share_norms=m.sharing.share_norms)
@@ -184,10 +267,18 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
 
 def flops_per_token(m, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/Megatron MFU
-    convention: 6 * matmul parameters + 12 * layers * width * sequence for attention scores."""
+    convention: 6 * matmul parameters + 12 * layers * width * sequence for attention scores. With
+    experts, the parameters a token really passes through: the router, its top-k experts and the
+    shared expert (the active parameters), not all experts."""
     h, L, s = m.hidden_size, m.num_layers, m.seq_length
     kv = (m.num_query_groups or m.num_heads) * (h // m.num_heads)
+    mlp_matrices = 3 if m.activation == "swiglu" else 2
     ffn = m.ffn_hidden_size or 4 * h
-    per_layer = h * (h + 2 * kv) + h * h + (3 if m.activation == "swiglu" else 2) * h * ffn
-    matmul_params = L * per_layer + h * padded_vocab_size(vocab_size)
+    attention = h * (h + 2 * kv) + h * h
+    n_moe = len(moe_layers(m))
+    e = m.moe
+    moe_mlp = (e.num_experts * h + mlp_matrices * h * (e.topk * (e.ffn_hidden_size or ffn) + e.shared_expert_size)
+               if n_moe else 0)
+    matmul_params = (L * attention + (L - n_moe) * mlp_matrices * h * ffn + n_moe * moe_mlp
+                     + h * padded_vocab_size(vocab_size))
     return 6.0 * matmul_params + 12.0 * L * h * s

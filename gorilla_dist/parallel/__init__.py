@@ -19,7 +19,8 @@ from gorilla_dist.errors import ConfigError, UserError
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Where this rank sits. world = tp * dp (no pipeline parallelism yet)."""
+    """Where this rank sits. world = tp * dp (no pipeline parallelism yet); experts: ep ranks of a
+    data-parallel group split each MoE layer's experts (ep = 1 for a dense model)."""
 
     rank: int
     local_rank: int
@@ -29,6 +30,7 @@ class ParallelLayout:
     dp: int
     dp_rank: int
     device: torch.device
+    ep: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -63,11 +65,11 @@ def init_distributed(parallel_cfg) -> ParallelLayout:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")
     init_process_group(device, parallel_cfg.timeout_s)
     # megatron's groups get their own timeout (30 min by default): give them ours
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=parallel_cfg.ep,
                                  distributed_timeout_minutes=parallel_cfg.timeout_s / 60)
     return ParallelLayout(rank=rank, local_rank=local_rank, world=world, tp=tp,
                           tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
-                          dp_rank=ps.get_data_parallel_rank(), device=device)
+                          dp_rank=ps.get_data_parallel_rank(), device=device, ep=parallel_cfg.ep)
 
 
 def on_main(fn, layout: ParallelLayout):

@@ -114,8 +114,6 @@ def _skip_nonfinite_fp32_steps(engine) -> None:
     returns (so `get_global_grad_norm()` stays None). Here that path behaves like the others: the norm
     is kept (same clipping call, same mpu), and a non-finite one skips the optimizer step through the
     `overflow` flag the engine reads after every step (engine.py `_take_model_step`)."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
         return
     optimizer = engine.optimizer
@@ -123,8 +121,13 @@ def _skip_nonfinite_fp32_steps(engine) -> None:
     optimizer.overflow = False
 
     def record_norm(max_norm: float) -> None:
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=max_norm,
-                                                   mpu=engine.mpu)
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params)
+        if max_norm != float("inf"):
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef)
+        engine._global_grad_norm = norm
 
     def guarded_step(closure=None):
         if engine.gradient_clipping() <= 0:  # not clipped, so no norm yet: measure without clipping
@@ -136,6 +139,35 @@ def _skip_nonfinite_fp32_steps(engine) -> None:
 
     engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
     optimizer.step = guarded_step
+
+
+def global_grad_norm(params) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient: each tensor-parallel shard counted once (a tensor that
+    is not split, once per TP group), and expert-parallel experts summed over their expert-parallel group,
+    whose ranks hold different experts. (DeepSpeed's clip_grad_norm_ averages the ranks' norms over the
+    data-parallel group instead, which is not the norm once ranks hold different experts.)"""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from gorilla_dist.engine.moe import is_expert_parallel
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    dense, expert = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    for p in params:
+        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+            square = p.grad.detach().float().pow(2).sum().to(dense.device)
+            if is_expert_parallel(p):
+                expert = expert + square
+            else:
+                dense = dense + square
+    if dist.is_initialized():
+        if ps.get_expert_model_parallel_world_size() > 1:
+            dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
+        total = dense + expert
+        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+    else:
+        total = dense + expert
+    return total.sqrt()
 
 
 def _undo_unfused_init_step(engine) -> None:

@@ -34,8 +34,14 @@ Mixture of experts (transformer/moe/), applied by `cpu_moe` before an MoE model 
      allocates its expert-bias buffers there: given the `torch` of 4.
   8. The alltoall token dispatcher creates a `torch.cuda.Stream` when built and copies its split sizes to
      the host on it (`_maybe_dtoh_and_synchronize`). On CPU there is no stream and the sizes are already
-     host tensors, which `all_to_all_single` takes as lists: `_cpu_dtoh_and_synchronize` replaces that
-     method without CUDA.
+     host tensors (numpy arrays, as the CUDA path makes them, are what the all-to-alls take):
+     `_cpu_dtoh_and_synchronize` replaces that method without CUDA.
+
+  9. With tensor-parallel experts, the alltoall dispatcher gathers and reduce-scatters a different number
+     of tokens per TP rank (tensor_parallel/mappings.py `_gather_along_first_dim` /
+     `_reduce_scatter_along_first_dim` with split sizes, as lists of unequal tensors). NCCL takes those;
+     gloo refuses unequal sizes. On gloo, `uneven_tp_collectives` pads every rank's part to the largest,
+     runs the equal-size collective and cuts the padding off (the same result).
 
 One thing megatron-core leaves to its own DDP wrapper, which we do not use (DeepSpeed owns gradients):
   5. Sequence parallelism: each TP rank normalises only its slice of the sequence, so a norm's weight
@@ -124,7 +130,7 @@ def cpu_buffers() -> None:
 
 
 def cpu_moe() -> None:
-    """6, 7 and 8 above (process-wide; 7 and 8 only without CUDA)."""
+    """6 to 9 above (process-wide; 7 to 9 only without CUDA)."""
     import megatron.core.transformer.moe.experts as experts
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.router as router
@@ -140,20 +146,57 @@ def cpu_moe() -> None:
     for module in (router, experts, dispatcher):
         if not isinstance(module.torch, _TorchOnCPU):
             module.torch = _TorchOnCPU()
+    uneven_tp_collectives()
     a2a = dispatcher.MoEAlltoAllTokenDispatcher
     if a2a.cuda_dtoh_stream is None:
         a2a.cuda_dtoh_stream = "no stream on CPU"  # the constructor creates one only when this is None
     a2a._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
 
 
+def uneven_tp_collectives() -> None:
+    """9 above (without CUDA, where the collectives run on gloo)."""
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    if getattr(mappings, "_gorilla_uneven", False):
+        return
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_padded(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)])
+
+    def reduce_scatter_padded(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((len(sizes) * longest, *input_.shape[1:]))
+        for i, part in enumerate(torch.split(input_, sizes)):
+            padded[i * longest: i * longest + sizes[i]] = part
+        out = input_.new_empty((longest, *input_.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(out, padded, group=group)
+        return out[: sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = gather_padded
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_padded
+    mappings._gorilla_uneven = True
+
+
 def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
     """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize on CPU: the values it copies to the host are
-    there already; the split sizes become lists (what all_to_all_single takes on CPU)."""
+    there already; the split sizes become numpy arrays, as the CUDA path makes them (the all-to-all
+    needs host sizes)."""
     if not self.drop_and_pad and point == self.cuda_dtoh_point:
         for name in ("input_splits", "output_splits", "output_splits_tp"):
             value = getattr(self, name, None)
             if torch.is_tensor(value):
-                setattr(self, name, value.tolist())
+                setattr(self, name, value.numpy())
     return tokens_per_expert
 
 

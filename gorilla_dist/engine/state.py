@@ -1,8 +1,9 @@
 """Layout-free training state: what a checkpoint holds, independent of how the run was laid out.
 
 Every parameter's fp32 master weight and its AdamW moments are stored under the name a single-process
-model gives the parameter, at its full shape, whatever the tensor-parallel size, ZeRO stage or
-precision of the run that wrote them. Loading is the inverse: each rank takes its tensor-parallel
+model gives the parameter, at its full shape, whatever the tensor-parallel size, expert-parallel size,
+ZeRO stage or precision of the run that wrote them (experts split over expert-parallel ranks are stored
+one by one under their global index: local expert j of EP rank r is expert r * experts / ep + j). Loading is the inverse: each rank takes its tensor-parallel
 slice and hands it to whichever optimizer the engine has (torch's AdamW for fp32 ZeRO-0, DeepSpeed's
 bf16 or ZeRO 1/2/3 optimizers), which keeps its own partition. So a checkpoint written by
 DP=2 x TP=2 ZeRO-3 bf16 resumes under one fp32 process, or DP=4 ZeRO-1, and continues the same
@@ -17,6 +18,8 @@ relinks their state (`_link_optimizer_state`).
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -27,6 +30,56 @@ def _tp_size() -> int:
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_world_size()
+
+
+_LOCAL_EXPERT = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def _ep() -> tuple[int, int]:
+    """(expert-parallel size, this rank's index in it)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+
+
+def _is_expert_parallel(p) -> bool:
+    return getattr(p, "allreduce", True) is False  # megatron's mark on experts split over ep > 1 ranks
+
+
+def expert_names(module, name: str, p) -> list[str]:
+    """The single-process names of parameter `name` on every expert-parallel rank, in EP-rank order
+    ([name] for everything but experts split over ranks): local expert j of EP rank r is expert
+    r * num_experts / ep + j of the whole layer."""
+    if not _is_expert_parallel(p):
+        return [name]
+    ep, _ = _ep()
+    match = _LOCAL_EXPERT.match(name)
+    local = module.config.num_moe_experts // ep
+    return [f"{match[1]}{r * local + int(match[2])}{match[3]}" for r in range(ep)]
+
+
+def single_process_name(module, name: str, p) -> str:
+    """This rank's parameter `name` under the single-process model's name (global expert index)."""
+    return expert_names(module, name, p)[_ep()[1]] if _is_expert_parallel(p) else name
+
+
+def ep_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The same parameter's tensor from every expert-parallel rank, in EP-rank order."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    parts = [torch.empty_like(tensor) for _ in range(_ep()[0])]
+    dist.all_gather(parts, tensor.contiguous(), group=ps.get_expert_model_parallel_group())
+    return parts
+
+
+def _full(module, name: str, p, local: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{single-process name: full tensor} from this rank's piece `local` of p: tensor-parallel shards
+    joined; experts split over expert-parallel ranks gathered, one entry per expert. Collective."""
+    full = tp_full(module, name, p, local)
+    if not _is_expert_parallel(p):
+        return {name: full}
+    return dict(zip(expert_names(module, name, p), ep_all_gather(full)))
 
 
 def _is_gated_fc1(module, name: str) -> bool:
@@ -120,15 +173,15 @@ def full_state(engine, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
     _link_optimizer_state(engine)
     weights, moments, bad = {}, {}, []
     for name, p in module.named_parameters():
-        weight = tp_full(module, name, p, _rank_master(engine, p, None, unfused))
-        if not torch.isfinite(weight).all():
-            bad.append(name)
-        if keep:
-            weights[name] = weight.cpu().contiguous()
-        for key in MOMENTS:
-            moment = tp_full(module, name, p, _rank_master(engine, p, key, unfused))
+        for full_name, weight in _full(module, name, p, _rank_master(engine, p, None, unfused)).items():
+            if not torch.isfinite(weight).all():
+                bad.append(full_name)
             if keep:
-                moments[f"{name}.{key}"] = moment.cpu().contiguous()
+                weights[full_name] = weight.cpu().contiguous()
+        for key in MOMENTS:
+            for full_name, moment in _full(module, name, p, _rank_master(engine, p, key, unfused)).items():
+                if keep:
+                    moments[f"{full_name}.{key}"] = moment.cpu().contiguous()
     return weights, moments, bad
 
 
@@ -206,9 +259,10 @@ def load_full_state(engine, weights, moments, schedule: dict) -> None:
     module, basic, unfused = engine.module, _basic_optimizer(engine), unfused_masters(engine)
     _link_optimizer_state(engine)
     for name, p in module.named_parameters():
-        local = tp_local(module, name, p, get_w(name))
+        full_name = single_process_name(module, name, p)
+        local = tp_local(module, name, p, get_w(full_name))
         _set_model_weight(p, local)
-        local_moments = {key: tp_local(module, name, p, get_m(f"{name}.{key}")) for key in MOMENTS}
+        local_moments = {key: tp_local(module, name, p, get_m(f"{full_name}.{key}")) for key in MOMENTS}
         if id(p) in unfused:
             master = unfused[id(p)]
             master.data.copy_(local)
@@ -224,9 +278,14 @@ def load_full_state(engine, weights, moments, schedule: dict) -> None:
                 state[key] = value.to(p.device, p.dtype).clone()
     for state in basic.state.values():
         state["step"] = torch.tensor(float(schedule["optimizer_step"]), dtype=torch.float32)
-    engine.lr_scheduler.load_state_dict(schedule["lr_schedule"])
-    for group, lr in zip(basic.param_groups, schedule["lr_schedule"]["_last_lr"]):
-        group["lr"] = lr  # the schedule sets it only when it next steps; this step needs it now
+    # One schedule for every parameter group; the number of groups depends on the layout (expert
+    # parallelism gives experts groups of their own), so the per-group lists are refilled to fit.
+    lr_schedule = dict(schedule["lr_schedule"])
+    for key in ("base_lrs", "_last_lr"):
+        lr_schedule[key] = [lr_schedule[key][0]] * len(basic.param_groups)
+    engine.lr_scheduler.load_state_dict(lr_schedule)
+    for group in basic.param_groups:
+        group["lr"] = lr_schedule["_last_lr"][0]  # the schedule sets it only when it next steps; this step needs it now
     for key, value in schedule["engine"].items():
         setattr(engine, key, value)
     scaler = _loss_scaler(engine)
@@ -239,15 +298,15 @@ def check_fits(module, shapes: dict[str, tuple], source: str) -> None:
     names and shapes of `module`'s parameters."""
     from gorilla_dist.errors import CheckpointError
 
-    params = dict(module.named_parameters())
+    params = {full: (name, p) for name, p in module.named_parameters() for full in expert_names(module, name, p)}
     missing, unexpected = sorted(params.keys() - shapes.keys()), sorted(shapes.keys() - params.keys())
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit this model (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); was it written with another model config?")
-    for name, p in params.items():
+    for full, (name, p) in params.items():
         want = full_shape(module, name, p)
-        if tuple(shapes[name]) != want:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(shapes[name])}, this model's is "
+        if tuple(shapes[full]) != want:
+            raise CheckpointError(f"{source}: {full} has shape {tuple(shapes[full])}, this model's is "
                                   f"{want}; was it written with another model config?")
 
 

@@ -580,6 +580,10 @@ def _validate_moe(m, p, world: int) -> None:
     if dp is not None and dp % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (world {world} / parallel.tp "
                           f"{p.tp}): each expert-parallel group is ep ranks of one tensor-parallel position")
+    if p.tp > 1 and not p.sequence_parallel:
+        raise ConfigError(f"model.moe with parallel.tp={p.tp} needs parallel.sequence_parallel=true (as megatron "
+                          "requires): each tensor-parallel rank then routes its own slice of the sequence, and the "
+                          "aux losses are computed over the tokens once")
     if m.bias and p.tp > 1:
         raise ConfigError("model.bias=true with model.moe and parallel.tp>1: megatron-core supports expert biases "
                           "only without tensor-parallel experts; use model.bias=false or parallel.tp=1")

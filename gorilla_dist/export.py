@@ -44,6 +44,9 @@ class ExportError(UserError):
 
 def architecture(m) -> str:
     """The transformers model_type computing exactly what our model `m` (a ModelConfig) computes."""
+    if m.moe.num_experts:
+        raise ExportError(f"model.moe.num_experts={m.moe.num_experts}: export of mixture-of-experts models (to "
+                          "Mixtral) is not built yet; evaluate and generate work from this run's checkpoints")
     if m.attention not in ("dense", "flash"):
         raise ExportError(f"model.attention={m.attention}: transformers has no block-sparse attention, so the "
                           "exported model would compute something else; only dense attention exports")

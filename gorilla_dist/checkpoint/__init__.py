@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from gorilla_dist import faults
 from gorilla_dist.data.tokenizer import same_tokenizer
-from gorilla_dist.engine import check_fits
+from gorilla_dist.engine import check_fits, load_trained_buffers
 from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
@@ -121,6 +121,7 @@ def load_consolidated(model: torch.nn.Module, path: Path) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
+    load_trained_buffers(model, state.__getitem__)
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "latest") -> Path:

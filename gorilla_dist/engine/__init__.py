@@ -34,9 +34,10 @@ from gorilla_dist.config import OptimConfig, ParallelConfig, PrecisionConfig, Tr
 from gorilla_dist.engine import accounting, moe, state
 from gorilla_dist.engine.versions import check_versions
 
-__all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits"]
+__all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits", "load_trained_buffers"]
 
 check_fits = state.check_fits
+load_trained_buffers = state.load_trained_buffers
 
 
 @dataclass

@@ -82,6 +82,15 @@ def _full(module, name: str, p, local: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(zip(expert_names(module, name, p), ep_all_gather(full)))
 
 
+TRAINED_BUFFERS = ("expert_bias",)
+"""Buffers that training changes outside the gradient (DeepSeek-V3's router expert bias): saved with the
+weights under their single-process names, the same on every rank (they follow all-reduced counts)."""
+
+
+def trained_buffers(module) -> dict[str, torch.Tensor]:
+    return {name: b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in TRAINED_BUFFERS}
+
+
 def _is_gated_fc1(module, name: str) -> bool:
     return getattr(getattr(module, "config", None), "gated_linear_unit", False) and "linear_fc1" in name
 
@@ -182,6 +191,8 @@ def full_state(engine, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
             for full_name, moment in _full(module, name, p, _rank_master(engine, p, key, unfused)).items():
                 if keep:
                     moments[f"{full_name}.{key}"] = moment.cpu().contiguous()
+    if keep:
+        weights.update({name: b.detach().float().cpu().clone() for name, b in trained_buffers(module).items()})
     return weights, moments, bad
 
 
@@ -276,6 +287,7 @@ def load_full_state(engine, weights, moments, schedule: dict) -> None:
             state = basic.state[p]
             for key, value in local_moments.items():
                 state[key] = value.to(p.device, p.dtype).clone()
+    load_trained_buffers(module, get_w)
     for state in basic.state.values():
         state["step"] = torch.tensor(float(schedule["optimizer_step"]), dtype=torch.float32)
     # One schedule for every parameter group; the number of groups depends on the layout (expert
@@ -293,12 +305,20 @@ def load_full_state(engine, weights, moments, schedule: dict) -> None:
         setattr(scaler, key, value)
 
 
+def load_trained_buffers(module, get) -> None:
+    """TRAINED_BUFFERS from `get(name)` (a checkpoint's weights)."""
+    with torch.no_grad():
+        for name, b in trained_buffers(module).items():
+            b.copy_(get(name).to(b.device, b.dtype))
+
+
 def check_fits(module, shapes: dict[str, tuple], source: str) -> None:
     """A CheckpointError naming what does not match, unless `shapes` has exactly the single-process
     names and shapes of `module`'s parameters."""
     from gorilla_dist.errors import CheckpointError
 
     params = {full: (name, p) for name, p in module.named_parameters() for full in expert_names(module, name, p)}
+    params.update({name: (name, b) for name, b in trained_buffers(module).items()})
     missing, unexpected = sorted(params.keys() - shapes.keys()), sorted(shapes.keys() - params.keys())
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit this model (missing {missing[:5]}, unexpected "
@@ -311,7 +331,7 @@ def check_fits(module, shapes: dict[str, tuple], source: str) -> None:
 
 
 def full_shape(module, name: str, p) -> tuple[int, ...]:
-    """The single-process shape of parameter p (no communication)."""
+    """The single-process shape of parameter (or trained buffer) p (no communication)."""
     shape = list(p.ds_shape if hasattr(p, "ds_id") else p.shape)
     if _tp_size() > 1 and getattr(p, "tensor_model_parallel", False):
         shape[p.partition_dim] *= _tp_size()

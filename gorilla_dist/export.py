@@ -12,6 +12,8 @@ transformers architecture (same maths, parameters renamed and re-laid-out, vocab
     rope             + RMSNorm   + swiglu  -> LlamaForCausalLM   (grouped-query attention too)
     rope             + LayerNorm + gelu    -> GPTNeoXForCausalLM (sequential residual, full rotary)
     learned_absolute + LayerNorm + gelu    -> GPT2LMHeadModel
+    rope + RMSNorm + swiglu, model.moe (softmax top-k >= 2, every layer, no shared expert, dropless,
+                                          no biases)   -> MixtralForCausalLM
 
 Anything else (ALiBi, block-sparse attention, ...) has no transformers architecture computing the same
 function, and is refused rather than exported approximately. transformers itself is not needed to
@@ -34,7 +36,7 @@ from gorilla_dist.errors import UserError
 
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 EOD_TOKEN = "<|endoftext|>"  # the name char/byte tokenizers' end-of-document id gets in transformers
-SUPPORTED = ("rope + RMSNorm + swiglu (Llama), rope + LayerNorm + gelu (GPT-NeoX), "
+SUPPORTED = ("rope + RMSNorm + swiglu (Llama; with model.moe: Mixtral), rope + LayerNorm + gelu (GPT-NeoX), "
              "learned_absolute + LayerNorm + gelu (GPT-2)")
 
 
@@ -44,14 +46,13 @@ class ExportError(UserError):
 
 def architecture(m) -> str:
     """The transformers model_type computing exactly what our model `m` (a ModelConfig) computes."""
-    if m.moe.num_experts:
-        raise ExportError(f"model.moe.num_experts={m.moe.num_experts}: export of mixture-of-experts models (to "
-                          "Mixtral) is not built yet; evaluate and generate work from this run's checkpoints")
     if m.attention not in ("dense", "flash"):
         raise ExportError(f"model.attention={m.attention}: transformers has no block-sparse attention, so the "
                           "exported model would compute something else; only dense attention exports")
     mha = m.num_query_groups in (None, m.num_heads)
     combo = (m.position_embedding, m.normalization, m.activation)
+    if m.moe.num_experts:
+        return _moe_architecture(m, combo)
     if combo == ("rope", "RMSNorm", "swiglu"):
         return "llama"
     if combo in (("rope", "LayerNorm", "gelu"), ("learned_absolute", "LayerNorm", "gelu")):
@@ -65,11 +66,38 @@ def architecture(m) -> str:
                       f"exportable: {SUPPORTED}")
 
 
+def _moe_architecture(m, combo) -> str:
+    """Mixtral: Llama's attention and norms, every MLP a softmax top-k (k >= 2, renormalised) mixture of
+    SwiGLU experts without biases, dropless. Anything else would compute something else."""
+    e = m.moe
+    why = [reason for bad, reason in [
+        (combo != ("rope", "RMSNorm", "swiglu"), "rope + RMSNorm + swiglu"),
+        (m.bias, "no biases (model.bias=false)"),
+        (e.router != "softmax" or e.topk < 2, "a softmax router choosing topk >= 2 experts (renormalised)"),
+        (e.every != 1, "experts in every layer (model.moe.every=1)"),
+        (e.shared_expert_size != 0, "no shared expert"),
+        (e.capacity_factor is not None, "dropless routing (model.moe.capacity_factor=null)"),
+    ] if bad]
+    if why:
+        raise ExportError("model.moe: transformers' Mixtral is the mixture-of-experts architecture we export to, and it "
+                          f"needs {'; '.join(why)}; no transformers architecture computes this model exactly")
+    return "mixtral"
+
+
 def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
     h, nh = m.hidden_size, m.num_heads
     common = {"vocab_size": vocab_size, "tie_word_embeddings": bool(m.tie_embeddings), "eos_token_id": eod,
               "bos_token_id": eod, "torch_dtype": TORCH_DTYPE_NAMES[dtype], "use_cache": True}
     ffn = m.ffn_hidden_size or 4 * h
+    if arch == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": h,
+                "intermediate_size": m.moe.ffn_hidden_size or ffn, "num_hidden_layers": m.num_layers,
+                "num_attention_heads": nh, "num_key_value_heads": m.num_query_groups or nh, "head_dim": h // nh,
+                "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": 1e-5,
+                "rope_theta": float(m.rotary_base), "sliding_window": None, "attention_dropout": 0.0,
+                "num_local_experts": m.moe.num_experts, "num_experts_per_tok": m.moe.topk,
+                "output_router_logits": False, "router_aux_loss_coef": m.moe.aux_loss_coeff,
+                "router_jitter_noise": 0.0, **common}
     if arch == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
                 "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
@@ -118,9 +146,25 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
         ln2 = (w[src + "pre_mlp_layernorm.weight"], w.get(src + "pre_mlp_layernorm.bias"))
         qkv_w, qkv_b = w[src + "self_attention.linear_qkv.weight"], get(src + "self_attention.linear_qkv.bias", [h + 2 * ng * hd])
         proj_w, proj_b = w[src + "self_attention.linear_proj.weight"], get(src + "self_attention.linear_proj.bias", [h])
-        fc1_w, fc1_b = w[src + "mlp.linear_fc1.weight"], get(src + "mlp.linear_fc1.bias", [ffn])
-        fc2_w, fc2_b = w[src + "mlp.linear_fc2.weight"], get(src + "mlp.linear_fc2.bias", [h])
-        if arch == "llama":
+        if arch != "mixtral":
+            fc1_w, fc1_b = w[src + "mlp.linear_fc1.weight"], get(src + "mlp.linear_fc1.bias", [ffn])
+            fc2_w, fc2_b = w[src + "mlp.linear_fc2.weight"], get(src + "mlp.linear_fc2.bias", [h])
+        if arch == "mixtral":
+            # the names of Mixtral's published checkpoints (transformers fuses the experts on load)
+            dst = f"model.layers.{i}."
+            out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
+            for proj, t in zip("qkv", qkv_split(qkv_w)):
+                out[dst + f"self_attn.{proj}_proj.weight"] = t
+            out[dst + "self_attn.o_proj.weight"] = proj_w
+            moe = dst + "block_sparse_moe."
+            out[moe + "gate.weight"] = w[src + "mlp.router.weight"]
+            for j in range(m.moe.num_experts):
+                expert = f"{src}mlp.experts.local_experts.{j}."
+                # w1: gate, w3: up (megatron's fc1 is [gate; up]), w2: down
+                out[moe + f"experts.{j}.w1.weight"], out[moe + f"experts.{j}.w3.weight"] = \
+                    w[expert + "linear_fc1.weight"].chunk(2, dim=0)
+                out[moe + f"experts.{j}.w2.weight"] = w[expert + "linear_fc2.weight"]
+        elif arch == "llama":
             dst = f"model.layers.{i}."
             out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
             for proj, t in zip("qkv", qkv_split(qkv_w)):
@@ -156,7 +200,7 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
                         dst + "mlp.c_fc.weight": fc1_w.T, dst + "mlp.c_fc.bias": fc1_b,
                         dst + "mlp.c_proj.weight": fc2_w.T, dst + "mlp.c_proj.bias": fc2_b})
     final = (w["decoder.final_layernorm.weight"], w.get("decoder.final_layernorm.bias"))
-    if arch == "llama":
+    if arch in ("llama", "mixtral"):
         out.update({"model.embed_tokens.weight": emb, "model.norm.weight": final[0]})
         head_name = "lm_head.weight"
     elif arch == "gpt_neox":

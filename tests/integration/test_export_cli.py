@@ -19,6 +19,10 @@ LAYOUTS = {
     "torchrun-tp2-llama-consolidated": (["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",
                                          "model.normalization=RMSNorm", "model.activation=swiglu",
                                          "model.num_query_groups=2"], "LlamaForCausalLM"),
+    # experts split over 2 ranks, consolidated by global index, exported as Mixtral
+    "torchrun-ep2-mixtral-consolidated": (["launch=torchrun", "launch.nproc_per_node=2", "parallel.ep=2",
+                                           "model.normalization=RMSNorm", "model.activation=swiglu",
+                                           "model.moe.num_experts=4", "model.moe.topk=2"], "MixtralForCausalLM"),
 }
 
 

@@ -462,7 +462,7 @@ def validate(cfg, world: int | None = None) -> None:
     _validate_data(cfg.data, t)
     _validate_sparse(m, cfg.data)
     _validate_sharing(m, p)
-    _validate_moe(m, p, world)
+    _validate_moe(m, p, world, cfg.precision.dtype)
     if m.dropout >= 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be < 1")
     if o.min_lr > o.lr:
@@ -542,7 +542,7 @@ def moe_layers(m) -> list[int]:
     return [i for i in range(m.num_layers) if i % m.moe.every == 0]
 
 
-def _validate_moe(m, p, world: int) -> None:
+def _validate_moe(m, p, world: int, dtype: str = "fp32") -> None:
     e = m.moe
     _positive(e.num_experts, "model.moe.num_experts", allow_zero=True)
     _positive(p.ep, "parallel.ep")
@@ -580,6 +580,10 @@ def _validate_moe(m, p, world: int) -> None:
     if dp is not None and dp % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (world {world} / parallel.tp "
                           f"{p.tp}): each expert-parallel group is ep ranks of one tensor-parallel position")
+    if p.ep > 1 and p.zero_stage == 0 and dtype != "fp32":
+        raise ConfigError(f"parallel.ep={p.ep} with precision.dtype={dtype} and parallel.zero_stage=0: DeepSpeed's "
+                          f"{dtype} optimizer at ZeRO-0 leaves expert gradients out of the norm it clips by; use "
+                          "parallel.zero_stage=1 (or higher), or precision=fp32")
     if p.tp > 1 and not p.sequence_parallel:
         raise ConfigError(f"model.moe with parallel.tp={p.tp} needs parallel.sequence_parallel=true (as megatron "
                           "requires): each tensor-parallel rank then routes its own slice of the sequence, and the "

@@ -211,6 +211,8 @@ def test_flops_count_active_parameters_only():
     (["model.moe.num_experts=4", "parallel.tp=2", "launch.nproc_per_node=2", "launch=torchrun"],
      "needs parallel.sequence_parallel=true"),
     (["model.moe.num_experts=4", "model.moe.capacity_factor=0"], "must be > 0 (or null: dropless)"),
+    (["model.moe.num_experts=4", "parallel.ep=2", "launch.nproc_per_node=2", "launch=torchrun", "precision=bf16"],
+     "leaves expert gradients out of the norm it clips by; use parallel.zero_stage=1"),
 ])
 def test_impossible_moe_configs_are_refused_naming_the_numbers(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -107,6 +107,8 @@ class MoEConfig:
     shared_expert_size: int = 0
     """Inner width of an always-active shared expert MLP beside the routed ones (DeepSeek / Qwen-MoE);
     0: none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(w . x), a learned per-token gate (Qwen-MoE)."""
     router: str = "softmax"
     """softmax: top-k of the softmax scores, renormalised over the chosen k (Mixtral; topk=1 keeps the
     softmax probability, as Switch) | sigmoid: sigmoid scores, the chosen k normalised to sum 1
@@ -563,6 +565,9 @@ def _validate_moe(m, p, world: int, dtype: str = "fp32") -> None:
         _positive(e.ffn_hidden_size, "model.moe.ffn_hidden_size")
     if e.capacity_factor is not None and not e.capacity_factor > 0:
         raise ConfigError(f"model.moe.capacity_factor={e.capacity_factor} must be > 0 (or null: dropless)")
+    if e.shared_expert_gate and not e.shared_expert_size:
+        raise ConfigError("model.moe.shared_expert_gate=true gates the shared expert, but model.moe.shared_expert_size=0 "
+                          "(none); set a width")
     if e.expert_bias and e.router != "sigmoid":
         raise ConfigError("model.moe.expert_bias=true (DeepSeek-V3's aux-loss-free balancing) needs "
                           f"model.moe.router=sigmoid, not {e.router}")

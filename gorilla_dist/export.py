@@ -14,6 +14,7 @@ transformers architecture (same maths, parameters renamed and re-laid-out, vocab
     learned_absolute + LayerNorm + gelu    -> GPT2LMHeadModel
     rope + RMSNorm + swiglu, model.moe (softmax top-k >= 2, every layer, no shared expert, dropless,
                                           no biases)   -> MixtralForCausalLM
+    the same with a sigmoid-gated shared expert (any top-k, any model.moe.every) -> Qwen2MoeForCausalLM
 
 Anything else (ALiBi, block-sparse attention, ...) has no transformers architecture computing the same
 function, and is refused rather than exported approximately. transformers itself is not needed to
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from gorilla_dist.config import moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES as DTYPES
 from gorilla_dist.errors import UserError
 
@@ -68,8 +70,23 @@ def architecture(m) -> str:
 
 def _moe_architecture(m, combo) -> str:
     """Mixtral: Llama's attention and norms, every MLP a softmax top-k (k >= 2, renormalised) mixture of
-    SwiGLU experts without biases, dropless. Anything else would compute something else."""
+    SwiGLU experts without biases, dropless. Qwen2-MoE: the same with a sigmoid-gated shared expert, any
+    top-k (top-1 keeps the softmax probability, k >= 2 renormalises: its norm_topk_prob), dense MLPs
+    wherever model.moe.every puts them. Anything else would compute something else."""
     e = m.moe
+    if e.shared_expert_size:
+        why = [reason for bad, reason in [
+            (combo != ("rope", "RMSNorm", "swiglu"), "rope + RMSNorm + swiglu"),
+            (m.bias, "no biases (model.bias=false)"),
+            (e.router != "softmax", "a softmax router"),
+            (not e.shared_expert_gate, "a sigmoid gate on the shared expert (model.moe.shared_expert_gate=true)"),
+            (e.capacity_factor is not None, "dropless routing (model.moe.capacity_factor=null)"),
+        ] if bad]
+        if why:
+            raise ExportError("model.moe with a shared expert: transformers' Qwen2-MoE is the architecture we export "
+                              f"it to, and it needs {'; '.join(why)}; no transformers architecture computes this model "
+                              "exactly")
+        return "qwen2_moe"
     why = [reason for bad, reason in [
         (combo != ("rope", "RMSNorm", "swiglu"), "rope + RMSNorm + swiglu"),
         (m.bias, "no biases (model.bias=false)"),
@@ -89,6 +106,17 @@ def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
     common = {"vocab_size": vocab_size, "tie_word_embeddings": bool(m.tie_embeddings), "eos_token_id": eod,
               "bos_token_id": eod, "torch_dtype": TORCH_DTYPE_NAMES[dtype], "use_cache": True}
     ffn = m.ffn_hidden_size or 4 * h
+    if arch == "qwen2_moe":
+        e = m.moe
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": h,
+                "intermediate_size": ffn, "moe_intermediate_size": e.ffn_hidden_size or ffn,
+                "shared_expert_intermediate_size": e.shared_expert_size, "num_hidden_layers": m.num_layers,
+                "num_attention_heads": nh, "num_key_value_heads": m.num_query_groups or nh, "hidden_act": "silu",
+                "max_position_embeddings": m.seq_length, "rms_norm_eps": 1e-5, "rope_theta": float(m.rotary_base),
+                "use_sliding_window": False, "attention_dropout": 0.0, "qkv_bias": False,
+                "num_experts": e.num_experts, "num_experts_per_tok": e.topk, "norm_topk_prob": e.topk > 1,
+                "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(m.num_layers) if i not in moe_layers(m)],
+                "output_router_logits": False, "router_aux_loss_coef": e.aux_loss_coeff, **common}
     if arch == "mixtral":
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": h,
                 "intermediate_size": m.moe.ffn_hidden_size or ffn, "num_hidden_layers": m.num_layers,
@@ -146,10 +174,27 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
         ln2 = (w[src + "pre_mlp_layernorm.weight"], w.get(src + "pre_mlp_layernorm.bias"))
         qkv_w, qkv_b = w[src + "self_attention.linear_qkv.weight"], get(src + "self_attention.linear_qkv.bias", [h + 2 * ng * hd])
         proj_w, proj_b = w[src + "self_attention.linear_proj.weight"], get(src + "self_attention.linear_proj.bias", [h])
-        if arch != "mixtral":
+        dense_mlp = src + "mlp.linear_fc1.weight" in w
+        if dense_mlp:
             fc1_w, fc1_b = w[src + "mlp.linear_fc1.weight"], get(src + "mlp.linear_fc1.bias", [ffn])
             fc2_w, fc2_b = w[src + "mlp.linear_fc2.weight"], get(src + "mlp.linear_fc2.bias", [h])
-        if arch == "mixtral":
+        if arch == "qwen2_moe":
+            # the names of Qwen1.5-MoE's published checkpoints (transformers fuses the experts on load)
+            dst = f"model.layers.{i}."
+            out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
+            for proj, t in zip("qkv", qkv_split(qkv_w)):
+                out[dst + f"self_attn.{proj}_proj.weight"] = t
+            out[dst + "self_attn.o_proj.weight"] = proj_w
+            mlps = {dst + "mlp.": src + "mlp."} if dense_mlp else {
+                **{f"{dst}mlp.experts.{j}.": f"{src}mlp.experts.local_experts.{j}." for j in range(m.moe.num_experts)},
+                dst + "mlp.shared_expert.": src + "mlp.shared_experts."}
+            for to, frm in mlps.items():
+                out[to + "gate_proj.weight"], out[to + "up_proj.weight"] = w[frm + "linear_fc1.weight"].chunk(2, dim=0)
+                out[to + "down_proj.weight"] = w[frm + "linear_fc2.weight"]
+            if not dense_mlp:
+                out[dst + "mlp.gate.weight"] = w[src + "mlp.router.weight"]
+                out[dst + "mlp.shared_expert_gate.weight"] = w[src + "mlp.shared_experts.gate_weight"]
+        elif arch == "mixtral":
             # the names of Mixtral's published checkpoints (transformers fuses the experts on load)
             dst = f"model.layers.{i}."
             out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
@@ -200,7 +245,7 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
                         dst + "mlp.c_fc.weight": fc1_w.T, dst + "mlp.c_fc.bias": fc1_b,
                         dst + "mlp.c_proj.weight": fc2_w.T, dst + "mlp.c_proj.bias": fc2_b})
     final = (w["decoder.final_layernorm.weight"], w.get("decoder.final_layernorm.bias"))
-    if arch in ("llama", "mixtral"):
+    if arch in ("llama", "mixtral", "qwen2_moe"):
         out.update({"model.embed_tokens.weight": emb, "model.norm.weight": final[0]})
         head_name = "lm_head.weight"
     elif arch == "gpt_neox":

@@ -85,6 +85,7 @@ def moe_fields(m, *, ep: int) -> dict:
         moe_router_topk=e.topk,
         moe_ffn_hidden_size=e.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
         moe_shared_expert_intermediate_size=e.shared_expert_size or None,
+        moe_shared_expert_gate=e.shared_expert_gate,
         moe_router_score_function=e.router,
         # top-1 softmax after the choice would be the constant 1 (no router gradient): Switch's softmax first
         moe_router_pre_softmax=e.router == "softmax" and e.topk == 1,

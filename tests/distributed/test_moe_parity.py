@@ -62,6 +62,7 @@ def test_golden_moe_losses(reference):
 
 
 LAYOUTS = {
+    "dp2-ep1-zero2": [*ranks(2), "parallel.zero_stage=2"],
     "dp2-ep2-zero0-alltoall": [*ranks(2), "parallel.ep=2"],
     "dp2xtp2-sp-ep2-zero1-ckpt_full": [*ranks(4), "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
                                        "parallel.zero_stage=1", "parallel.activation_checkpointing=full"],

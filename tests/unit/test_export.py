@@ -28,6 +28,15 @@ VARIANTS = {  # name: (model overrides, transformers class that must load it)
                                 "MixtralForCausalLM"),
     "mixtral-top3-tied": (dict(normalization="RMSNorm", activation="swiglu", moe=dict(num_experts=4, topk=3)),
                           "MixtralForCausalLM"),
+    # a sigmoid-gated shared expert; top-2 renormalised; layers 0 and 2 MoE, 1 and 3 dense
+    "qwen2moe-top2-every2-gqa": (dict(normalization="RMSNorm", activation="swiglu", num_layers=4, num_query_groups=2,
+                                      moe=dict(num_experts=4, topk=2, every=2, ffn_hidden_size=48,
+                                               shared_expert_size=40, shared_expert_gate=True)),
+                                 "Qwen2MoeForCausalLM"),
+    # top-1: the softmax probability over all experts, not renormalised (Switch; Qwen's norm_topk_prob=false)
+    "qwen2moe-top1-untied": (dict(normalization="RMSNorm", activation="swiglu", tie_embeddings=False,
+                                  moe=dict(num_experts=4, topk=1, shared_expert_size=32, shared_expert_gate=True)),
+                             "Qwen2MoeForCausalLM"),
 }
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -101,7 +110,9 @@ def _random_weights(m, vocab: int) -> dict:
     (dict(num_query_groups=2), "gpt_neox has no grouped-query attention"),
     (dict(normalization="RMSNorm"), "model.normalization=RMSNorm"),
     (dict(normalization="RMSNorm", activation="swiglu", moe=dict(num_experts=4, shared_expert_size=32)),
-     "Mixtral .* needs no shared expert"),
+     "Qwen2-MoE .* needs a sigmoid gate on the shared expert"),
+    (dict(normalization="RMSNorm", activation="swiglu", moe=dict(num_experts=4, every=2)),
+     "Mixtral .* needs experts in every layer"),
     (dict(normalization="RMSNorm", activation="swiglu", moe=dict(num_experts=4, topk=2, router="sigmoid", every=2)),
      "needs a softmax router choosing topk >= 2 experts \\(renormalised\\); experts in every layer"),
     (dict(moe=dict(num_experts=4)), "needs rope \\+ RMSNorm \\+ swiglu"),

@@ -18,10 +18,10 @@ from gorilla_dist.model import build_model, flops_per_token
 VOCAB, E, H = 50, 4, 32
 
 
-def model_cfg(activation="gelu", **moe):
-    base = dict(name="t", num_layers=2, hidden_size=H, num_heads=4, seq_length=16, activation=activation,
-                normalization="RMSNorm" if activation == "swiglu" else "LayerNorm",
-                moe=dict(num_experts=E, **moe))
+def model_cfg(activation="gelu", attention="dense", position_embedding="rope", seq_length=16, sparse=None, **moe):
+    base = dict(name="t", num_layers=2, hidden_size=H, num_heads=4, seq_length=seq_length, activation=activation,
+                normalization="RMSNorm" if activation == "swiglu" else "LayerNorm", attention=attention,
+                position_embedding=position_embedding, sparse=sparse or {}, moe=dict(num_experts=E, **moe))
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), base))
 
 
@@ -211,12 +211,30 @@ def test_flops_count_active_parameters_only():
     (["model.moe.num_experts=4", "parallel.tp=2", "launch.nproc_per_node=2", "launch=torchrun"],
      "needs parallel.sequence_parallel=true"),
     (["model.moe.num_experts=4", "model.moe.capacity_factor=0"], "must be > 0 (or null: dropless)"),
+    (["model.moe.num_experts=4", "model.moe.shared_expert_gate=true"], "but model.moe.shared_expert_size=0 (none)"),
     (["model.moe.num_experts=4", "parallel.ep=2", "launch.nproc_per_node=2", "launch=torchrun", "precision=bf16"],
      "leaves expert gradients out of the norm it clips by; use parallel.zero_stage=1"),
 ])
 def test_impossible_moe_configs_are_refused_naming_the_numbers(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         validate(composed("model=debug", *overrides))
+
+
+@pytest.mark.parametrize("attention", ["learned", "bigbird"])
+def test_moe_trains_with_block_sparse_attention_and_alibi(world1, attention):
+    """MoE MLPs beside every attention option: one forward + backward of the whole model, finite, with a
+    gradient on every router, expert and the learned layout's scoring weights."""
+    m = model_cfg(attention=attention, position_embedding="alibi", seq_length=64,
+                  sparse=dict(block_size=16, topk=2))
+    model = build_model(m, vocab_size=VOCAB, dtype="fp32", device=world1.device, seed=11).train()
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(12))
+    loss = model(tokens, torch.arange(64).expand(2, 64), None, labels=tokens).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "router" in name or "local_experts" in name:
+            assert p.grad.abs().sum() > 0, name
 
 
 def test_a_dense_model_is_unchanged_by_the_moe_section(world1):

@@ -178,13 +178,20 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
         if dense_mlp:
             fc1_w, fc1_b = w[src + "mlp.linear_fc1.weight"], get(src + "mlp.linear_fc1.bias", [ffn])
             fc2_w, fc2_b = w[src + "mlp.linear_fc2.weight"], get(src + "mlp.linear_fc2.bias", [h])
-        if arch == "qwen2_moe":
-            # the names of Qwen1.5-MoE's published checkpoints (transformers fuses the experts on load)
+        if arch in ("llama", "mixtral", "qwen2_moe"):  # Llama's attention and norms in all three
             dst = f"model.layers.{i}."
             out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
             for proj, t in zip("qkv", qkv_split(qkv_w)):
                 out[dst + f"self_attn.{proj}_proj.weight"] = t
             out[dst + "self_attn.o_proj.weight"] = proj_w
+            if m.bias:  # refused for the MoE architectures
+                for proj, t in zip("qkv", qkv_split(qkv_b)):
+                    out[dst + f"self_attn.{proj}_proj.bias"] = t
+                out[dst + "self_attn.o_proj.bias"] = proj_b
+                out[dst + "mlp.gate_proj.bias"], out[dst + "mlp.up_proj.bias"] = fc1_b.chunk(2, dim=0)
+                out[dst + "mlp.down_proj.bias"] = fc2_b
+        if arch == "qwen2_moe":
+            # the names of Qwen1.5-MoE's published checkpoints (transformers fuses the experts on load)
             mlps = {dst + "mlp.": src + "mlp."} if dense_mlp else {
                 **{f"{dst}mlp.experts.{j}.": f"{src}mlp.experts.local_experts.{j}." for j in range(m.moe.num_experts)},
                 dst + "mlp.shared_expert.": src + "mlp.shared_experts."}
@@ -196,11 +203,6 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
                 out[dst + "mlp.shared_expert_gate.weight"] = w[src + "mlp.shared_experts.gate_weight"]
         elif arch == "mixtral":
             # the names of Mixtral's published checkpoints (transformers fuses the experts on load)
-            dst = f"model.layers.{i}."
-            out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
-            for proj, t in zip("qkv", qkv_split(qkv_w)):
-                out[dst + f"self_attn.{proj}_proj.weight"] = t
-            out[dst + "self_attn.o_proj.weight"] = proj_w
             moe = dst + "block_sparse_moe."
             out[moe + "gate.weight"] = w[src + "mlp.router.weight"]
             for j in range(m.moe.num_experts):
@@ -210,20 +212,9 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
                     w[expert + "linear_fc1.weight"].chunk(2, dim=0)
                 out[moe + f"experts.{j}.w2.weight"] = w[expert + "linear_fc2.weight"]
         elif arch == "llama":
-            dst = f"model.layers.{i}."
-            out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
-            for proj, t in zip("qkv", qkv_split(qkv_w)):
-                out[dst + f"self_attn.{proj}_proj.weight"] = t
-            out[dst + "self_attn.o_proj.weight"] = proj_w
             # megatron's gated fc1 is [gate; up]: act(first half) * second half
             out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = fc1_w.chunk(2, dim=0)
             out[dst + "mlp.down_proj.weight"] = fc2_w
-            if m.bias:
-                for proj, t in zip("qkv", qkv_split(qkv_b)):
-                    out[dst + f"self_attn.{proj}_proj.bias"] = t
-                out[dst + "self_attn.o_proj.bias"] = proj_b
-                out[dst + "mlp.gate_proj.bias"], out[dst + "mlp.up_proj.bias"] = fc1_b.chunk(2, dim=0)
-                out[dst + "mlp.down_proj.bias"] = fc2_b
         elif arch == "gpt_neox":
             # GPT-NeoX's query_key_value is laid out per head as [q, k, v]: megatron's MHA layout as it is
             dst = f"gpt_neox.layers.{i}."

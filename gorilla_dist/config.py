@@ -596,9 +596,15 @@ def _validate_moe(m, p, world: int, dtype: str = "fp32") -> None:
     if m.bias and p.tp > 1:
         raise ConfigError("model.bias=true with model.moe and parallel.tp>1: megatron-core supports expert biases "
                           "only without tensor-parallel experts; use model.bias=false or parallel.tp=1")
-    if m.sharing.unique_layers not in (None, m.num_layers):
-        raise ConfigError("model.moe with model.sharing.unique_layers: sharing experts across layers is not built "
-                          "yet (issue 18); use one or the other")
+    sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
+    moe = set(moe_layers(m))
+    for j in set(sets):
+        users = [i for i, s in enumerate(sets) if s == j]
+        if len({i in moe for i in users}) > 1:
+            raise ConfigError(f"model.sharing (pattern={m.sharing.pattern}, unique_layers={m.sharing.unique_layers}) "
+                              f"gives layers {users} one weight set, but model.moe.every={m.moe.every} makes "
+                              f"{[i for i in users if i in moe]} MoE and the others dense; choose an `every` and a "
+                              "pattern whose shared layers are of one kind")
 
 
 def _validate_sparse(m, d) -> None:

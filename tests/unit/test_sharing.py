@@ -15,8 +15,8 @@ from gorilla_dist.config import layer_weight_sets
 VOCAB = 50
 
 
-def model_cfg(**sharing):
-    base = dict(name="t", num_layers=6, hidden_size=32, num_heads=4, seq_length=16, sharing=sharing)
+def model_cfg(moe=None, **sharing):
+    base = dict(name="t", num_layers=6, hidden_size=32, num_heads=4, seq_length=16, sharing=sharing, moe=moe or {})
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), base)
 
 
@@ -31,11 +31,12 @@ def test_each_pattern_maps_layers_to_weight_sets():
 
 
 @pytest.mark.parametrize("pattern", ["sequence", "cycle", "cycle_rev"])
-@pytest.mark.parametrize("share_norms", [True, False])
-def test_a_shared_model_is_an_unshared_model_with_the_same_tensors(world1, pattern, share_norms):
-    shared = build_model(model_cfg(unique_layers=3, pattern=pattern, share_norms=share_norms), vocab_size=VOCAB,
+@pytest.mark.parametrize("share_norms,moe", [(True, None), (False, None), (True, {"num_experts": 4, "topk": 2})])
+def test_a_shared_model_is_an_unshared_model_with_the_same_tensors(world1, pattern, share_norms, moe):
+    """With MoE layers, the router and every expert are shared with the layer's weight set too."""
+    shared = build_model(model_cfg(moe, unique_layers=3, pattern=pattern, share_norms=share_norms), vocab_size=VOCAB,
                          dtype="fp32", device=world1.device, seed=3)
-    plain = build_model(model_cfg(), vocab_size=VOCAB, dtype="fp32", device=world1.device, seed=3)
+    plain = build_model(model_cfg(moe), vocab_size=VOCAB, dtype="fp32", device=world1.device, seed=3)
     sets = layer_weight_sets(6, 3, pattern)
     owner = {j: sets.index(j) for j in set(sets)}
     # one tensor per shared parameter: 3 layers' worth (plus per-layer norms when they are not shared)
@@ -77,6 +78,8 @@ def test_a_shared_model_is_an_unshared_model_with_the_same_tensors(world1, patte
                                        "cycle, cycle_rev"),
     (["model.sharing.unique_layers=1", "parallel.activation_checkpointing=full", "parallel.zero_stage=2"],
      "with parallel.activation_checkpointing=full and parallel.zero_stage=2: megatron's full recompute"),
+    (["model.num_layers=4", "model.sharing.unique_layers=2", "model.sharing.pattern=sequence", "model.moe.num_experts=4",
+      "model.moe.every=2"], "gives layers [0, 1] one weight set, but model.moe.every=2 makes [0] MoE"),
 ])
 def test_impossible_sharing_is_refused_with_the_reason(overrides, message):
     with pytest.raises(ConfigError) as err:

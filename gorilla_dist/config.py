@@ -88,6 +88,11 @@ class SharingConfig:
     then the M sets in reverse)."""
     share_norms: bool = True
     """Share the layers' norm weights too (false: every layer keeps its own norms)."""
+    lora_rank: int = 0
+    """Relaxed sharing (Relaxed Recursive Transformers): every layer adds its own rank-r delta B A (B zero at
+    init) to each linear of its attention and dense MLP; 0: off."""
+    delta_weight_decay: float = 0.1
+    """AdamW weight decay on the deltas (pulls each layer back towards the shared weights)."""
 
 
 @dataclass
@@ -525,11 +530,20 @@ def check_inputs(cfg) -> None:
 def _validate_sharing(m, p) -> None:
     sh = m.sharing
     _choice(sh.pattern, SHARING_PATTERNS, "model.sharing.pattern")
+    _positive(sh.lora_rank, "model.sharing.lora_rank", allow_zero=True)
+    _positive(sh.delta_weight_decay, "model.sharing.delta_weight_decay", allow_zero=True)
     if sh.unique_layers is None or sh.unique_layers == m.num_layers:
+        if sh.lora_rank:
+            raise ConfigError(f"model.sharing.lora_rank={sh.lora_rank} relaxes shared weights, but no layers share "
+                              f"(model.sharing.unique_layers={sh.unique_layers}, model.num_layers={m.num_layers}); set "
+                              "unique_layers < num_layers, or lora_rank=0")
         return
     if not 1 <= sh.unique_layers <= m.num_layers:
         raise ConfigError(f"model.sharing.unique_layers={sh.unique_layers} must be in [1, model.num_layers="
                           f"{m.num_layers}] (or null: no sharing)")
+    if sh.lora_rank and m.moe.num_experts:
+        raise ConfigError(f"model.sharing.lora_rank={sh.lora_rank} with model.moe: per-layer deltas on experts are not "
+                          "built; use lora_rank=0 (experts are shared as they are) or a dense model")
     if p.activation_checkpointing == "full" and p.zero_stage >= 2:
         raise ConfigError(f"model.sharing.unique_layers={sh.unique_layers} with parallel.activation_checkpointing=full "
                           f"and parallel.zero_stage={p.zero_stage}: megatron's full recompute runs each layer in its "

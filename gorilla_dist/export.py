@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from gorilla_dist.config import moe_layers
+from gorilla_dist.model.deltas import merged
 from gorilla_dist.dtypes import TORCH_DTYPES as DTYPES
 from gorilla_dist.errors import UserError
 
@@ -343,7 +344,8 @@ def export(args) -> tuple[str, Path, str, int]:
 def unrolled(m, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights of the plain num_layers-layer model that a model with shared layers (model.sharing)
     computes: each layer takes its weight set's tensors, which a checkpoint stores once, under the first
-    layer using the set (per-layer norms, with share_norms=false, are stored for every layer)."""
+    layer using the set (per-layer norms, with share_norms=false, and per-layer deltas are stored for every
+    layer; a layer's delta is added to its copy of the shared weight)."""
     from gorilla_dist.config import layer_weight_sets
 
     sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
@@ -356,7 +358,7 @@ def unrolled(m, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, tensor in weights.items():
             if name.startswith(source):
                 out.setdefault(target + name[len(source):], tensor)
-    return out
+    return merged(out)  # per-layer deltas (model.sharing.lora_rank) folded into each layer's weights
 
 
 def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str = "fp32") -> tuple[str, int]:

@@ -25,10 +25,16 @@ def lr_at(step: int, o, max_steps: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices of linear layers; none on norms, biases, embeddings (incl. tied output)."""
-    decay, no_decay = [], []
+    """Weight decay on matrices of linear layers; none on norms, biases, embeddings (incl. tied output).
+    A parameter carrying its own `delta_weight_decay` (the per-layer sharing deltas, model/deltas.py) goes
+    to a group with that decay."""
+    decay, no_decay, own = [], [], {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hasattr(p, "delta_weight_decay"):
+            own.setdefault(p.delta_weight_decay, []).append(p)
+        else:
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + [{"params": ps, "weight_decay": wd} for wd, ps in own.items()]

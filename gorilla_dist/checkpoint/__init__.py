@@ -264,8 +264,9 @@ def _sharing(model) -> str:
     unique = sh.get("unique_layers") or m.num_layers
     if unique == m.num_layers:
         return "none"
+    lora = sh.get("lora_rank", 0)
     return (f"unique_layers={unique} pattern={sh.get('pattern', 'cycle_rev')} "
-            f"share_norms={str(sh.get('share_norms', True)).lower()}")
+            f"share_norms={str(sh.get('share_norms', True)).lower()}" + (f" lora_rank={lora}" if lora else ""))
 
 
 def _check_same_sharing(ckpt: Path, model) -> None:

@@ -26,6 +26,7 @@ from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe
 from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
+from gorilla_dist.model.deltas import add_deltas
 from gorilla_dist.kernels.limits import UnsupportedAttention
 
 VOCAB_MULTIPLE = 128
@@ -260,6 +261,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
     sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
     if len(set(sets)) < m.num_layers:
         share_layers(model, sets, share_norms=m.sharing.share_norms)
+        if m.sharing.lora_rank:
+            add_deltas(model, m.sharing.lora_rank, seed=seed, weight_decay=m.sharing.delta_weight_decay)
     mask_vocab_padding(model, vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
                        tp_size=ps.get_tensor_model_parallel_world_size())
     adapt_model(model, device, sequence_parallel=sp)

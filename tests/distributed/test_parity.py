@@ -285,3 +285,30 @@ def test_shared_layers_match_one_process_under_tp_and_zero3(tmp_path, shared_sin
     assert_close(losses(run), losses(shared_single), 1e-5)
     assert_close(grad_norms(run), grad_norms(shared_single), 1e-4)
     assert_layout_took_effect(overrides, 2, first_step_memory(run), first_step_memory(shared_single)[0])
+
+
+# ---- relaxed sharing: the same model with a rank-4 delta per layer on every linear ----
+
+RELAXED = [*SHARED, "model.sharing.lora_rank=4", "model.normalization=RMSNorm", "model.activation=swiglu"]
+
+
+@pytest.fixture(scope="module")
+def relaxed_single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("relaxed")
+    check(launch(run, *RELAXED))
+    return run
+
+
+@pytest.mark.parametrize("layout", {
+    # column-parallel deltas gather their r-wide activations along the sequence, row-parallel ones
+    # reduce-scatter them; the gated MLP's B keeps [gate; up] per rank
+    "tp2-sp": [*ranks(2), "parallel.tp=2", "parallel.sequence_parallel=true"],
+    "tp2-zero1": [*ranks(2), "parallel.tp=2", "parallel.zero_stage=1"],
+    "dp2-zero3": [*ranks(2), "parallel.zero_stage=3"],
+}.items(), ids=lambda t: t[0])
+def test_relaxed_sharing_matches_one_process_under_tp_and_zero3(tmp_path, relaxed_single, layout):
+    name, overrides = layout
+    run = tmp_path / "run"
+    check(launch(run, *RELAXED, *overrides))
+    assert_close(losses(run), losses(relaxed_single), 1e-5)
+    assert_close(grad_norms(run), grad_norms(relaxed_single), 1e-4)

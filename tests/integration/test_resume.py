@@ -15,8 +15,9 @@ LAYOUTS = {
                        "model.dropout=0.1"],
     "learned-sparse": ["model.attention=learned", "model.seq_length=64", "model.sparse.block_size=16",
                        "model.sparse.topk=2", "train.sample_tokens=20"],
-    # shared weights are saved once and tied again on load
-    "shared-layers": ["model.num_layers=4", "model.sharing.unique_layers=2", "model.sharing.pattern=cycle"],
+    # shared weights are saved once and tied again on load; each layer's delta is its own
+    "shared-layers": ["model.num_layers=4", "model.sharing.unique_layers=2", "model.sharing.pattern=cycle",
+                      "model.sharing.lora_rank=4"],
     # experts (saved one by one by global index) and DeepSeek-V3's expert bias (a buffer, saved too)
     "moe-expert-bias": ["model.moe.num_experts=4", "model.moe.router=sigmoid", "model.moe.expert_bias=true",
                         "train.micro_batch_size=6"],

@@ -80,6 +80,9 @@ def test_a_shared_model_is_an_unshared_model_with_the_same_tensors(world1, patte
      "with parallel.activation_checkpointing=full and parallel.zero_stage=2: megatron's full recompute"),
     (["model.num_layers=4", "model.sharing.unique_layers=2", "model.sharing.pattern=sequence", "model.moe.num_experts=4",
       "model.moe.every=2"], "gives layers [0, 1] one weight set, but model.moe.every=2 makes [0] MoE"),
+    (["model.sharing.lora_rank=4"], "model.sharing.lora_rank=4 relaxes shared weights, but no layers share"),
+    (["model.sharing.unique_layers=1", "model.sharing.lora_rank=4", "model.moe.num_experts=4"],
+     "per-layer deltas on experts are not built"),
 ])
 def test_impossible_sharing_is_refused_with_the_reason(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -140,3 +143,62 @@ def test_the_learned_layouts_scoring_parameters_are_shared_with_their_layer(worl
     assert scoring[0] and scoring[0].keys() == scoring[2].keys()
     assert all(scoring[0][k] is scoring[2][k] is scoring[4][k] for k in scoring[0])  # set 0: layers 0, 2, 4
     assert all(scoring[1][k] is scoring[3][k] and scoring[1][k] is not scoring[0][k] for k in scoring[1])
+
+
+def relaxed_cfg(**sharing):
+    base = dict(name="t", num_layers=4, hidden_size=32, num_heads=4, seq_length=16, activation="swiglu",
+                normalization="RMSNorm", sharing=dict(unique_layers=2, pattern="cycle", **sharing))
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), base)
+
+
+def test_relaxed_sharing_starts_as_the_shared_model_and_its_deltas_make_layers_differ(world1):
+    from gorilla_dist.optim import param_groups
+
+    relaxed = build_model(relaxed_cfg(lora_rank=4, delta_weight_decay=0.05), vocab_size=VOCAB, dtype="fp32",
+                          device=world1.device, seed=3)
+    shared = build_model(relaxed_cfg(), vocab_size=VOCAB, dtype="fp32", device=world1.device, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (2, 16), generator=g)
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():  # B = 0 at init: exactly the shared model (the rest of the init unchanged by the deltas)
+        assert torch.equal(relaxed(x, pos, None)[..., :VOCAB], shared(x, pos, None)[..., :VOCAB])
+    deltas = {n: p for n, p in relaxed.named_parameters() if ".delta_" in n}
+    assert len(deltas) == 4 * 4 * 2  # every layer, 4 linears, A and B
+    groups = param_groups(relaxed, 0.1)
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in deltas.values()}
+    assert groups[-1]["weight_decay"] == 0.05
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    relaxed(x, pos, None, labels=x).mean().backward()
+    opt.step()
+    layers = relaxed.decoder.layers  # cycle: layers 0 and 2 use set 0
+    assert layers[0].mlp.linear_fc1.weight is layers[2].mlp.linear_fc1.weight  # still one shared tensor
+    b0, b2 = layers[0].mlp.linear_fc1.delta_B, layers[2].mlp.linear_fc1.delta_B
+    assert b0.abs().sum() > 0 and b2.abs().sum() > 0 and not torch.equal(b0, b2)  # the deltas differ per layer
+
+
+def test_relaxed_model_exports_with_each_layers_delta_merged(world1, tmp_path):
+    """The export unrolls the sets and adds each layer's B A to its copy: a plain 4-layer Llama with our
+    logits (random deltas, so every layer's weights differ)."""
+    import transformers
+
+    from gorilla_dist.data.tokenizer import CharTokenizer
+    from gorilla_dist.export import write_hf
+
+    m = relaxed_cfg(lora_rank=3)
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")
+    model = build_model(m, vocab_size=tok.vocab_size, dtype="fp32", device=world1.device, seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    arch, n = write_hf(tmp_path / "hf", m, tok, weights)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert arch == "llama" and hf.config.num_hidden_layers == 4
+    assert n == sum(p.numel() for p in hf.parameters())  # no delta left over: all merged
+    x = torch.randint(0, tok.vocab_size, (2, 16), generator=g)
+    with torch.no_grad():
+        ours = model(x, torch.arange(16).expand(2, 16), None)[..., :tok.vocab_size]
+        theirs = hf(input_ids=x).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert ours.std() > 0.1

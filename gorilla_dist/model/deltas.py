@@ -1,0 +1,107 @@
+"""Relaxed sharing (Bae et al. 2024, "Relaxed Recursive Transformers"): with model.sharing.lora_rank=r, every
+layer gets its own low-rank delta on each linear of its attention and dense MLP, so layer i computes with
+W_set(i) + B_i A_i. B starts at zero (the model at init is the shared model), A is random; AdamW's weight
+decay on A and B (model.sharing.delta_weight_decay) pulls each layer back towards the shared weights.
+
+The delta runs beside megatron's tensor-parallel linear, in activation space (x A^T B^T, never the full
+matrix), split the way the linear is:
+  column-parallel (out split): A (r x in) whole on every TP rank, B (out/tp x r) split like W. The r-wide
+      activation x A^T passes megatron's copy-to-TP region (its gradient summed over TP in backward), or,
+      with sequence parallelism, its all-gather along the sequence (A then sees 1/tp of the tokens per rank:
+      its gradient is a partial sum, marked `sequence_parallel` so the TP sum of engine/megatron_cpu.py adds it).
+  row-parallel (in split): A (r x in/tp) split like W, B (out x r) whole. The partial x_local A_local^T is
+      summed over TP (all-reduce, or reduce-scatter along the sequence with SP, B's gradient then partial).
+Each delta parameter is an ordinary parameter of its linear (`<linear>.delta_A`, `.delta_B`), so DeepSpeed,
+ZeRO-3's gathering, checkpoints (layout-free, TP-sliced like the weight) and consolidation see it as such.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+"""The linears of a layer that get a delta (the dense MLP's; experts have none)."""
+
+
+def delta_seed(seed: int, layer: int, linear: int) -> int:
+    return (seed * 7_919 + layer * 104_729 + linear * 31 + 17) % (1 << 63)
+
+
+class _Delta:
+    """Mixed into a megatron linear's class: forward adds x A^T B^T, laid out as the module docstring says."""
+
+    def forward(self, input_, *args, **kwargs):
+        from megatron.core.tensor_parallel import mappings
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        output, bias = super().forward(input_, *args, **kwargs)
+        a, b = self.delta_A, self.delta_B
+        sp = self.sequence_parallel and self.tp_group.size() > 1
+        z = input_ @ a.to(input_.dtype).t()
+        if isinstance(self, ColumnParallelLinear):
+            z = (mappings.gather_from_sequence_parallel_region(z, group=self.tp_group) if sp
+                 else mappings.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
+        else:
+            z = (mappings.reduce_scatter_to_sequence_parallel_region(z, group=self.tp_group) if sp
+                 else mappings.reduce_from_tensor_model_parallel_region(z, group=self.tp_group))
+        return output + z @ b.to(z.dtype).t(), bias
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _with_delta(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Delta{cls.__name__}", (_Delta, cls), {})
+    return _CLASSES[cls]
+
+
+def add_deltas(model: torch.nn.Module, rank: int, *, seed: int, weight_decay: float) -> None:
+    """Give every layer's LINEARS a zero delta of rank `rank` (after the layers' weights are shared, so each
+    layer keeps its own), with AdamW weight decay `weight_decay` (optim.param_groups reads it). A is drawn whole from a generator of (seed, layer, linear) and then TP-sliced:
+    the model depends on the seed only, not on the layout; the global generator is left untouched."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from gorilla_dist.engine.state import tp_local
+
+    for i, layer in enumerate(model.decoder.layers):
+        for k, path in enumerate(LINEARS):
+            lin = layer.get_submodule(path)
+            column = isinstance(lin, ColumnParallelLinear)
+            assert column or isinstance(lin, RowParallelLinear), type(lin)
+            w = lin.weight
+            tp = lin.tp_group.size()
+            out_local, in_local = w.shape
+            full_in = in_local if column else in_local * tp
+            g = torch.Generator().manual_seed(delta_seed(seed, i, k))
+            a_full = torch.randn(rank, full_in, generator=g) / full_in ** 0.5
+            a = torch.nn.Parameter(torch.empty(rank, in_local if not column else full_in, dtype=w.dtype, device=w.device))
+            b = torch.nn.Parameter(torch.zeros(out_local, rank, dtype=w.dtype, device=w.device))
+            sp = bool(lin.sequence_parallel and tp > 1)
+            if column:  # B split over TP along its rows, as W; A whole
+                b.tensor_model_parallel, b.partition_dim, b.partition_stride = True, 0, 1
+                a.sequence_parallel = sp
+            else:  # A split over TP along its columns, as W; B whole
+                a.tensor_model_parallel, a.partition_dim, a.partition_stride = True, 1, 1
+                b.sequence_parallel = sp
+            a.delta_weight_decay = b.delta_weight_decay = weight_decay
+            lin.register_parameter("delta_A", a)
+            lin.register_parameter("delta_B", b)
+            with torch.no_grad():
+                a.copy_(tp_local(model, f"decoder.layers.{i}.{path}.delta_A", a, a_full))
+            lin.__class__ = _with_delta(type(lin))
+
+
+def is_delta(name: str) -> bool:
+    return name.endswith((".delta_A", ".delta_B"))
+
+
+def merged(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full single-process weights with every delta folded into its linear (W + B A) and the deltas removed:
+    the plain model's weights (export). Expects each layer's own weight entries (see export.unrolled)."""
+    out = {k: v for k, v in weights.items() if not is_delta(k)}
+    for name in weights:
+        if name.endswith(".delta_A"):
+            base = name[: -len(".delta_A")]
+            out[base + ".weight"] = weights[base + ".weight"] + weights[base + ".delta_B"] @ weights[name]
+    return out

@@ -59,8 +59,6 @@ class Metrics:
         self.cfg, self.layout = cfg, layout
         self.router_stats = router_stats  # engine.moe.RouterStats of an MoE model, else None
         self.moe_pending: list[torch.Tensor] = []
-        e = cfg.model.moe
-        self.moe_logged = {name for name, on in (("moe_aux_loss", e.aux_loss_coeff), ("moe_z_loss", e.z_loss_coeff)) if on}
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
         self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None, bool]] = []
@@ -144,7 +142,7 @@ class Metrics:
         self.moe_pending = []
         if torch.distributed.is_initialized() and self.layout.world > 1:
             torch.distributed.all_reduce(summed)
-        return self.router_stats.summarize(summed.cpu(), self.layout.dp, self.moe_logged)
+        return self.router_stats.summarize(summed.cpu(), self.layout.dp)  # read with the losses, in one drain
 
     @contextmanager
     def paused(self):

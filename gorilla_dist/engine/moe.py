@@ -52,6 +52,10 @@ class RouterStats:
         self.experts = self.layers[0].config.num_moe_experts if self.layers else 0
         self.topk = self.layers[0].config.moe_router_topk if self.layers else 0
         self.counts = torch.zeros(self.n, self.experts + 1, device=device)  # per layer: experts..., asked
+        config = self.layers[0].config if self.layers else None
+        self.logged = {metric for metric, coeff in (("moe_aux_loss", config and config.moe_aux_loss_coeff),
+                                                    ("moe_z_loss", config and config.moe_z_loss_coeff)) if coeff}
+        """The aux losses that are on (the others are not reported)."""
         for i, layer in enumerate(self.layers):
             layer.router.register_forward_hook(self._hook(i))
 
@@ -78,15 +82,15 @@ class RouterStats:
         self.counts.zero_()
         return out
 
-    def summarize(self, summed: torch.Tensor, dp: int, logged: set[str]) -> dict:
+    def summarize(self, summed: torch.Tensor, dp: int) -> dict:
         """Metrics from `summed` (take()'s tensors summed over all ranks, one row per step; on the host).
-        Aux / z (in `logged`): per step, mean over MoE layers; the tensor-parallel ranks' partial values
+        Aux / z (those that are on): per step, mean over MoE layers; the tensor-parallel ranks' partial values
         add up, the data-parallel ranks' are averaged. Load: over all the rows (the log interval), each
         expert's share of the routed tokens x num_experts (1.0 = uniform), per layer."""
         n, e = self.n, self.experts
         per_step = {}
         for j, (_, metric) in enumerate(AUX_LOSSES.items()):
-            if metric in logged:
+            if metric in self.logged:
                 per_step[metric] = (summed[:, j * n:(j + 1) * n].mean(1) / dp).tolist()
         counts = summed[:, 2 * n:].reshape(len(summed), n, e + 1).sum(0)  # (layers, experts + asked)
         routed = counts[:, :e]

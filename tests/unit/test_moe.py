@@ -137,7 +137,7 @@ def test_router_gradient_is_the_combine_weights_gradient_without_aux_losses(worl
 
 def test_capacity_drops_the_lowest_probability_assignments_beyond_each_experts_capacity(world1):
     factor = 0.6
-    model, layer = moe_layer(world1, seed=6, capacity_factor=factor)
+    model, layer = moe_layer(world1, seed=6, capacity_factor=factor, z_loss_coeff=0.0)
     model.train()
     x = torch.randn(16, 2, H, generator=torch.Generator().manual_seed(7))
     stats = RouterStats(model, world1.device)
@@ -154,8 +154,9 @@ def test_capacity_drops_the_lowest_probability_assignments_beyond_each_experts_c
     assert torch.equal(routing_map, kept)
     dropped_by_hand = int(ref_map.sum() - kept.sum())
     assert dropped_by_hand > 0
-    numbers = stats.summarize(stats.take(1)[None], dp=1, logged=set())
+    numbers = stats.summarize(stats.take(1)[None], dp=1)
     assert numbers["interval"]["moe_dropped"] == pytest.approx(dropped_by_hand / (t * 2))
+    assert set(numbers["per_step"]) == {"moe_aux_loss"}  # the z-loss is off: not reported
 
 
 def test_router_stats_report_the_load_per_layer_relative_to_uniform(world1):
@@ -166,12 +167,12 @@ def test_router_stats_report_the_load_per_layer_relative_to_uniform(world1):
     _, routing_map = layer.router(x)
     with torch.no_grad():  # evaluation does not count
         layer.router(x)
-    numbers = stats.summarize(stats.take(1)[None], dp=1, logged={"moe_aux_loss"})
+    numbers = stats.summarize(stats.take(1)[None], dp=1)
     counts = routing_map.float().sum(0)
     assert numbers["interval"]["moe_load"][0] == pytest.approx((counts / counts.sum() * E).tolist(), abs=1e-4)
     assert numbers["interval"]["moe_load"][1] == [0.0] * E  # layer 1 saw no tokens here
     assert numbers["interval"]["moe_dropped"] == 0.0
-    assert set(numbers["per_step"]) == {"moe_aux_loss"}
+    assert set(numbers["per_step"]) == {"moe_aux_loss", "moe_z_loss"}
 
 
 def test_expert_bias_moves_against_the_load_outside_the_gradient(world1):

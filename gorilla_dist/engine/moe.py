@@ -134,6 +134,7 @@ def expert_group_name(ep: int) -> str:
 
 
 def is_expert_parallel(p) -> bool:
+    """megatron's mark on expert parameters split over ep > 1 ranks (`allreduce=False`)."""
     return getattr(p, "allreduce", True) is False
 
 

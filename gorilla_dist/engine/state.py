@@ -3,9 +3,10 @@
 Every parameter's fp32 master weight and its AdamW moments are stored under the name a single-process
 model gives the parameter, at its full shape, whatever the tensor-parallel size, expert-parallel size,
 ZeRO stage or precision of the run that wrote them (experts split over expert-parallel ranks are stored
-one by one under their global index: local expert j of EP rank r is expert r * experts / ep + j). Loading is the inverse: each rank takes its tensor-parallel
-slice and hands it to whichever optimizer the engine has (torch's AdamW for fp32 ZeRO-0, DeepSpeed's
-bf16 or ZeRO 1/2/3 optimizers), which keeps its own partition. So a checkpoint written by
+one by one under their global index: local expert j of EP rank r is expert r * experts / ep + j).
+Loading is the inverse: each rank takes its tensor-parallel slice and hands it to whichever optimizer
+the engine has (torch's AdamW for fp32 ZeRO-0, DeepSpeed's bf16 or ZeRO 1/2/3 optimizers), which keeps
+its own partition. So a checkpoint written by
 DP=2 x TP=2 ZeRO-3 bf16 resumes under one fp32 process, or DP=4 ZeRO-1, and continues the same
 trajectory.
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import re
 
 import torch
+
+from gorilla_dist.engine.moe import is_expert_parallel
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """AdamW's per-parameter state besides the step count."""
@@ -42,15 +45,11 @@ def _ep() -> tuple[int, int]:
     return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
 
 
-def _is_expert_parallel(p) -> bool:
-    return getattr(p, "allreduce", True) is False  # megatron's mark on experts split over ep > 1 ranks
-
-
 def expert_names(module, name: str, p) -> list[str]:
     """The single-process names of parameter `name` on every expert-parallel rank, in EP-rank order
     ([name] for everything but experts split over ranks): local expert j of EP rank r is expert
     r * num_experts / ep + j of the whole layer."""
-    if not _is_expert_parallel(p):
+    if not is_expert_parallel(p):
         return [name]
     ep, _ = _ep()
     match = _LOCAL_EXPERT.match(name)
@@ -60,7 +59,7 @@ def expert_names(module, name: str, p) -> list[str]:
 
 def single_process_name(module, name: str, p) -> str:
     """This rank's parameter `name` under the single-process model's name (global expert index)."""
-    return expert_names(module, name, p)[_ep()[1]] if _is_expert_parallel(p) else name
+    return expert_names(module, name, p)[_ep()[1]] if is_expert_parallel(p) else name
 
 
 def ep_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -77,7 +76,7 @@ def _full(module, name: str, p, local: torch.Tensor) -> dict[str, torch.Tensor]:
     """{single-process name: full tensor} from this rank's piece `local` of p: tensor-parallel shards
     joined; experts split over expert-parallel ranks gathered, one entry per expert. Collective."""
     full = tp_full(module, name, p, local)
-    if not _is_expert_parallel(p):
+    if not is_expert_parallel(p):
         return {name: full}
     return dict(zip(expert_names(module, name, p), ep_all_gather(full)))
 

@@ -3,8 +3,8 @@ layer gets its own low-rank delta on each linear of its attention and dense MLP,
 W_set(i) + B_i A_i. B starts at zero (the model at init is the shared model), A is random; AdamW's weight
 decay on A and B (model.sharing.delta_weight_decay) pulls each layer back towards the shared weights.
 
-The delta runs beside megatron's tensor-parallel linear, in activation space (x A^T B^T, never the full
-matrix), split the way the linear is:
+The delta is added by a forward hook on megatron's tensor-parallel linear, in activation space (x A^T B^T,
+never the full matrix), split the way the linear is:
   column-parallel (out split): A (r x in) whole on every TP rank, B (out/tp x r) split like W. The r-wide
       activation x A^T passes megatron's copy-to-TP region (its gradient summed over TP in backward), or,
       with sequence parallelism, its all-gather along the sequence (A then sees 1/tp of the tokens per rank:
@@ -27,33 +27,24 @@ def delta_seed(seed: int, layer: int, linear: int) -> int:
     return (seed * 7_919 + layer * 104_729 + linear * 31 + 17) % (1 << 63)
 
 
-class _Delta:
-    """Mixed into a megatron linear's class: forward adds x A^T B^T, laid out as the module docstring says."""
+def _add_delta(lin, args, output):
+    """Forward hook on a megatron linear: its (output, bias) with x A^T B^T added to the output, laid out as
+    the module docstring says."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-    def forward(self, input_, *args, **kwargs):
-        from megatron.core.tensor_parallel import mappings
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-
-        output, bias = super().forward(input_, *args, **kwargs)
-        a, b = self.delta_A, self.delta_B
-        sp = self.sequence_parallel and self.tp_group.size() > 1
-        z = input_ @ a.to(input_.dtype).t()
-        if isinstance(self, ColumnParallelLinear):
-            z = (mappings.gather_from_sequence_parallel_region(z, group=self.tp_group) if sp
-                 else mappings.copy_to_tensor_model_parallel_region(z, group=self.tp_group))
-        else:
-            z = (mappings.reduce_scatter_to_sequence_parallel_region(z, group=self.tp_group) if sp
-                 else mappings.reduce_from_tensor_model_parallel_region(z, group=self.tp_group))
-        return output + z @ b.to(z.dtype).t(), bias
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _with_delta(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Delta{cls.__name__}", (_Delta, cls), {})
-    return _CLASSES[cls]
+    out, bias = output
+    x = args[0]
+    a, b = lin.delta_A, lin.delta_B
+    sp = lin.sequence_parallel and lin.tp_group.size() > 1
+    z = x @ a.to(x.dtype).t()
+    if isinstance(lin, ColumnParallelLinear):
+        z = (mappings.gather_from_sequence_parallel_region(z, group=lin.tp_group) if sp
+             else mappings.copy_to_tensor_model_parallel_region(z, group=lin.tp_group))
+    else:
+        z = (mappings.reduce_scatter_to_sequence_parallel_region(z, group=lin.tp_group) if sp
+             else mappings.reduce_from_tensor_model_parallel_region(z, group=lin.tp_group))
+    return out + z @ b.to(z.dtype).t(), bias
 
 
 def add_deltas(model: torch.nn.Module, rank: int, *, seed: int, weight_decay: float) -> None:
@@ -89,7 +80,7 @@ def add_deltas(model: torch.nn.Module, rank: int, *, seed: int, weight_decay: fl
             lin.register_parameter("delta_B", b)
             with torch.no_grad():
                 a.copy_(tp_local(model, f"decoder.layers.{i}.{path}.delta_A", a, a_full))
-            lin.__class__ = _with_delta(type(lin))
+            lin.register_forward_hook(_add_delta)
 
 
 def is_delta(name: str) -> bool:

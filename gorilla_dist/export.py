@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from gorilla_dist.config import moe_layers
-from gorilla_dist.model.deltas import merged
 from gorilla_dist.dtypes import TORCH_DTYPES as DTYPES
 from gorilla_dist.errors import UserError
 
@@ -347,6 +346,7 @@ def unrolled(m, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layer using the set (per-layer norms, with share_norms=false, and per-layer deltas are stored for every
     layer; a layer's delta is added to its copy of the shared weight)."""
     from gorilla_dist.config import layer_weight_sets
+    from gorilla_dist.model.deltas import merged  # (gorilla_dist.model imports megatron-core)
 
     sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)
     out = dict(weights)

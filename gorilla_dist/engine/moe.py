@@ -34,6 +34,14 @@ def moe_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
+def reset_aux_loss_tracker() -> None:
+    """Empty megatron's layer-wise aux-loss tracker: it sizes its per-layer vectors by the first model that
+    logs into it, so each newly built MoE model (another layer count, in the same process) starts afresh."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+
+
 def set_aux_loss_scale(scale: float, device: torch.device) -> None:
     """1 above: the factor on the aux losses' gradients (the language-model loss's backward factor)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig, layer_weight_sets, moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe
+from gorilla_dist.engine.moe import reset_aux_loss_tracker
 from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
@@ -235,6 +236,7 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
                               "it can and SDPA otherwise")
     if m.moe.num_experts:
         cpu_moe()
+        reset_aux_loss_tracker()
     torch.manual_seed(seed)
     seed_rng_tracker(seed, device)
     try:

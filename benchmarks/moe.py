@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from training_runs import REPO, train
 MOE = ["model.moe.num_experts=8", "model.moe.topk=2", "model.moe.ffn_hidden_size=256"]
 RUNS = {
     "dense": [],
@@ -41,17 +39,6 @@ EP_RUNS = {
     "moe ep=1 (2 ranks)": [*MOE, "launch=torchrun", "launch.nproc_per_node=2"],
     "moe ep=2 (2 ranks)": [*MOE, "launch=torchrun", "launch.nproc_per_node=2", "parallel.ep=2"],
 }
-
-
-def launch(name: str, overrides: list[str], steps: int, eval_interval: int, workdir: Path) -> list[dict]:
-    run_dir = workdir / name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
-    cmd = [sys.executable, "-m", "launcher", f"run.dir={run_dir}", "model=tiny", f"train.max_steps={steps}",
-           f"train.eval_interval={eval_interval}", "train.sample_tokens=0", "checkpoint.interval=0",
-           "logging.wandb.mode=disabled", "logging.progress=false", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        sys.exit(f"{name}: exit {proc.returncode}\n{proc.stdout[-4000:]}")
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def summarize(rows: list[dict], steps: int) -> dict:
@@ -79,10 +66,11 @@ def main() -> None:
         for name in args.runs:
             print(f"running {name} ...", flush=True)
             if name in RUNS:
-                results[name] = summarize(launch(name, RUNS[name], args.steps, args.eval_interval, Path(tmp)),
-                                          args.steps)
+                rows, _ = train(name, RUNS[name], steps=args.steps, eval_interval=args.eval_interval, workdir=Path(tmp))
+                results[name] = summarize(rows, args.steps)
             else:
-                results[name] = summarize(launch(name, EP_RUNS[name], args.ep_steps, 0, Path(tmp)), args.ep_steps)
+                rows, _ = train(name, EP_RUNS[name], steps=args.ep_steps, eval_interval=0, workdir=Path(tmp))
+                results[name] = summarize(rows, args.ep_steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"steps": args.steps, "ep_steps": args.ep_steps, "runs": results}, indent=1))
 

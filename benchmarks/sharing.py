@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from training_runs import REPO, train
 LAYERS = 8
 
 
@@ -44,14 +42,7 @@ def runs() -> dict[str, list[str]]:
 
 
 def launch(name: str, overrides: list[str], steps: int, eval_interval: int, workdir: Path) -> dict:
-    run_dir = workdir / name.replace(" ", "_")
-    cmd = [sys.executable, "-m", "launcher", f"run.dir={run_dir}", "model=tiny", f"train.max_steps={steps}",
-           f"train.eval_interval={eval_interval}", "train.sample_tokens=0", "checkpoint.interval=0",
-           "logging.wandb.mode=disabled", "logging.progress=false", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        sys.exit(f"{name}: exit {proc.returncode}\n{proc.stdout[-4000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows, _ = train(name, overrides, steps=steps, eval_interval=eval_interval, workdir=workdir)
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
     start = next(r["ranks"][0] for r in rows if r.get("memory") == "start")

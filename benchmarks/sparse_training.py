@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from training_runs import REPO, train
 SEQ, BLOCK = 1024, 64
 
 RUNS = {
@@ -39,18 +35,9 @@ def kept_blocks(topk: int | None) -> int:
 
 
 def run(name: str, overrides: list[str], steps: int, batch: int, eval_interval: int, workdir: Path) -> dict:
-    run_dir = workdir / re.sub(r"[^A-Za-z0-9]+", "_", name)  # no '=' or '+': Hydra would parse them
-    cmd = [sys.executable, "-m", "launcher", f"run.dir={run_dir}", "model=tiny", f"model.seq_length={SEQ}",
-           f"model.sparse.block_size={BLOCK}", f"train.max_steps={steps}", f"train.global_batch_size={batch}",
-           f"train.eval_interval={eval_interval}", "train.eval_batches=10", "train.sample_tokens=0",
-           "optim.warmup_steps=50", "checkpoint.interval=0", "logging.wandb.mode=disabled",
-           "logging.progress=false", *overrides]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(f"{name}: exit {proc.returncode}\n{proc.stdout[-4000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows, wall = train(name, [f"model.seq_length={SEQ}", f"model.sparse.block_size={BLOCK}",
+                              f"train.global_batch_size={batch}", "train.eval_batches=10", "optim.warmup_steps=50",
+                              *overrides], steps=steps, eval_interval=eval_interval, workdir=workdir)
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     topk = next((int(o.split("=")[1]) for o in overrides if o.startswith("model.sparse.topk=")), None)

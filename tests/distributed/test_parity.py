@@ -274,19 +274,6 @@ def test_shared_layers_golden_losses_and_the_bytes_of_two_layers(shared_single, 
            {k: two_layers[k] for k in ("params", "grads", "optimizer")}
 
 
-@pytest.mark.parametrize("layout", {
-    "tp2-sp": [*ranks(2), "parallel.tp=2", "parallel.sequence_parallel=true"],
-    "dp2-zero3": [*ranks(2), "parallel.zero_stage=3"],
-}.items(), ids=lambda t: t[0])
-def test_shared_layers_match_one_process_under_tp_and_zero3(tmp_path, shared_single, layout):
-    name, overrides = layout
-    run = tmp_path / "run"
-    check(launch(run, *SHARED, *overrides))
-    assert_close(losses(run), losses(shared_single), 1e-5)
-    assert_close(grad_norms(run), grad_norms(shared_single), 1e-4)
-    assert_layout_took_effect(overrides, 2, first_step_memory(run), first_step_memory(shared_single)[0])
-
-
 # ---- relaxed sharing: the same model with a rank-4 delta per layer on every linear ----
 
 RELAXED = [*SHARED, "model.sharing.lora_rank=4", "model.normalization=RMSNorm", "model.activation=swiglu"]
@@ -299,16 +286,21 @@ def relaxed_single(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("layout", {
-    # column-parallel deltas gather their r-wide activations along the sequence, row-parallel ones
+TP2_SP = [*ranks(2), "parallel.tp=2", "parallel.sequence_parallel=true"]
+ZERO3 = [*ranks(2), "parallel.zero_stage=3"]
+
+
+@pytest.mark.parametrize("model,layout", [
+    ("shared", TP2_SP), ("shared", ZERO3),
+    # relaxed: column-parallel deltas gather their r-wide activations along the sequence, row-parallel ones
     # reduce-scatter them; the gated MLP's B keeps [gate; up] per rank
-    "tp2-sp": [*ranks(2), "parallel.tp=2", "parallel.sequence_parallel=true"],
-    "tp2-zero1": [*ranks(2), "parallel.tp=2", "parallel.zero_stage=1"],
-    "dp2-zero3": [*ranks(2), "parallel.zero_stage=3"],
-}.items(), ids=lambda t: t[0])
-def test_relaxed_sharing_matches_one_process_under_tp_and_zero3(tmp_path, relaxed_single, layout):
-    name, overrides = layout
+    ("relaxed", TP2_SP), ("relaxed", [*ranks(2), "parallel.tp=2", "parallel.zero_stage=1"]), ("relaxed", ZERO3),
+], ids=["shared-tp2-sp", "shared-dp2-zero3", "relaxed-tp2-sp", "relaxed-tp2-zero1", "relaxed-dp2-zero3"])
+def test_shared_layers_match_one_process_under_tp_and_zero3(request, tmp_path, model, layout):
+    single = request.getfixturevalue(f"{model}_single")
     run = tmp_path / "run"
-    check(launch(run, *RELAXED, *overrides))
-    assert_close(losses(run), losses(relaxed_single), 1e-5)
-    assert_close(grad_norms(run), grad_norms(relaxed_single), 1e-4)
+    check(launch(run, *(SHARED if model == "shared" else RELAXED), *layout))
+    assert_close(losses(run), losses(single), 1e-5)
+    assert_close(grad_norms(run), grad_norms(single), 1e-4)
+    if model == "shared":
+        assert_layout_took_effect(layout, 2, first_step_memory(run), first_step_memory(single)[0])

@@ -94,29 +94,35 @@ def test_impossible_sharing_is_refused_with_the_reason(overrides, message):
 def test_export_unrolls_the_shared_layers_into_a_plain_transformers_model(world1, tmp_path, pattern):
     """A shared 6-layer model (3 weight sets, per-layer norms) exports as a 6-layer GPT-NeoX whose logits
     are ours; the file holds every layer, written once per layer."""
+    model, hf, arch, n = export_random(world1, tmp_path, model_cfg(unique_layers=3, pattern=pattern, share_norms=False))
+    assert arch == "gpt_neox" and hf.config.num_hidden_layers == 6
+    assert n == sum(p.numel() for p in hf.parameters()) > sum(p.numel() for p in model.parameters())
+
+
+def export_random(world1, tmp_path, m):
+    """Our model of config `m` with every parameter random (each shared tensor once), exported and loaded by
+    transformers, which must compute our logits: (our model, transformers' model, architecture, numbers written)."""
     import transformers
 
     from gorilla_dist.data.tokenizer import CharTokenizer
     from gorilla_dist.export import write_hf
 
-    m = model_cfg(unique_layers=3, pattern=pattern, share_norms=False)
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")
     model = build_model(m, vocab_size=tok.vocab_size, dtype="fp32", device=world1.device, seed=3).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    weights = {k: v.detach().clone() for k, v in model.named_parameters()}  # each shared tensor once
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
     arch, n = write_hf(tmp_path / "hf", m, tok, weights)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert arch == "gpt_neox" and hf.config.num_hidden_layers == 6
-    assert n == sum(p.numel() for p in hf.parameters()) > sum(p.numel() for p in model.parameters())
     x = torch.randint(0, tok.vocab_size, (2, 16), generator=g)
     with torch.no_grad():
         ours = model(x, torch.arange(16).expand(2, 16), None)[..., :tok.vocab_size]
         theirs = hf(input_ids=x).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert ours.std() > 0.1
+    return model, hf, arch, n
 
 
 def test_a_checkpoint_with_other_sharing_is_refused_with_the_reason(world1, tmp_path):
@@ -179,26 +185,6 @@ def test_relaxed_sharing_starts_as_the_shared_model_and_its_deltas_make_layers_d
 def test_relaxed_model_exports_with_each_layers_delta_merged(world1, tmp_path):
     """The export unrolls the sets and adds each layer's B A to its copy: a plain 4-layer Llama with our
     logits (random deltas, so every layer's weights differ)."""
-    import transformers
-
-    from gorilla_dist.data.tokenizer import CharTokenizer
-    from gorilla_dist.export import write_hf
-
-    m = relaxed_cfg(lora_rank=3)
-    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")
-    model = build_model(m, vocab_size=tok.vocab_size, dtype="fp32", device=world1.device, seed=3).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
-    arch, n = write_hf(tmp_path / "hf", m, tok, weights)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    _, hf, arch, n = export_random(world1, tmp_path, relaxed_cfg(lora_rank=3))
     assert arch == "llama" and hf.config.num_hidden_layers == 4
     assert n == sum(p.numel() for p in hf.parameters())  # no delta left over: all merged
-    x = torch.randint(0, tok.vocab_size, (2, 16), generator=g)
-    with torch.no_grad():
-        ours = model(x, torch.arange(16).expand(2, 16), None)[..., :tok.vocab_size]
-        theirs = hf(input_ids=x).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
-    assert ours.std() > 0.1

@@ -152,10 +152,11 @@ def global_grad_norm(params) -> torch.Tensor:
     from gorilla_dist.engine.moe import is_expert_parallel
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    dense, expert = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    device = params[0].grad.device if params else torch.device("cpu")  # sums stay where the gradients are
+    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
     for p in params:
         if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
-            square = p.grad.detach().float().pow(2).sum().to(dense.device)
+            square = p.grad.detach().float().pow(2).sum()
             if is_expert_parallel(p):
                 expert = expert + square
             else:

@@ -8,6 +8,7 @@ uses it without importing torch or model code.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,12 @@ class DataConfig:
     """Fraction of each source's documents (its last ones) held out for validation."""
     reset_at_eod: bool = False
     """Attention, position ids and the loss restart at every document boundary inside a packed sample."""
+    pack: bool = True
+    """Instruction data (prepared with format=instruction): several whole examples per sample, each
+    attending only to itself; false: one example per sample, padded."""
+    truncate: bool = False
+    """Instruction data: an example longer than model.seq_length + 1 tokens is refused (false) or cut to
+    its first model.seq_length + 1 tokens (true; the count is printed)."""
     verify: str = "checksum"
     """At start, check the sources' files against meta.json: checksum (sha256, ~1 s/GB) | size."""
 
@@ -522,6 +529,11 @@ def check_inputs(cfg) -> None:
         if not Path(src.path).is_dir():
             raise ConfigError(f"data.sources[{i}].path={src.path!r}: no such directory (prepare one with "
                               "python -m gorilla_dist.data.prepare input=... output=...)")
+        meta = Path(src.path) / "meta.json"
+        if cfg.model.attention != "dense" and meta.is_file() and "examples" in json.loads(meta.read_text()):
+            raise ConfigError(f"data.sources[{i}].path={src.path!r} holds instruction examples, which attend only "
+                              f"within themselves (per-sample masks): model.attention={cfg.model.attention} does not "
+                              "support them yet; use model.attention=dense")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")

@@ -11,7 +11,7 @@ import torch
 
 def per_token_loss(model, batch) -> torch.Tensor:
     """(b, s) next-token cross entropy at every position (see data.loader.Batch)."""
-    return model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+    return model(batch.tokens, batch.position_ids, batch.segments, labels=batch.labels)
 
 
 def lm_loss(model, batch) -> torch.Tensor:

@@ -76,6 +76,8 @@ def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
+    for note in data.notes if layout.is_main else ():
+        print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
                         seed=cfg.run.seed, parallel=cfg.parallel)
     if t.compile:

@@ -52,6 +52,21 @@ def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = N
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def sdpa_keep_mask(attention_mask: torch.Tensor | None, s: int) -> torch.Tensor | None:
+    """The boolean mask SDPA takes (True = may attend), (b, 1, s, s), from what the model was given:
+    None (plain causal: SDPA's is_causal does it), a megatron mask (b, 1, s, s) True where attention is
+    NOT allowed, or segment ids (b, s) integer, the document of each token (data.loader.Batch.segments):
+    causal and inside the query's document. Built here on the tensors' device, once per layer call; the
+    data loader never builds s x s masks."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        return ~attention_mask
+    seg = attention_mask  # (b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
 class DenseAttention(MegatronModule):
     """`require_flash`: model.attention=flash, which refuses to fall back to SDPA. `alibi`: add ALiBi's
     distance penalty (model.position_embedding=alibi)."""
@@ -92,8 +107,7 @@ class DenseAttention(MegatronModule):
         if k.shape[1] != np_:
             rep = np_ // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # megatron masks are True where attention is NOT allowed; SDPA's boolean mask is the opposite.
-        sdpa_mask = None if attention_mask is None else ~attention_mask
+        sdpa_mask = sdpa_keep_mask(attention_mask, s)
         if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty
             pos = torch.arange(s, device=q.device)
             dist = (pos[:, None] - pos[None, :]).to(q.dtype)

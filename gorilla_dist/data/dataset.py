@@ -1,9 +1,14 @@
 """A prepared dataset opened for training: shards memory-mapped as one token stream, checked at open.
 
-Samples are fixed-length windows packed across document boundaries: the split [a, b) of the stream
-gives ceil((b - a - 1) / seq) samples, sample j holding tokens a + j*seq ... a + (j+1)*seq (inclusive,
-for the shifted targets). The last one is padded with <eod> and its padded targets masked, so every
-token of the split is an input exactly once per epoch and nothing is dropped.
+Text (`Span`): samples are fixed-length windows packed across document boundaries: the split [a, b) of
+the stream gives ceil((b - a - 1) / seq) samples, sample j holding tokens a + j*seq ... a + (j+1)*seq
+(inclusive, for the shifted targets). The last one is padded with <eod> and its padded targets masked,
+so every token of the split is an input exactly once per epoch and nothing is dropped.
+
+Instruction examples (`ExampleSpan`): samples are runs of whole consecutive examples of at most seq + 1
+tokens together (next-fit packing in file order; the order of samples is shuffled per epoch like any
+other), padded; each token carries its example's number (attention and positions restart there) and
+its loss mask. An example never spans two samples.
 """
 
 from __future__ import annotations
@@ -41,11 +46,16 @@ class TokenDataset:
         self.dtype = np.dtype(DTYPES[meta["dtype"]])
         self.vocab_size, self.eod = meta["tokenizer"]["vocab_size"], meta["tokenizer"]["eod"]
         self._check(self.path / "tokenizer.json", None, meta["tokenizer"]["sha256"], verify)
-        self.shards = []
+        self.shards, self.masks = [], []
+        self.examples = "examples" in meta  # instruction data: one example per document, a loss mask per token
         for shard in meta["shards"]:
             file = self.path / shard["file"]
             self._check(file, shard["tokens"] * self.dtype.itemsize, shard["sha256"], verify)
             self.shards.append(np.memmap(file, dtype=self.dtype, mode="r"))
+            if self.examples:
+                mask = self.path / shard["mask"]["file"]
+                self._check(mask, shard["tokens"], shard["mask"]["sha256"], verify)
+                self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r"))
         self.starts = np.cumsum([0] + [s["tokens"] for s in meta["shards"]]).tolist()
         index = self.path / meta["index"]["file"]
         self._check(index, 8 * (meta["documents"] + 1), meta["index"]["sha256"], verify)
@@ -67,16 +77,17 @@ class TokenDataset:
             raise DataError(f"{file}: sha256 does not match meta.json: the file is corrupted; re-run prepare "
                             "into a new output")
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the stream (a view when inside one shard)."""
+    def read(self, start: int, stop: int, *, mask: bool = False) -> np.ndarray:
+        """Tokens [start, stop) of the stream (a view when inside one shard); their loss mask with mask=True."""
+        files = self.masks if mask else self.shards
         i = bisect_right(self.starts, start) - 1
         if stop <= self.starts[i + 1]:
-            return self.shards[i][start - self.starts[i]:stop - self.starts[i]]
+            return files[i][start - self.starts[i]:stop - self.starts[i]]
         parts = []
         while start < stop:
             i = bisect_right(self.starts, start) - 1
             end = min(stop, self.starts[i + 1])
-            parts.append(self.shards[i][start - self.starts[i]:end - self.starts[i]])
+            parts.append(files[i][start - self.starts[i]:end - self.starts[i]])
             start = end
         return np.concatenate(parts)
 
@@ -95,6 +106,8 @@ class TokenDataset:
 class Span:
     """Packed fixed-length samples of the token range [start, stop) of a dataset."""
 
+    examples = False
+
     def __init__(self, data: TokenDataset, start: int, stop: int, seq_length: int):
         self.data, self.start, self.stop, self.seq = data, start, stop, seq_length
         self.samples = max(0, -(-(stop - start - 1) // seq_length))
@@ -106,3 +119,50 @@ class Span:
         out[:b - a] = self.data.read(a, b)
         out[b - a:] = self.data.eod
         return b - a
+
+
+class ExampleSpan:
+    """Packed samples of the whole instruction examples (documents) in the token range [start, stop).
+
+    pack=False puts one example in each sample. An example longer than seq + 1 tokens is refused, or
+    with truncate=True cut to its first seq + 1 tokens (`truncated` counts them)."""
+
+    examples = True
+
+    def __init__(self, data: TokenDataset, start: int, stop: int, seq_length: int, *, pack: bool = True,
+                 truncate: bool = False):
+        self.data, self.seq = data, seq_length
+        offsets = np.asarray(data.offsets)
+        d0, d1 = (int(i) for i in np.searchsorted(offsets, [start, stop]))
+        lengths = np.diff(offsets[d0:d1 + 1])
+        cap = seq_length + 1
+        self.truncated = int((lengths > cap).sum())
+        if self.truncated and not truncate:
+            raise DataError(f"{data.path}: {self.truncated} of {len(lengths)} examples are longer than "
+                            f"model.seq_length + 1 = {cap} tokens (the longest has {int(lengths.max())}); an example "
+                            "is never split across samples. Raise model.seq_length, or set data.truncate=true to "
+                            "keep the first tokens of each")
+        firsts, fill = [], cap
+        for i, n in enumerate(np.minimum(lengths, cap).tolist()):  # next-fit: a new sample when it is full
+            if not pack or fill + n > cap:
+                firsts.append(i)
+                fill = 0
+            fill += n
+        self.first = (d0 + np.array(firsts + [len(lengths)], dtype=np.int64))  # (samples + 1,) example ranges
+        self.samples = len(firsts)
+        self.tokens = int(np.minimum(lengths, cap).sum())
+
+    def window(self, j: int, out: np.ndarray, segments: np.ndarray, targets: np.ndarray) -> int:
+        """Write sample j's tokens (padded with <eod>), each token's example number within the sample
+        (padding: one more) and its loss mask (padding: 0); returns the number of real tokens."""
+        offs = np.asarray(self.data.offsets[self.first[j]:self.first[j + 1] + 1])  # (k + 1,)
+        n = min(int(offs[-1] - offs[0]), self.seq + 1)  # (only a single truncated example is cut)
+        a = int(offs[0])
+        out[:n] = self.data.read(a, a + n)
+        out[n:] = self.data.eod
+        lens = np.minimum(np.diff(offs), n)
+        segments[:n] = np.repeat(np.arange(len(lens), dtype=segments.dtype), lens)
+        segments[n:] = len(lens)
+        targets[:n] = self.data.read(a, a + n, mask=True)
+        targets[n:] = 0
+        return n

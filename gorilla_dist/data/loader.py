@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gorilla_dist.config import DataConfig, RunConfig, TrainConfig
-from gorilla_dist.data.dataset import Span, TokenDataset
+from gorilla_dist.data.dataset import ExampleSpan, Span, TokenDataset
 from gorilla_dist.data.order import Blend, permute
 from gorilla_dist.data.tokenizer import load_tokenizer, same_tokenizer
 from gorilla_dist.errors import DataError
@@ -33,14 +33,16 @@ def bundled_corpus() -> Path:
 @dataclass
 class Batch:
     """One micro-batch. tokens, labels, position_ids: (b, s) int64; loss_mask: (b, s) float32 (0 on
-    padding, and on <eod> inputs when attention resets at documents); attention_mask: (b, 1, s, s) bool,
-    True where attention is not allowed (megatron's convention), or None for plain causal; source: (b,)."""
+    padding, on prompts of instruction data, and wherever the target belongs to another document than
+    the input); segments: (b, s) int32, the document each token belongs to — attention stays inside a
+    document (the attention modules build the mask on the device from it) — or None for plain causal
+    attention over the whole sample; source: (b,)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
+    segments: torch.Tensor | None
     source: torch.Tensor
 
     def to(self, device) -> Batch:
@@ -50,26 +52,40 @@ class Batch:
         return Batch(*(None if t is None else t[rows] for t in self.__dict__.values()))
 
 
-def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: int, reset_at_eod: bool) -> Batch:
-    """windows (b, s+1) token ids with `valid` real tokens each → a Batch of inputs and shifted targets."""
+def eod_segments(windows: np.ndarray, eod: int) -> np.ndarray:
+    """(b, s+1) token ids → (b, s+1) document number inside each window: <eod> ends its document, so
+    the token after it starts the next one (Megatron's reset_position_ids / reset_attention_mask)."""
+    seg = np.zeros(windows.shape, dtype=np.int32)
+    np.cumsum(windows[:, :-1] == eod, axis=1, out=seg[:, 1:])
+    return seg
+
+
+def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: int, reset_at_eod: bool,
+         segments: np.ndarray | None = None, targets: np.ndarray | None = None) -> Batch:
+    """windows (b, s+1) token ids with `valid` real tokens each → a Batch of inputs and shifted targets.
+
+    segments (b, s+1): the document of each token (packed examples), or derived from <eod> when
+    reset_at_eod; position ids then restart at each document, attention stays inside it, and no target
+    crosses a boundary. targets (b, s+1) 0/1: which tokens may be predicted (instruction data's outputs);
+    None: all of them."""
     b, s = windows.shape[0], windows.shape[1] - 1
     tokens, labels = windows[:, :-1], windows[:, 1:]
-    loss_mask = (np.arange(s)[None, :] < (valid[:, None] - 1)).astype(np.float32)
-    pos = np.tile(np.arange(s), (b, 1))
-    attention_mask = None
-    if reset_at_eod:  # Megatron's reset_position_ids + reset_attention_mask + eod_mask_loss
-        is_eod = tokens == eod  # <eod> is the last token of its document
-        starts = np.zeros((b, s), dtype=np.int64)
-        starts[:, 1:] = np.where(is_eod[:, :-1], np.arange(1, s), 0)
-        starts = np.maximum.accumulate(starts, axis=1)  # (b, s): where each position's document starts
-        pos = np.arange(s)[None, :] - starts
-        loss_mask[is_eod] = 0.0  # the next document is not predictable from this one
-        # query i may see keys start(i) <= j <= i: causal and within its document (torch: ~3x numpy here)
-        j, start = torch.arange(s), torch.from_numpy(starts)
-        attention_mask = ((j.view(1, 1, s) < start[:, :, None]) | (j.view(1, 1, s) > j.view(1, s, 1)))[:, None]
+    loss_mask = np.arange(s)[None, :] < (valid[:, None] - 1)
+    if targets is not None:
+        loss_mask &= targets[:, 1:].astype(bool)
+    if segments is None and reset_at_eod:
+        segments = eod_segments(windows, eod)
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    seg = None
+    if segments is not None:
+        loss_mask &= segments[:, :-1] == segments[:, 1:]  # the next document is not predictable from this one
+        seg = np.ascontiguousarray(segments[:, :-1], dtype=np.int32)
+        starts = np.zeros((b, s), dtype=np.int64)  # where each position's document starts
+        starts[:, 1:] = np.where(seg[:, 1:] != seg[:, :-1], np.arange(1, s), 0)
+        pos = np.arange(s)[None, :] - np.maximum.accumulate(starts, axis=1)
     return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
-                 torch.from_numpy(loss_mask), torch.from_numpy(pos), attention_mask,
-                 torch.from_numpy(sources))
+                 torch.from_numpy(loss_mask.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(pos)),
+                 None if seg is None else torch.from_numpy(seg), torch.from_numpy(sources))
 
 
 class ShardData:
@@ -77,16 +93,24 @@ class ShardData:
 
     def __init__(self, datasets: list[TokenDataset], weights: list[float], tokenizer, *, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, seed: int,
-                 val_fraction: float, reset_at_eod: bool = False, device: torch.device | str = "cpu"):
+                 val_fraction: float, reset_at_eod: bool = False, pack: bool = True, truncate: bool = False,
+                 device: torch.device | str = "cpu"):
         self.datasets, self.weights, self.tokenizer = datasets, list(weights), tokenizer
         self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
         self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
         self.dp, self.dp_rank, self.seed, self.reset, self.device = dp, dp_rank, seed, reset_at_eod, device
         self.train, self.val = [], []
+        self.notes: list[str] = []  # what the loader did that a user should know (printed once by the loop)
         for d in datasets:
             train, val = d.split(val_fraction)
             for name, (a, b), spans in (("train", train, self.train), ("validation", val, self.val)):
-                span = Span(d, a, b, seq_length)
+                if d.examples:
+                    span = ExampleSpan(d, a, b, seq_length, pack=pack, truncate=truncate)
+                    if span.truncated:
+                        self.notes.append(f"{d.path}: {span.truncated} {name} examples longer than model.seq_length"
+                                          f" + 1 = {seq_length + 1} tokens were truncated (data.truncate=true)")
+                else:
+                    span = Span(d, a, b, seq_length)
                 if span.samples == 0 and (name == "train" or val_fraction > 0):
                     raise DataError(f"{d.path}: the {name} split has {b - a} tokens, too few for one sample of "
                                     f"model.seq_length={seq_length}; use more data or adjust data.val_fraction")
@@ -108,9 +132,20 @@ class ShardData:
                     at = epoch == e
                     j[at] = permute(j[at], spans[s].samples, (self.seed, int(s), int(e)))
             picks[rows] = j
-        windows = np.empty((len(index), self.seq + 1), dtype=np.int64)
-        valid = np.array([spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
-        return pack(windows, valid, sources, eod=self.eod, reset_at_eod=self.reset)
+        n, width = len(index), self.seq + 1
+        windows = np.empty((n, width), dtype=np.int64)
+        examples = np.array([spans[s].examples for s in sources], dtype=bool)
+        if not examples.any():
+            valid = np.array([spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
+            return pack(windows, valid, sources, eod=self.eod, reset_at_eod=self.reset)
+        # instruction examples: per-token example numbers and loss masks (text rows: one document, or
+        # documents split at <eod> with reset_at_eod; every token a target)
+        segments, targets = np.zeros((n, width), dtype=np.int32), np.ones((n, width), dtype=np.uint8)
+        valid = np.array([spans[s].window(j, windows[r], segments[r], targets[r]) if spans[s].examples
+                          else spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
+        if self.reset and not examples.all():
+            segments[~examples] = eod_segments(windows[~examples], self.eod)
+        return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets)
 
     def _rank_batches(self, spans, sources, index, *, shuffle: bool) -> list[Batch]:
         per_rank = len(index) // self.dp
@@ -201,4 +236,4 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
     return ShardData(datasets, weights, load_tokenizer(tok_file), seq_length=seq_length,
                      micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
                      dp=layout.dp, dp_rank=layout.dp_rank, seed=run.seed, val_fraction=d.val_fraction,
-                     reset_at_eod=d.reset_at_eod, device=layout.device)
+                     reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, device=layout.device)

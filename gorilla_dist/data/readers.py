@@ -5,6 +5,8 @@ Formats, by suffix:
                        blank lines; each keeps its trailing newline) | line (each line, without its newline)
   .jsonl, .jsonl.gz    one JSON object per line, the text in `field`
   .parquet             the text column `field`
+With `records=True` (instruction data) the reader yields (row, where) for .jsonl[.gz] / .parquet rows
+instead: the whole JSON object or parquet row, and "file:line" (or "file row n") for messages.
 Files are read in a fixed order (inputs in the order given; directories and globs sorted), so the
 document order, and therefore every shard, is reproducible.
 """
@@ -56,17 +58,25 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     return [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
+class BadRecord(str):
+    """What a records reader yields for a line that is not JSON (its message)."""
+
+
 class DocumentReader:
     """Iterate the documents of `files`. `bytes_done` (input bytes consumed, compressed for .gz) and
     `skipped` (documents dropped under on_decode_error=skip) are updated as it goes."""
 
     def __init__(self, files: list[Path], *, field: str = "text", sample_by: str = "document",
-                 on_decode_error: str = "fail"):
+                 on_decode_error: str = "fail", records: bool = False):
         if sample_by not in SAMPLE_BY:
             raise DataError(f"sample_by={sample_by!r}: expected one of {list(SAMPLE_BY)}")
         if on_decode_error not in ON_DECODE_ERROR:
             raise DataError(f"on_decode_error={on_decode_error!r}: expected one of {list(ON_DECODE_ERROR)}")
         self.files, self.field, self.sample_by, self.policy = files, field, sample_by, on_decode_error
+        self.records = records
+        if records and (txt := [p for p in files if p.name.endswith(".txt")]):
+            raise DataError(f"{txt[0]}: instruction data is read from .jsonl, .jsonl.gz or .parquet rows "
+                            "(instruction/input/output or messages), not .txt")
         self.total_bytes = sum(p.stat().st_size for p in files)
         self.bytes_done = 0
         self.skipped = 0
@@ -145,7 +155,14 @@ class DocumentReader:
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
+                    problem = f"{where}: not a JSON object ({err.msg} at column {err.colno})"
+                    if not self.records:
+                        raise DataError(problem) from None
+                    obj = BadRecord(problem)  # instruction data: a bad row, which on_bad_row decides about
+                if self.records:
+                    self.bytes_done = base + raw_file.tell()
+                    yield obj, where
+                    continue
                 if not isinstance(obj, dict) or self.field not in obj:
                     fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                     raise DataError(f"{where}: no field {self.field!r} (found {fields}); set field=<name>")
@@ -171,6 +188,9 @@ class DocumentReader:
         except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError
             raise DataError(f"{path}: not a readable parquet file ({err})") from None
         names = pf.schema_arrow.names
+        if self.records:
+            yield from self._parquet_rows(pf, path, base)
+            return
         if self.field not in names:
             raise DataError(f"{path}: no column {self.field!r} (columns: {names}); set field=<name>")
         rows, size = max(pf.metadata.num_rows, 1), path.stat().st_size
@@ -187,5 +207,14 @@ class DocumentReader:
                     raise DataError(f"{path}: column {self.field!r} holds {type(value).__name__}, expected strings")
                 if value.strip():
                     yield value
+            done += batch.num_rows
+            self.bytes_done = base + size * done // rows
+
+    def _parquet_rows(self, pf, path: Path, base: int):
+        rows, size = max(pf.metadata.num_rows, 1), path.stat().st_size
+        done = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for i, row in enumerate(batch.to_pylist()):
+                yield row, f"{path} row {done + i}"
             done += batch.num_rows
             self.bytes_done = base + size * done // rows

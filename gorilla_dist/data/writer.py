@@ -33,7 +33,8 @@ import numpy as np
 
 from gorilla_dist.data import tokenizer as toks
 from gorilla_dist.data.format import DTYPES, FORMAT
-from gorilla_dist.data.readers import DocumentReader, expand_inputs
+from gorilla_dist.data.instruct import BadRow, Template, rendered_text
+from gorilla_dist.data.readers import BadRecord, DocumentReader, expand_inputs
 from gorilla_dist.errors import DataError
 from gorilla_dist.files import sha256_file, write_text_atomic
 
@@ -69,11 +70,32 @@ class PrepareArgs:
     """Tokenizer processes; 0 = all cores."""
     progress: bool = True
     """Show a progress bar (documents, MB/s, ETA) and a summary."""
+    format: str = "text"
+    """text (documents to pretrain on) | instruction (.jsonl / .parquet rows of instruction/input/output or
+    messages, rendered by `template`, with a per-token loss mask stored beside the shards: see
+    gorilla_dist/data/instruct.py)."""
+    template: str | None = None
+    """format=instruction: a YAML / JSON file replacing keys of the default template."""
+    train_on_inputs: bool = False
+    """format=instruction: put the prompts in the loss too (default: outputs / assistant turns only)."""
+    on_bad_row: str = "fail"
+    """format=instruction: a row that cannot be used (missing or empty output, wrong types, not JSON,
+    characters the tokenizer lacks): fail (naming file and line) | skip (and count it)."""
+
+
+INSTRUCTION_ARGS = ("format", "template", "train_on_inputs", "on_bad_row")
+FORMATS = ("text", "instruction")
+ON_BAD_ROW = ("fail", "skip")
 
 
 def _fingerprint(args: PrepareArgs, files: list[Path]) -> dict:
     """What the output is a function of (not workers or progress); compared on re-runs."""
     keep = {k: v for k, v in asdict(args).items() if k not in ("input", "output", "workers", "progress")}
+    if args.format == "text":  # text datasets keep the fingerprint they had before instruction data existed
+        for k in INSTRUCTION_ARGS:
+            keep.pop(k)
+    elif args.template is not None:
+        keep["template"] = [args.template, sha256_file(Path(args.template))]
     if args.file_identity == "sha256":
         keep["files"] = [[p.stat().st_size, sha256_file(p)] for p in files]
     else:
@@ -97,15 +119,41 @@ def _write_json(path: Path, obj: dict) -> None:
 _WORKER: dict = {}
 
 
-def _init_worker(tok_json: dict, dtype: str) -> None:
+def _init_worker(tok_json: dict, dtype: str, on_bad_row: str = "fail") -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; the pool is the parallelism
     _WORKER["tok"] = toks.tokenizer_from_json(tok_json)
     _WORKER["dtype"] = DTYPES[dtype]
+    _WORKER["on_bad_row"] = on_bad_row
 
 
-def _encode_chunk(texts: list[str], where: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Documents → (their tokens concatenated, each followed by <eod>, as the shard dtype; lengths)."""
-    tok, dtype = _WORKER["tok"], _WORKER["dtype"]
+def _encode_examples(docs: list[list], where: list[str]):
+    """Instruction examples (parts) → (tokens, lengths, loss mask (uint8) for each token, rows skipped).
+    Each part is tokenized alone, so the mask follows the parts exactly; EOD parts are <eod>."""
+    tok, ids, masks, kept, skipped = _WORKER["tok"], [], [], [], 0
+    for parts, at in zip(docs, where):
+        try:
+            pieces = [np.array([tok.eod]) if text is None else tok.encode(text) for text, _ in parts]
+        except DataError as err:  # e.g. a character a char vocabulary lacks
+            if _WORKER["on_bad_row"] == "skip":
+                skipped += 1
+                continue
+            raise DataError(f"{at}: {err}; to skip such rows, prepare with on_bad_row=skip") from None
+        ids.append(np.concatenate(pieces))
+        kept.append(at)
+        masks.append(np.concatenate([np.full(len(x), target, dtype=np.uint8)
+                                     for x, (_, target) in zip(pieces, parts)]))
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    out = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
+    return _as_dtype(out, lengths, kept), lengths, (np.concatenate(masks) if masks else np.empty(0, np.uint8)), \
+        skipped
+
+
+def _encode_chunk(texts: list, where: list[str]):
+    """Documents → (their tokens concatenated, each followed by <eod>, as the shard dtype; lengths; None;
+    0), or instruction examples (lists of parts) → _encode_examples."""
+    if texts and isinstance(texts[0], list):
+        return _encode_examples(texts, where)
+    tok = _WORKER["tok"]
     ids = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     out = np.empty(int(lengths.sum()), dtype=np.int64)
@@ -113,21 +161,34 @@ def _encode_chunk(texts: list[str], where: list[str]) -> tuple[np.ndarray, np.nd
     out[ends - 1] = tok.eod
     for x, end in zip(ids, ends):
         out[end - 1 - len(x):end - 1] = x
+    return _as_dtype(out, lengths, where), lengths, None, 0
+
+
+def _as_dtype(out: np.ndarray, lengths: np.ndarray, where: list[str]) -> np.ndarray:
+    dtype = _WORKER["dtype"]
+    ends = np.cumsum(lengths)
     limit = np.iinfo(dtype).max
     if len(out) and out.max() > limit:
         bad = int(np.searchsorted(ends, int(np.argmax(out > limit)), side="right"))
         raise DataError(f"{where[bad]}: token id {int(out.max())} does not fit dtype {np.dtype(dtype).name} "
                         f"(max {limit}); use dtype=uint32 or dtype=auto")
-    return out.astype(dtype), lengths
+    return out.astype(dtype)
 
 
 def _chunks(docs, reader: DocumentReader):
-    """Group documents into ~CHUNK_BYTES tasks; each carries where its documents came from (for errors)."""
+    """Group documents into ~CHUNK_BYTES tasks; each carries where its documents came from (for errors).
+    docs: texts, or (parts, where) of instruction examples."""
     texts, where, size = [], [], 0
-    for text in docs:
-        texts.append(text)
-        where.append(str(reader.current))
-        size += len(text)
+    for doc in docs:
+        if isinstance(doc, tuple):  # an instruction example
+            doc, at = doc
+            texts.append(doc)
+            where.append(at)
+            size += len(rendered_text(doc))
+        else:
+            texts.append(doc)
+            where.append(str(reader.current))
+            size += len(doc)
         if size >= CHUNK_BYTES:
             yield texts, where
             texts, where, size = [], [], 0
@@ -144,9 +205,11 @@ class ShardWriter:
     wholly inside them, so an interrupted run restarts from that document (re-reading, not re-writing,
     what came before)."""
 
-    def __init__(self, out: Path, *, shard_tokens: int, dtype: str, fingerprint: dict, resume: dict):
+    def __init__(self, out: Path, *, shard_tokens: int, dtype: str, fingerprint: dict, resume: dict,
+                 masks: bool = False):
         self.out, self.shard_tokens, self.dtype, self.fingerprint = out, shard_tokens, dtype, fingerprint
         self.buffer = np.empty(shard_tokens, dtype=DTYPES[dtype])
+        self.mask_buffer = np.empty(shard_tokens, dtype=np.uint8) if masks else None  # instruction data
         self.filled = 0
         self.shards: list[dict] = resume["shards"]
         self.flushed = sum(s["tokens"] for s in self.shards)  # tokens in finished shard files
@@ -162,8 +225,12 @@ class ShardWriter:
         self.skip = self.flushed - self.cursor  # tokens of the first document already in a shard
         self.pending_ends: deque[int] = deque()  # ends of documents not yet wholly flushed
         self.documents = self.docs_flushed
+        self.bad_rows = 0  # instruction rows skipped under on_bad_row=skip
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, masks: np.ndarray | None = None) -> None:
+        if not len(lengths):
+            return
+        masks = tokens if masks is None else masks  # (ignored without a mask buffer)
         ends = self.cursor + np.cumsum(lengths)
         self.cursor = int(ends[-1])
         self.documents += len(lengths)
@@ -171,12 +238,14 @@ class ShardWriter:
         self.pending_ends.extend(ends.tolist())
         if self.skip:
             dropped = min(self.skip, len(tokens))
-            tokens, self.skip = tokens[dropped:], self.skip - dropped
+            tokens, masks, self.skip = tokens[dropped:], masks[dropped:], self.skip - dropped
         while len(tokens):
             n = min(len(tokens), self.shard_tokens - self.filled)
             self.buffer[self.filled:self.filled + n] = tokens[:n]
+            if self.mask_buffer is not None:
+                self.mask_buffer[self.filled:self.filled + n] = masks[:n]
             self.filled += n
-            tokens = tokens[n:]
+            tokens, masks = tokens[n:], masks[n:]
             if self.filled == self.shard_tokens:
                 self._flush()
 
@@ -188,8 +257,13 @@ class ShardWriter:
         tmp = self.out / (name + ".tmp")
         data.tofile(tmp)
         os.replace(tmp, self.out / name)
-        self.shards.append({"file": name, "tokens": int(self.filled),
-                            "sha256": hashlib.sha256(data).hexdigest()})  # hashes the buffer, no copy
+        shard = {"file": name, "tokens": int(self.filled), "sha256": hashlib.sha256(data).hexdigest()}
+        if self.mask_buffer is not None:  # the loss mask of the same tokens, one byte each
+            mask, mask_name = self.mask_buffer[:self.filled], f"mask_{len(self.shards):05d}.bin"
+            mask.tofile(self.out / (mask_name + ".tmp"))
+            os.replace(self.out / (mask_name + ".tmp"), self.out / mask_name)
+            shard["mask"] = {"file": mask_name, "sha256": hashlib.sha256(mask).hexdigest()}
+        self.shards.append(shard)  # (the digests hash the buffers: no copy)
         self.flushed += self.filled
         self.filled = 0
         while self.pending_ends and self.pending_ends[0] <= self.flushed:
@@ -208,7 +282,40 @@ class ShardWriter:
 # -- prepare ------------------------------------------------------------------------------------------
 
 def _reader(args: PrepareArgs, files: list[Path]) -> DocumentReader:
-    return DocumentReader(files, field=args.field, sample_by=args.sample_by, on_decode_error=args.on_decode_error)
+    return DocumentReader(files, field=args.field, sample_by=args.sample_by, on_decode_error=args.on_decode_error,
+                          records=args.format == "instruction")
+
+
+class _Examples:
+    """Instruction rows → (parts, where), rendered by the template; bad rows raise or are counted."""
+
+    def __init__(self, args: PrepareArgs, reader: DocumentReader):
+        self.reader, self.template = reader, Template.load(args.template)
+        self.train_on_inputs, self.policy = args.train_on_inputs, args.on_bad_row
+        self.skipped = 0
+
+    def __iter__(self):
+        for row, where in self.reader:
+            try:
+                if isinstance(row, BadRecord):
+                    raise BadRow(row)
+                yield self.template.render(row, where, train_on_inputs=self.train_on_inputs), where
+            except BadRow as err:
+                if self.policy == "fail":
+                    raise BadRow(f"{err}; to skip such rows, prepare with on_bad_row=skip") from None
+                self.skipped += 1
+
+
+def _documents(args: PrepareArgs, files: list[Path]):
+    """What gets tokenized: the reader's texts, or rendered instruction examples (parts, where)."""
+    reader = _reader(args, files)
+    return (reader, _Examples(args, reader) if args.format == "instruction" else reader)
+
+
+def _texts(args: PrepareArgs, files: list[Path]):
+    """Plain text of every document (instruction examples rendered), to build a vocabulary from."""
+    for doc in _documents(args, files)[1]:
+        yield rendered_text(doc[0]) if isinstance(doc, tuple) else doc
 
 
 def _build_tokenizer(args: PrepareArgs, files: list[Path], say):
@@ -217,17 +324,16 @@ def _build_tokenizer(args: PrepareArgs, files: list[Path], say):
         return toks.ByteTokenizer()
     if spec == "char":  # the vocabulary is the corpus's characters: one streaming pass to collect them
         chars: set[str] = set()
-        for text in _reader(args, files):
+        for text in _texts(args, files):
             chars.update(text)
         return toks.CharTokenizer("".join(sorted(chars)))
     if spec.startswith("bpe:"):
         vocab = toks.parse_bpe_spec(spec)
-        reader = _reader(args, files)
         budget = int(args.bpe_train_mb * 1e6)
 
         def sample():
             seen = 0
-            for text in reader:
+            for text in _texts(args, files):
                 yield text
                 seen += len(text)
                 if seen >= budget:
@@ -269,6 +375,13 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
         raise DataError(f"file_identity={args.file_identity!r}: expected stat or sha256")
     if args.shard_tokens < 1:
         raise DataError(f"shard_tokens={args.shard_tokens}: must be positive")
+    for key, valid in (("format", FORMATS), ("on_bad_row", ON_BAD_ROW)):
+        if getattr(args, key) not in valid:
+            raise DataError(f"{key}={getattr(args, key)!r}: expected one of {list(valid)}")
+    if args.format == "text" and (args.template is not None or args.train_on_inputs):
+        raise DataError("template= and train_on_inputs= apply to format=instruction only")
+    if args.format == "instruction":
+        Template.load(args.template)  # refuse a bad template before touching the output
     files = expand_inputs(list(args.input))
     out = Path(args.output)
     fingerprint = _fingerprint(args, files)
@@ -277,6 +390,12 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
         say(f"[prepare] {out} is already prepared with these arguments ({done['tokens']:,} tokens); "
             "nothing to do", flush=True)
         return done
+    if resume and args.format == "instruction":  # rows skipped as bad make row and document counts differ
+        say(f"[prepare] {out}: restarting the interrupted preparation (instruction data is prepared in one go)",
+            flush=True)
+        for path in out.iterdir():
+            path.unlink()
+        resume = None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -293,13 +412,16 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
             "dtype": writer.dtype, "tokens": writer.cursor, "documents": writer.documents,
             "shards": writer.shards, "index": {"file": "index.bin", "sha256": sha256_file(out / "index.bin")},
             "skipped_documents": reader.skipped,
+            **({"examples": {"train_on_inputs": args.train_on_inputs, "bad_rows_skipped": writer.bad_rows,
+                             "template": Template.load(args.template).parts}} if args.format == "instruction" else {}),
             "prepare": {"fingerprint": fingerprint, "input": list(args.input), "seconds": round(seconds, 2)}}
     _write_json(out / "meta.json", meta)
     (out / "progress.json").unlink(missing_ok=True)
     mb = reader.total_bytes / 1e6
     say(f"[prepare] {out}: {writer.documents:,} documents, {writer.cursor:,} tokens in {len(writer.shards)} "
         f"shards ({writer.dtype}); {mb:.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s, {workers} workers)"
-        + (f"; skipped {reader.skipped} undecodable documents" if reader.skipped else ""), flush=True)
+        + (f"; skipped {reader.skipped} undecodable documents" if reader.skipped else "")
+        + (f"; skipped {writer.bad_rows} bad rows" if writer.bad_rows else ""), flush=True)
     return meta
 
 
@@ -318,41 +440,48 @@ def _run(args: PrepareArgs, files: list[Path], out: Path, fingerprint: dict, res
         toks.save_tokenizer(tok, out / "tokenizer.json")
     dtype = args.dtype if args.dtype != "auto" else ("uint16" if tok.vocab_size <= 1 << 16 else "uint32")
 
-    reader = _reader(args, files)
-    writer = ShardWriter(out, shard_tokens=args.shard_tokens, dtype=dtype, fingerprint=fingerprint, resume=resume)
+    reader, docs = _documents(args, files)
+    writer = ShardWriter(out, shard_tokens=args.shard_tokens, dtype=dtype, fingerprint=fingerprint, resume=resume,
+                         masks=args.format == "instruction")
     workers = args.workers or os.cpu_count() or 1
     start = time.perf_counter()
     try:
-        _tokenize(reader, writer, tok, dtype, workers, progress=args.progress, skip_docs=resume["documents"])
+        _tokenize(reader, docs, writer, tok, dtype, workers, progress=args.progress, skip_docs=resume["documents"],
+                  on_bad_row=args.on_bad_row)
     except BaseException:
         writer.index.close()
         raise
     writer.finish()
+    writer.bad_rows += getattr(docs, "skipped", 0)
     if writer.documents == 0:
+        why = [f"{n} {what}" for n, what in ((reader.skipped, "undecodable documents"),
+                                             (writer.bad_rows, "bad rows")) if n]
         raise DataError(f"input={list(args.input)}: no documents found (every file is empty"
-                        f"{f', or {reader.skipped} documents were skipped as undecodable' if reader.skipped else ''})")
+                        f"{', or all were skipped: ' + ', '.join(why) if why else ''})")
     return tok, reader, writer, workers, time.perf_counter() - start
 
 
-def _tokenize(reader: DocumentReader, writer: ShardWriter, tok, dtype: str, workers: int, *, progress: bool,
-              skip_docs: int) -> None:
+def _tokenize(reader: DocumentReader, docs, writer: ShardWriter, tok, dtype: str, workers: int, *, progress: bool,
+              skip_docs: int, on_bad_row: str) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
-    docs = itertools.islice(reader, skip_docs, None)  # resuming: read past what the shards already hold
+    docs = itertools.islice(docs, skip_docs, None)  # resuming: read past what the shards already hold
 
     def written(result) -> None:
-        writer.add(*result)
+        tokens, lengths, masks, skipped = result
+        writer.add(tokens, lengths, masks)
+        writer.bad_rows += skipped
         bar.update(reader.bytes_done - bar.n)
         bar.set_postfix(docs=f"{writer.documents:,}", refresh=False)
 
     if workers == 1:
-        _init_worker(tok.to_json(), dtype)
+        _init_worker(tok.to_json(), dtype, on_bad_row)
         for texts, where in _chunks(docs, reader):
             written(_encode_chunk(texts, where))
     else:
-        with mp.get_context("spawn").Pool(workers, _init_worker, (tok.to_json(), dtype)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (tok.to_json(), dtype, on_bad_row)) as pool:
             pending: deque = deque()
             for texts, where in _chunks(docs, reader):
                 pending.append(pool.apply_async(_encode_chunk, (texts, where)))

@@ -13,6 +13,7 @@ from gorilla_dist.data.loader import ShardData, bundled_corpus, pack
 from gorilla_dist.data.writer import PrepareArgs, prepare
 from gorilla_dist.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 from gorilla_dist.errors import DataError
+from gorilla_dist.kernels.dense import sdpa_keep_mask
 
 
 def test_bundled_corpus_is_tinyshakespeare():
@@ -59,13 +60,14 @@ def test_pack_shifts_targets_masks_padding_and_resets_at_documents():
     plain = pack(windows.copy(), valid, np.array([0, 1]), eod=eod, reset_at_eod=False)
     assert plain.tokens.tolist()[0] == [1, 2, eod, 3, 4, 5, eod, 6] and plain.labels.tolist()[0][-1] == 7
     assert plain.loss_mask.tolist() == [[1.0] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
-    assert plain.attention_mask is None and plain.position_ids.tolist()[0] == list(range(8))
+    assert plain.segments is None and plain.position_ids.tolist()[0] == list(range(8))
 
     reset = pack(windows.copy(), valid, np.array([0, 1]), eod=eod, reset_at_eod=True)
     assert reset.position_ids.tolist()[0] == [0, 1, 2, 0, 1, 2, 3, 0]
     assert reset.loss_mask.tolist()[0] == [1, 1, 0, 1, 1, 1, 0, 1]  # no prediction across a boundary
-    allowed = ~reset.attention_mask[0, 0]
     doc = [0, 0, 0, 1, 1, 1, 1, 2]
+    assert reset.segments.tolist()[0] == doc
+    allowed = sdpa_keep_mask(reset.segments, 8)[0, 0]  # what the dense attention builds on the device
     expected = torch.tensor([[j <= i and doc[i] == doc[j] for j in range(8)] for i in range(8)])
     assert torch.equal(allowed, expected)
 
@@ -90,8 +92,8 @@ def test_attention_reset_makes_a_packed_document_equal_to_the_document_alone(wor
     b1 = pack(packed, np.array([s + 1]), np.array([0]), eod=eod, reset_at_eod=True)
     b2 = pack(alone, np.array([s + 1]), np.array([0]), eod=eod, reset_at_eod=True)
     with torch.no_grad():
-        l1 = model(b1.tokens, b1.position_ids, b1.attention_mask, labels=b1.labels)[0, 6:]
-        l2 = model(b2.tokens, b2.position_ids, b2.attention_mask, labels=b2.labels)[0, :s - 6]
+        l1 = model(b1.tokens, b1.position_ids, b1.segments, labels=b1.labels)[0, 6:]
+        l2 = model(b2.tokens, b2.position_ids, b2.segments, labels=b2.labels)[0, :s - 6]
         l3 = model(b1.tokens, b1.position_ids * 0 + torch.arange(s), None, labels=b1.labels)[0, 6:]
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     assert (l3 - l2).abs().max() > 1e-3  # without the reset the first document leaks in

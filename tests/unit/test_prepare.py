@@ -146,11 +146,11 @@ def test_interrupted_prepare_resumes_to_the_identical_dataset(tmp_path, monkeypa
     real_add = prep.ShardWriter.add
     calls = {"n": 0}
 
-    def add_then_die(self, tokens, lengths):
+    def add_then_die(self, tokens, lengths, masks=None):
         calls["n"] += 1
         if calls["n"] == 9:  # mid-way: some shards written, a partial one in memory
             raise Interrupt
-        real_add(self, tokens, lengths)
+        real_add(self, tokens, lengths, masks)
 
     monkeypatch.setattr(prep.ShardWriter, "add", add_then_die)
     with pytest.raises(Interrupt):

@@ -11,7 +11,8 @@ Baselines measured in the same run:
            memory, in this one process, with no reading or writing (what the library costs by itself)
   loader   nanoGPT's get_batch: random windows of one np.memmap, stacked into torch tensors
 Targets (issue 4): prepare >= 5 MB/s per core with byte-level BPE; loader >= 20 M tokens/s in one process
-(batches of 8 x 2048).
+(batches of 8 x 2048). Issue 16: the same for packed instruction examples (whole examples, per-example
+positions, segment ids and loss masks; rows = consecutive paragraph pairs of the corpus, ~5 MB).
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def time_loader(path: Path, batches: int, reset_at_eod: bool = False) -> float:
     return batches * BATCH * SEQ / (time.perf_counter() - start)
 
 
+def instruction_dataset(root: Path, tok_json: Path, mb: float = 5.0) -> Path:
+    """Rows {instruction: paragraph i, output: paragraph i + 1} of the corpus, prepared with format=instruction."""
+    paragraphs = [p for p in bundled_corpus().read_text().split("\n\n") if p.strip()]
+    rows, size = root / "rows.jsonl", 0
+    with open(rows, "w") as f:
+        while size < mb * 1e6:
+            for a, b in zip(paragraphs[:-1], paragraphs[1:]):
+                line = json.dumps({"instruction": a, "output": b}) + "\n"
+                f.write(line)
+                size += len(line)
+    prepare(PrepareArgs(input=[str(rows)], output=str(root / "instruct"), tokenizer=str(tok_json),
+                        format="instruction", workers=1, progress=False))
+    return root / "instruct"
+
+
 def nanogpt_get_batch(path: Path, batches: int) -> float:
     meta = json.loads((path / "meta.json").read_text())
     data = np.memmap(path / meta["shards"][0]["file"], dtype=np.dtype(meta["dtype"]), mode="r")
@@ -140,6 +156,8 @@ def main() -> None:
         results["loader_tokens_per_s"] = time_loader(dataset, args.batches)
         results["loader_reset_tokens_per_s"] = time_loader(dataset, max(20, args.batches // 20), reset_at_eod=True)
         results["nanogpt_tokens_per_s"] = nanogpt_get_batch(dataset, args.batches)
+        results["loader_packed_tokens_per_s"] = time_loader(instruction_dataset(root, tok_json),
+                                                            max(20, args.batches // 4))
 
         base = results["tokenizer_alone_mb_per_s"]
         print(f"\nprepare: {mb:.0f} MB, byte-level BPE {args.vocab}, {cores} cores "
@@ -155,7 +173,8 @@ def main() -> None:
         print(f"{'run':<34}{'M tokens/s':>11}{'vs nanoGPT':>12}")
         for name, key in (("nanoGPT get_batch (random windows)", "nanogpt_tokens_per_s"),
                           ("gorilla_dist loader", "loader_tokens_per_s"),
-                          ("gorilla_dist loader, reset_at_eod", "loader_reset_tokens_per_s")):
+                          ("gorilla_dist loader, reset_at_eod", "loader_reset_tokens_per_s"),
+                          ("packed instruction examples", "loader_packed_tokens_per_s")):
             print(f"{name:<34}{results[key] / 1e6:>11.1f}{results[key] / nano:>11.2f}x")
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,6 +315,25 @@ class CheckpointConfig:
     start fresh. Only used when run.dir has no checkpoint to resume (a preempted fine-tune resumes itself)."""
 
 
+FINETUNE_METHODS = ("full", "freeze")
+
+
+@dataclass
+class FinetuneConfig:
+    """How a run adapts the model it starts from (checkpoint.init_from). LoRA, prompt and prefix tuning
+    are not built yet."""
+
+    method: str = "full"
+    """full (every weight trains) | freeze (only the parameters `trainable` selects train; the others
+    keep checkpoint.init_from's values, get no gradient and no optimizer state, and checkpoints hold the
+    trainable ones only, beside the base checkpoint's path and sha256)."""
+    trainable: list[str] = field(default_factory=list)
+    """method=freeze: regular expressions searched in the single-process parameter names (e.g.
+    'decoder\\.layers\\.[23]\\.' or 'final_layernorm'); parameters matching any of them train."""
+    frozen: list[str] = field(default_factory=list)
+    """method=freeze, instead of `trainable`: parameters matching any of these are frozen, the rest train."""
+
+
 @dataclass
 class WandbConfig:
     mode: str = "offline"
@@ -380,6 +400,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -474,6 +495,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(t.nonfinite, NONFINITE, "train.nonfinite")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
+    _validate_finetune(cfg.finetune, cfg.checkpoint)
     _validate_sparse(m, cfg.data)
     _validate_sharing(m, p)
     _validate_moe(m, p, world, cfg.precision.dtype)
@@ -655,6 +677,27 @@ def _validate_sparse(m, d) -> None:
     if d.reset_at_eod:
         raise ConfigError(f"data.reset_at_eod=true needs per-sample attention masks, which model.attention="
                           f"{m.attention} does not support; use model.attention=dense")
+
+
+def _validate_finetune(f, c) -> None:
+    _choice(f.method, FINETUNE_METHODS, "finetune.method")
+    if f.method == "full":
+        if f.trainable or f.frozen:
+            raise ConfigError(f"finetune.trainable / finetune.frozen select parameters for finetune.method=freeze; "
+                              f"finetune.method={f.method} trains every parameter")
+        return
+    if bool(f.trainable) == bool(f.frozen):
+        raise ConfigError(f"finetune.method={f.method} needs exactly one of finetune.trainable=[regex, ...] (what "
+                          "trains) or finetune.frozen=[regex, ...] (what does not)")
+    for key in ("trainable", "frozen"):
+        for pattern in getattr(f, key):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"finetune.{key}: {pattern!r} is not a regular expression ({err})") from None
+    if c.init_from is None:
+        raise ConfigError(f"finetune.method={f.method} adapts a trained model: set checkpoint.init_from=<run or "
+                          "checkpoint directory> (its weights are the frozen base)")
 
 
 def _validate_data(d, t) -> None:

@@ -295,7 +295,7 @@ def load_source(args):
     """(ModelConfig, tokenizer, fp32 weights, where they came from) from run.dir= or consolidated=."""
     from safetensors import safe_open
 
-    from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
+    from gorilla_dist.checkpoint import checkpoint_weights, resolve_checkpoint
     from gorilla_dist.config import load_run_config, parse_run_config
     from gorilla_dist.data.tokenizer import load_tokenizer, tokenizer_from_json
 
@@ -306,7 +306,7 @@ def load_source(args):
         ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
         cfg = load_run_config(ckpt)
         tok = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
-        path, source = ckpt / WEIGHTS, str(ckpt)
+        return cfg.model, tok, {k: v.float() for k, v in checkpoint_weights(ckpt).items()}, str(ckpt)
     else:
         path = source = Path(args.consolidated)
         if not path.is_file():

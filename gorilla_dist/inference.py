@@ -52,7 +52,7 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
 def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
     """(config, checkpoint directory, fp32 TP=1 model in eval mode with the checkpoint's weights,
     tokenizer). Needs torch.distributed and megatron's parallel state set up with TP=1."""
-    from gorilla_dist.checkpoint import WEIGHTS, load_consolidated, resolve_checkpoint
+    from gorilla_dist.checkpoint import checkpoint_weights, load_consolidated, resolve_checkpoint
     from gorilla_dist.config import load_run_config
     from gorilla_dist.data.tokenizer import load_tokenizer
     from gorilla_dist.model import build_model
@@ -61,7 +61,7 @@ def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
     cfg = load_run_config(ckpt)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, dtype="fp32", device=device, seed=cfg.run.seed)
-    load_consolidated(model, ckpt / WEIGHTS)
+    load_consolidated(model, checkpoint_weights(ckpt), str(ckpt))
     return cfg, ckpt, model.eval(), tokenizer
 
 

@@ -14,10 +14,13 @@ def per_token_loss(model, batch) -> torch.Tensor:
     return model(batch.tokens, batch.position_ids, batch.segments, labels=batch.labels)
 
 
-def lm_loss(model, batch) -> torch.Tensor:
-    """Training's loss: mean next-token cross entropy over the batch's unmasked targets (fp32)."""
+def lm_loss(model, batch, denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Training's loss: next-token cross entropy summed over the batch's unmasked targets (fp32), divided
+    by `denominator`, by default their count (a mean over this batch)."""
     mask = batch.loss_mask
-    return (per_token_loss(model, batch).float() * mask).sum() / mask.sum().clamp(min=1.0)
+    if denominator is None:
+        denominator = mask.sum().clamp(min=1.0)
+    return (per_token_loss(model, batch).float() * mask).sum() / denominator
 
 
 @torch.no_grad()

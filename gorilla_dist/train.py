@@ -9,6 +9,7 @@ from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
+from gorilla_dist.finetune import adapter_checkpoints, apply_finetune
 from gorilla_dist.inference import sample
 from gorilla_dist.loss import lm_loss, lm_loss_sum
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
@@ -18,13 +19,26 @@ from gorilla_dist.parallel import dp_sum
 from gorilla_dist.stopping import StopSignals
 
 
-def train_step(engine: TrainEngine, micro_batches, *, poison: bool = False,
+def train_step(engine: TrainEngine, micro_batches, layout=None, *, poison: bool = False,
                probe: FirstStepProbe | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches. DeepSpeed skips the update when the gradient
     norm is inf/NaN (see NonFiniteGuard). `poison` (fault injection, tests): a NaN loss, as from an
-    overflow. `probe` measures memory (the first step of a run)."""
+    overflow. `probe` measures memory (the first step of a run).
+
+    The loss is the mean over every target of the global batch (all micro-batches of all data-parallel
+    ranks): DeepSpeed averages gradients over micro-batches and ranks, so each micro-batch's summed loss
+    is divided by (global target count) / (dp x micro-batches). Instruction data has a different number
+    of targets in each micro-batch; a mean per micro-batch would weigh its tokens unequally, and
+    differently for each layout. (With every target counted, as in pretraining, the divisor is the
+    micro-batch's own count, exactly.)"""
+    dp = layout.dp if layout is not None else 1
+    count = torch.stack([b.loss_mask.sum() for b in micro_batches]).sum()
+    if layout is not None:
+        count = dp_sum(count, layout)
+    per_micro = (count / (dp * len(micro_batches))).clamp(min=1.0 / (dp * len(micro_batches)))
+
     def loss_fn(model, batch):
-        loss = lm_loss(model, batch)
+        loss = lm_loss(model, batch, per_micro)
         return loss * float("nan") if poison else loss
 
     return engine.step(micro_batches, loss_fn, probe=probe)
@@ -80,11 +94,14 @@ def train(cfg, layout) -> bool:
         print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
                         seed=cfg.run.seed, parallel=cfg.parallel)
+    tuned = apply_finetune(model, cfg.finetune)
+    if tuned and layout.is_main:
+        print(f"[finetune] {tuned}", flush=True)
     if t.compile:
         model.compile()  # in place: parameter names (checkpoints, consolidation) stay unchanged
     engine = build_engine(model, optim=cfg.optim, train=cfg.train, parallel=cfg.parallel,
                           precision=cfg.precision, layout=layout)
-    ckpt = Checkpointer(cfg, layout)
+    ckpt = Checkpointer(cfg, layout, adapter=adapter_checkpoints(cfg.finetune))
 
     step = 0
     resume_from = ckpt.find_resume()
@@ -108,7 +125,7 @@ def train(cfg, layout) -> bool:
     stopping = False
     while step < t.max_steps and not stopping:
         lr = engine.lr  # the rate this step uses (the schedule advances inside the step)
-        result = train_step(engine, data.next_train_batches(),
+        result = train_step(engine, data.next_train_batches(), layout,
                             poison=faults.hit("loss", step=step + 1, rank=layout.rank), probe=probe)
         step += 1
         if probe is not None:

@@ -9,6 +9,9 @@ layout (TP size, data-parallel size, ZeRO stage, precision) that wrote it, so an
     trainer.json           step, AdamW step count, LR schedule, DeepSpeed's counters, data position
     rng_rank*.safetensors  each rank's RNG state (restored when the world size is unchanged)
     config.yaml            the resolved config that produced it
+    base.json              fine-tuning with frozen parameters only (finetune.method=freeze): the path of
+                           the base checkpoint and the sha256 of its weights; model/optimizer.safetensors
+                           then hold the trainable parameters only, and readers overlay them on the base
     manifest.json          written last: every file with its size and sha256; a checkpoint is complete
                            iff it has a manifest whose sizes match, and usable iff the checksums match too
                            (checked for the one a run resumes from or generate loads)
@@ -28,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +52,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS = "model.safetensors"
 MOMENTS = "optimizer.safetensors"
 TRAINER = "trainer.json"
+BASE = "base.json"
 
 
 def _barrier():
@@ -114,10 +119,71 @@ def complete_checkpoints(root: Path, *, report: bool = False) -> list[Path]:
     return found
 
 
-def load_consolidated(model: torch.nn.Module, path: Path) -> None:
-    """Load a consolidated weights file into a single-process (TP=1) model; every parameter must be there."""
-    state = load_file(str(path))
-    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, str(path))
+def base_identity(ckpt: Path) -> dict:
+    """What an adapter checkpoint records of its base: the base checkpoint's path and weights' sha256."""
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    return {"path": str(Path(ckpt).resolve()), "sha256": files[WEIGHTS]["sha256"]}
+
+
+def base_of(ckpt: Path) -> Path | None:
+    """The base checkpoint an adapter checkpoint was fine-tuned from (None for a whole-model checkpoint),
+    checked to be usable and to hold the very weights it was trained on."""
+    if not (ckpt / BASE).is_file():
+        return None
+    want = json.loads((ckpt / BASE).read_text())
+    base = Path(want["path"])
+    problem = verify(base, checksums=True) if base.is_dir() else "the directory is gone"
+    if problem:
+        raise CheckpointError(f"{ckpt} holds the fine-tuned parameters only; the rest come from its base checkpoint "
+                              f"{base}, which is not usable ({problem}); restore it there")
+    if base_identity(base)["sha256"] != want["sha256"]:
+        raise CheckpointError(f"{ckpt} was fine-tuned from weights with sha256 {want['sha256'][:16]}..., but {base} "
+                              f"now holds other weights ({base_identity(base)['sha256'][:16]}...): a different base; "
+                              "restore the original base checkpoint there")
+    return base
+
+
+class _Overlay:
+    """The safetensors-handle interface over several files: the first that has a name answers."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def keys(self):
+        return list(dict.fromkeys(k for h in self.handles for k in h.keys()))
+
+    def _owner(self, key: str):
+        return next(h for h in self.handles if key in h.keys())
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._owner(key).get_tensor(key)
+
+    def get_slice(self, key: str):
+        return self._owner(key).get_slice(key)
+
+
+@contextmanager
+def open_weights(ckpt: Path):
+    """A checkpoint's model weights as a safetensors handle (read one tensor at a time); an adapter
+    checkpoint's tensors overlaid on its base's (and the base's on its own base, if it has one)."""
+    with ExitStack() as stack:
+        handles = []
+        while ckpt is not None:
+            handles.append(stack.enter_context(safe_open(str(ckpt / WEIGHTS), "pt")))
+            ckpt = base_of(ckpt)
+        yield _Overlay(handles) if len(handles) > 1 else handles[0]
+
+
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All of a checkpoint's model weights (an adapter checkpoint's merged onto its base), fp32."""
+    with open_weights(ckpt) as w:
+        return {k: w.get_tensor(k) for k in w.keys()}
+
+
+def load_consolidated(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load whole-model weights (a consolidated file's, or checkpoint_weights) into a single-process
+    (TP=1) model; every parameter must be there."""
+    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
@@ -139,10 +205,12 @@ def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "latest") -> Pat
 
 
 class Checkpointer:
-    def __init__(self, cfg, layout):
-        self.cfg, self.layout = cfg, layout
+    def __init__(self, cfg, layout, *, adapter: bool = False):
+        """adapter: save the trainable parameters only (fine-tuning with frozen ones), with base.json."""
+        self.cfg, self.layout, self.adapter = cfg, layout, adapter
         self.root = Path(cfg.run.dir) / "checkpoints"
         self.interval, self.keep = cfg.checkpoint.interval, cfg.checkpoint.keep
+        self.base: dict | None = None  # base_identity of the checkpoint the frozen weights come from
 
     def due(self, step: int, last: bool) -> bool:
         return last or (self.interval > 0 and step % self.interval == 0)
@@ -156,7 +224,7 @@ class Checkpointer:
         rank alike, before writing anything) a model with inf/NaN weights."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
-        weights, moments, bad = engine.full_state(keep=self.layout.is_main)
+        weights, moments, bad = engine.full_state(keep=self.layout.is_main, trainable_only=self.adapter)
         if bad:
             raise CheckpointError(f"step {step}: the model has non-finite (inf/NaN) weights in {len(bad)} tensors "
                                   f"({', '.join(bad[:3])}); not saving it, the checkpoints in {self.root} are "
@@ -178,6 +246,8 @@ class Checkpointer:
         if self.layout.is_main:
             save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+            if self.adapter:
+                (tmp / BASE).write_text(json.dumps(self.base, indent=1))
         faults.hit("checkpoint.weights_saved", **fault)
         _barrier()
         if self.layout.is_main:
@@ -225,7 +295,13 @@ class Checkpointer:
                   f"{_describe(now)}", flush=True)
         trainer = json.loads((ckpt / TRAINER).read_text())
         _check_same_sharing(ckpt, self.cfg.model)
-        with safe_open(str(ckpt / WEIGHTS), "pt") as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
+        if self.adapter != (ckpt / BASE).is_file():
+            raise CheckpointError(f"{ckpt} holds {'the trainable parameters' if (ckpt / BASE).is_file() else 'a whole model'}"
+                                  f", but this run has finetune.method={self.cfg.finetune.method}; resume it with the "
+                                  "finetune settings it was written with, or start a new run.dir")
+        if self.adapter:
+            self.base = json.loads((ckpt / BASE).read_text())
+        with open_weights(ckpt) as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
             _check_fits(engine, w, str(ckpt / WEIGHTS))
             engine.load_full_state(w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
@@ -251,9 +327,10 @@ class Checkpointer:
 
         ckpt = on_main(find, self.layout)
         _check_same_sharing(ckpt, self.cfg.model)
-        with safe_open(str(ckpt / WEIGHTS), "pt") as w:
+        with open_weights(ckpt) as w:
             _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}")
             engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state())
+        self.base = base_identity(ckpt)
         return ckpt
 
 

@@ -10,9 +10,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
+from gorilla_dist.checkpoint import checkpoint_weights, resolve_checkpoint
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.errors import UserError
 
@@ -44,7 +44,7 @@ def consolidate(args) -> tuple[Path, Path, int]:
     if out.exists():
         raise UserError(f"out={out} already exists; not overwriting it (remove it or choose another out=)")
     ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
-    weights = {k: v.to(TORCH_DTYPES[args.dtype]) for k, v in load_file(str(ckpt / WEIGHTS)).items()}
+    weights = {k: v.to(TORCH_DTYPES[args.dtype]) for k, v in checkpoint_weights(ckpt).items()}
     manifest = json.loads((ckpt / "manifest.json").read_text())
     metadata = {"format": "gorilla_dist", "step": str(manifest["step"]), "dtype": args.dtype,
                 "written_by_layout": json.dumps(manifest.get("layout", {})),

@@ -118,9 +118,9 @@ class TrainEngine:
         return StepResult(loss=total / len(micro_batches), grad_norm=self._ds.get_global_grad_norm(),
                           skipped=self._ds.skipped_steps > skipped_before, moe=stats)
 
-    def full_state(self, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
+    def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""
-        return state.full_state(self._ds, keep=keep)
+        return state.full_state(self._ds, keep=keep, trainable_only=trainable_only)
 
     def schedule_state(self) -> dict:
         """AdamW's step count, the LR schedule, the step counters, the loss scaler, as JSON."""

@@ -172,15 +172,18 @@ def optimizer_step_count(engine) -> int:
     return steps.pop() if steps else 0
 
 
-def full_state(engine, *, keep: bool = True) -> tuple[dict, dict, list[str]]:
+def full_state(engine, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
     """(weights, moments, non-finite): fp32 tensors under single-process names and shapes, on the CPU;
     moments are keyed `<param>.exp_avg` / `<param>.exp_avg_sq`; the names of weights holding inf/NaN.
     Collective: every rank calls it. Each whole tensor passes through every rank one at a time; ranks
-    with keep=False (all but the writer) drop them, so they never hold more than one."""
+    with keep=False (all but the writer) drop them, so they never hold more than one. trainable_only:
+    leave out frozen parameters (requires_grad False: fine-tuning), which have no master or moments."""
     module, unfused = engine.module, unfused_masters(engine)
     _link_optimizer_state(engine)
     weights, moments, bad = {}, {}, []
     for name, p in module.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         for full_name, weight in _full(module, name, p, _rank_master(engine, p, None, unfused)).items():
             if not torch.isfinite(weight).all():
                 bad.append(full_name)
@@ -272,6 +275,8 @@ def load_full_state(engine, weights, moments, schedule: dict) -> None:
         full_name = single_process_name(module, name, p)
         local = tp_local(module, name, p, get_w(full_name))
         _set_model_weight(p, local)
+        if not p.requires_grad:  # frozen (fine-tuning): no master, no optimizer state
+            continue
         local_moments = {key: tp_local(module, name, p, get_m(f"{full_name}.{key}")) for key in MOMENTS}
         if id(p) in unfused:
             master = unfused[id(p)]

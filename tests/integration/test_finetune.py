@@ -1,0 +1,123 @@
+"""Fine-tuning on instruction data through the launcher: a base run, instruction data prepared with its
+tokenizer, then finetune.method=freeze. Frozen parameters stay bitwise the base's and hold no optimizer
+state; adapter checkpoints hold the trainable parameters only; ZeRO-3 on 2 ranks equals 1 process; a
+stopped run resumes bitwise; a changed or missing base is refused; generate and export read the
+adapter checkpoint merged onto its base."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, check, generate, launch, losses, metrics
+from safetensors.torch import load_file
+
+from gorilla_dist.data.loader import bundled_corpus
+
+COMMON = ["model=debug", "model.seq_length=128", "optim.warmup_steps=2", "optim.decay_steps=10", "checkpoint.keep=0"]
+TRAINABLE = r"decoder\.layers\.1\."
+
+
+def speaker_rows(n: int = 300) -> list[dict]:
+    """Who speaks a speech of the bundled corpus (its first 60 characters)."""
+    rows = []
+    for para in bundled_corpus().read_text().split("\n\n"):
+        speaker, _, speech = para.partition(":\n")
+        if speech and len(rows) < n:
+            rows.append({"instruction": "Who speaks?", "input": speech[:60], "output": speaker})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    check(launch(root / "base", *COMMON, "train.max_steps=10", "checkpoint.interval=10"))
+    rows = root / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in speaker_rows()))
+    subprocess.run([sys.executable, "-m", "gorilla_dist.data.prepare", f"input={rows}", f"output={root / 'inst'}",
+                    "format=instruction", f"tokenizer={root / 'base' / 'tokenizer.json'}", "workers=1",
+                    "progress=false"], cwd=REPO, check=True, capture_output=True)
+    return root
+
+
+def tune(base: Path, run: Path, *extra: str, init_from: Path | None = None):
+    return launch(run, *COMMON, f"data.sources=[{{path: {base / 'inst'}}}]",
+                  f"checkpoint.init_from={init_from or base / 'base'}", "finetune.method=freeze",
+                  f"finetune.trainable=[{TRAINABLE}]", *extra)
+
+
+@pytest.fixture(scope="module")
+def tuned(base):
+    run = base / "tuned"
+    check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0"))
+    return run
+
+
+def test_frozen_parameters_stay_the_bases_and_hold_no_optimizer_state(base, tuned):
+    import re
+
+    from gorilla_dist.checkpoint import checkpoint_weights
+
+    base_ckpt, ckpt = base / "base" / "checkpoints" / "step_00000010", tuned / "checkpoints" / "step_00000010"
+    before, saved, moments = load_file(str(base_ckpt / "model.safetensors")), load_file(
+        str(ckpt / "model.safetensors")), load_file(str(ckpt / "optimizer.safetensors"))
+    trainable = sorted(k for k in before if re.search(TRAINABLE, k))
+    assert sorted(saved) == trainable  # the adapter checkpoint: trainable parameters only
+    assert sorted(moments) == sorted(f"{k}.{m}" for k in trainable for m in ("exp_avg", "exp_avg_sq"))
+    assert json.loads((ckpt / "base.json").read_text())["path"] == str(base_ckpt.resolve())
+    merged = checkpoint_weights(ckpt)
+    assert sorted(merged) == sorted(before)
+    for name, value in merged.items():
+        if name in saved:
+            assert not value.equal(before[name]), name  # trained
+        else:
+            assert value.equal(before[name]), name  # frozen: bitwise the base's
+    n = sum(v.numel() for v in saved.values())
+    assert (ckpt / "model.safetensors").stat().st_size < 4 * n + 4096  # no copy of the base
+    # the memory report: no gradient or optimizer state for frozen parameters
+    [first] = [r["ranks"][0] for r in metrics(tuned, memory=True) if r.get("memory") == "first_step"]
+    [full] = [r["ranks"][0] for r in metrics(base / "base", memory=True) if r.get("memory") == "first_step"]
+    assert first["grads"] == 4 * n and 8 * n <= first["optimizer"] < 8 * n + 1024  # AdamW: 2 moments (+ step counts)
+    assert full["grads"] == first["params"] > 2 * first["grads"]
+
+
+def test_freeze_on_2_ranks_zero3_equals_one_process(base, tuned, tmp_path):
+    run = tmp_path / "zero3"
+    check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0", "launch=torchrun", "launch.nproc_per_node=2",
+               "parallel.zero_stage=3"))
+    one, two = losses(tuned), losses(run)
+    assert one.keys() == two.keys() and all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    a = load_file(str(tuned / "checkpoints" / "step_00000010" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "step_00000010" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_an_adapter_run_resumes_bitwise_and_generate_and_export_read_it(base, tuned, tmp_path):
+    run = tmp_path / "split"
+    check(tune(base, run, "train.max_steps=5", "checkpoint.interval=0"))
+    out = check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0"))
+    assert "resumed from" in out and "weights from" not in out
+    assert losses(run) == losses(tuned)  # exact float equality
+    check(generate(tuned, "prompt=Instruction:", "max_new_tokens=8"))
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={tuned}", f"out={tmp_path / 'hf'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_changed_or_missing_base_is_refused(base, tmp_path):
+    import shutil
+
+    copy = tmp_path / "base_copy"
+    shutil.copytree(base / "base" / "checkpoints" / "step_00000010", copy)
+    run = tmp_path / "run"
+    check(tune(base, run, "train.max_steps=2", init_from=copy))
+    other = tmp_path / "other"  # another model: its checkpoint replaces the base's
+    check(launch(other, *COMMON, "train.max_steps=1", "run.seed=7"))
+    shutil.rmtree(copy)
+    shutil.copytree(other / "checkpoints" / "step_00000001", copy)
+    proc = tune(base, run, "train.max_steps=4", init_from=copy)
+    assert proc.returncode == 1 and "a different base" in proc.stdout, proc.stdout[-3000:]
+    shutil.rmtree(copy)
+    proc = tune(base, run, "train.max_steps=4", init_from=copy)
+    assert proc.returncode == 1 and "the directory is gone" in proc.stdout, proc.stdout[-3000:]

@@ -315,16 +315,30 @@ class CheckpointConfig:
     start fresh. Only used when run.dir has no checkpoint to resume (a preempted fine-tune resumes itself)."""
 
 
-FINETUNE_METHODS = ("full", "freeze")
+FINETUNE_METHODS = ("full", "freeze", "lora")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    """r: the rank of each adapter (B A, with A r x in and B out x r)."""
+    alpha: float = 16.0
+    """The adapter's output is scaled by alpha / rank (PEFT's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (PEFT's lora_dropout)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Which linears of every layer get an adapter: linear_qkv (attention's fused q, k, v), linear_proj
+    (attention output), linear_fc1, linear_fc2 (the dense MLP; MoE experts get none)."""
 
 
 @dataclass
 class FinetuneConfig:
-    """How a run adapts the model it starts from (checkpoint.init_from). LoRA, prompt and prefix tuning
-    are not built yet."""
+    """How a run adapts the model it starts from (checkpoint.init_from). Prompt and prefix tuning are not
+    built yet."""
 
     method: str = "full"
-    """full (every weight trains) | freeze (only the parameters `trainable` selects train; the others
+    """full (every weight trains) | lora (see `lora`) | freeze (only the parameters `trainable` selects train; the others
     keep checkpoint.init_from's values, get no gradient and no optimizer state, and checkpoints hold the
     trainable ones only, beside the base checkpoint's path and sha256)."""
     trainable: list[str] = field(default_factory=list)
@@ -332,6 +346,10 @@ class FinetuneConfig:
     'decoder\\.layers\\.[23]\\.' or 'final_layernorm'); parameters matching any of them train."""
     frozen: list[str] = field(default_factory=list)
     """method=freeze, instead of `trainable`: parameters matching any of these are frozen, the rest train."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """method=lora (Hu et al. 2021): low-rank adapters on megatron's tensor-parallel linears; only they
+    train (and whatever `trainable` also names, e.g. final_layernorm). B starts at zero, so the first step
+    computes the base model. Checkpoints hold the adapters; export merges them into the weights."""
 
 
 @dataclass
@@ -496,6 +514,10 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
+    if cfg.finetune.method == "lora" and m.sharing.unique_layers not in (None, m.num_layers):
+        raise ConfigError(f"finetune.method=lora with model.sharing.unique_layers={m.sharing.unique_layers}: adapters on "
+                          "shared layers are not built (export would have to unroll the layers first); use "
+                          "finetune.method=freeze or full")
     _validate_sparse(m, cfg.data)
     _validate_sharing(m, p)
     _validate_moe(m, p, world, cfg.precision.dtype)
@@ -686,7 +708,18 @@ def _validate_finetune(f, c) -> None:
             raise ConfigError(f"finetune.trainable / finetune.frozen select parameters for finetune.method=freeze; "
                               f"finetune.method={f.method} trains every parameter")
         return
-    if bool(f.trainable) == bool(f.frozen):
+    if f.method == "lora":
+        _positive(f.lora.rank, "finetune.lora.rank")
+        _positive(f.lora.alpha, "finetune.lora.alpha")
+        if not 0 <= f.lora.dropout < 1:
+            raise ConfigError(f"finetune.lora.dropout={f.lora.dropout} must be in [0, 1)")
+        bad = [t for t in f.lora.targets if t not in LORA_TARGETS]
+        if bad or not f.lora.targets:
+            raise ConfigError(f"finetune.lora.targets={list(f.lora.targets)}: choose one or more of {list(LORA_TARGETS)}")
+        if f.frozen:
+            raise ConfigError("finetune.frozen does not apply to finetune.method=lora (everything but the adapters is "
+                              "frozen); use finetune.trainable=[regex] to train more parameters beside them")
+    elif bool(f.trainable) == bool(f.frozen):
         raise ConfigError(f"finetune.method={f.method} needs exactly one of finetune.trainable=[regex, ...] (what "
                           "trains) or finetune.frozen=[regex, ...] (what does not)")
     for key in ("trainable", "frozen"):

@@ -306,7 +306,8 @@ def load_source(args):
         ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
         cfg = load_run_config(ckpt)
         tok = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
-        return cfg.model, tok, {k: v.float() for k, v in checkpoint_weights(ckpt).items()}, str(ckpt)
+        return cfg.model, tok, _merged_adapters(cfg, {k: v.float() for k, v in checkpoint_weights(ckpt).items()}), \
+            str(ckpt)
     else:
         path = source = Path(args.consolidated)
         if not path.is_file():
@@ -324,7 +325,16 @@ def load_source(args):
     from safetensors.torch import load_file
 
     weights = {k: v.float() for k, v in load_file(str(path)).items()}
-    return cfg.model, tok, weights, source
+    return cfg.model, tok, _merged_adapters(cfg, weights), source
+
+
+def _merged_adapters(cfg, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA run's weights with its adapters folded in (W + alpha / r B A): the plain model."""
+    if cfg.finetune.method != "lora":
+        return weights
+    from gorilla_dist.model.deltas import merged
+
+    return merged(weights, "lora", cfg.finetune.lora.alpha / cfg.finetune.lora.rank)
 
 
 def export(args) -> tuple[str, Path, str, int]:

@@ -55,12 +55,15 @@ def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
     from gorilla_dist.checkpoint import checkpoint_weights, load_consolidated, resolve_checkpoint
     from gorilla_dist.config import load_run_config
     from gorilla_dist.data.tokenizer import load_tokenizer
+    from gorilla_dist.finetune import apply_finetune
     from gorilla_dist.model import build_model
 
     ckpt = resolve_checkpoint(run_dir, which)
     cfg = load_run_config(ckpt)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
-    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, dtype="fp32", device=device, seed=cfg.run.seed)
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, dtype="fp32", device=device, seed=cfg.run.seed,
+                        finetune=cfg.finetune)
+    apply_finetune(model, cfg.finetune)  # the run's adapters, if any
     load_consolidated(model, checkpoint_weights(ckpt), str(ckpt))
     return cfg, ckpt, model.eval(), tokenizer
 

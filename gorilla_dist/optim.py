@@ -37,4 +37,5 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return groups + [{"params": ps, "weight_decay": wd} for wd, ps in own.items()]
+    groups += [{"params": ps, "weight_decay": wd} for wd, ps in own.items()]
+    return [g for g in groups if g["params"]]  # (fine-tuning may leave a kind empty)

@@ -93,7 +93,7 @@ def train(cfg, layout) -> bool:
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
-                        seed=cfg.run.seed, parallel=cfg.parallel)
+                        seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune)
     tuned = apply_finetune(model, cfg.finetune)
     if tuned and layout.is_main:
         print(f"[finetune] {tuned}", flush=True)

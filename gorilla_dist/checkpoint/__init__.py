@@ -46,6 +46,8 @@ from gorilla_dist.engine import check_fits, load_trained_buffers
 from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
+from gorilla_dist.finetune import LORA
+from gorilla_dist.model.deltas import is_delta
 from gorilla_dist.parallel import on_main
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -328,8 +330,11 @@ class Checkpointer:
         ckpt = on_main(find, self.layout)
         _check_same_sharing(ckpt, self.cfg.model)
         with open_weights(ckpt) as w:
-            _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}")
-            engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state())
+            # the adapters this run adds (finetune.method=lora) start as built: B = 0, the base model exactly
+            fresh = frozenset(n for n, _ in engine.module.named_parameters()
+                              if is_delta(n, LORA) and n not in set(w.keys()))
+            _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}", fresh=fresh)
+            engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state(), fresh=fresh)
         self.base = base_identity(ckpt)
         return ckpt
 
@@ -354,9 +359,9 @@ def _check_same_sharing(ckpt: Path, model) -> None:
                               "its weight sets would not line up with this model's layers")
 
 
-def _check_fits(engine, weights, where: str) -> None:
-    """The weights file (a safetensors handle) has this model's names and full shapes."""
-    engine.check_fits({k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}, where)
+def _check_fits(engine, weights, where: str, *, fresh=frozenset()) -> None:
+    """The weights file (a safetensors handle) has this model's names and full shapes (but `fresh`)."""
+    engine.check_fits({k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}, where, fresh=fresh)
 
 
 class _ZeroMoments:

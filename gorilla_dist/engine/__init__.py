@@ -126,15 +126,17 @@ class TrainEngine:
         """AdamW's step count, the LR schedule, the step counters, the loss scaler, as JSON."""
         return state.schedule_state(self._ds)
 
-    def load_full_state(self, weights, moments, schedule: dict) -> None:
-        state.load_full_state(self._ds, weights, moments, schedule)
+    def load_full_state(self, weights, moments, schedule: dict, *, fresh=frozenset()) -> None:
+        """`fresh`: single-process names the source does not have, left as built (new adapters)."""
+        state.load_full_state(self._ds, weights, moments, schedule, fresh=fresh)
 
     def optimizer_step_count(self) -> int:
         return state.optimizer_step_count(self._ds)
 
-    def check_fits(self, shapes: dict[str, tuple], source: str) -> None:
-        """A CheckpointError unless `shapes` are exactly this model's single-process names and shapes."""
-        state.check_fits(self._ds.module, shapes, source)
+    def check_fits(self, shapes: dict[str, tuple], source: str, *, fresh=frozenset()) -> None:
+        """A CheckpointError unless `shapes` are exactly this model's single-process names and shapes
+        (but the names in `fresh`)."""
+        state.check_fits(self._ds.module, shapes, source, fresh=fresh)
 
     def state_bytes(self) -> dict[str, int]:
         """This rank's bytes of params, grads and optimizer state (see gorilla_dist/memory.py)."""

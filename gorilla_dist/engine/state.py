@@ -261,7 +261,7 @@ def _link_optimizer_state(engine) -> None:
         opt._hp_optimizer_states_linked = True
 
 
-def load_full_state(engine, weights, moments, schedule: dict) -> None:
+def load_full_state(engine, weights, moments, schedule: dict, *, fresh=frozenset()) -> None:
     """Inverse of full_state + schedule_state, for any layout: every rank takes its slice. `weights`
     and `moments` are mappings or safetensors handles (read one tensor at a time). Collective. The
     caller has checked that the names and shapes fit (check_fits)."""
@@ -273,6 +273,8 @@ def load_full_state(engine, weights, moments, schedule: dict) -> None:
     _link_optimizer_state(engine)
     for name, p in module.named_parameters():
         full_name = single_process_name(module, name, p)
+        if full_name in fresh:  # not in the source (adapters new to this run): keep the built values
+            continue
         local = tp_local(module, name, p, get_w(full_name))
         _set_model_weight(p, local)
         if not p.requires_grad:  # frozen (fine-tuning): no master, no optimizer state
@@ -316,18 +318,20 @@ def load_trained_buffers(module, get) -> None:
             b.copy_(get(name).to(b.device, b.dtype))
 
 
-def check_fits(module, shapes: dict[str, tuple], source: str) -> None:
+def check_fits(module, shapes: dict[str, tuple], source: str, *, fresh=frozenset()) -> None:
     """A CheckpointError naming what does not match, unless `shapes` has exactly the single-process
-    names and shapes of `module`'s parameters."""
+    names and shapes of `module`'s parameters (but those named in `fresh`, which it may lack)."""
     from gorilla_dist.errors import CheckpointError
 
     params = {full: (name, p) for name, p in module.named_parameters() for full in expert_names(module, name, p)}
     params.update({name: (name, b) for name, b in trained_buffers(module).items()})
-    missing, unexpected = sorted(params.keys() - shapes.keys()), sorted(shapes.keys() - params.keys())
+    missing, unexpected = sorted(params.keys() - shapes.keys() - fresh), sorted(shapes.keys() - params.keys())
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit this model (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); was it written with another model config?")
     for full, (name, p) in params.items():
+        if full not in shapes:
+            continue
         want = full_shape(module, name, p)
         if tuple(shapes[full]) != want:
             raise CheckpointError(f"{source}: {full} has shape {tuple(shapes[full])}, this model's is "

@@ -5,6 +5,13 @@ no fp32 master and no optimizer state at any ZeRO stage (ZeRO-3 still partitions
     full    every parameter trains (the default; checkpoints hold the whole model)
     freeze  finetune.trainable / finetune.frozen select parameters by regular expressions searched in
             their single-process names; checkpoints hold the trainable ones only (checkpoint/)
+    lora    low-rank adapters `<linear>.lora_A` / `.lora_B` on the targeted linears of every layer
+            (model/deltas.py: tensor- and sequence-parallel like the linear); they train, the rest is frozen
+            (but what finetune.trainable names); checkpoints hold them; export merges W + alpha/r B A
+
+The adapters are modules of the model: model.build_model(..., finetune=) adds them, wherever a model of
+the run is built (training, generate, evaluate), so the modules match the checkpoints. `apply_finetune`
+then sets which parameters train, before the engine is built.
 """
 
 from __future__ import annotations
@@ -23,10 +30,28 @@ def adapter_checkpoints(f: FinetuneConfig) -> bool:
     return f.method != "full"
 
 
+LORA = "lora"
+
+
+def lora_scale(f: FinetuneConfig) -> float:
+    return f.lora.alpha / f.lora.rank
+
+
 def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
-    """Freeze what `f` says; returns a one-line summary (None for method=full)."""
+    """Freeze what `f` says (a model built with build_model(..., finetune=f)); returns a one-line summary
+    (None for method=full)."""
     if f.method == "full":
         return None
+    adapters = f"{f.method}: "
+    if f.method == "lora":
+        from gorilla_dist.model.deltas import is_delta
+
+        done = sum(name.endswith(f".{LORA}_A") for name, _ in model.named_parameters())
+        adapters += f"rank {f.lora.rank} adapters on {done} linears; "
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_delta(name, LORA))
+        if not f.trainable:  # (else also what finetune.trainable names, below)
+            return adapters + _summary(model)
     key, patterns = ("trainable", f.trainable) if f.trainable else ("frozen", f.frozen)
     regexes = [re.compile(p) for p in patterns]
     params = list(model.named_parameters())
@@ -36,7 +61,6 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
         if not any(regex.search(n) for n in every):
             raise ConfigError(f"finetune.{key}: {pattern!r} matches no parameter; names look like "
                               f"{every[:2] + every[-2:]} ({len(every)} in all)")
-    trained = total = 0
     for name, p in params:
         hits = {any(r.search(n) for r in regexes) for n in names[name]}
         if len(hits) > 1:
@@ -44,12 +68,21 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
                               "expert-parallel ranks but not others; select all experts of a layer or none, or use "
                               "parallel.ep=1")
         hit = hits.pop()
-        p.requires_grad_(hit if key == "trainable" else not hit)
-        count = len(names[name]) * int(torch.Size(full_shape(model, name, p)).numel())
+        if f.method == "lora":
+            p.requires_grad_(p.requires_grad or hit)
+        else:
+            p.requires_grad_(hit if key == "trainable" else not hit)
+    if not any(p.requires_grad for _, p in params):
+        raise ConfigError(f"finetune.{key}={list(patterns)} leaves no parameter to train")
+    return adapters + _summary(model)
+
+
+def _summary(model: torch.nn.Module) -> str:
+    trained = total = 0
+    params = list(model.named_parameters())
+    for name, p in params:
+        count = len(expert_names(model, name, p)) * int(torch.Size(full_shape(model, name, p)).numel())
         total += count
         trained += count if p.requires_grad else 0
-    if not trained:
-        raise ConfigError(f"finetune.{key}={list(patterns)} leaves no parameter to train")
     n_train = sum(p.requires_grad for _, p in params)
-    return (f"freeze: {n_train} of {len(params)} tensors train, {trained:,} of {total:,} parameters "
-            f"({100 * trained / total:.2f}%)")
+    return f"{n_train} of {len(params)} tensors train, {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"

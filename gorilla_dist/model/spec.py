@@ -20,14 +20,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from gorilla_dist.config import RECOMPUTE, ModelConfig, ParallelConfig, layer_weight_sets, moe_layers
+from gorilla_dist.config import RECOMPUTE, FinetuneConfig, ModelConfig, ParallelConfig, layer_weight_sets, moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe
 from gorilla_dist.engine.moe import reset_aux_loss_tracker
 from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
-from gorilla_dist.model.deltas import add_deltas
+from gorilla_dist.model.deltas import LINEARS, add_deltas, attach_low_rank
 from gorilla_dist.kernels.limits import UnsupportedAttention
 
 VOCAB_MULTIPLE = 128
@@ -218,10 +218,11 @@ def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None
 
 
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
-                parallel: ParallelConfig | None = None) -> GPTModel:
+                parallel: ParallelConfig | None = None, finetune: FinetuneConfig | None = None) -> GPTModel:
     """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
     (m, vocab_size, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
-    sequence parallelism and activation checkpointing; None: neither."""
+    sequence parallelism and activation checkpointing; None: neither. `finetune`: its adapters (LoRA)
+    are added here, with the model's other modules (which parameters train is finetune.apply_finetune's)."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -265,6 +266,10 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         share_layers(model, sets, share_norms=m.sharing.share_norms)
         if m.sharing.lora_rank:
             add_deltas(model, m.sharing.lora_rank, seed=seed, weight_decay=m.sharing.delta_weight_decay)
+    if finetune is not None and finetune.method == "lora":
+        lo = finetune.lora
+        attach_low_rank(model, lo.rank, prefix="lora", linears=[p for p in LINEARS if p.rsplit(".", 1)[1] in lo.targets],
+                        seed=seed, scale=lo.alpha / lo.rank, dropout=lo.dropout)
     mask_vocab_padding(model, vocab_size, tp_rank=ps.get_tensor_model_parallel_rank(),
                        tp_size=ps.get_tensor_model_parallel_world_size())
     adapt_model(model, device, sequence_parallel=sp)

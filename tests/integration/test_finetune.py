@@ -1,8 +1,9 @@
 """Fine-tuning on instruction data through the launcher: a base run, instruction data prepared with its
-tokenizer, then finetune.method=freeze. Frozen parameters stay bitwise the base's and hold no optimizer
-state; adapter checkpoints hold the trainable parameters only; ZeRO-3 on 2 ranks equals 1 process; a
-stopped run resumes bitwise; a changed or missing base is refused; generate and export read the
-adapter checkpoint merged onto its base."""
+tokenizer, then finetune.method=freeze and lora. Frozen parameters stay bitwise the base's and hold no
+optimizer state; adapter checkpoints hold the trainable parameters only; ZeRO-3 on 2 ranks (freeze), TP=2
+with sequence parallelism and ZeRO-2 (LoRA) equal 1 process; a stopped run resumes bitwise; a changed or
+missing base is refused; generate and export read the adapter checkpoint merged onto its base, and the
+exported LoRA model computes our adapted model's logits."""
 
 import json
 import subprocess
@@ -41,10 +42,13 @@ def base(tmp_path_factory):
     return root
 
 
-def tune(base: Path, run: Path, *extra: str, init_from: Path | None = None):
+FREEZE = ["finetune.method=freeze", f"finetune.trainable=[{TRAINABLE}]"]
+LORA = ["finetune.method=lora", "finetune.lora.rank=4", "optim.lr=3e-3"]
+
+
+def tune(base: Path, run: Path, *extra: str, init_from: Path | None = None, method=FREEZE):
     return launch(run, *COMMON, f"data.sources=[{{path: {base / 'inst'}}}]",
-                  f"checkpoint.init_from={init_from or base / 'base'}", "finetune.method=freeze",
-                  f"finetune.trainable=[{TRAINABLE}]", *extra)
+                  f"checkpoint.init_from={init_from or base / 'base'}", *method, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,49 @@ def test_a_changed_or_missing_base_is_refused(base, tmp_path):
     shutil.rmtree(copy)
     proc = tune(base, run, "train.max_steps=4", init_from=copy)
     assert proc.returncode == 1 and "the directory is gone" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def lora(base):
+    run = base / "lora"
+    check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0", method=LORA))
+    return run
+
+
+@pytest.mark.parametrize("layout", {
+    "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "dp2-zero2": ["parallel.zero_stage=2"],
+})
+def test_lora_on_2_ranks_equals_one_process(base, lora, tmp_path, layout):
+    extra = {"tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "dp2-zero2": ["parallel.zero_stage=2"]}
+    run = tmp_path / layout
+    check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0", "launch=torchrun", "launch.nproc_per_node=2",
+               *extra[layout], method=LORA))
+    one, two = losses(lora), losses(run)
+    assert one.keys() == two.keys() and all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    a = load_file(str(lora / "checkpoints" / "step_00000010" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "step_00000010" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(k.endswith((".lora_A", ".lora_B")) for k in a)
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_lora_learns_and_its_export_computes_the_adapted_logits(world1, base, lora, tmp_path):
+    import torch
+    import transformers
+
+    from helpers import trained_model
+
+    steps = losses(lora)
+    assert steps[10] < steps[1] - 0.15  # the adapters learn the task
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={lora}", f"out={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model, tok, _ = trained_model(world1, lora)  # the base model with the run's LoRA hooks and adapters
+    ids = torch.as_tensor(tok.encode("Instruction:\nWho speaks?\n\nResponse:\n"))[None]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size]
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+        base_model, _, _ = trained_model(world1, base / "base")
+        assert (base_model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size] - ours).abs().max() > 1e-2

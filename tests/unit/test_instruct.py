@@ -245,3 +245,39 @@ def test_packed_examples_score_like_each_example_alone(world1, tmp_path):
             assert single.loss_mask[0].sum() == sum(examples(d)[span.first[j] + k][1])  # outputs + <eod>
         causal = per_token_loss(model, packed.__class__(**{**packed.__dict__, "segments": None}))[0]
     assert (causal * packed.loss_mask[0] - lp).abs().max() > 1e-3  # without the segments, examples leak
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+
+def test_lora_starts_as_the_base_and_merges_into_the_same_outputs(world1):
+    """B = 0 at start: the adapted model computes the base model bitwise. With trained (here random)
+    adapters, the merged plain model W + alpha/r B A gives the adapted model's logits (1e-5)."""
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import FinetuneConfig, ModelConfig
+    from gorilla_dist.finetune import apply_finetune, lora_scale
+    from gorilla_dist.model import build_model
+    from gorilla_dist.model.deltas import merged
+
+    m = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(name="t", num_layers=2, hidden_size=64, num_heads=4,
+                        seq_length=32))
+    f = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), dict(method="lora", lora=dict(rank=4, alpha=8.0)))
+    base = build_model(m, vocab_size=40, dtype="fp32", device=world1.device, seed=3).eval()
+    adapted = build_model(m, vocab_size=40, dtype="fp32", device=world1.device, seed=3, finetune=f).eval()
+    summary = apply_finetune(adapted, f)
+    assert "rank 4 adapters on 8 linears" in summary
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    ids = torch.randint(0, 40, (2, 32))
+    pos = torch.arange(32)[None].expand(2, -1)
+    with torch.no_grad():
+        assert torch.equal(adapted(ids, pos, None), base(ids, pos, None))
+        for n, p in adapted.named_parameters():
+            if n.endswith(".lora_B"):
+                p.normal_(0, 0.1)
+        lora_logits = adapted(ids, pos, None)
+        weights = merged({n: p.detach().clone() for n, p in adapted.named_parameters()}, "lora", lora_scale(f))
+        assert weights.keys() == dict(base.named_parameters()).keys()
+        for n, p in base.named_parameters():
+            p.copy_(weights[n])
+        torch.testing.assert_close(base(ids, pos, None), lora_logits, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,12 @@ transformers architecture (same maths, parameters renamed and re-laid-out, vocab
 Anything else (ALiBi, block-sparse attention, ...) has no transformers architecture computing the same
 function, and is refused rather than exported approximately. transformers itself is not needed to
 export, only to load the result.
+
+Fine-tuned runs: `format=merged` (the default) writes the plain model, LoRA adapters folded into the
+weights (W + alpha/r B A) and frozen parameters taken from the base checkpoint. `format=peft` writes a
+LoRA run's adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for
+`PeftModel.from_pretrained(<the base run exported>, out)`: megatron's fused linears become transformers'
+modules by splitting B's rows as the weight's (Llama's q/k/v and gate/up), A being shared.
 """
 
 from __future__ import annotations
@@ -289,6 +295,92 @@ class ExportArgs:
     """With run.dir: latest (newest usable checkpoint) or a checkpoint directory."""
     dtype: str = "fp32"
     """fp32 | bf16 | fp16 (the checkpoint holds fp32 master weights)."""
+    format: str = "merged"
+    """merged (a transformers model; fine-tuned adapters folded in) | peft (a LoRA run's adapters as a
+    PEFT adapter directory, for the base run exported with format=merged)."""
+
+
+EXPORT_FORMATS = ("merged", "peft")
+# megatron linear -> the transformers modules its rows become, per architecture (format=peft)
+PEFT_MODULES = {
+    "llama": {"self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "self_attention.linear_proj": ("self_attn.o_proj",),
+              "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"), "mlp.linear_fc2": ("mlp.down_proj",)},
+    "gpt_neox": {"self_attention.linear_qkv": ("attention.query_key_value",),
+                 "self_attention.linear_proj": ("attention.dense",),
+                 "mlp.linear_fc1": ("mlp.dense_h_to_4h",), "mlp.linear_fc2": ("mlp.dense_4h_to_h",)},
+}
+PEFT_MODULES["mixtral"] = PEFT_MODULES["llama"]  # attention only: experts get no adapters
+PEFT_LAYERS = {"llama": "model.layers", "mixtral": "model.layers", "gpt_neox": "gpt_neox.layers"}
+
+
+def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA run's adapter tensors (our names) -> (PEFT's adapter_model tensors, adapter_config.json)."""
+    if arch not in PEFT_MODULES:
+        raise ExportError(f"format=peft: {arch} models are not supported (PEFT adapters are written for "
+                          f"{sorted(PEFT_MODULES)}); use format=merged")
+    nh, ng = m.num_heads, m.num_query_groups or m.num_heads
+    hd = m.hidden_size // nh
+    out, targets = {}, set()
+    for name, a in weights.items():
+        if not name.endswith(".lora_A"):
+            continue
+        linear = name[:-len(".lora_A")]
+        layer, path = linear.split(".", 3)[2], linear.split(".", 3)[3]
+        b = weights[linear + ".lora_B"]
+        modules = PEFT_MODULES[arch][path]
+        if len(modules) == 3:  # megatron's fused QKV rows, per query group: its query heads, a key, a value head
+            t = b.reshape(ng, nh // ng + 2, hd, b.shape[1])
+            parts = [t[:, :-2].reshape(-1, b.shape[1]), t[:, -2].reshape(-1, b.shape[1]), t[:, -1].reshape(-1, b.shape[1])]
+        elif len(modules) == 2:  # gated fc1: [gate; up]
+            parts = list(b.chunk(2, dim=0))
+        else:
+            parts = [b]
+        for module, part in zip(modules, parts):
+            key = f"base_model.model.{PEFT_LAYERS[arch]}.{layer}.{module}"
+            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = a.clone(), part.contiguous().clone()
+            targets.add(module.rsplit(".", 1)[1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": lora.dropout, "target_modules": sorted(targets), "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None, "base_model_name_or_path": None,
+              "inference_mode": True}
+    return out, config
+
+
+def export_peft(args) -> tuple[str, Path, str, int]:
+    """format=peft: the adapters of run.dir's LoRA checkpoint as a PEFT adapter directory."""
+    from safetensors.torch import load_file, save_file
+
+    from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
+    from gorilla_dist.config import load_run_config
+    from gorilla_dist.files import write_text_atomic
+    from gorilla_dist.model.deltas import is_delta
+
+    if not args.run_dir:
+        raise ExportError("format=peft exports a LoRA run's adapters: give run.dir=<the fine-tuning run>")
+    ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
+    cfg = load_run_config(ckpt)
+    if cfg.finetune.method != "lora":
+        raise ExportError(f"format=peft writes LoRA adapters; {args.run_dir} was trained with finetune.method="
+                          f"{cfg.finetune.method}; use format=merged")
+    weights = load_file(str(ckpt / WEIGHTS))  # the adapter checkpoint: its trainable parameters only
+    other = sorted(k for k in weights if not is_delta(k, "lora"))
+    if other:
+        raise ExportError(f"format=peft: the run also trained {other[:3]} (finetune.trainable), which a LoRA adapter "
+                          "does not hold; use format=merged")
+    tensors, config = peft_adapter(cfg.model, architecture(cfg.model), weights, cfg.finetune.lora)
+    config["base_model_name_or_path"] = json.loads((ckpt / "base.json").read_text())["path"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.to(DTYPES[args.dtype]) for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    write_text_atomic(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out)
+    return str(ckpt), out, f"PEFT LoRA adapter ({', '.join(config['target_modules'])})", \
+        sum(v.numel() for v in tensors.values())
 
 
 def load_source(args):
@@ -345,6 +437,10 @@ def export(args) -> tuple[str, Path, str, int]:
         raise ExportError(f"dtype={args.dtype!r} is not valid; choose one of: {', '.join(DTYPES)}")
     if Path(args.out).exists():
         raise ExportError(f"out={args.out} already exists; not overwriting it (remove it or choose another out=)")
+    if args.format not in EXPORT_FORMATS:
+        raise ExportError(f"format={args.format!r} is not valid; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if args.format == "peft":
+        return export_peft(args)
     m, tok, weights, source = load_source(args)
     arch, n = write_hf(Path(args.out), m, tok, weights, dtype=args.dtype)
     return source, Path(args.out), arch, n

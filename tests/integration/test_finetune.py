@@ -107,6 +107,10 @@ def test_an_adapter_run_resumes_bitwise_and_generate_and_export_read_it(base, tu
     proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={tuned}", f"out={tmp_path / 'hf'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={tuned}", f"out={tmp_path / 'p'}",
+                           "format=peft"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "finetune.method=freeze; use format=merged" in proc.stderr
+    assert not (tmp_path / "p").exists()
 
 
 def test_a_changed_or_missing_base_is_refused(base, tmp_path):
@@ -151,23 +155,46 @@ def test_lora_on_2_ranks_equals_one_process(base, lora, tmp_path, layout):
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
-def test_lora_learns_and_its_export_computes_the_adapted_logits(world1, base, lora, tmp_path):
+def export(run: Path, out: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={run}", f"out={out}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("model", ["debug", "llama"])
+def test_lora_export_merged_and_as_a_peft_adapter_computes_the_adapted_logits(world1, base, lora, tmp_path, model):
+    """The merged transformers model, and PEFT's LoRA loaded onto the exported base, compute our adapted
+    model's logits (1e-4): GPT-NeoX's fused query_key_value (the debug model), and Llama's q/k/v and
+    gate/up split out of megatron's fused linears (grouped-query attention)."""
+    import peft
     import torch
     import transformers
 
     from helpers import trained_model
 
-    steps = losses(lora)
-    assert steps[10] < steps[1] - 0.15  # the adapters learn the task
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={lora}", f"out={out}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    model, tok, _ = trained_model(world1, lora)  # the base model with the run's LoRA hooks and adapters
+    if model == "llama":  # a Llama-shaped base and its LoRA run
+        arch = ["model.normalization=RMSNorm", "model.activation=swiglu", "model.num_query_groups=2"]
+        src, run = tmp_path / "base", tmp_path / "lora"
+        check(launch(src, *COMMON, *arch, "train.max_steps=2"))
+        check(tune(base, run, *arch, "train.max_steps=3", "finetune.lora.targets=[linear_qkv,linear_fc1,linear_fc2]",
+                   init_from=src, method=LORA))
+    else:
+        src, run = base / "base", lora
+        steps = losses(lora)
+        assert steps[10] < steps[1] - 0.15  # the adapters learn the task
+    export(run, tmp_path / "merged")
+    export(src, tmp_path / "base_hf")
+    export(run, tmp_path / "adapter", "format=peft")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 16.0
+    model, tok, _ = trained_model(world1, run)  # the base model with the run's LoRA hooks and adapters
     ids = torch.as_tensor(tok.encode("Instruction:\nWho speaks?\n\nResponse:\n"))[None]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base_hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         ours = model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size]
-        torch.testing.assert_close(hf(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(with_adapter(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
         base_model, _, _ = trained_model(world1, base / "base")
         assert (base_model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size] - ours).abs().max() > 1e-2

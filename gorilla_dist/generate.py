@@ -22,6 +22,9 @@ class GenerateArgs:
     """0 means greedy."""
     top_k: int | None = 200
     seed: int = 1337
+    cache: bool = True
+    """Keep keys and values between steps (dense attention; block-sparse models re-run the context). The
+    tokens are the same either way; false is the slow reference."""
 
 
 def parse_args(argv: list[str]):
@@ -50,12 +53,12 @@ def main(argv: list[str]) -> int:
 
 
 def generate(args) -> str:
-    from gorilla_dist.inference import inference_model, sample
+    from gorilla_dist.inference import caches, inference_model, sample
 
     with inference_model(args.run_dir, args.checkpoint) as (cfg, _, model, tokenizer):
         return sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                       seq_length=cfg.model.seq_length, temperature=args.temperature, top_k=args.top_k,
-                      seed=args.seed)
+                      seed=args.seed, cache=args.cache and caches(cfg.model))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Using a trained model: sampling, and a checkpoint's model loaded into this one process.
+"""Using a trained model: sampling (with a KV cache), and a checkpoint's model loaded into this one process.
 
 `sample` runs after training on all ranks at once (tensor-parallel logits are gathered, and every rank
 draws from an identically seeded generator, so all ranks agree on every token), and in the generate
@@ -16,26 +16,57 @@ from unittest import mock
 import torch
 
 
+class Decoder:
+    """Next-token logits of a growing sequence. With `cache`, keys and values of the tokens already seen
+    are kept (megatron-core's static inference context, one per sequence) and each step runs the new
+    tokens only; once the sequence is longer than seq_length the context window slides, which a cache
+    cannot follow, and the last seq_length tokens are re-run each step (as without a cache). Either way
+    the logits are those of the uncached model on the last seq_length tokens."""
+
+    def __init__(self, model, seq_length: int, *, cache: bool = True):
+        self.model, self.seq, self.cache = model, seq_length, cache
+        self.context = None
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (1, t), the whole sequence so far (each call extends the previous one) -> (1, padded vocab),
+        gathered over tensor-parallel ranks."""
+        from megatron.core import parallel_state as ps
+
+        from gorilla_dist.parallel import tp_all_gather
+
+        t, device = ids.shape[1], ids.device
+        if self.cache and t <= self.seq:
+            from megatron.core.inference.contexts import StaticInferenceContext
+
+            if self.context is None:
+                self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=self.seq)
+            start = self.context.sequence_len_offset
+            pos = torch.arange(start, t, device=device).unsqueeze(0)
+            out = self.model(ids[:, start:], pos, None, inference_context=self.context,
+                             runtime_gather_output=True)[:, -1, :]  # (megatron gathers the vocabulary)
+            self.context.sequence_len_offset = t
+            return out
+        window = ids[:, -self.seq:]
+        pos = torch.arange(window.shape[1], device=device).unsqueeze(0)
+        out = self.model(window, pos, None)[:, -1, :]  # (1, vocab / tp)
+        if ps.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits -> full vocabulary
+            out = torch.cat(tp_all_gather(out), dim=-1)
+        return out
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: int, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0) -> str:
-    """Autoregressive sampling (no KV cache: the context is cropped to seq_length and re-run)."""
-    from megatron.core import parallel_state as ps
-
-    from gorilla_dist.parallel import tp_all_gather
-
-    device = next(model.parameters()).device
+def sample_ids(model, ids: torch.Tensor, *, vocab_size: int, max_new_tokens: int, seq_length: int,
+               temperature: float = 0.8, top_k: int | None = 200, seed: int = 0, cache: bool = True,
+               stop: int | None = None) -> torch.Tensor:
+    """ids (1, t) followed by up to max_new_tokens sampled ids (greedy when temperature <= 0), ending early
+    after `stop` (e.g. <eod>). `cache`: keep keys and values (Decoder); the ids are the same without."""
+    device = ids.device
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)[None]  # (1, t)
+    decoder = Decoder(model, seq_length, cache=cache)
     for _ in range(max_new_tokens):
-        ctx = ids[:, -seq_length:]
-        pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
-        logits = model(ctx, pos, None)[:, -1, :]  # (1, vocab / tp)
-        if ps.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits -> full vocabulary
-            logits = torch.cat(tp_all_gather(logits), dim=-1)
-        logits = logits[:, :tokenizer.vocab_size].float()  # drop the padding rows of the vocabulary
+        logits = decoder.logits(ids)[:, :vocab_size].float()  # drop the padding rows of the vocabulary
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
@@ -45,8 +76,27 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
         ids = torch.cat([ids, nxt], dim=1)
+        if stop is not None and int(nxt) == stop:
+            break
     model.train(was_training)
-    return tokenizer.decode(ids[0].tolist())
+    return ids
+
+
+def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: int, temperature: float = 0.8,
+           top_k: int | None = 200, seed: int = 0, cache: bool = True) -> str:
+    """The prompt and its sampled continuation, as text (see sample_ids)."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)[None]  # (1, t)
+    out = sample_ids(model, ids, vocab_size=tokenizer.vocab_size, max_new_tokens=max_new_tokens,
+                     seq_length=seq_length, temperature=temperature, top_k=top_k, seed=seed, cache=cache)
+    return tokenizer.decode(out[0].tolist())
+
+
+def caches(m) -> bool:
+    """Whether model config `m` samples with a KV cache: dense attention. The block-sparse layouts choose
+    key blocks per query block (learned ones from the block's pooled queries), which one new token at a
+    time does not reproduce; they re-run the context each step."""
+    return m.attention in ("dense", "flash")
 
 
 def checkpoint_model(run_dir: str | os.PathLike, which: str, device):

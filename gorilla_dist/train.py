@@ -10,7 +10,7 @@ from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
 from gorilla_dist.finetune import adapter_checkpoints, apply_finetune
-from gorilla_dist.inference import sample
+from gorilla_dist.inference import caches, sample
 from gorilla_dist.loss import lm_loss, lm_loss_sum
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
@@ -157,7 +157,8 @@ def train(cfg, layout) -> bool:
 
     if t.sample_tokens:
         text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
-                      seq_length=cfg.model.seq_length, seed=cfg.run.seed)
+                      seq_length=cfg.model.seq_length, seed=cfg.run.seed,
+                      cache=caches(cfg.model) and not cfg.parallel.sequence_parallel)
         if layout.is_main:
             print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
     return True

@@ -109,8 +109,9 @@ class DenseAttention(MegatronModule):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         sdpa_mask = sdpa_keep_mask(attention_mask, s)
         if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty
-            pos = torch.arange(s, device=q.device)
-            dist = (pos[:, None] - pos[None, :]).to(q.dtype)
+            s_k = k.shape[2]  # more keys than queries when decoding with a KV cache: queries are the last ones
+            dist = (torch.arange(s_k - s, s_k, device=q.device)[:, None]
+                    - torch.arange(s_k, device=q.device)[None, :]).to(q.dtype)
             allowed = sdpa_mask if sdpa_mask is not None else dist >= 0
             bias = -self.alibi_slopes.to(q.dtype).view(1, -1, 1, 1) * dist
             sdpa_mask = bias.masked_fill(~allowed, float("-inf"))

@@ -21,6 +21,9 @@ megatron-core also assumes CUDA in a few places that the local (no Transformer E
      `device=torch.cuda.current_device()` (tensor_parallel/mappings.py, tensor_parallel/layers.py, and
      the GlobalMemoryBuffer in utils.py). Without CUDA, `cpu_buffers` gives those three modules a
      `torch` that is the real one except that `torch.cuda.current_device()` names the CPU.
+  4a. Generation with a KV cache (megatron's static inference context) allocates each layer's key and value
+     memory with `device=torch.cuda.current_device()` (transformer/attention.py `_allocate_memory`): that
+     module gets the same `torch` as 4.
   4b. Dropout under sequence parallelism forks the CUDA RNG tracker, and activation recompute
      (tensor_parallel.random.CheckpointFunction) saves and restores the CUDA RNG state around the
      recomputed forward. `rng.seed_rng_tracker` seeds the tracker (on CUDA with megatron's own call) and,
@@ -88,7 +91,7 @@ class _DeviceRotaryEmbedding(RotaryEmbedding):
 
 
 def adapt_model(model: torch.nn.Module, device: torch.device, *, sequence_parallel: bool) -> None:
-    """Applied to every model build_model returns (1, 4 and 5 above; 0 and 4 are process-wide)."""
+    """Applied to every model build_model returns (1, 4, 4a and 5 above; 0, 4 and 4a are process-wide)."""
     quiet_tp_group_lookup()
     cpu_buffers()
     if sequence_parallel:
@@ -118,13 +121,15 @@ class _TorchOnCPU(types.ModuleType):
 
 
 def cpu_buffers() -> None:
+    """4 and 4a above."""
     import megatron.core.tensor_parallel.layers as layers
     import megatron.core.tensor_parallel.mappings as mappings
+    import megatron.core.transformer.attention as attention
     import megatron.core.utils as mutils
 
     if torch.cuda.is_available():
         return
-    for module in (layers, mappings, mutils):
+    for module in (layers, mappings, mutils, attention):
         if not isinstance(module.torch, _TorchOnCPU):
             module.torch = _TorchOnCPU()
 

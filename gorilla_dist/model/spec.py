@@ -56,8 +56,11 @@ def mask_vocab_padding(model: GPTModel, vocab_size: int, *, tp_rank: int, tp_siz
     model.output_layer.register_buffer("vocab_padding", ids >= vocab_size, persistent=False)  # (local,)
 
     def mask(layer, _args, output):
-        logits, bias = output  # logits (s, b, local)
-        return logits.masked_fill(layer.vocab_padding, float("-inf")), bias
+        logits, bias = output  # logits (s, b, local), or (s, b, padded) when gathered over TP (generation)
+        pad = layer.vocab_padding
+        if logits.shape[-1] != pad.shape[0]:
+            pad = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size
+        return logits.masked_fill(pad, float("-inf")), bias
 
     model.output_layer.register_forward_hook(mask)
 

@@ -10,6 +10,11 @@ on the run's own data reproduces the val_loss training logged from its first N v
 The loss is training's (gorilla_dist.loss): a softmax over the real vocabulary (the embedding's padding
 rows are masked out), so it equals what transformers computes on the exported model.
 
+Instruction data (prepared with format=instruction): one example per sample, the loss over its targets
+(outputs, assistant turns) only, and exact match: the prompt (everything before the example's last
+target run) is continued greedily with a KV cache until <eod>, and counts when the tokens equal the
+reference output and its <eod> exactly.
+
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the predicted tokens (an <eod>
 counts as one byte: the separator it stands for): unlike perplexity, it compares models with different
 tokenizers.
@@ -47,6 +52,10 @@ class EvaluateArgs:
     samples: int | None = None
     """Evaluate only the first N samples of each source (default: all of them)."""
     batch_size: int = 16
+    format: str = "text"
+    """data= raw files: text | instruction (rows of instruction/input/output or messages, as in prepare)."""
+    exact_match: bool = True
+    """Instruction data: also generate each example's output greedily and count exact matches."""
     out: str | None = None
     """Also write the results as JSON to this file."""
 
@@ -93,9 +102,53 @@ def evaluate_span(model, span, *, eod: int, reset_at_eod: bool, batch_size: int,
 
 def summary(part: dict) -> dict:
     loss = part["loss_sum"] / max(part["tokens"], 1)
-    return {"samples": part["samples"], "tokens": part["tokens"], "bytes": part["bytes"], "loss": loss,
-            "perplexity": math.exp(min(loss, 700.0)),
-            "bits_per_byte": part["loss_sum"] / math.log(2) / max(part["bytes"], 1)}
+    out = {"samples": part["samples"], "tokens": part["tokens"], "bytes": part["bytes"], "loss": loss,
+           "perplexity": math.exp(min(loss, 700.0)),
+           "bits_per_byte": part["loss_sum"] / math.log(2) / max(part["bytes"], 1)}
+    if part.get("generated"):
+        out.update(exact_match=part["exact"] / part["generated"], generated=part["generated"])
+    return out
+
+
+@torch.no_grad()
+def evaluate_examples(model, ds, start: int, stop: int, *, cfg, samples: int | None, bytes_of: np.ndarray,
+                      exact_match: bool, device) -> dict:
+    """Instruction examples of the token range [start, stop): the loss on their targets only (one example
+    per sample, padded, as training scores them) and, with exact_match, greedy generation of each
+    example's last output from its prompt."""
+    from gorilla_dist.data.dataset import ExampleSpan
+    from gorilla_dist.data.loader import pack
+    from gorilla_dist.inference import caches, sample_ids
+    from gorilla_dist.loss import lm_loss_sum
+
+    seq = cfg.model.seq_length
+    span = ExampleSpan(ds, start, stop, seq, pack=False, truncate=True)
+    n = span.samples if samples is None else min(samples, span.samples)
+    out = {"samples": n, "tokens": 0, "bytes": 0, "loss_sum": 0.0, "generated": 0, "exact": 0}
+    window, seg, tgt = (np.empty(seq + 1, dtype=np.int64), np.empty(seq + 1, dtype=np.int32),
+                        np.empty(seq + 1, dtype=np.uint8))
+    for j in range(n):
+        valid = span.window(j, window, seg, tgt)
+        b = pack(window[None], np.array([valid]), np.zeros(1, dtype=np.int64), eod=ds.eod, reset_at_eod=False,
+                 segments=seg[None], targets=tgt[None]).to(device)
+        loss_sum, count = lm_loss_sum(model, b)
+        out["loss_sum"] += float(loss_sum)
+        out["tokens"] += int(count)
+        out["bytes"] += int((torch.from_numpy(bytes_of)[b.labels.cpu()] * b.loss_mask.cpu()).sum())
+        if not exact_match:
+            continue
+        # the last run of targets is the reference; everything before it is the prompt
+        targets = tgt[:valid].astype(bool)
+        last = valid - int(np.argmin(targets[::-1])) if not targets.all() else 0
+        if last == 0 or last >= valid:
+            continue  # nothing to prompt with (train_on_inputs data), or no target
+        prompt = torch.as_tensor(window[:last], device=device)[None]
+        reference = window[last:valid].tolist()
+        ids = sample_ids(model, prompt, vocab_size=ds.vocab_size, max_new_tokens=len(reference), seq_length=seq,
+                         temperature=0, cache=caches(cfg.model), stop=ds.eod)
+        out["generated"] += 1
+        out["exact"] += int(ids[0, last:].tolist() == reference)
+    return out
 
 
 def _datasets(args, cfg, run_dir: Path, tmp: Path):
@@ -118,7 +171,7 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
     else:  # raw files: prepare them with the run's tokenizer
         prepare(PrepareArgs(input=args.data.split(","), output=str(tmp / "data"),
                             tokenizer=str(run_dir / "tokenizer.json"), sample_by=args.sample_by, workers=1,
-                            progress=False))
+                            progress=False, format=args.format))
         ds = TokenDataset(tmp / "data", verify="size")
     if not same_tokenizer(ds.path / "tokenizer.json", run_dir / "tokenizer.json"):
         raise DataError(f"data={args.data}: prepared with another tokenizer ({ds.meta['tokenizer']['kind']}, "
@@ -146,6 +199,10 @@ def evaluate(args) -> dict:
         parts = {}
         for name, ds in sets:
             a, b = ds.split(cfg.data.val_fraction)[1] if split == "validation" else (0, ds.tokens)
+            if ds.examples:
+                parts[name] = evaluate_examples(model, ds, a, b, cfg=cfg, samples=args.samples, bytes_of=bytes_of,
+                                                exact_match=args.exact_match, device=device)
+                continue
             span = Span(ds, a, b, cfg.model.seq_length)
             if span.samples == 0:
                 raise DataError(f"{name}: its {split} split has {b - a} tokens, too few for one sample of "
@@ -153,7 +210,8 @@ def evaluate(args) -> dict:
             parts[name] = evaluate_span(model, span, eod=tok.eod, reset_at_eod=cfg.data.reset_at_eod,
                                         batch_size=args.batch_size, samples=args.samples, bytes_of=bytes_of,
                                         device=device)
-        total = {k: sum(p[k] for p in parts.values()) for k in ("samples", "tokens", "bytes", "loss_sum")}
+        total = {k: sum(p.get(k, 0) for p in parts.values())
+                 for k in ("samples", "tokens", "bytes", "loss_sum", "generated", "exact")}
         step = json.loads((ckpt / "manifest.json").read_text())["step"]
     return {"checkpoint": str(ckpt), "step": step, "split": split, **summary(total),
             "sources": {name: summary(p) for name, p in parts.items()}}
@@ -163,8 +221,9 @@ def report(result: dict) -> str:
     lines = [f"[evaluate] {result['checkpoint']} (step {result['step']}), {result['split']} split:"]
     rows = [*result["sources"].items()] + ([("total", result)] if len(result["sources"]) > 1 else [])
     for name, r in rows:
+        em = f"  exact match {r['exact_match']:.3f} of {r['generated']:,}" if "exact_match" in r else ""
         lines.append(f"  {name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
-                     f"bits/byte {r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens, {r['samples']:,} samples)")
+                     f"bits/byte {r['bits_per_byte']:.4f}{em}  ({r['tokens']:,} tokens, {r['samples']:,} samples)")
     return "\n".join(lines)
 
 

@@ -198,3 +198,57 @@ def test_lora_export_merged_and_as_a_peft_adapter_computes_the_adapted_logits(wo
         torch.testing.assert_close(with_adapter(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
         base_model, _, _ = trained_model(world1, base / "base")
         assert (base_model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size] - ours).abs().max() > 1e-2
+
+
+def test_evaluate_reports_output_only_loss_and_exact_match(world1, base, lora, tmp_path):
+    """evaluate on instruction data: the loss over output tokens only and the exact match of greedy
+    outputs, equal to a recomputation here (the uncached generation as the second path)."""
+    import numpy as np
+    import torch
+
+    from gorilla_dist.data.dataset import TokenDataset
+    from gorilla_dist.inference import sample_ids
+    from helpers import trained_model
+
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={lora}", f"data={base / 'inst'}",
+                           "samples=8", f"out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())["sources"][str(base / "inst")]
+    model, tok, _ = trained_model(world1, lora)
+    ds = TokenDataset(base / "inst")
+    loss_sum, count, exact = 0.0, 0, 0
+    with torch.no_grad():
+        for j in range(8):
+            a, b = int(ds.offsets[j]), int(ds.offsets[j + 1])
+            tokens, mask = torch.as_tensor(ds.read(a, b).astype(np.int64)), ds.read(a, b, mask=True)
+            logits = model(tokens[None, :-1], torch.arange(b - a - 1)[None], None)[0, :, :tok.vocab_size]
+            losses = torch.nn.functional.cross_entropy(logits.double(), tokens[1:], reduction="none")
+            loss_sum += float((losses * torch.as_tensor(mask[1:], dtype=torch.float64)).sum())
+            count += int(mask[1:].sum())
+            first = int(np.argmax(mask))  # one output per row: the prompt is what comes before it
+            ids = sample_ids(model, tokens[None, :first], vocab_size=tok.vocab_size, max_new_tokens=b - a - first,
+                             seq_length=128, temperature=0, cache=False, stop=tok.eod)
+            exact += int(ids[0, first:].tolist() == tokens[first:].tolist())
+    assert result["tokens"] == count and result["generated"] == 8
+    assert result["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
+    assert result["exact_match"] == exact / 8
+
+
+def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
+    """The whole path with a task a tiny model can learn in 40 steps: every row's output is "Nobody.";
+    greedy generation then reproduces it (and its <eod>) on held-out examples."""
+    rows = tmp_path / "const.jsonl"
+    rows.write_text("".join(json.dumps({**r, "output": "Nobody."}) + "\n" for r in speaker_rows()))
+    subprocess.run([sys.executable, "-m", "gorilla_dist.data.prepare", f"input={rows}", f"output={tmp_path / 'const'}",
+                    "format=instruction", f"tokenizer={base / 'base' / 'tokenizer.json'}", "workers=1",
+                    "progress=false"], cwd=REPO, check=True, capture_output=True)
+    run = tmp_path / "run"
+    common = [o for o in COMMON if not o.startswith("optim.decay_steps")]
+    check(launch(run, *common, f"data.sources=[{{path: {tmp_path / 'const'}}}]", f"checkpoint.init_from={base / 'base'}",
+                 "optim.lr=1e-2", "train.max_steps=40"))
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", "samples=10",
+                           f"out={tmp_path / 'eval.json'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["split"] == "validation" and result["exact_match"] == 1.0 and result["loss"] < 0.2

@@ -315,7 +315,7 @@ class CheckpointConfig:
     start fresh. Only used when run.dir has no checkpoint to resume (a preempted fine-tune resumes itself)."""
 
 
-FINETUNE_METHODS = ("full", "freeze", "lora")
+FINETUNE_METHODS = ("full", "freeze", "lora", "prompt")
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -334,11 +334,10 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    """How a run adapts the model it starts from (checkpoint.init_from). Prompt and prefix tuning are not
-    built yet."""
+    """How a run adapts the model it starts from (checkpoint.init_from). Prefix tuning is not built yet."""
 
     method: str = "full"
-    """full (every weight trains) | lora (see `lora`) | freeze (only the parameters `trainable` selects train; the others
+    """full (every weight trains) | lora (see `lora`) | prompt (see `virtual_tokens`) | freeze (only the parameters `trainable` selects train; the others
     keep checkpoint.init_from's values, get no gradient and no optimizer state, and checkpoints hold the
     trainable ones only, beside the base checkpoint's path and sha256)."""
     trainable: list[str] = field(default_factory=list)
@@ -346,6 +345,12 @@ class FinetuneConfig:
     'decoder\\.layers\\.[23]\\.' or 'final_layernorm'); parameters matching any of them train."""
     frozen: list[str] = field(default_factory=list)
     """method=freeze, instead of `trainable`: parameters matching any of these are frozen, the rest train."""
+    virtual_tokens: int = 20
+    """method=prompt (Lester et al. 2021): N learned input embeddings before every sample; only they
+    train (and what `trainable` names). Needs rope or ALiBi positions (the inputs grow by N)."""
+    init_text: str | None = None
+    """method=prompt: initialise the virtual tokens from this text's token embeddings (repeated to N);
+    default: embeddings of N random tokens of the vocabulary (seeded by run.seed)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """method=lora (Hu et al. 2021): low-rank adapters on megatron's tensor-parallel linears; only they
     train (and whatever `trainable` also names, e.g. final_layernorm). B starts at zero, so the first step
@@ -514,6 +519,16 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
+    if cfg.finetune.method == "prompt":
+        why = ("model.position_embedding=learned_absolute has no positions for the virtual tokens (the inputs grow by "
+               "finetune.virtual_tokens); use rope or alibi" if m.position_embedding == "learned_absolute" else
+               "parallel.sequence_parallel=true splits the sequence the virtual tokens are put in front of"
+               if p.sequence_parallel else "data.reset_at_eod=true: the documents after the first of a sample would "
+               "see the virtual tokens from further away than the first does (rotary / ALiBi distances)"
+               if cfg.data.reset_at_eod else f"model.attention={m.attention}: the virtual tokens shift the sequence off "
+               "its block layout; use model.attention=dense" if m.attention != "dense" else None)
+        if why:
+            raise ConfigError(f"finetune.method=prompt: {why}")
     if cfg.finetune.method == "lora" and m.sharing.unique_layers not in (None, m.num_layers):
         raise ConfigError(f"finetune.method=lora with model.sharing.unique_layers={m.sharing.unique_layers}: adapters on "
                           "shared layers are not built (export would have to unroll the layers first); use "
@@ -708,7 +723,12 @@ def _validate_finetune(f, c) -> None:
             raise ConfigError(f"finetune.trainable / finetune.frozen select parameters for finetune.method=freeze; "
                               f"finetune.method={f.method} trains every parameter")
         return
-    if f.method == "lora":
+    if f.method in ("lora", "prompt") and f.frozen:
+        raise ConfigError(f"finetune.frozen does not apply to finetune.method={f.method} (everything but the adapters "
+                          "is frozen); use finetune.trainable=[regex] to train more parameters beside them")
+    if f.method == "prompt":
+        _positive(f.virtual_tokens, "finetune.virtual_tokens")
+    elif f.method == "lora":
         _positive(f.lora.rank, "finetune.lora.rank")
         _positive(f.lora.alpha, "finetune.lora.alpha")
         if not 0 <= f.lora.dropout < 1:
@@ -716,9 +736,6 @@ def _validate_finetune(f, c) -> None:
         bad = [t for t in f.lora.targets if t not in LORA_TARGETS]
         if bad or not f.lora.targets:
             raise ConfigError(f"finetune.lora.targets={list(f.lora.targets)}: choose one or more of {list(LORA_TARGETS)}")
-        if f.frozen:
-            raise ConfigError("finetune.frozen does not apply to finetune.method=lora (everything but the adapters is "
-                              "frozen); use finetune.trainable=[regex] to train more parameters beside them")
     elif bool(f.trainable) == bool(f.frozen):
         raise ConfigError(f"finetune.method={f.method} needs exactly one of finetune.trainable=[regex, ...] (what "
                           "trains) or finetune.frozen=[regex, ...] (what does not)")

@@ -35,16 +35,17 @@ class Decoder:
         from gorilla_dist.parallel import tp_all_gather
 
         t, device = ids.shape[1], ids.device
+        virtual = getattr(self.model, "virtual_tokens", 0)  # prompt tuning: the cache holds them too
         if self.cache and t <= self.seq:
             from megatron.core.inference.contexts import StaticInferenceContext
 
             if self.context is None:
-                self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=self.seq)
-            start = self.context.sequence_len_offset
+                self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=self.seq + virtual)
+            start = max(self.context.sequence_len_offset - virtual, 0)
             pos = torch.arange(start, t, device=device).unsqueeze(0)
             out = self.model(ids[:, start:], pos, None, inference_context=self.context,
                              runtime_gather_output=True)[:, -1, :]  # (megatron gathers the vocabulary)
-            self.context.sequence_len_offset = t
+            self.context.sequence_len_offset = t + virtual
             return out
         window = ids[:, -self.seq:]
         pos = torch.arange(window.shape[1], device=device).unsqueeze(0)

@@ -8,8 +8,8 @@ from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
-from gorilla_dist.errors import UserError
-from gorilla_dist.finetune import adapter_checkpoints, apply_finetune
+from gorilla_dist.errors import ConfigError, UserError
+from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, prompt_init
 from gorilla_dist.inference import caches, sample
 from gorilla_dist.loss import lm_loss, lm_loss_sum
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
@@ -90,6 +90,10 @@ def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
+    if cfg.finetune.method == "prompt" and cfg.data.pack and any(d.examples for d in data.datasets):
+        raise ConfigError("finetune.method=prompt with packed instruction examples: the examples after the first of "
+                          "a sample would see the virtual tokens from further away than the first (rotary / ALiBi "
+                          "distances), unlike at inference; set data.pack=false (one example per sample)")
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
@@ -112,7 +116,8 @@ def train(cfg, layout) -> bool:
         if layout.is_main:
             print(f"[train] resumed from {resume_from} at step {step}", flush=True)
     elif cfg.checkpoint.init_from:
-        source = ckpt.init_weights(cfg.checkpoint.init_from, engine)
+        source = ckpt.init_weights(cfg.checkpoint.init_from, engine,
+                                   extra=prompt_init(cfg.finetune, data.tokenizer, cfg.run.seed))
         if layout.is_main:
             print(f"[train] weights from {source}; optimizer, LR schedule and data order start fresh", flush=True)
 

@@ -56,15 +56,16 @@ def sdpa_keep_mask(attention_mask: torch.Tensor | None, s: int) -> torch.Tensor 
     """The boolean mask SDPA takes (True = may attend), (b, 1, s, s), from what the model was given:
     None (plain causal: SDPA's is_causal does it), a megatron mask (b, 1, s, s) True where attention is
     NOT allowed, or segment ids (b, s) integer, the document of each token (data.loader.Batch.segments):
-    causal and inside the query's document. Built here on the tensors' device, once per layer call; the
-    data loader never builds s x s masks."""
+    causal and inside the query's document; a negative id marks a shared prefix every document sees
+    (prompt tuning's virtual tokens). Built here on the tensors' device, once per layer call; the data
+    loader never builds s x s masks."""
     if attention_mask is None:
         return None
     if attention_mask.dtype == torch.bool:
         return ~attention_mask
     seg = attention_mask  # (b, s)
     causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    return (((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] < 0)) & causal)[:, None]
 
 
 class DenseAttention(MegatronModule):

@@ -46,8 +46,7 @@ from gorilla_dist.engine import check_fits, load_trained_buffers
 from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
-from gorilla_dist.finetune import LORA
-from gorilla_dist.model.deltas import is_delta
+from gorilla_dist.finetune import is_adapter
 from gorilla_dist.parallel import on_main
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -311,7 +310,7 @@ class Checkpointer:
             set_rng_state(load_file(str(rng)))
         return trainer
 
-    def init_weights(self, source: str, engine) -> Path:
+    def init_weights(self, source: str, engine, extra=None) -> Path:
         """Fine-tuning start: the model weights of `source` (a checkpoint directory, or a run directory's
         newest complete checkpoint) in this run's layout, with fresh optimizer moments and schedule.
         Refuses a source trained with another tokenizer. Collective; returns the checkpoint used."""
@@ -330,9 +329,11 @@ class Checkpointer:
         ckpt = on_main(find, self.layout)
         _check_same_sharing(ckpt, self.cfg.model)
         with open_weights(ckpt) as w:
-            # the adapters this run adds (finetune.method=lora) start as built: B = 0, the base model exactly
+            if extra is not None:  # values computed from the base's weights (prompt tuning's first prompt)
+                w = _Overlay([_Tensors(extra(w)), w])
+            # the other adapters this run adds start as built (LoRA's B = 0: the base model exactly)
             fresh = frozenset(n for n, _ in engine.module.named_parameters()
-                              if is_delta(n, LORA) and n not in set(w.keys()))
+                              if is_adapter(n) and n not in set(w.keys()))
             _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}", fresh=fresh)
             engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state(), fresh=fresh)
         self.base = base_identity(ckpt)
@@ -362,6 +363,30 @@ def _check_same_sharing(ckpt: Path, model) -> None:
 def _check_fits(engine, weights, where: str, *, fresh=frozenset()) -> None:
     """The weights file (a safetensors handle) has this model's names and full shapes (but `fresh`)."""
     engine.check_fits({k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}, where, fresh=fresh)
+
+
+class _Tensors:
+    """A dict of tensors with the safetensors-handle interface."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def get_slice(self, key: str):
+        return _Shape(self.tensors[key].shape)
+
+
+class _Shape:
+    def __init__(self, shape):
+        self.shape = list(shape)
+
+    def get_shape(self):
+        return self.shape
 
 
 class _ZeroMoments:

@@ -5,6 +5,8 @@ no fp32 master and no optimizer state at any ZeRO stage (ZeRO-3 still partitions
     full    every parameter trains (the default; checkpoints hold the whole model)
     freeze  finetune.trainable / finetune.frozen select parameters by regular expressions searched in
             their single-process names; checkpoints hold the trainable ones only (checkpoint/)
+    prompt  N virtual tokens (model/prompts.py) before every sample; they train, the rest is frozen;
+            initialised from base embedding rows (random tokens, or finetune.init_text's)
     lora    low-rank adapters `<linear>.lora_A` / `.lora_B` on the targeted linears of every layer
             (model/deltas.py: tensor- and sequence-parallel like the linear); they train, the rest is frozen
             (but what finetune.trainable names); checkpoints hold them; export merges W + alpha/r B A
@@ -31,6 +33,33 @@ def adapter_checkpoints(f: FinetuneConfig) -> bool:
 
 
 LORA = "lora"
+PROMPT = "soft_prompt"
+
+
+def is_adapter(name: str) -> bool:
+    """A parameter that fine-tuning adds to the base model (absent from the base checkpoint)."""
+    return name.endswith((f".{LORA}_A", f".{LORA}_B")) or name.startswith(f"{PROMPT}.")
+
+
+def prompt_init(f: FinetuneConfig, tokenizer, seed: int):
+    """method=prompt: a function of the base weights (a safetensors handle) giving the virtual tokens'
+    first values, the base's embedding rows of N token ids: finetune.init_text's tokens repeated to N,
+    or N random ids of the vocabulary (seeded). None for the other methods."""
+    if f.method != "prompt":
+        return None
+    n = f.virtual_tokens
+    if f.init_text:
+        ids = torch.as_tensor(tokenizer.encode(f.init_text), dtype=torch.long)
+        if not len(ids):
+            raise ConfigError(f"finetune.init_text={f.init_text!r} has no tokens")
+        ids = ids.repeat(-(-n // len(ids)))[:n]
+    else:
+        ids = torch.randint(0, tokenizer.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def values(weights) -> dict[str, torch.Tensor]:
+        return {f"{PROMPT}.weight": weights.get_tensor("embedding.word_embeddings.weight")[ids].clone()}
+
+    return values
 
 
 def lora_scale(f: FinetuneConfig) -> float:
@@ -43,13 +72,12 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
     if f.method == "full":
         return None
     adapters = f"{f.method}: "
-    if f.method == "lora":
-        from gorilla_dist.model.deltas import is_delta
-
+    if f.method in ("lora", "prompt"):
         done = sum(name.endswith(f".{LORA}_A") for name, _ in model.named_parameters())
-        adapters += f"rank {f.lora.rank} adapters on {done} linears; "
+        adapters += (f"rank {f.lora.rank} adapters on {done} linears; " if f.method == "lora" else
+                     f"{f.virtual_tokens} virtual tokens; ")
         for name, p in model.named_parameters():
-            p.requires_grad_(is_delta(name, LORA))
+            p.requires_grad_(is_adapter(name))
         if not f.trainable:  # (else also what finetune.trainable names, below)
             return adapters + _summary(model)
     key, patterns = ("trainable", f.trainable) if f.trainable else ("frozen", f.frozen)
@@ -68,7 +96,7 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
                               "expert-parallel ranks but not others; select all experts of a layer or none, or use "
                               "parallel.ep=1")
         hit = hits.pop()
-        if f.method == "lora":
+        if f.method in ("lora", "prompt"):
             p.requires_grad_(p.requires_grad or hit)
         else:
             p.requires_grad_(hit if key == "trainable" else not hit)

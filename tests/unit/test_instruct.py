@@ -281,3 +281,67 @@ def test_lora_starts_as_the_base_and_merges_into_the_same_outputs(world1):
         for n, p in base.named_parameters():
             p.copy_(weights[n])
         torch.testing.assert_close(base(ids, pos, None), lora_logits, rtol=1e-5, atol=1e-5)
+
+
+# -- prompt tuning ------------------------------------------------------------------------------------
+
+def prompt_model(world1, n=5, **model):
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import FinetuneConfig, ModelConfig
+    from gorilla_dist.finetune import apply_finetune
+    from gorilla_dist.model import build_model
+
+    m = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(name="t", num_layers=2, hidden_size=64, num_heads=4,
+                        seq_length=128, **model))
+    f = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), dict(method="prompt", virtual_tokens=n))
+    net = build_model(m, vocab_size=257, dtype="fp32", device=world1.device, seed=3, finetune=f).eval()
+    assert "5 virtual tokens; 1 of" in apply_finetune(net, f)
+    with torch.no_grad():
+        net.soft_prompt.weight.normal_()
+    return net
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_prompt_tuning_computes_the_model_on_the_prompt_and_the_tokens(world1, tmp_path, position):
+    """The hooks compute megatron's model on [prompt; token embeddings] (the reference, built by hand
+    here), one output per token; an example's segment ids let it see the prompt (segment -1)."""
+    from gorilla_dist.loss import per_token_loss
+
+    model = prompt_model(world1, position_embedding=position)
+    d = prepare_rows(tmp_path, qa_rows(30))
+    alone = loader([d], seq=128, pack=False)
+    single = alone.samples(alone.train, np.array([0]), np.array([0]), shuffle=False)
+    with torch.no_grad():
+        emb = model.embedding(input_ids=single.tokens, position_ids=single.position_ids)
+        full = torch.cat([model.soft_prompt.weight[:, None], emb])
+        pre, post = model._forward_pre_hooks.copy(), model._forward_hooks.copy()
+        model._forward_pre_hooks.clear()
+        model._forward_hooks.clear()
+        ref = model(None, None, None, decoder_input=full)[0, 5:]  # (s, vocab) without the hooks
+        model._forward_pre_hooks.update(pre)
+        model._forward_hooks.update(post)
+        torch.testing.assert_close(model(single.tokens, single.position_ids, None)[0], ref, rtol=1e-5, atol=1e-5)
+        labels = single.labels[0]
+        ref_loss = torch.nn.functional.cross_entropy(ref[:, :257], labels, reduction="none")
+        # segments (the padding after the example is its own segment) change nothing before the padding
+        at = np.flatnonzero(single.segments[0].numpy() == 0)
+        torch.testing.assert_close(per_token_loss(model, single)[0][at], ref_loss[at], rtol=1e-5, atol=1e-5)
+        model.soft_prompt.weight.zero_()
+        other = model(single.tokens, single.position_ids, None)[0, :, :257]
+        assert (other - ref[:, :257]).abs().max() > 1e-3  # the prompt matters
+
+
+def test_prompt_tuning_generates_the_same_tokens_with_a_kv_cache(world1):
+    from gorilla_dist.inference import Decoder, sample_ids
+
+    model = prompt_model(world1)
+    prompt = torch.randint(0, 257, (1, 6), generator=torch.Generator().manual_seed(1))
+    a = sample_ids(model, prompt, vocab_size=257, max_new_tokens=20, seq_length=128, temperature=0, cache=True)
+    b = sample_ids(model, prompt, vocab_size=257, max_new_tokens=20, seq_length=128, temperature=0, cache=False)
+    assert torch.equal(a, b)
+    ids = torch.randint(0, 257, (1, 20), generator=torch.Generator().manual_seed(2))
+    cached, plain = Decoder(model, 128, cache=True), Decoder(model, 128, cache=False)
+    with torch.no_grad():
+        for t in range(6, 21):  # the prompt is in the cache: each step's logits are the uncached model's
+            torch.testing.assert_close(cached.logits(ids[:, :t]), plain.logits(ids[:, :t]), rtol=1e-5, atol=1e-5)

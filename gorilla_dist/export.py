@@ -24,7 +24,8 @@ Fine-tuned runs: `format=merged` (the default) writes the plain model, LoRA adap
 weights (W + alpha/r B A) and frozen parameters taken from the base checkpoint. `format=peft` writes a
 LoRA run's adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for
 `PeftModel.from_pretrained(<the base run exported>, out)`: megatron's fused linears become transformers'
-modules by splitting B's rows as the weight's (Llama's q/k/v and gate/up), A being shared.
+modules by splitting B's rows as the weight's (Llama's q/k/v and gate/up), A being shared. A prompt-tuning
+run's virtual tokens export the same way, as PEFT's PROMPT_TUNING `prompt_embeddings`.
 """
 
 from __future__ import annotations
@@ -354,21 +355,31 @@ def export_peft(args) -> tuple[str, Path, str, int]:
     from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
     from gorilla_dist.config import load_run_config
     from gorilla_dist.files import write_text_atomic
-    from gorilla_dist.model.deltas import is_delta
+    from gorilla_dist.finetune import is_adapter
 
     if not args.run_dir:
         raise ExportError("format=peft exports a LoRA run's adapters: give run.dir=<the fine-tuning run>")
     ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
     cfg = load_run_config(ckpt)
-    if cfg.finetune.method != "lora":
-        raise ExportError(f"format=peft writes LoRA adapters; {args.run_dir} was trained with finetune.method="
-                          f"{cfg.finetune.method}; use format=merged")
+    method = cfg.finetune.method
+    if method not in ("lora", "prompt"):
+        raise ExportError(f"format=peft writes LoRA and prompt-tuning adapters; {args.run_dir} was trained with "
+                          f"finetune.method={method}; use format=merged")
     weights = load_file(str(ckpt / WEIGHTS))  # the adapter checkpoint: its trainable parameters only
-    other = sorted(k for k in weights if not is_delta(k, "lora"))
+    other = sorted(k for k in weights if not is_adapter(k))
     if other:
-        raise ExportError(f"format=peft: the run also trained {other[:3]} (finetune.trainable), which a LoRA adapter "
+        raise ExportError(f"format=peft: the run also trained {other[:3]} (finetune.trainable), which a PEFT adapter "
                           "does not hold; use format=merged")
-    tensors, config = peft_adapter(cfg.model, architecture(cfg.model), weights, cfg.finetune.lora)
+    arch = architecture(cfg.model)
+    if method == "lora":
+        tensors, config = peft_adapter(cfg.model, arch, weights, cfg.finetune.lora)
+    else:
+        m = cfg.model
+        tensors = {"prompt_embeddings": weights["soft_prompt.weight"].clone()}
+        config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                  "num_virtual_tokens": cfg.finetune.virtual_tokens, "token_dim": m.hidden_size,
+                  "num_transformer_submodules": 1, "num_attention_heads": m.num_heads, "num_layers": m.num_layers,
+                  "prompt_tuning_init": "RANDOM", "inference_mode": True}
     config["base_model_name_or_path"] = json.loads((ckpt / "base.json").read_text())["path"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -379,8 +390,8 @@ def export_peft(args) -> tuple[str, Path, str, int]:
               metadata={"format": "pt"})
     write_text_atomic(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out)
-    return str(ckpt), out, f"PEFT LoRA adapter ({', '.join(config['target_modules'])})", \
-        sum(v.numel() for v in tensors.values())
+    what = f"LoRA adapter ({', '.join(config['target_modules'])})" if method == "lora" else "prompt-tuning adapter"
+    return str(ckpt), out, f"PEFT {what}", sum(v.numel() for v in tensors.values())
 
 
 def load_source(args):

@@ -252,3 +252,35 @@ def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["split"] == "validation" and result["exact_match"] == 1.0 and result["loss"] < 0.2
+
+
+def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(world1, base, tmp_path):
+    """A prompt-tuning run (one example per sample) holds the virtual tokens only, resumes bitwise, and
+    PEFT's prompt tuning on the exported base computes our logits (1e-4)."""
+    import peft
+    import torch
+    import transformers
+
+    from helpers import trained_model
+
+    method = ["finetune.method=prompt", "finetune.virtual_tokens=6", "finetune.init_text=Who speaks", "data.pack=false",
+              "optim.lr=3e-2"]
+    packed = tune(base, tmp_path / "packed", "train.max_steps=1", method=method[:-2])
+    assert packed.returncode == 2 and "set data.pack=false" in packed.stdout
+    run, split = tmp_path / "prompt", tmp_path / "split"
+    check(tune(base, run, "train.max_steps=6", "checkpoint.interval=0", method=method))
+    check(tune(base, split, "train.max_steps=3", "checkpoint.interval=0", method=method))
+    check(tune(base, split, "train.max_steps=6", "checkpoint.interval=0", method=method))
+    assert losses(split) == losses(run)
+    saved = load_file(str(run / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert list(saved) == ["soft_prompt.weight"] and saved["soft_prompt.weight"].shape == (6, 64)
+    export(base / "base", tmp_path / "base_hf")
+    export(run, tmp_path / "adapter", "format=peft")
+    model, tok, _ = trained_model(world1, run)
+    ids = torch.as_tensor(tok.encode("Instruction:\nWho speaks?\n\nResponse:\n"))[None]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    with_prompt = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours = model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size]
+        theirs = with_prompt(input_ids=ids).logits[:, 6:]  # (PEFT returns the virtual tokens' outputs too)
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

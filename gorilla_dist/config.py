@@ -315,7 +315,7 @@ class CheckpointConfig:
     start fresh. Only used when run.dir has no checkpoint to resume (a preempted fine-tune resumes itself)."""
 
 
-FINETUNE_METHODS = ("full", "freeze", "lora", "prompt")
+FINETUNE_METHODS = ("full", "freeze", "lora", "prompt", "prefix")
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -334,10 +334,11 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    """How a run adapts the model it starts from (checkpoint.init_from). Prefix tuning is not built yet."""
+    """How a run adapts the model it starts from (checkpoint.init_from)."""
 
     method: str = "full"
-    """full (every weight trains) | lora (see `lora`) | prompt (see `virtual_tokens`) | freeze (only the parameters `trainable` selects train; the others
+    """full (every weight trains) | lora (see `lora`) | prompt (see `virtual_tokens`) | prefix (see
+    `prefix_projection`) | freeze (only the parameters `trainable` selects train; the others
     keep checkpoint.init_from's values, get no gradient and no optimizer state, and checkpoints hold the
     trainable ones only, beside the base checkpoint's path and sha256)."""
     trainable: list[str] = field(default_factory=list)
@@ -348,6 +349,9 @@ class FinetuneConfig:
     virtual_tokens: int = 20
     """method=prompt (Lester et al. 2021): N learned input embeddings before every sample; only they
     train (and what `trainable` names). Needs rope or ALiBi positions (the inputs grow by N)."""
+    prefix_projection: int = 0
+    """method=prefix (Li & Liang 2021; `virtual_tokens` keys and values per layer): 0 learns them directly;
+    P > 0 computes them from N embeddings through an MLP of width P (their reparametrisation)."""
     init_text: str | None = None
     """method=prompt: initialise the virtual tokens from this text's token embeddings (repeated to N);
     default: embeddings of N random tokens of the vocabulary (seeded by run.seed)."""
@@ -519,16 +523,8 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
-    if cfg.finetune.method == "prompt":
-        why = ("model.position_embedding=learned_absolute has no positions for the virtual tokens (the inputs grow by "
-               "finetune.virtual_tokens); use rope or alibi" if m.position_embedding == "learned_absolute" else
-               "parallel.sequence_parallel=true splits the sequence the virtual tokens are put in front of"
-               if p.sequence_parallel else "data.reset_at_eod=true: the documents after the first of a sample would "
-               "see the virtual tokens from further away than the first does (rotary / ALiBi distances)"
-               if cfg.data.reset_at_eod else f"model.attention={m.attention}: the virtual tokens shift the sequence off "
-               "its block layout; use model.attention=dense" if m.attention != "dense" else None)
-        if why:
-            raise ConfigError(f"finetune.method=prompt: {why}")
+    if cfg.finetune.method in ("prompt", "prefix"):
+        _validate_virtual_tokens(cfg.finetune.method, m, p, cfg.data)
     if cfg.finetune.method == "lora" and m.sharing.unique_layers not in (None, m.num_layers):
         raise ConfigError(f"finetune.method=lora with model.sharing.unique_layers={m.sharing.unique_layers}: adapters on "
                           "shared layers are not built (export would have to unroll the layers first); use "
@@ -716,6 +712,24 @@ def _validate_sparse(m, d) -> None:
                           f"{m.attention} does not support; use model.attention=dense")
 
 
+def _validate_virtual_tokens(method: str, m, p, d) -> None:
+    """Prompt and prefix tuning put N positions before the tokens (what they cannot be combined with)."""
+    why = None
+    if m.position_embedding == "learned_absolute":
+        why = ("model.position_embedding=learned_absolute has no positions for the virtual tokens (the positions grow "
+               "by finetune.virtual_tokens); use rope or alibi")
+    elif method == "prompt" and p.sequence_parallel:
+        why = "parallel.sequence_parallel=true splits the sequence the virtual tokens are put in front of"
+    elif d.reset_at_eod:
+        why = ("data.reset_at_eod=true: the documents after the first of a sample would see the virtual tokens from "
+               "further away than the first does (rotary / ALiBi positions)")
+    elif m.attention not in (("dense", "flash") if method == "prefix" else ("dense",)):
+        why = (f"model.attention={m.attention}: the block-sparse layouts have no place for the virtual tokens; use "
+               "model.attention=dense")
+    if why:
+        raise ConfigError(f"finetune.method={method}: {why}")
+
+
 def _validate_finetune(f, c) -> None:
     _choice(f.method, FINETUNE_METHODS, "finetune.method")
     if f.method == "full":
@@ -723,11 +737,12 @@ def _validate_finetune(f, c) -> None:
             raise ConfigError(f"finetune.trainable / finetune.frozen select parameters for finetune.method=freeze; "
                               f"finetune.method={f.method} trains every parameter")
         return
-    if f.method in ("lora", "prompt") and f.frozen:
+    if f.method in ("lora", "prompt", "prefix") and f.frozen:
         raise ConfigError(f"finetune.frozen does not apply to finetune.method={f.method} (everything but the adapters "
                           "is frozen); use finetune.trainable=[regex] to train more parameters beside them")
-    if f.method == "prompt":
+    if f.method in ("prompt", "prefix"):
         _positive(f.virtual_tokens, "finetune.virtual_tokens")
+        _positive(f.prefix_projection, "finetune.prefix_projection", allow_zero=True)
     elif f.method == "lora":
         _positive(f.lora.rank, "finetune.lora.rank")
         _positive(f.lora.alpha, "finetune.lora.alpha")

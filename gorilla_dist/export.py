@@ -25,7 +25,8 @@ weights (W + alpha/r B A) and frozen parameters taken from the base checkpoint. 
 LoRA run's adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for
 `PeftModel.from_pretrained(<the base run exported>, out)`: megatron's fused linears become transformers'
 modules by splitting B's rows as the weight's (Llama's q/k/v and gate/up), A being shared. A prompt-tuning
-run's virtual tokens export the same way, as PEFT's PROMPT_TUNING `prompt_embeddings`.
+run's virtual tokens export the same way, as PEFT's PROMPT_TUNING `prompt_embeddings`, and a prefix-tuning
+run's keys and values (computed through its MLP, if any) as PREFIX_TUNING's.
 """
 
 from __future__ import annotations
@@ -362,19 +363,31 @@ def export_peft(args) -> tuple[str, Path, str, int]:
     ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
     cfg = load_run_config(ckpt)
     method = cfg.finetune.method
-    if method not in ("lora", "prompt"):
-        raise ExportError(f"format=peft writes LoRA and prompt-tuning adapters; {args.run_dir} was trained with "
-                          f"finetune.method={method}; use format=merged")
+    if method not in ("lora", "prompt", "prefix"):
+        raise ExportError(f"format=peft writes LoRA, prompt- and prefix-tuning adapters; {args.run_dir} was trained "
+                          f"with finetune.method={method}; use format=merged")
     weights = load_file(str(ckpt / WEIGHTS))  # the adapter checkpoint: its trainable parameters only
     other = sorted(k for k in weights if not is_adapter(k))
     if other:
         raise ExportError(f"format=peft: the run also trained {other[:3]} (finetune.trainable), which a PEFT adapter "
                           "does not hold; use format=merged")
     arch = architecture(cfg.model)
+    m = cfg.model
     if method == "lora":
-        tensors, config = peft_adapter(cfg.model, arch, weights, cfg.finetune.lora)
+        tensors, config = peft_adapter(m, arch, weights, cfg.finetune.lora)
+    elif method == "prefix":
+        from gorilla_dist.model.prefix import full_prefix
+
+        groups, head_dim = m.num_query_groups or m.num_heads, m.hidden_size // m.num_heads
+        n = cfg.finetune.virtual_tokens
+        kv = full_prefix(weights, (n, m.num_layers, 2, groups, head_dim))
+        # PEFT's layout: per virtual token, (layers * 2, key/value heads, head_dim), key before value
+        tensors = {"prompt_embeddings": kv.reshape(n, -1).contiguous()}
+        config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": n,
+                  "token_dim": groups * head_dim, "num_attention_heads": groups, "num_layers": m.num_layers,
+                  "num_transformer_submodules": 1, "encoder_hidden_size": groups * head_dim, "prefix_projection": False,
+                  "inference_mode": True}
     else:
-        m = cfg.model
         tensors = {"prompt_embeddings": weights["soft_prompt.weight"].clone()}
         config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                   "num_virtual_tokens": cfg.finetune.virtual_tokens, "token_dim": m.hidden_size,
@@ -390,7 +403,7 @@ def export_peft(args) -> tuple[str, Path, str, int]:
               metadata={"format": "pt"})
     write_text_atomic(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out)
-    what = f"LoRA adapter ({', '.join(config['target_modules'])})" if method == "lora" else "prompt-tuning adapter"
+    what = f"LoRA adapter ({', '.join(config['target_modules'])})" if method == "lora" else f"{method}-tuning adapter"
     return str(ckpt), out, f"PEFT {what}", sum(v.numel() for v in tensors.values())
 
 

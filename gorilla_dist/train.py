@@ -90,10 +90,10 @@ def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
-    if cfg.finetune.method == "prompt" and cfg.data.pack and any(d.examples for d in data.datasets):
-        raise ConfigError("finetune.method=prompt with packed instruction examples: the examples after the first of "
-                          "a sample would see the virtual tokens from further away than the first (rotary / ALiBi "
-                          "distances), unlike at inference; set data.pack=false (one example per sample)")
+    if cfg.finetune.method in ("prompt", "prefix") and cfg.data.pack and any(d.examples for d in data.datasets):
+        raise ConfigError(f"finetune.method={cfg.finetune.method} with packed instruction examples: the examples after "
+                          "the first of a sample would see the virtual tokens from further away than the first "
+                          "(rotary / ALiBi positions), unlike at inference; set data.pack=false (one example per sample)")
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,

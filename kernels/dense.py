@@ -85,6 +85,7 @@ class DenseAttention(MegatronModule):
             raise UnsupportedAttention(flash_unusable(torch.device("cuda"), torch.bfloat16))
         slopes = local_alibi_slopes(config.num_attention_heads, pg_collection) if alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.prefix_kv = None  # prefix tuning: () -> (keys, values), each (N, groups / tp, head_dim)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -94,7 +95,13 @@ class DenseAttention(MegatronModule):
         mask_type = attn_mask_type or self.attn_mask_type
         s, b, np_, hn = query.shape
         dropout = self.dropout_p if self.training else 0.0
-        if _use_flash(query) and attention_mask is None:
+        n_prefix = 0
+        if self.prefix_kv is not None:  # learned keys / values in front, seen by every query (model/prefix.py)
+            pk, pv = self.prefix_kv()
+            n_prefix = pk.shape[0]
+            key = torch.cat([pk.to(key.dtype)[:, None].expand(-1, b, -1, -1), key])
+            value = torch.cat([pv.to(value.dtype)[:, None].expand(-1, b, -1, -1), value])
+        if _use_flash(query) and attention_mask is None:  # (causal aligns to the end: the prefix is visible)
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
             slopes = None if self.alibi_slopes is None else self.alibi_slopes.float()  # flash-attn wants fp32
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale,
@@ -109,6 +116,10 @@ class DenseAttention(MegatronModule):
             rep = np_ // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         sdpa_mask = sdpa_keep_mask(attention_mask, s)
+        if n_prefix and (sdpa_mask is not None or mask_type == AttnMaskType.causal):
+            own = sdpa_mask if sdpa_mask is not None else torch.ones(s, k.shape[2] - n_prefix, dtype=torch.bool,
+                                                                      device=q.device).tril(k.shape[2] - n_prefix - s)
+            sdpa_mask = torch.cat([own.new_ones(*own.shape[:-1], n_prefix), own], dim=-1)
         if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty
             s_k = k.shape[2]  # more keys than queries when decoding with a KV cache: queries are the last ones
             dist = (torch.arange(s_k - s, s_k, device=q.device)[:, None]

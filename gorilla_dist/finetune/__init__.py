@@ -7,6 +7,7 @@ no fp32 master and no optimizer state at any ZeRO stage (ZeRO-3 still partitions
             their single-process names; checkpoints hold the trainable ones only (checkpoint/)
     prompt  N virtual tokens (model/prompts.py) before every sample; they train, the rest is frozen;
             initialised from base embedding rows (random tokens, or finetune.init_text's)
+    prefix  N learned keys and values per layer (model/prefix.py), directly or through an MLP
     lora    low-rank adapters `<linear>.lora_A` / `.lora_B` on the targeted linears of every layer
             (model/deltas.py: tensor- and sequence-parallel like the linear); they train, the rest is frozen
             (but what finetune.trainable names); checkpoints hold them; export merges W + alpha/r B A
@@ -34,11 +35,12 @@ def adapter_checkpoints(f: FinetuneConfig) -> bool:
 
 LORA = "lora"
 PROMPT = "soft_prompt"
+PREFIX = "prefix"
 
 
 def is_adapter(name: str) -> bool:
     """A parameter that fine-tuning adds to the base model (absent from the base checkpoint)."""
-    return name.endswith((f".{LORA}_A", f".{LORA}_B")) or name.startswith(f"{PROMPT}.")
+    return name.endswith((f".{LORA}_A", f".{LORA}_B")) or name.startswith((f"{PROMPT}.", f"{PREFIX}."))
 
 
 def prompt_init(f: FinetuneConfig, tokenizer, seed: int):
@@ -72,10 +74,12 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
     if f.method == "full":
         return None
     adapters = f"{f.method}: "
-    if f.method in ("lora", "prompt"):
+    if f.method in ("lora", "prompt", "prefix"):
         done = sum(name.endswith(f".{LORA}_A") for name, _ in model.named_parameters())
         adapters += (f"rank {f.lora.rank} adapters on {done} linears; " if f.method == "lora" else
-                     f"{f.virtual_tokens} virtual tokens; ")
+                     f"{f.virtual_tokens} virtual tokens; " if f.method == "prompt" else
+                     f"{f.virtual_tokens} keys and values per layer"
+                     f"{f' through an MLP of width {f.prefix_projection}' if f.prefix_projection else ''}; ")
         for name, p in model.named_parameters():
             p.requires_grad_(is_adapter(name))
         if not f.trainable:  # (else also what finetune.trainable names, below)
@@ -96,7 +100,7 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
                               "expert-parallel ranks but not others; select all experts of a layer or none, or use "
                               "parallel.ep=1")
         hit = hits.pop()
-        if f.method in ("lora", "prompt"):
+        if f.method in ("lora", "prompt", "prefix"):
             p.requires_grad_(p.requires_grad or hit)
         else:
             p.requires_grad_(hit if key == "trainable" else not hit)

@@ -28,6 +28,7 @@ from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
 from gorilla_dist.model.deltas import LINEARS, add_deltas, attach_low_rank
+from gorilla_dist.model.prefix import attach_prefix
 from gorilla_dist.model.prompts import attach_soft_prompt
 from gorilla_dist.kernels.limits import UnsupportedAttention
 
@@ -272,6 +273,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
             add_deltas(model, m.sharing.lora_rank, seed=seed, weight_decay=m.sharing.delta_weight_decay)
     if finetune is not None and finetune.method == "prompt":
         attach_soft_prompt(model, finetune.virtual_tokens)
+    if finetune is not None and finetune.method == "prefix":
+        attach_prefix(model, finetune.virtual_tokens, finetune.prefix_projection, seed=seed)
     if finetune is not None and finetune.method == "lora":
         lo = finetune.lora
         attach_low_rank(model, lo.rank, prefix="lora", linears=[p for p in LINEARS if p.rsplit(".", 1)[1] in lo.targets],

@@ -284,3 +284,54 @@ def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(
         ours = model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size]
         theirs = with_prompt(input_ids=ids).logits[:, 6:]  # (PEFT returns the virtual tokens' outputs too)
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+PREFIX = ["finetune.method=prefix", "finetune.virtual_tokens=4", "data.pack=false", "optim.lr=1e-2"]
+
+
+@pytest.mark.parametrize("projection", [0, 32])
+def test_prefix_tuning_on_tp2_equals_one_process(base, tmp_path, projection):
+    method = [*PREFIX, f"finetune.prefix_projection={projection}"]
+    one, two = tmp_path / "one", tmp_path / "tp2"
+    check(tune(base, one, "train.max_steps=6", "checkpoint.interval=0", method=method))
+    check(tune(base, two, "train.max_steps=6", "checkpoint.interval=0", "launch=torchrun", "launch.nproc_per_node=2",
+               "parallel.tp=2", "parallel.sequence_parallel=true", method=method))
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    assert a[6] != a[1]
+    wa = load_file(str(one / "checkpoints" / "step_00000006" / "model.safetensors"))
+    wb = load_file(str(two / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert sorted(wa) == sorted(wb) and all(k.startswith("prefix.") for k in wa)
+    assert all((wa[k] - wb[k]).abs().max() < 1e-5 for k in wa)
+
+
+@pytest.mark.parametrize("model", ["debug", "llama"])
+def test_prefix_tuning_exports_a_peft_prefix_with_the_same_logits(world1, base, tmp_path, model):
+    """PEFT's prefix tuning (a key/value cache of N positions) on the exported base computes our logits:
+    the tokens' rotary positions start at N, the prefix keys are used as learned (GPT-NeoX's debug model,
+    and Llama with grouped-query attention)."""
+    import peft
+    import torch
+    import transformers
+
+    from helpers import trained_model
+
+    method = [*PREFIX, "finetune.prefix_projection=16"]
+    src = base / "base"
+    if model == "llama":
+        arch = ["model.normalization=RMSNorm", "model.activation=swiglu", "model.num_query_groups=2"]
+        src = tmp_path / "base"
+        check(launch(src, *COMMON, *arch, "train.max_steps=2"))
+    else:
+        arch = []
+    run = tmp_path / "prefix"
+    check(tune(base, run, *arch, "train.max_steps=3", init_from=src, method=method))
+    export(src, tmp_path / "base_hf")
+    export(run, tmp_path / "adapter", "format=peft")
+    ours_model, tok, _ = trained_model(world1, run)
+    ids = torch.as_tensor(tok.encode("Instruction:\nWho speaks?\n\nResponse:\n"))[None]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    with_prefix = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours = ours_model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size]
+        torch.testing.assert_close(with_prefix(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)

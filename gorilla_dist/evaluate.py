@@ -15,6 +15,9 @@ Instruction data (prepared with format=instruction): one example per sample, the
 target run) is continued greedily with a KV cache until <eod>, and counts when the tokens equal the
 reference output and its <eod> exactly.
 
+`shots=k` evaluates k-shot prompting of any model, fine-tuned or not: k training examples before each
+prompt.
+
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the predicted tokens (an <eod>
 counts as one byte: the separator it stands for): unlike perplexity, it compares models with different
 tokenizers.
@@ -56,6 +59,11 @@ class EvaluateArgs:
     """data= raw files: text | instruction (rows of instruction/input/output or messages, as in prepare)."""
     exact_match: bool = True
     """Instruction data: also generate each example's output greedily and count exact matches."""
+    shots: int = 0
+    """Instruction data: k-shot prompting: k whole examples (prompt, output, <eod>) of the training split
+    (the dataset's other examples with split=all), drawn deterministically per example, go before each
+    evaluated example's prompt; only its own output is scored. Shots that do not fit model.seq_length
+    are left out (counted)."""
     out: str | None = None
     """Also write the results as JSON to this file."""
 
@@ -107,15 +115,29 @@ def summary(part: dict) -> dict:
            "bits_per_byte": part["loss_sum"] / math.log(2) / max(part["bytes"], 1)}
     if part.get("generated"):
         out.update(exact_match=part["exact"] / part["generated"], generated=part["generated"])
+    if part.get("shots"):
+        out.update(shots=part["shots"], shots_left_out=part["shots_left_out"])
     return out
 
 
 @torch.no_grad()
+def _shots(ds, example: int, k: int, pool: tuple[int, int], room: int) -> tuple[np.ndarray, int]:
+    """The tokens of k examples from the document range `pool` (not `example` itself), drawn by a
+    generator seeded with the example's index, fitting in `room` tokens; and how many were left out."""
+    a, b = pool
+    candidates = np.setdiff1d(np.arange(a, b), [example])
+    chosen = np.random.default_rng([0, example]).choice(candidates, size=min(k, len(candidates)), replace=False)
+    parts = [ds.read(int(ds.offsets[i]), int(ds.offsets[i + 1])) for i in chosen]
+    while parts and sum(len(x) for x in parts) > room:
+        parts.pop(0)
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)), len(chosen) - len(parts)
+
+
 def evaluate_examples(model, ds, start: int, stop: int, *, cfg, samples: int | None, bytes_of: np.ndarray,
-                      exact_match: bool, device) -> dict:
+                      exact_match: bool, device, shots: int = 0, pool: tuple[int, int] | None = None) -> dict:
     """Instruction examples of the token range [start, stop): the loss on their targets only (one example
     per sample, padded, as training scores them) and, with exact_match, greedy generation of each
-    example's last output from its prompt."""
+    example's last output from its prompt. shots=k: k examples of the document range `pool` first."""
     from gorilla_dist.data.dataset import ExampleSpan
     from gorilla_dist.data.loader import pack
     from gorilla_dist.inference import caches, sample_ids
@@ -125,10 +147,20 @@ def evaluate_examples(model, ds, start: int, stop: int, *, cfg, samples: int | N
     span = ExampleSpan(ds, start, stop, seq, pack=False, truncate=True)
     n = span.samples if samples is None else min(samples, span.samples)
     out = {"samples": n, "tokens": 0, "bytes": 0, "loss_sum": 0.0, "generated": 0, "exact": 0}
+    if shots:
+        out.update(shots=shots, shots_left_out=0)
     window, seg, tgt = (np.empty(seq + 1, dtype=np.int64), np.empty(seq + 1, dtype=np.int32),
                         np.empty(seq + 1, dtype=np.uint8))
     for j in range(n):
         valid = span.window(j, window, seg, tgt)
+        if shots:  # k whole examples before this one's prompt: context, not scored
+            context, left_out = _shots(ds, int(span.first[j]), shots, pool, seq + 1 - valid)
+            out["shots_left_out"] += left_out
+            c = len(context)
+            window[c:c + valid], tgt[c:c + valid] = window[:valid].copy(), tgt[:valid].copy()
+            window[:c], tgt[:c], seg[:] = context, 0, 0
+            valid += c
+            window[valid:], tgt[valid:], seg[valid:] = ds.eod, 0, 1
         b = pack(window[None], np.array([valid]), np.zeros(1, dtype=np.int64), eod=ds.eod, reset_at_eod=False,
                  segments=seg[None], targets=tgt[None]).to(device)
         loss_sum, count = lm_loss_sum(model, b)
@@ -200,9 +232,14 @@ def evaluate(args) -> dict:
         for name, ds in sets:
             a, b = ds.split(cfg.data.val_fraction)[1] if split == "validation" else (0, ds.tokens)
             if ds.examples:
+                docs = np.searchsorted(np.asarray(ds.offsets), ds.split(cfg.data.val_fraction)[0])
+                pool = (0, int(docs[1])) if split == "validation" else (0, ds.documents)
                 parts[name] = evaluate_examples(model, ds, a, b, cfg=cfg, samples=args.samples, bytes_of=bytes_of,
-                                                exact_match=args.exact_match, device=device)
+                                                exact_match=args.exact_match, device=device, shots=args.shots,
+                                                pool=pool)
                 continue
+            if args.shots:
+                raise UserError(f"shots={args.shots}: {name} is not instruction data (prepare it with format=instruction)")
             span = Span(ds, a, b, cfg.model.seq_length)
             if span.samples == 0:
                 raise DataError(f"{name}: its {split} split has {b - a} tokens, too few for one sample of "
@@ -211,7 +248,8 @@ def evaluate(args) -> dict:
                                         batch_size=args.batch_size, samples=args.samples, bytes_of=bytes_of,
                                         device=device)
         total = {k: sum(p.get(k, 0) for p in parts.values())
-                 for k in ("samples", "tokens", "bytes", "loss_sum", "generated", "exact")}
+                 for k in ("samples", "tokens", "bytes", "loss_sum", "generated", "exact", "shots_left_out")}
+        total["shots"] = args.shots
         step = json.loads((ckpt / "manifest.json").read_text())["step"]
     return {"checkpoint": str(ckpt), "step": step, "split": split, **summary(total),
             "sources": {name: summary(p) for name, p in parts.items()}}

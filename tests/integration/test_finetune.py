@@ -235,23 +235,32 @@ def test_evaluate_reports_output_only_loss_and_exact_match(world1, base, lora, t
     assert result["exact_match"] == exact / 8
 
 
+
 def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
     """The whole path with a task a tiny model can learn in 40 steps: every row's output is "Nobody.";
     greedy generation then reproduces it (and its <eod>) on held-out examples."""
     rows = tmp_path / "const.jsonl"
-    rows.write_text("".join(json.dumps({**r, "output": "Nobody."}) + "\n" for r in speaker_rows()))
+    rows.write_text("".join(json.dumps({**r, "input": r["input"][:16], "output": "Nobody."}) + "\n"
+                            for r in speaker_rows()))
     subprocess.run([sys.executable, "-m", "gorilla_dist.data.prepare", f"input={rows}", f"output={tmp_path / 'const'}",
                     "format=instruction", f"tokenizer={base / 'base' / 'tokenizer.json'}", "workers=1",
                     "progress=false"], cwd=REPO, check=True, capture_output=True)
     run = tmp_path / "run"
-    common = [o for o in COMMON if not o.startswith("optim.decay_steps")]
+    common = [o for o in COMMON if not o.startswith(("optim.decay_steps", "model.seq_length"))]
+    common.append("model.seq_length=256")  # (rotary positions: the base's weights fit any length)
     check(launch(run, *common, f"data.sources=[{{path: {tmp_path / 'const'}}}]", f"checkpoint.init_from={base / 'base'}",
                  "optim.lr=1e-2", "train.max_steps=40"))
-    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", "samples=10",
-                           f"out={tmp_path / 'eval.json'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "eval.json").read_text())
+    results = {}
+    for shots in (0, 2):  # k-shot: the same targets scored, after 2 training examples (context only)
+        proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", "samples=10",
+                               f"shots={shots}", f"out={tmp_path / f'eval{shots}.json'}"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results[shots] = json.loads((tmp_path / f"eval{shots}.json").read_text())
+    result, shot = results[0], results[2]
     assert result["split"] == "validation" and result["exact_match"] == 1.0 and result["loss"] < 0.2
+    assert shot["tokens"] == result["tokens"] and shot["shots"] == 2 and shot["shots_left_out"] == 0
+    assert shot["exact_match"] == 1.0 and abs(shot["loss"] - result["loss"]) > 1e-5
 
 
 def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(world1, base, tmp_path):

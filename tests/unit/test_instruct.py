@@ -345,3 +345,25 @@ def test_prompt_tuning_generates_the_same_tokens_with_a_kv_cache(world1):
     with torch.no_grad():
         for t in range(6, 21):  # the prompt is in the cache: each step's logits are the uncached model's
             torch.testing.assert_close(cached.logits(ids[:, :t]), plain.logits(ids[:, :t]), rtol=1e-5, atol=1e-5)
+
+
+def test_shots_are_other_training_examples_drawn_deterministically(tmp_path):
+    from gorilla_dist.evaluate import _shots
+
+    d = prepare_rows(tmp_path, qa_rows(30))
+    exs = examples(d)
+    def split(tokens) -> list[int]:  # back into whole examples of the pool
+        pieces, rest = [], tokens.tolist()
+        while rest:
+            i = next(i for i in range(25) if rest[:len(exs[i][0])] == exs[i][0])
+            pieces.append(i)
+            rest = rest[len(exs[i][0]):]
+        return pieces
+
+    tokens, left_out = _shots(d, 27, 3, (0, 25), room=10_000)
+    again, _ = _shots(d, 27, 3, (0, 25), room=10_000)
+    assert left_out == 0 and tokens.tolist() == again.tolist() and len(set(split(tokens))) == 3
+    everything, _ = _shots(d, 5, 30, (0, 25), room=10_000)
+    assert sorted(split(everything)) == [i for i in range(25) if i != 5]  # never the example itself
+    few, left_out = _shots(d, 5, 3, (0, 25), room=max(len(e[0]) for e in exs) + 1)
+    assert left_out == 2 and len(split(few)) == 1

@@ -19,6 +19,8 @@ from omegaconf import MISSING, OmegaConf
 from gorilla_dist.data.format import VERIFY
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.files import write_text_atomic
+from gorilla_dist.hf_import import PREFIX as HF_PREFIX
+from gorilla_dist.hf_import import hf_dir, max_positions, model_fields, read_config
 from gorilla_dist.kernels.limits import BLOCK_SIZES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -162,6 +164,8 @@ class ModelConfig:
     """RoPE base period."""
     normalization: str = "LayerNorm"
     """LayerNorm | RMSNorm."""
+    norm_eps: float = 1e-5
+    """The normalization's epsilon (Hugging Face models bring their own: checkpoint.init_from=hf:)."""
     activation: str = "gelu"
     """MLP activation: gelu | swiglu (gated)."""
     bias: bool = False
@@ -794,7 +798,17 @@ def resolve(cfg) -> None:
         cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
     if cfg.checkpoint.resume not in ("auto", "never"):
         cfg.checkpoint.resume = os.path.abspath(cfg.checkpoint.resume)
-    if cfg.checkpoint.init_from is not None:
+    hf = hf_dir(cfg.checkpoint.init_from)
+    if hf is not None:  # a transformers model: its architecture becomes ours (hf_import.py)
+        cfg.checkpoint.init_from = f"{HF_PREFIX}{os.path.abspath(hf)}"
+        hf_config = read_config(Path(os.path.abspath(hf)))
+        fields = model_fields(hf_config, str(hf))
+        limit = max_positions(hf_config)
+        if limit is not None and cfg.model.seq_length > limit:
+            raise ConfigError(f"model.seq_length={cfg.model.seq_length}: hf:{hf} has learned positions for {limit} "
+                              "tokens; set model.seq_length <= that")
+        cfg.model = OmegaConf.merge(cfg.model, {"name": f"hf:{Path(hf).name}", **fields})
+    elif cfg.checkpoint.init_from is not None:
         cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
     if cfg.run.name is None:
         cfg.run.name = os.path.basename(cfg.run.dir)

@@ -120,7 +120,7 @@ def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
                 "intermediate_size": ffn, "moe_intermediate_size": e.ffn_hidden_size or ffn,
                 "shared_expert_intermediate_size": e.shared_expert_size, "num_hidden_layers": m.num_layers,
                 "num_attention_heads": nh, "num_key_value_heads": m.num_query_groups or nh, "hidden_act": "silu",
-                "max_position_embeddings": m.seq_length, "rms_norm_eps": 1e-5, "rope_theta": float(m.rotary_base),
+                "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps, "rope_theta": float(m.rotary_base),
                 "use_sliding_window": False, "attention_dropout": 0.0, "qkv_bias": False,
                 "num_experts": e.num_experts, "num_experts_per_tok": e.topk, "norm_topk_prob": e.topk > 1,
                 "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(m.num_layers) if i not in moe_layers(m)],
@@ -129,7 +129,7 @@ def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": h,
                 "intermediate_size": m.moe.ffn_hidden_size or ffn, "num_hidden_layers": m.num_layers,
                 "num_attention_heads": nh, "num_key_value_heads": m.num_query_groups or nh, "head_dim": h // nh,
-                "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": 1e-5,
+                "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps,
                 "rope_theta": float(m.rotary_base), "sliding_window": None, "attention_dropout": 0.0,
                 "num_local_experts": m.moe.num_experts, "num_experts_per_tok": m.moe.topk,
                 "output_router_logits": False, "router_aux_loss_coef": m.moe.aux_loss_coeff,
@@ -138,7 +138,7 @@ def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
                 "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
                 "num_key_value_heads": m.num_query_groups or nh, "head_dim": h // nh, "hidden_act": "silu",
-                "max_position_embeddings": m.seq_length, "rms_norm_eps": 1e-5, "rope_theta": float(m.rotary_base),
+                "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps, "rope_theta": float(m.rotary_base),
                 "rope_scaling": None, "attention_bias": bool(m.bias), "mlp_bias": bool(m.bias),
                 "attention_dropout": 0.0, **common}
     if arch == "gpt_neox":
@@ -147,11 +147,11 @@ def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
                 "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
                 "hidden_act": "gelu", "rotary_pct": 1.0, "rotary_emb_base": m.rotary_base,
                 "rope_theta": float(m.rotary_base), "max_position_embeddings": m.seq_length,
-                "layer_norm_eps": 1e-5, "use_parallel_residual": False, "attention_bias": True,
+                "layer_norm_eps": m.norm_eps, "use_parallel_residual": False, "attention_bias": True,
                 "attention_dropout": 0.0, "hidden_dropout": 0.0, **common}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": h, "n_inner": ffn,
             "n_layer": m.num_layers, "n_head": nh, "n_positions": m.seq_length, "activation_function": "gelu",
-            "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "scale_attn_weights": True, **common}
 
 

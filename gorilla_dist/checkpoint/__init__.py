@@ -47,6 +47,9 @@ from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.finetune import is_adapter
+from gorilla_dist.hf_import import check_tokenizer, hf_dir
+from gorilla_dist.hf_import import converted as hf_converted
+from gorilla_dist.hf_import import identity as hf_identity
 from gorilla_dist.parallel import on_main
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -126,22 +129,28 @@ def base_identity(ckpt: Path) -> dict:
     return {"path": str(Path(ckpt).resolve()), "sha256": files[WEIGHTS]["sha256"]}
 
 
-def base_of(ckpt: Path) -> Path | None:
-    """The base checkpoint an adapter checkpoint was fine-tuned from (None for a whole-model checkpoint),
-    checked to be usable and to hold the very weights it was trained on."""
+def base_of(ckpt: Path) -> Path | str | None:
+    """The base an adapter checkpoint was fine-tuned from (None for a whole-model checkpoint): a checkpoint
+    directory, or "hf:<dir>" (a transformers model), checked to be usable and to hold the very weights it
+    was trained on."""
     if not (ckpt / BASE).is_file():
         return None
     want = json.loads((ckpt / BASE).read_text())
-    base = Path(want["path"])
-    problem = verify(base, checksums=True) if base.is_dir() else "the directory is gone"
+    hf = hf_dir(want["path"])
+    base = hf if hf is not None else Path(want["path"])
+    if hf is not None:
+        problem = None if (hf / "config.json").is_file() else "the directory is gone"
+    else:
+        problem = verify(base, checksums=True) if base.is_dir() else "the directory is gone"
     if problem:
-        raise CheckpointError(f"{ckpt} holds the fine-tuned parameters only; the rest come from its base checkpoint "
-                              f"{base}, which is not usable ({problem}); restore it there")
-    if base_identity(base)["sha256"] != want["sha256"]:
-        raise CheckpointError(f"{ckpt} was fine-tuned from weights with sha256 {want['sha256'][:16]}..., but {base} "
-                              f"now holds other weights ({base_identity(base)['sha256'][:16]}...): a different base; "
-                              "restore the original base checkpoint there")
-    return base
+        raise CheckpointError(f"{ckpt} holds the fine-tuned parameters only; the rest come from its base "
+                              f"{want['path']}, which is not usable ({problem}); restore it there")
+    have = hf_identity(hf)["sha256"] if hf is not None else base_identity(base)["sha256"]
+    if have != want["sha256"]:
+        raise CheckpointError(f"{ckpt} was fine-tuned from weights with sha256 {want['sha256'][:16]}..., but "
+                              f"{want['path']} now holds other weights ({have[:16]}...): a different base; restore the "
+                              "original base there")
+    return want["path"] if hf is not None else base
 
 
 class _Overlay:
@@ -164,12 +173,24 @@ class _Overlay:
 
 
 @contextmanager
-def open_weights(ckpt: Path):
+def open_weights(ckpt: Path | str, *, model=None, vocab_size: int | None = None):
     """A checkpoint's model weights as a safetensors handle (read one tensor at a time); an adapter
-    checkpoint's tensors overlaid on its base's (and the base's on its own base, if it has one)."""
+    checkpoint's tensors overlaid on its base's (and the base's on its own base, if it has one). A base
+    "hf:<dir>" (or `ckpt` itself) is converted for model config `model` and `vocab_size` ids (both read
+    from the adapter checkpoint's run when not given)."""
     with ExitStack() as stack:
         handles = []
         while ckpt is not None:
+            hf = hf_dir(str(ckpt))
+            if hf is not None:
+                handles.append(_Tensors(hf_converted(hf, model, vocab_size)))
+                break
+            if model is None:
+                from gorilla_dist.data.tokenizer import load_tokenizer
+
+                model = OmegaConf.load(ckpt / "config.yaml").model
+                tokenizer = ckpt.parent.parent / "tokenizer.json"
+                vocab_size = load_tokenizer(tokenizer).vocab_size if tokenizer.is_file() else None
             handles.append(stack.enter_context(safe_open(str(ckpt / WEIGHTS), "pt")))
             ckpt = base_of(ckpt)
         yield _Overlay(handles) if len(handles) > 1 else handles[0]
@@ -310,10 +331,22 @@ class Checkpointer:
             set_rng_state(load_file(str(rng)))
         return trainer
 
-    def init_weights(self, source: str, engine, extra=None) -> Path:
-        """Fine-tuning start: the model weights of `source` (a checkpoint directory, or a run directory's
-        newest complete checkpoint) in this run's layout, with fresh optimizer moments and schedule.
-        Refuses a source trained with another tokenizer. Collective; returns the checkpoint used."""
+    def init_weights(self, source: str, engine, extra=None) -> Path | str:
+        """Fine-tuning start: the model weights of `source` (a checkpoint directory, a run directory's
+        newest complete checkpoint, or hf:<transformers directory>) in this run's layout, with fresh
+        optimizer moments and schedule. Refuses a source trained with another tokenizer. Collective;
+        returns the checkpoint used."""
+        run_tokenizer = Path(self.cfg.run.dir) / "tokenizer.json"
+        hf = hf_dir(source)
+        if hf is not None:
+            from gorilla_dist.data.tokenizer import load_tokenizer
+
+            on_main(lambda: check_tokenizer(hf, run_tokenizer), self.layout)
+            with open_weights(source, model=self.cfg.model, vocab_size=load_tokenizer(run_tokenizer).vocab_size) as w:
+                self._load_initial(w, engine, extra, f"checkpoint.init_from={source}")
+            self.base = hf_identity(hf)
+            return source
+
         def find() -> Path:
             src = Path(source)
             if not src.is_dir():
@@ -329,15 +362,18 @@ class Checkpointer:
         ckpt = on_main(find, self.layout)
         _check_same_sharing(ckpt, self.cfg.model)
         with open_weights(ckpt) as w:
-            if extra is not None:  # values computed from the base's weights (prompt tuning's first prompt)
-                w = _Overlay([_Tensors(extra(w)), w])
-            # the other adapters this run adds start as built (LoRA's B = 0: the base model exactly)
-            fresh = frozenset(n for n, _ in engine.module.named_parameters()
-                              if is_adapter(n) and n not in set(w.keys()))
-            _check_fits(engine, w, f"checkpoint.init_from: {ckpt / WEIGHTS}", fresh=fresh)
-            engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state(), fresh=fresh)
+            self._load_initial(w, engine, extra, f"checkpoint.init_from: {ckpt / WEIGHTS}")
         self.base = base_identity(ckpt)
         return ckpt
+
+    @staticmethod
+    def _load_initial(w, engine, extra, where: str) -> None:
+        if extra is not None:  # values computed from the base's weights (prompt tuning's first prompt)
+            w = _Overlay([_Tensors(extra(w)), w])
+        # the other adapters this run adds start as built (LoRA's B = 0: the base model exactly)
+        fresh = frozenset(n for n, _ in engine.module.named_parameters() if is_adapter(n) and n not in set(w.keys()))
+        _check_fits(engine, w, where, fresh=fresh)
+        engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state(), fresh=fresh)
 
 
 def _sharing(model) -> str:

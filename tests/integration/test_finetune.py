@@ -344,3 +344,36 @@ def test_prefix_tuning_exports_a_peft_prefix_with_the_same_logits(world1, base, 
     with torch.no_grad():
         ours = ours_model(ids, torch.arange(ids.shape[1])[None], None)[..., :tok.vocab_size]
         torch.testing.assert_close(with_prefix(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tuning_starts_from_a_hugging_face_model(world1, tmp_path):
+    """checkpoint.init_from=hf:<dir> through the launcher: the architecture comes from config.json, the data
+    must use the model's tokenizer, the saved model computes transformers' logits (lr=0), and a LoRA run on
+    it records the transformers directory as its base (generate reads it back)."""
+    import torch
+
+    from helpers import trained_model
+    from tests.unit.test_hf_import import hf_model
+
+    directory, hf = hf_model(tmp_path, "llama-gqa")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(bundled_corpus().read_text()[:200_000])
+    data = [f"data.path={corpus}", f"data.tokenizer={directory}", "model=debug", "model.seq_length=64",
+            f"checkpoint.init_from=hf:{directory}"]
+    wrong = launch(tmp_path / "wrong", *data[:-1], "data.tokenizer=byte", f"checkpoint.init_from=hf:{directory}",
+                   "train.max_steps=1")
+    assert wrong.returncode == 1 and "was not prepared with the model's tokenizer" in wrong.stdout
+    run = tmp_path / "frozen"
+    out = check(launch(run, *data, "optim.lr=0", "optim.min_lr=0", "train.max_steps=1"))
+    assert f"weights from hf:{directory}" in out
+    model, tok, m = trained_model(world1, run)
+    assert (m.num_query_groups, m.normalization, m.norm_eps, m.rotary_base) == (2, "RMSNorm", 1e-6, 500000)
+    ids = torch.randint(0, tok.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, torch.arange(40)[None], None)[..., :tok.vocab_size],
+                                   hf(input_ids=ids).logits[..., :tok.vocab_size], rtol=1e-4, atol=1e-4)
+    lora = tmp_path / "lora"
+    check(launch(lora, *data, *LORA, "train.max_steps=2"))
+    base = json.loads((lora / "checkpoints" / "step_00000002" / "base.json").read_text())
+    assert base["path"] == f"hf:{directory.resolve()}"
+    check(generate(lora, "prompt=The ", "max_new_tokens=5"))

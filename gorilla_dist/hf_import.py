@@ -225,13 +225,11 @@ def identity(directory: Path) -> dict:
     return {"path": f"{PREFIX}{directory.resolve()}", "sha256": digest}
 
 
-def converted(directory: Path, m, vocab_size: int) -> dict:
-    """The model in `directory` as our single-process weights for model config `m` and a tokenizer of
-    `vocab_size` ids."""
-    from gorilla_dist.model.spec import padded_vocab_size
-
+def converted(directory: Path, m, vocab_size: int, padded_vocab: int) -> dict:
+    """The model in `directory` as our single-process weights for model config `m`, a tokenizer of
+    `vocab_size` ids and `padded_vocab` embedding rows."""
     return our_weights(m, read_config(directory), read_weights(directory), vocab_size=vocab_size,
-                       padded_vocab=padded_vocab_size(vocab_size))
+                       padded_vocab=padded_vocab)
 
 
 def check_tokenizer(directory: Path, run_tokenizer: Path) -> None:

@@ -8,8 +8,8 @@ from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
-from gorilla_dist.errors import ConfigError, UserError
-from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, prompt_init
+from gorilla_dist.errors import UserError
+from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init
 from gorilla_dist.inference import caches, sample
 from gorilla_dist.loss import lm_loss, lm_loss_sum
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
@@ -90,10 +90,7 @@ def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
-    if cfg.finetune.method in ("prompt", "prefix") and cfg.data.pack and any(d.examples for d in data.datasets):
-        raise ConfigError(f"finetune.method={cfg.finetune.method} with packed instruction examples: the examples after "
-                          "the first of a sample would see the virtual tokens from further away than the first "
-                          "(rotary / ALiBi positions), unlike at inference; set data.pack=false (one example per sample)")
+    check_finetune_data(cfg.finetune, cfg.data, data.datasets)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,

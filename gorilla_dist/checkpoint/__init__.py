@@ -183,7 +183,9 @@ def open_weights(ckpt: Path | str, *, model=None, vocab_size: int | None = None)
         while ckpt is not None:
             hf = hf_dir(str(ckpt))
             if hf is not None:
-                handles.append(_Tensors(hf_converted(hf, model, vocab_size)))
+                from gorilla_dist.model.spec import padded_vocab_size
+
+                handles.append(_Tensors(hf_converted(hf, model, vocab_size, padded_vocab_size(vocab_size))))
                 break
             if model is None:
                 from gorilla_dist.data.tokenizer import load_tokenizer

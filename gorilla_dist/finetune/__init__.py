@@ -43,6 +43,15 @@ def is_adapter(name: str) -> bool:
     return name.endswith((f".{LORA}_A", f".{LORA}_B")) or name.startswith((f"{PROMPT}.", f"{PREFIX}."))
 
 
+def check_finetune_data(f: FinetuneConfig, d, datasets) -> None:
+    """Prompt and prefix tuning need one instruction example per sample: in a packed sample the examples
+    after the first would sit further from the virtual tokens than at inference (rotary / ALiBi)."""
+    if f.method in ("prompt", "prefix") and d.pack and any(ds.examples for ds in datasets):
+        raise ConfigError(f"finetune.method={f.method} with packed instruction examples: the examples after the first "
+                          "of a sample would see the virtual tokens from further away than the first (rotary / ALiBi "
+                          "positions), unlike at inference; set data.pack=false (one example per sample)")
+
+
 def prompt_init(f: FinetuneConfig, tokenizer, seed: int):
     """method=prompt: a function of the base weights (a safetensors handle) giving the virtual tokens'
     first values, the base's embedding rows of N token ids: finetune.init_text's tokens repeated to N,

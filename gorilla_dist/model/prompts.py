@@ -32,7 +32,7 @@ def _before(model, args, kwargs):
     input_ids, position_ids = args[0], args[1]
     attention_mask = args[2] if len(args) > 2 else kwargs.pop("attention_mask", None)
     context = kwargs.get("inference_context")
-    model._prompt_dropped = 0
+    model.prompt_dropped = 0
     if input_ids is None or (context is not None and context.sequence_len_offset > 0):
         return None  # decoding past the prompt: the KV cache holds it
     prompt = model.soft_prompt.weight
@@ -46,12 +46,12 @@ def _before(model, args, kwargs):
         attention_mask = torch.cat([attention_mask.new_full((b, n), -1), attention_mask], dim=1)
     elif attention_mask is not None:
         raise ValueError("prompt tuning takes per-document segment ids, not a megatron (b, 1, s, s) mask")
-    model._prompt_dropped = n if context is None else 0  # (prefill logits are the last token's only)
+    model.prompt_dropped = n if context is None else 0  # (prefill logits are the last token's only)
     return (None, None, attention_mask), kwargs
 
 
 def _after(model, _args, _kwargs, output):
-    n = model._prompt_dropped
+    n = model.prompt_dropped
     return output[:, n:] if n else output  # (b, N + s) losses or (b, N + s, vocab) logits
 
 

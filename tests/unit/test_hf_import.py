@@ -58,13 +58,14 @@ def test_imported_model_computes_the_transformers_logits(world1, tmp_path, arch)
     from gorilla_dist.checkpoint import load_consolidated
     from gorilla_dist.data.tokenizer import load_hf_tokenizer
     from gorilla_dist.model import build_model
+    from gorilla_dist.model.spec import padded_vocab_size
 
     directory, hf = hf_model(tmp_path, arch)
     fields = model_fields(read_config(directory), str(directory))
     m = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "hf", "seq_length": 32, **fields})
     vocab = load_hf_tokenizer(str(directory)).vocab_size
     ours = build_model(m, vocab_size=vocab, dtype="fp32", device=world1.device, seed=0).eval()
-    load_consolidated(ours, converted(directory, m, vocab), str(directory))
+    load_consolidated(ours, converted(directory, m, vocab, padded_vocab_size(vocab)), str(directory))
     ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = hf(input_ids=ids).logits[..., :vocab]
@@ -83,3 +84,16 @@ def test_what_our_model_does_not_compute_is_refused(change, message):
     config = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64, **change}
     with pytest.raises(ConfigError, match=message):
         model_fields(config, "somewhere")
+
+
+def test_the_data_must_use_the_models_tokenizer(tmp_path):
+    from gorilla_dist.data.tokenizer import ByteTokenizer, load_hf_tokenizer, save_tokenizer
+    from gorilla_dist.errors import CheckpointError
+    from gorilla_dist.hf_import import check_tokenizer
+
+    directory, _ = hf_model(tmp_path, "gpt2")
+    save_tokenizer(load_hf_tokenizer(str(directory)), tmp_path / "ours.json")  # data prepared with tokenizer=<dir>
+    check_tokenizer(directory, tmp_path / "ours.json")
+    save_tokenizer(ByteTokenizer(), tmp_path / "byte.json")
+    with pytest.raises(CheckpointError, match="was not prepared with the model's tokenizer"):
+        check_tokenizer(directory, tmp_path / "byte.json")

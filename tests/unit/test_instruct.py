@@ -367,3 +367,17 @@ def test_shots_are_other_training_examples_drawn_deterministically(tmp_path):
     assert sorted(split(everything)) == [i for i in range(25) if i != 5]  # never the example itself
     few, left_out = _shots(d, 5, 3, (0, 25), room=max(len(e[0]) for e in exs) + 1)
     assert left_out == 2 and len(split(few)) == 1
+
+
+def test_prompt_and_prefix_tuning_refuse_packed_examples(tmp_path):
+    from types import SimpleNamespace
+
+    from gorilla_dist.errors import ConfigError
+    from gorilla_dist.finetune import check_finetune_data
+
+    d = prepare_rows(tmp_path, qa_rows(5))
+    for method in ("prompt", "prefix"):
+        with pytest.raises(ConfigError, match="set data.pack=false"):
+            check_finetune_data(SimpleNamespace(method=method), SimpleNamespace(pack=True), [d])
+        check_finetune_data(SimpleNamespace(method=method), SimpleNamespace(pack=False), [d])
+    check_finetune_data(SimpleNamespace(method="lora"), SimpleNamespace(pack=True), [d])

@@ -26,6 +26,8 @@ import torch
 from gorilla_dist.config import FinetuneConfig
 from gorilla_dist.engine.state import expert_names, full_shape
 from gorilla_dist.errors import ConfigError
+from gorilla_dist.model.prefix import PREFIX
+from gorilla_dist.model.prompts import PROMPT
 
 
 def adapter_checkpoints(f: FinetuneConfig) -> bool:
@@ -34,8 +36,6 @@ def adapter_checkpoints(f: FinetuneConfig) -> bool:
 
 
 LORA = "lora"
-PROMPT = "soft_prompt"
-PREFIX = "prefix"
 
 
 def is_adapter(name: str) -> bool:

@@ -347,7 +347,8 @@ class FinetuneConfig:
     trainable ones only, beside the base checkpoint's path and sha256)."""
     trainable: list[str] = field(default_factory=list)
     """method=freeze: regular expressions searched in the single-process parameter names (e.g.
-    'decoder\\.layers\\.[23]\\.' or 'final_layernorm'); parameters matching any of them train."""
+    'decoder\\.layers\\.[23]\\.' or 'final_layernorm'); parameters matching any of them train. On the command
+    line, quote a pattern with brackets: "finetune.trainable=['decoder\\.layers\\.[23]\\.']"."""
     frozen: list[str] = field(default_factory=list)
     """method=freeze, instead of `trainable`: parameters matching any of these are frozen, the rest train."""
     virtual_tokens: int = 20

@@ -155,6 +155,15 @@ def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
             "scale_attn_weights": True, **common}
 
 
+def split_qkv(t: torch.Tensor, nh: int, ng: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's fused QKV rows (per query group: its nh/ng query heads, then one key and one value
+    head) -> the q, k, v rows of `t` (a weight, bias or LoRA B), each head's rows in order."""
+    hd = t.shape[0] // (nh + 2 * ng)
+    t = t.reshape(ng, nh // ng + 2, hd, *t.shape[1:])
+    q, k, v = t[:, :-2], t[:, -2], t[:, -1]
+    return tuple(x.reshape(-1, *t.shape[3:]) for x in (q, k, v))
+
+
 def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> dict[str, torch.Tensor]:
     """Our consolidated (TP=1, megatron-core names) weights -> the transformers architecture's names."""
     h, nh = m.hidden_size, m.num_heads
@@ -169,10 +178,7 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
         return t
 
     def qkv_split(t):
-        # megatron's fused QKV (output rows): per query group, its nh/ng query heads, then one key, one value head
-        t = t.reshape(ng, nh // ng + 2, hd, *t.shape[1:])
-        q, k, v = t[:, :-2], t[:, -2], t[:, -1]
-        return (x.reshape(-1, *t.shape[3:]) for x in (q, k, v))
+        return split_qkv(t, nh, ng)
 
     emb = w["embedding.word_embeddings.weight"][:vocab_size]
     head = emb if m.tie_embeddings else w["output_layer.weight"][:vocab_size]
@@ -322,7 +328,6 @@ def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[
         raise ExportError(f"format=peft: {arch} models are not supported (PEFT adapters are written for "
                           f"{sorted(PEFT_MODULES)}); use format=merged")
     nh, ng = m.num_heads, m.num_query_groups or m.num_heads
-    hd = m.hidden_size // nh
     out, targets = {}, set()
     for name, a in weights.items():
         if not name.endswith(".lora_A"):
@@ -331,9 +336,8 @@ def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[
         layer, path = linear.split(".", 3)[2], linear.split(".", 3)[3]
         b = weights[linear + ".lora_B"]
         modules = PEFT_MODULES[arch][path]
-        if len(modules) == 3:  # megatron's fused QKV rows, per query group: its query heads, a key, a value head
-            t = b.reshape(ng, nh // ng + 2, hd, b.shape[1])
-            parts = [t[:, :-2].reshape(-1, b.shape[1]), t[:, -2].reshape(-1, b.shape[1]), t[:, -1].reshape(-1, b.shape[1])]
+        if len(modules) == 3:  # B's rows are the fused QKV's
+            parts = list(split_qkv(b, nh, ng))
         elif len(modules) == 2:  # gated fc1: [gate; up]
             parts = list(b.chunk(2, dim=0))
         else:

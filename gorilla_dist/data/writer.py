@@ -380,8 +380,7 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
             raise DataError(f"{key}={getattr(args, key)!r}: expected one of {list(valid)}")
     if args.format == "text" and (args.template is not None or args.train_on_inputs):
         raise DataError("template= and train_on_inputs= apply to format=instruction only")
-    if args.format == "instruction":
-        Template.load(args.template)  # refuse a bad template before touching the output
+    template = Template.load(args.template) if args.format == "instruction" else None  # refused before any output
     files = expand_inputs(list(args.input))
     out = Path(args.output)
     fingerprint = _fingerprint(args, files)
@@ -413,7 +412,7 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
             "shards": writer.shards, "index": {"file": "index.bin", "sha256": sha256_file(out / "index.bin")},
             "skipped_documents": reader.skipped,
             **({"examples": {"train_on_inputs": args.train_on_inputs, "bad_rows_skipped": writer.bad_rows,
-                             "template": Template.load(args.template).parts}} if args.format == "instruction" else {}),
+                             "template": template.parts}} if template is not None else {}),
             "prepare": {"fingerprint": fingerprint, "input": list(args.input), "seconds": round(seconds, 2)}}
     _write_json(out / "meta.json", meta)
     (out / "progress.json").unlink(missing_ok=True)

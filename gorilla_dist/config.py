@@ -320,6 +320,7 @@ class CheckpointConfig:
 
 
 FINETUNE_METHODS = ("full", "freeze", "lora", "prompt", "prefix")
+FINETUNE_HEADS = ("none", "classification")
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -360,6 +361,16 @@ class FinetuneConfig:
     init_text: str | None = None
     """method=prompt: initialise the virtual tokens from this text's token embeddings (repeated to N);
     default: embeddings of N random tokens of the vocabulary (seeded by run.seed)."""
+    head: str = "none"
+    """none (the model predicts tokens) | classification: a linear head on the last prompt token's hidden
+    state scores `num_labels` classes (data prepared from rows with a `label` field); the loss is their
+    cross entropy, evaluation reports accuracy, export writes a transformers *ForSequenceClassification.
+    The head trains with any method (for freeze, beside what `trainable` selects)."""
+    num_labels: int = 0
+    """head=classification: the number of classes; 0 takes the data's (and any other number must equal it)."""
+    labels: list[str] = field(default_factory=list)
+    """head=classification: the class names in id order. Empty: the data's (the run records them in its
+    checkpoints, for evaluate and export); given: the data must have exactly these."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """method=lora (Hu et al. 2021): low-rank adapters on megatron's tensor-parallel linears; only they
     train (and whatever `trainable` also names, e.g. final_layernorm). B starts at zero, so the first step
@@ -737,6 +748,14 @@ def _validate_virtual_tokens(method: str, m, p, d) -> None:
 
 def _validate_finetune(f, c) -> None:
     _choice(f.method, FINETUNE_METHODS, "finetune.method")
+    _choice(f.head, FINETUNE_HEADS, "finetune.head")
+    _positive(f.num_labels, "finetune.num_labels", allow_zero=True)
+    if f.head == "none" and (f.num_labels or f.labels):
+        raise ConfigError("finetune.num_labels / finetune.labels apply to finetune.head=classification")
+    if f.num_labels and f.labels and f.num_labels != len(f.labels):
+        raise ConfigError(f"finetune.num_labels={f.num_labels} but finetune.labels names {len(f.labels)} classes")
+    if len(set(f.labels)) != len(f.labels):
+        raise ConfigError(f"finetune.labels={list(f.labels)} names a class twice")
     if f.method == "full":
         if f.trainable or f.frozen:
             raise ConfigError(f"finetune.trainable / finetune.frozen select parameters for finetune.method=freeze; "

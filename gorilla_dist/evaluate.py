@@ -15,6 +15,9 @@ Instruction data (prepared with format=instruction): one example per sample, the
 target run) is continued greedily with a KV cache until <eod>, and counts when the tokens equal the
 reference output and its <eod> exactly.
 
+A model with a classification head (finetune.head=classification) on labelled data: the cross entropy
+per labelled example and the accuracy of its highest-scoring class.
+
 `shots=k` evaluates k-shot prompting of any model, fine-tuned or not: k training examples before each
 prompt.
 
@@ -108,7 +111,33 @@ def evaluate_span(model, span, *, eod: int, reset_at_eod: bool, batch_size: int,
     return {"samples": n, "tokens": tokens, "bytes": nbytes, "loss_sum": loss_sum}
 
 
+@torch.no_grad()
+def evaluate_classes(model, span, *, batch_size: int, samples: int | None, device) -> dict:
+    """A classifier on the labelled examples of `span` (an ExampleSpan): summed cross entropy, examples,
+    correct argmax, over its first `samples` samples."""
+    from gorilla_dist.data.loader import pack
+    from gorilla_dist.loss import class_loss_sum
+
+    n = span.samples if samples is None else min(samples, span.samples)
+    out = {"samples": n, "examples": 0, "loss_sum": 0.0, "right": 0}
+    for start in range(0, n, batch_size):
+        rows = range(start, min(start + batch_size, n))
+        windows, seg = np.empty((len(rows), span.seq + 1), dtype=np.int64), np.empty((len(rows), span.seq + 1), np.int32)
+        tgt, classes = np.empty_like(windows, dtype=np.uint8), np.empty_like(windows)
+        valid = np.array([span.window(j, windows[r], seg[r], tgt[r], classes[r]) for r, j in enumerate(rows)])
+        b = pack(windows, valid, np.zeros(len(rows), dtype=np.int64), eod=span.data.eod, reset_at_eod=False,
+                 segments=seg, targets=tgt, classes=classes).to(device)
+        loss_sum, count, right = (float(x) for x in class_loss_sum(model, b))
+        out["loss_sum"] += loss_sum
+        out["examples"] += int(count)
+        out["right"] += int(right)
+    return out
+
+
 def summary(part: dict) -> dict:
+    if "examples" in part:  # a classifier
+        return {"samples": part["samples"], "examples": part["examples"],
+                "loss": part["loss_sum"] / max(part["examples"], 1), "accuracy": part["right"] / max(part["examples"], 1)}
     loss = part["loss_sum"] / max(part["tokens"], 1)
     out = {"samples": part["samples"], "tokens": part["tokens"], "bytes": part["bytes"], "loss": loss,
            "perplexity": math.exp(min(loss, 700.0)),
@@ -213,8 +242,9 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
 
 
 def evaluate(args) -> dict:
-    from gorilla_dist.data.dataset import Span
+    from gorilla_dist.data.dataset import ExampleSpan, Span
     from gorilla_dist.inference import inference_model
+    from gorilla_dist.model.head import is_classifier
 
     if not args.run_dir:
         raise UserError("run.dir=<run directory> is required")
@@ -229,8 +259,22 @@ def evaluate(args) -> dict:
         bytes_of = token_bytes(tok)
         device = next(model.parameters()).device
         parts = {}
+        head = is_classifier(model)
         for name, ds in sets:
             a, b = ds.split(cfg.data.val_fraction)[1] if split == "validation" else (0, ds.tokens)
+            if head:
+                if ds.labels is None:
+                    raise DataError(f"{name}: has no labels (rows with a 'label' field, prepared with format=instruction), "
+                                    f"which this checkpoint's classification head needs")
+                if ds.label_names != cfg.finetune.labels:
+                    raise DataError(f"{name}: its classes {ds.label_names} are not the ones the head was trained on, "
+                                    f"{cfg.finetune.labels} (in id order)")
+                if args.shots:
+                    raise UserError(f"shots={args.shots}: prompting does not apply to a classification head")
+                span = ExampleSpan(ds, a, b, cfg.model.seq_length, pack=False, truncate=True)
+                parts[name] = evaluate_classes(model, span, batch_size=args.batch_size, samples=args.samples,
+                                               device=device)
+                continue
             if ds.examples:
                 docs = np.searchsorted(np.asarray(ds.offsets), ds.split(cfg.data.val_fraction)[0])
                 pool = (0, int(docs[1])) if split == "validation" else (0, ds.documents)
@@ -247,8 +291,8 @@ def evaluate(args) -> dict:
             parts[name] = evaluate_span(model, span, eod=tok.eod, reset_at_eod=cfg.data.reset_at_eod,
                                         batch_size=args.batch_size, samples=args.samples, bytes_of=bytes_of,
                                         device=device)
-        total = {k: sum(p.get(k, 0) for p in parts.values())
-                 for k in ("samples", "tokens", "bytes", "loss_sum", "generated", "exact", "shots_left_out")}
+        keys = {k for p in parts.values() for k in p} - {"shots"}
+        total = {k: sum(p.get(k, 0) for p in parts.values()) for k in keys}
         total["shots"] = args.shots
         step = json.loads((ckpt / "manifest.json").read_text())["step"]
     return {"checkpoint": str(ckpt), "step": step, "split": split, **summary(total),
@@ -259,6 +303,10 @@ def report(result: dict) -> str:
     lines = [f"[evaluate] {result['checkpoint']} (step {result['step']}), {result['split']} split:"]
     rows = [*result["sources"].items()] + ([("total", result)] if len(result["sources"]) > 1 else [])
     for name, r in rows:
+        if "accuracy" in r:
+            lines.append(f"  {name}: accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  ({r['examples']:,} labelled "
+                         f"examples)")
+            continue
         em = f"  exact match {r['exact_match']:.3f} of {r['generated']:,}" if "exact_match" in r else ""
         lines.append(f"  {name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
                      f"bits/byte {r['bits_per_byte']:.4f}{em}  ({r['tokens']:,} tokens, {r['samples']:,} samples)")

@@ -16,6 +16,11 @@ transformers architecture (same maths, parameters renamed and re-laid-out, vocab
                                           no biases)   -> MixtralForCausalLM
     the same with a sigmoid-gated shared expert (any top-k, any model.moe.every) -> Qwen2MoeForCausalLM
 
+A run with a classification head (finetune.head=classification) exports as the same architecture's
+*ForSequenceClassification (LlamaForSequenceClassification, GPT2ForSequenceClassification, ...): the
+head becomes its `score`, the class names its id2label, and pad_token_id is <eod>, so transformers
+scores the last token before any trailing <eod>: the token our head reads.
+
 Anything else (ALiBi, block-sparse attention, ...) has no transformers architecture computing the same
 function, and is refused rather than exported approximately. transformers itself is not needed to
 export, only to load the result.
@@ -261,9 +266,20 @@ def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> 
         out.update({"transformer.wte.weight": emb, "transformer.wpe.weight": w["embedding.position_embeddings.weight"],
                     "transformer.ln_f.weight": final[0], "transformer.ln_f.bias": final[1]})
         head_name = "lm_head.weight"
-    if not m.tie_embeddings:  # tied: transformers ties the head to the input embedding on load
+    if "classifier.weight" in w:  # a classification head: *ForSequenceClassification's score, no LM head
+        out["score.weight"] = w["classifier.weight"]
+    elif not m.tie_embeddings:  # tied: transformers ties the head to the input embedding on load
         out[head_name] = head
     return out
+
+
+def classification_config(config: dict, labels: list[str], eod: int) -> dict:
+    """A causal-LM config.json turned into its *ForSequenceClassification's (transformers' names)."""
+    causal = config["architectures"][0]
+    arch = causal.replace("LMHeadModel", "ForSequenceClassification").replace("ForCausalLM", "ForSequenceClassification")
+    return {**config, "architectures": [arch], "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": eod,
+            "tie_word_embeddings": False}
 
 
 def hf_tokenizer(tok) -> tuple[str, str]:
@@ -370,6 +386,9 @@ def export_peft(args) -> tuple[str, Path, str, int]:
     if method not in ("lora", "prompt", "prefix"):
         raise ExportError(f"format=peft writes LoRA, prompt- and prefix-tuning adapters; {args.run_dir} was trained "
                           f"with finetune.method={method}; use format=merged")
+    if cfg.finetune.head != "none":
+        raise ExportError(f"format=peft: {args.run_dir} has a classification head, which this export does not write "
+                          "into a PEFT adapter; use format=merged (a transformers *ForSequenceClassification)")
     weights = load_file(str(ckpt / WEIGHTS))  # the adapter checkpoint: its trainable parameters only
     other = sorted(k for k in weights if not is_adapter(k))
     if other:
@@ -412,7 +431,7 @@ def export_peft(args) -> tuple[str, Path, str, int]:
 
 
 def load_source(args):
-    """(ModelConfig, tokenizer, fp32 weights, where they came from) from run.dir= or consolidated=."""
+    """(the run's Config, tokenizer, fp32 weights, where they came from) from run.dir= or consolidated=."""
     from safetensors import safe_open
 
     from gorilla_dist.checkpoint import checkpoint_weights, resolve_checkpoint
@@ -426,8 +445,7 @@ def load_source(args):
         ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
         cfg = load_run_config(ckpt)
         tok = load_tokenizer(Path(args.run_dir) / "tokenizer.json")
-        return cfg.model, tok, _merged_adapters(cfg, {k: v.float() for k, v in checkpoint_weights(ckpt).items()}), \
-            str(ckpt)
+        return cfg, tok, _merged_adapters(cfg, {k: v.float() for k, v in checkpoint_weights(ckpt).items()}), str(ckpt)
     else:
         path = source = Path(args.consolidated)
         if not path.is_file():
@@ -445,7 +463,7 @@ def load_source(args):
     from safetensors.torch import load_file
 
     weights = {k: v.float() for k, v in load_file(str(path)).items()}
-    return cfg.model, tok, _merged_adapters(cfg, weights), source
+    return cfg, tok, _merged_adapters(cfg, weights), source
 
 
 def _merged_adapters(cfg, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -469,8 +487,8 @@ def export(args) -> tuple[str, Path, str, int]:
         raise ExportError(f"format={args.format!r} is not valid; choose one of: {', '.join(EXPORT_FORMATS)}")
     if args.format == "peft":
         return export_peft(args)
-    m, tok, weights, source = load_source(args)
-    arch, n = write_hf(Path(args.out), m, tok, weights, dtype=args.dtype)
+    cfg, tok, weights, source = load_source(args)
+    arch, n = write_hf(Path(args.out), cfg.model, tok, weights, dtype=args.dtype, labels=cfg.finetune.labels)
     return source, Path(args.out), arch, n
 
 
@@ -495,9 +513,11 @@ def unrolled(m, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return merged(out)  # per-layer deltas (model.sharing.lora_rank) folded into each layer's weights
 
 
-def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str = "fp32") -> tuple[str, int]:
+def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str = "fp32",
+             labels: list[str] | None = None) -> tuple[str, int]:
     """Write the transformers directory `out` (atomically: all of it or nothing) for our model config `m`,
-    tokenizer `tok` and consolidated weights. Returns (architecture, parameter count)."""
+    tokenizer `tok` and consolidated weights (with `classifier.weight`: a sequence classifier of the
+    classes `labels`). Returns (architecture, parameter count)."""
     from safetensors.torch import save_file
 
     from gorilla_dist.files import write_text_atomic
@@ -507,8 +527,12 @@ def write_hf(out: Path, m, tok, weights: dict[str, torch.Tensor], *, dtype: str 
     tensors = {k: v.to(DTYPES[dtype]).contiguous().clone()
                for k, v in hf_weights(m, arch, unrolled(m, weights), vocab_size=vocab).items()}
     tok_json, eod_token = hf_tokenizer(tok)
+    config = hf_config(m, arch, vocab_size=vocab, eod=tok.eod, dtype=dtype)
+    if "classifier.weight" in weights:
+        config = classification_config(config, list(labels or []), tok.eod)
+        arch = config["architectures"][0]
     files = {
-        "config.json": hf_config(m, arch, vocab_size=vocab, eod=tok.eod, dtype=dtype),
+        "config.json": config,
         "generation_config.json": {"bos_token_id": tok.eod, "eos_token_id": tok.eod, "pad_token_id": tok.eod},
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token,
                                   "bos_token": eod_token, "pad_token": eod_token, "model_max_length": m.seq_length,

@@ -7,6 +7,7 @@ out: model/spec.py), so these are the numbers a transformers user gets from an e
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def per_token_loss(model, batch) -> torch.Tensor:
@@ -30,3 +31,31 @@ def lm_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     the batches' masks differ (documents resetting attention, a padded last window)."""
     mask = batch.loss_mask.double()
     return (per_token_loss(model, batch).double() * mask).sum(), mask.sum()
+
+
+def classified(batch) -> torch.Tensor:
+    """(b, s) bool: the positions a classification head is scored at (data.loader.Batch.classes)."""
+    if batch.classes is None:
+        raise ValueError("a classification head needs labelled data (Batch.classes)")
+    return batch.classes >= 0
+
+
+def class_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A model with a classification head (model/head.py): (summed cross entropy over the batch's
+    labelled examples (fp32, with gradient), their count, how many the argmax gets right)."""
+    at = classified(batch)
+    scores = model(batch.tokens, batch.position_ids, batch.segments)[at].float()  # (n, num_labels)
+    labels = batch.classes[at]
+    return (F.cross_entropy(scores, labels, reduction="sum"), at.sum().float(),
+            (scores.argmax(-1) == labels).sum().float())
+
+
+def objective(model, batch, denominator: torch.Tensor, *, head: bool) -> torch.Tensor:
+    """Training's loss: lm_loss, or with a classification `head` the class cross entropy, summed over the
+    batch and divided by `denominator`."""
+    return class_loss_sum(model, batch)[0] / denominator if head else lm_loss(model, batch, denominator)
+
+
+def target_count(batch, *, head: bool) -> torch.Tensor:
+    """What `objective` sums over: unmasked targets, or a classifier's labelled examples."""
+    return classified(batch).sum().float() if head else batch.loss_mask.sum()

@@ -151,10 +151,11 @@ class Metrics:
         yield
         self.last_time = time.perf_counter()
 
-    def eval(self, step: int, val_loss: float) -> None:
-        self._write([{"step": step, "val_loss": val_loss}])
+    def eval(self, step: int, values: dict[str, float]) -> None:
+        """values: val_loss, and a classifier's val_accuracy."""
+        self._write([{"step": step, **values}])
         if self.main:
-            msg = f"step {step}: val_loss {val_loss:.4f}"
+            msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items())
             (self.bar.write if self.bar is not None else print)(msg)
 
     def memory(self, when: str, step: int, per_rank: list[dict[str, int]]) -> None:

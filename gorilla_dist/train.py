@@ -9,12 +9,13 @@ from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
-from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init
+from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init, resolve_labels
 from gorilla_dist.inference import caches, sample
-from gorilla_dist.loss import lm_loss, lm_loss_sum
+from gorilla_dist.loss import class_loss_sum, lm_loss_sum, objective, target_count
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
+from gorilla_dist.model.head import is_classifier
 from gorilla_dist.parallel import dp_sum
 from gorilla_dist.stopping import StopSignals
 
@@ -30,29 +31,35 @@ def train_step(engine: TrainEngine, micro_batches, layout=None, *, poison: bool 
     is divided by (global target count) / (dp x micro-batches). Instruction data has a different number
     of targets in each micro-batch; a mean per micro-batch would weigh its tokens unequally, and
     differently for each layout. (With every target counted, as in pretraining, the divisor is the
-    micro-batch's own count, exactly.)"""
+    micro-batch's own count, exactly.) A classifier's loss is the mean over the global batch's labelled
+    examples, the same way."""
     dp = layout.dp if layout is not None else 1
-    count = torch.stack([b.loss_mask.sum() for b in micro_batches]).sum()
+    head = is_classifier(engine.module)
+    count = torch.stack([target_count(b, head=head) for b in micro_batches]).sum()
     if layout is not None:
         count = dp_sum(count, layout)
     per_micro = (count / (dp * len(micro_batches))).clamp(min=1.0 / (dp * len(micro_batches)))
 
     def loss_fn(model, batch):
-        loss = lm_loss(model, batch, per_micro)
+        loss = objective(model, batch, per_micro, head=head)
         return loss * float("nan") if poison else loss
 
     return engine.step(micro_batches, loss_fn, probe=probe)
 
 
 @torch.no_grad()
-def evaluate(engine, data, n_batches: int, layout) -> float:
+def evaluate(engine, data, n_batches: int, layout) -> dict[str, float]:
     """Held-out loss over the fixed validation batches of every data-parallel rank (per target, as
-    `python -m gorilla_dist.evaluate` computes it). One host sync."""
+    `python -m gorilla_dist.evaluate` computes it); a classifier's per example, and its accuracy. One
+    host sync."""
     engine.eval()
-    totals = torch.stack([torch.stack(lm_loss_sum(engine, batch)) for batch in data.val_batches(n_batches)]).sum(0)
+    if is_classifier(engine.module):
+        totals = torch.stack([torch.stack(class_loss_sum(engine, b)) for b in data.val_batches(n_batches)]).sum(0)
+    else:
+        totals = torch.stack([torch.stack(lm_loss_sum(engine, b)) for b in data.val_batches(n_batches)]).sum(0)
     engine.train()
-    loss_sum, count = dp_sum(totals, layout).tolist()
-    return loss_sum / max(count, 1.0)
+    loss_sum, count, *right = dp_sum(totals, layout).tolist()
+    return {"val_loss": loss_sum / max(count, 1.0), **({"val_accuracy": right[0] / max(count, 1.0)} if right else {})}
 
 
 class DivergenceError(UserError):
@@ -91,6 +98,7 @@ def train(cfg, layout) -> bool:
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
     check_finetune_data(cfg.finetune, cfg.data, data.datasets)
+    resolve_labels(cfg.finetune, data.label_names)  # (checkpoints record the classes)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
@@ -139,8 +147,8 @@ def train(cfg, layout) -> bool:
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
             with metrics.paused():
-                val_loss = evaluate(engine, data, t.eval_batches, layout)
-            metrics.eval(step, val_loss)
+                values = evaluate(engine, data, t.eval_batches, layout)
+            metrics.eval(step, values)
         stopping = signals.agreed()
         if ckpt.due(step, last) or stopping:
             with metrics.paused():
@@ -157,7 +165,7 @@ def train(cfg, layout) -> bool:
     signals.close()
     metrics.close()
 
-    if t.sample_tokens:
+    if t.sample_tokens and cfg.finetune.head == "none":
         text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
                       seq_length=cfg.model.seq_length, seed=cfg.run.seed,
                       cache=caches(cfg.model) and not cfg.parallel.sequence_parallel)

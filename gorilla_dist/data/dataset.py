@@ -8,7 +8,8 @@ so every token of the split is an input exactly once per epoch and nothing is dr
 Instruction examples (`ExampleSpan`): samples are runs of whole consecutive examples of at most seq + 1
 tokens together (next-fit packing in file order; the order of samples is shuffled per epoch like any
 other), padded; each token carries its example's number (attention and positions restart there) and
-its loss mask. An example never spans two samples.
+its loss mask. An example never spans two samples. Labelled examples (finetune.head=classification)
+also mark their last prompt token with their class id.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class TokenDataset:
                 mask = self.path / shard["mask"]["file"]
                 self._check(mask, shard["tokens"], shard["mask"]["sha256"], verify)
                 self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r"))
+        self.label_names, self.labels = None, None
+        labels = meta.get("examples", {}).get("labels")
+        if labels:  # (documents, 2) int32: class id, index of the example's last prompt token
+            self.label_names = list(labels["names"])
+            self._check(self.path / labels["file"], 8 * int(meta["documents"]), labels["sha256"], verify)
+            self.labels = np.memmap(self.path / labels["file"], dtype=np.int32, mode="r").reshape(-1, 2)
         self.starts = np.cumsum([0] + [s["tokens"] for s in meta["shards"]]).tolist()
         index = self.path / meta["index"]["file"]
         self._check(index, 8 * (meta["documents"] + 1), meta["index"]["sha256"], verify)
@@ -152,9 +159,12 @@ class ExampleSpan:
         self.samples = len(firsts)
         self.tokens = int(np.minimum(lengths, cap).sum())
 
-    def window(self, j: int, out: np.ndarray, segments: np.ndarray, targets: np.ndarray) -> int:
+    def window(self, j: int, out: np.ndarray, segments: np.ndarray, targets: np.ndarray,
+               classes: np.ndarray | None = None) -> int:
         """Write sample j's tokens (padded with <eod>), each token's example number within the sample
-        (padding: one more) and its loss mask (padding: 0); returns the number of real tokens."""
+        (padding: one more) and its loss mask (padding: 0); returns the number of real tokens. `classes`
+        (labelled data): each example's class id at its last prompt token, -1 elsewhere (an example
+        truncated before that token has none)."""
         offs = np.asarray(self.data.offsets[self.first[j]:self.first[j + 1] + 1])  # (k + 1,)
         n = min(int(offs[-1] - offs[0]), self.seq + 1)  # (only a single truncated example is cut)
         a = int(offs[0])
@@ -165,4 +175,11 @@ class ExampleSpan:
         segments[n:] = len(lens)
         targets[:n] = self.data.read(a, a + n, mask=True)
         targets[n:] = 0
+        if classes is not None:
+            classes[:] = -1
+            if self.data.labels is not None:
+                table = np.asarray(self.data.labels[self.first[j]:self.first[j + 1]])
+                at = offs[:-1] - a + table[:, 1]
+                keep = at < min(n, self.seq)  # an input position of this sample
+                classes[at[keep]] = table[keep, 0]
         return n

@@ -6,6 +6,12 @@ A row is either
 and renders to parts (text, is_target); `EOD` stands for the tokenizer's end-of-sequence token, which
 follows every output and every assistant turn (the model learns to stop there) and is a target too.
 
+A row may also carry a `label` (a string, or an integer >= 0) for a classification head
+(finetune.head=classification): the head reads the model's last hidden state of the prompt, the token
+before the output (or before the first assistant turn). With a label, `output` may be left out (and a
+conversation may end with a user turn): the example is then its prompt and an <eod> outside the loss.
+Either every row of a dataset has a label or none has.
+
 The default template (plain words, so every tokenizer, even the tinyshakespeare char vocabulary, can
 encode it):
 
@@ -54,6 +60,16 @@ NEEDS = {"instruction": ({"instruction"}, {"instruction", "input"}),  # (needed,
 ROLES = ("system", "user", "assistant")
 
 Part = tuple[str | None, bool]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered row: its parts, its label (None: no label) and how many parts come before the first
+    target (before train_on_inputs): the classification head reads the last token of these."""
+
+    parts: list[Part]
+    label: str | int | None = None
+    prompt_parts: int = 0
 
 
 class BadRow(DataError):
@@ -107,22 +123,26 @@ class Template:
             if key in ("output", "assistant") and len(names) != 1:
                 raise DataError(f"{self.source}: {key} must name {{{next(iter(needed))}}} exactly once")
 
-    def render(self, row, where: str, *, train_on_inputs: bool = False) -> list[Part]:
-        """The parts of one row (BadRow naming `where` when it cannot be used)."""
+    def render(self, row, where: str, *, train_on_inputs: bool = False) -> Example:
+        """One row as an Example (BadRow naming `where` when it cannot be used)."""
         if not isinstance(row, dict):
             raise BadRow(f"{where}: expected a JSON object with instruction/output or messages, got "
                          f"{type(row).__name__}")
+        label = _label(row, where)
         if "messages" in row and row["messages"] is not None:
-            parts = self._chat(row["messages"], where)
+            parts = self._chat(row["messages"], where, labelled=label is not None)
         elif "instruction" in row or "output" in row:
-            parts = self._instruction(row, where)
+            parts = self._instruction(row, where, labelled=label is not None)
         else:
             raise BadRow(f"{where}: no 'instruction'/'output' or 'messages' field (found {sorted(row)})")
-        return [(text, True) for text, _ in parts] if train_on_inputs else parts
+        prompt = next((i for i, (_, target) in enumerate(parts) if target), len(parts) - 1)
+        if train_on_inputs:
+            parts = [(text, True) for text, _ in parts]
+        return Example(parts, label, prompt)
 
-    def _instruction(self, row: dict, where: str) -> list[Part]:
+    def _instruction(self, row: dict, where: str, *, labelled: bool = False) -> list[Part]:
         fields = {}
-        for name, required in (("instruction", True), ("input", False), ("output", True)):
+        for name, required in (("instruction", True), ("input", False), ("output", not labelled)):
             value = row.get(name)
             if value is None and not required:
                 value = ""
@@ -133,6 +153,8 @@ class Template:
                 raise BadRow(f"{where}: field {name!r} is empty")
             fields[name] = value
         prompt = self.parts["instruction_input" if fields["input"].strip() else "instruction"]
+        if not fields["output"].strip():  # a labelled row without an output: its prompt, then <eod>
+            return [(_fill(prompt, fields), False), (EOD, False)]
         before, after = self._split("output", fields["output"])
         return [(_fill(prompt, fields) + before, False), (after, True), (EOD, True)]
 
@@ -141,7 +163,7 @@ class Template:
         m = PLACEHOLDER.search(self.parts[key])
         return self.parts[key][:m.start()], value + self.parts[key][m.end():]
 
-    def _chat(self, messages, where: str) -> list[Part]:
+    def _chat(self, messages, where: str, *, labelled: bool = False) -> list[Part]:
         if not isinstance(messages, list) or not messages:
             raise BadRow(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
         parts: list[Part] = []
@@ -159,13 +181,35 @@ class Template:
                 parts += [(before, False), (after, True), (EOD, True)]
             else:
                 parts.append((_fill(self.parts[role], {"content": msg["content"]}), False))
-        if messages[-1].get("role") != "assistant":
+        if messages[-1].get("role") != "assistant" and labelled:
+            parts.append((EOD, False))
+        elif messages[-1].get("role") != "assistant":
             raise BadRow(f"{where}: the last message is from {messages[-1].get('role')!r}; a conversation must "
-                         "end with an assistant turn (the loss is on assistant turns)")
+                         "end with an assistant turn (the loss is on assistant turns) unless it has a label")
         return parts
 
 
-def rendered_text(parts: list[Part]) -> str:
+def _label(row: dict, where: str) -> str | int | None:
+    label = row.get("label")
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, int) and label < 0):
+        raise BadRow(f"{where}: field 'label' is {label!r}; expected a string or an integer >= 0")
+    if isinstance(label, str) and not label.strip():
+        raise BadRow(f"{where}: field 'label' is empty")
+    return label
+
+
+def label_names(labels: list) -> list[str]:
+    """The classes of a dataset's labels, in id order: 0 .. max for integer labels, else the distinct
+    strings sorted (integers among strings count as their text)."""
+    if all(isinstance(x, int) for x in labels):
+        return [str(i) for i in range(max(labels) + 1)]
+    return sorted({str(x) for x in labels})
+
+
+def rendered_text(parts: list[Part] | Example) -> str:
     """The parts as one string (without the end-of-sequence tokens): what a char vocabulary or a BPE is
     built from."""
+    parts = parts.parts if isinstance(parts, Example) else parts
     return "".join(text for text, _ in parts if text is not EOD)

@@ -36,7 +36,8 @@ class Batch:
     padding, on prompts of instruction data, and wherever the target belongs to another document than
     the input); segments: (b, s) int32, the document each token belongs to — attention stays inside a
     document (the attention modules build the mask on the device from it) — or None for plain causal
-    attention over the whole sample; source: (b,)."""
+    attention over the whole sample; source: (b,); classes: (b, s) int64, labelled examples' class ids at
+    the position the classification head reads, -1 elsewhere (None without labelled data)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -44,6 +45,7 @@ class Batch:
     position_ids: torch.Tensor
     segments: torch.Tensor | None
     source: torch.Tensor
+    classes: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self.__dict__.values()))
@@ -61,13 +63,14 @@ def eod_segments(windows: np.ndarray, eod: int) -> np.ndarray:
 
 
 def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: int, reset_at_eod: bool,
-         segments: np.ndarray | None = None, targets: np.ndarray | None = None) -> Batch:
+         segments: np.ndarray | None = None, targets: np.ndarray | None = None,
+         classes: np.ndarray | None = None) -> Batch:
     """windows (b, s+1) token ids with `valid` real tokens each → a Batch of inputs and shifted targets.
 
     segments (b, s+1): the document of each token (packed examples), or derived from <eod> when
     reset_at_eod; position ids then restart at each document, attention stays inside it, and no target
     crosses a boundary. targets (b, s+1) 0/1: which tokens may be predicted (instruction data's outputs);
-    None: all of them."""
+    None: all of them. classes (b, s+1): see Batch."""
     b, s = windows.shape[0], windows.shape[1] - 1
     tokens, labels = windows[:, :-1], windows[:, 1:]
     loss_mask = np.arange(s)[None, :] < (valid[:, None] - 1)
@@ -85,7 +88,8 @@ def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: in
         pos = np.arange(s)[None, :] - np.maximum.accumulate(starts, axis=1)
     return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
                  torch.from_numpy(loss_mask.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(pos)),
-                 None if seg is None else torch.from_numpy(seg), torch.from_numpy(sources))
+                 None if seg is None else torch.from_numpy(seg), torch.from_numpy(sources),
+                 None if classes is None else torch.from_numpy(np.ascontiguousarray(classes[:, :-1])))
 
 
 class ShardData:
@@ -115,6 +119,12 @@ class ShardData:
                     raise DataError(f"{d.path}: the {name} split has {b - a} tokens, too few for one sample of "
                                     f"model.seq_length={seq_length}; use more data or adjust data.val_fraction")
                 spans.append(span)
+        names = {tuple(d.label_names) for d in datasets if d.label_names is not None}
+        if len(names) > 1:
+            raise DataError(f"data.sources have different label classes: {[list(n) for n in names]}; blend only "
+                            "labelled datasets with the same classes")
+        self.label_names = list(names.pop()) if names else None
+        """The class names (in id order) of the labelled datasets; None when there are none."""
         self.blend = Blend(self.weights)
         self._val_cache: dict[int, list[Batch]] = {}
 
@@ -141,11 +151,14 @@ class ShardData:
         # instruction examples: per-token example numbers and loss masks (text rows: one document, or
         # documents split at <eod> with reset_at_eod; every token a target)
         segments, targets = np.zeros((n, width), dtype=np.int32), np.ones((n, width), dtype=np.uint8)
-        valid = np.array([spans[s].window(j, windows[r], segments[r], targets[r]) if spans[s].examples
+        classes = np.full((n, width), -1, dtype=np.int64) if self.label_names is not None else None
+        valid = np.array([spans[s].window(j, windows[r], segments[r], targets[r],
+                                          None if classes is None else classes[r]) if spans[s].examples
                           else spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
         if self.reset and not examples.all():
             segments[~examples] = eod_segments(windows[~examples], self.eod)
-        return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets)
+        return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,
+                    classes=classes)
 
     def _rank_batches(self, spans, sources, index, *, shuffle: bool) -> list[Batch]:
         per_rank = len(index) // self.dp

@@ -33,7 +33,7 @@ import numpy as np
 
 from gorilla_dist.data import tokenizer as toks
 from gorilla_dist.data.format import DTYPES, FORMAT
-from gorilla_dist.data.instruct import BadRow, Template, rendered_text
+from gorilla_dist.data.instruct import BadRow, Example, Template, label_names, rendered_text
 from gorilla_dist.data.readers import BadRecord, DocumentReader, expand_inputs
 from gorilla_dist.errors import DataError
 from gorilla_dist.files import sha256_file, write_text_atomic
@@ -126,13 +126,14 @@ def _init_worker(tok_json: dict, dtype: str, on_bad_row: str = "fail") -> None:
     _WORKER["on_bad_row"] = on_bad_row
 
 
-def _encode_examples(docs: list[list], where: list[str]):
-    """Instruction examples (parts) → (tokens, lengths, loss mask (uint8) for each token, rows skipped).
-    Each part is tokenized alone, so the mask follows the parts exactly; EOD parts are <eod>."""
-    tok, ids, masks, kept, skipped = _WORKER["tok"], [], [], [], 0
-    for parts, at in zip(docs, where):
+def _encode_examples(docs: list[Example], where: list[str]):
+    """Instruction examples → (tokens, lengths, loss mask (uint8) for each token, rows skipped, labels):
+    labels: each kept example's (label or None, index of its last prompt token). Each part is tokenized
+    alone, so the mask follows the parts exactly; EOD parts are <eod>."""
+    tok, ids, masks, kept, labels, skipped = _WORKER["tok"], [], [], [], [], 0
+    for example, at in zip(docs, where):
         try:
-            pieces = [np.array([tok.eod]) if text is None else tok.encode(text) for text, _ in parts]
+            pieces = [np.array([tok.eod]) if text is None else tok.encode(text) for text, _ in example.parts]
         except DataError as err:  # e.g. a character a char vocabulary lacks
             if _WORKER["on_bad_row"] == "skip":
                 skipped += 1
@@ -141,17 +142,18 @@ def _encode_examples(docs: list[list], where: list[str]):
         ids.append(np.concatenate(pieces))
         kept.append(at)
         masks.append(np.concatenate([np.full(len(x), target, dtype=np.uint8)
-                                     for x, (_, target) in zip(pieces, parts)]))
+                                     for x, (_, target) in zip(pieces, example.parts)]))
+        labels.append((example.label, sum(len(x) for x in pieces[:example.prompt_parts]) - 1))
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     out = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
     return _as_dtype(out, lengths, kept), lengths, (np.concatenate(masks) if masks else np.empty(0, np.uint8)), \
-        skipped
+        skipped, labels
 
 
 def _encode_chunk(texts: list, where: list[str]):
     """Documents → (their tokens concatenated, each followed by <eod>, as the shard dtype; lengths; None;
-    0), or instruction examples (lists of parts) → _encode_examples."""
-    if texts and isinstance(texts[0], list):
+    0; None), or instruction examples → _encode_examples."""
+    if texts and isinstance(texts[0], Example):
         return _encode_examples(texts, where)
     tok = _WORKER["tok"]
     ids = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
@@ -161,7 +163,7 @@ def _encode_chunk(texts: list, where: list[str]):
     out[ends - 1] = tok.eod
     for x, end in zip(ids, ends):
         out[end - 1 - len(x):end - 1] = x
-    return _as_dtype(out, lengths, where), lengths, None, 0
+    return _as_dtype(out, lengths, where), lengths, None, 0, None
 
 
 def _as_dtype(out: np.ndarray, lengths: np.ndarray, where: list[str]) -> np.ndarray:
@@ -177,7 +179,7 @@ def _as_dtype(out: np.ndarray, lengths: np.ndarray, where: list[str]) -> np.ndar
 
 def _chunks(docs, reader: DocumentReader):
     """Group documents into ~CHUNK_BYTES tasks; each carries where its documents came from (for errors).
-    docs: texts, or (parts, where) of instruction examples."""
+    docs: texts, or (Example, where) of instruction examples."""
     texts, where, size = [], [], 0
     for doc in docs:
         if isinstance(doc, tuple):  # an instruction example
@@ -226,6 +228,7 @@ class ShardWriter:
         self.pending_ends: deque[int] = deque()  # ends of documents not yet wholly flushed
         self.documents = self.docs_flushed
         self.bad_rows = 0  # instruction rows skipped under on_bad_row=skip
+        self.labels: list[tuple] = []  # instruction examples: (label or None, last prompt token) of each
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, masks: np.ndarray | None = None) -> None:
         if not len(lengths):
@@ -281,25 +284,51 @@ class ShardWriter:
 
 # -- prepare ------------------------------------------------------------------------------------------
 
+LABELS = "labels.bin"
+
+
+def _write_labels(out: Path, labels: list[tuple]) -> dict:
+    """Labelled examples: labels.bin, int32 (documents, 2): each example's class id and the index in the
+    example of its last prompt token (what the classification head reads); meta.json's `labels` entry
+    (the class names in id order). {} when the examples have no labels."""
+    if not labels or labels[0][0] is None:
+        return {}
+    names = label_names([label for label, _ in labels])
+    ids = {name: i for i, name in enumerate(names)}
+    table = np.array([(ids[str(label)], pool) for label, pool in labels], dtype=np.int32).reshape(-1, 2)
+    table.tofile(out / (LABELS + ".tmp"))
+    os.replace(out / (LABELS + ".tmp"), out / LABELS)
+    return {"labels": {"names": names, "file": LABELS, "sha256": sha256_file(out / LABELS)}}
+
+
 def _reader(args: PrepareArgs, files: list[Path]) -> DocumentReader:
     return DocumentReader(files, field=args.field, sample_by=args.sample_by, on_decode_error=args.on_decode_error,
                           records=args.format == "instruction")
 
 
 class _Examples:
-    """Instruction rows → (parts, where), rendered by the template; bad rows raise or are counted."""
+    """Instruction rows → (Example, where), rendered by the template; bad rows raise or are counted.
+    Either every row has a label or none has (the first row decides)."""
 
     def __init__(self, args: PrepareArgs, reader: DocumentReader):
         self.reader, self.template = reader, Template.load(args.template)
         self.train_on_inputs, self.policy = args.train_on_inputs, args.on_bad_row
         self.skipped = 0
+        self.first: tuple[bool, str] | None = None  # (labelled, where) of the first usable row
 
     def __iter__(self):
         for row, where in self.reader:
             try:
                 if isinstance(row, BadRecord):
                     raise BadRow(row)
-                yield self.template.render(row, where, train_on_inputs=self.train_on_inputs), where
+                example = self.template.render(row, where, train_on_inputs=self.train_on_inputs)
+                labelled = example.label is not None
+                self.first = self.first or (labelled, where)
+                if labelled != self.first[0]:
+                    with_label, without = (where, self.first[1]) if labelled else (self.first[1], where)
+                    raise DataError(f"{with_label} has a 'label' field and {without} has none; either every row "
+                                    "of a dataset has a label (for finetune.head=classification) or none has")
+                yield example, where
             except BadRow as err:
                 if self.policy == "fail":
                     raise BadRow(f"{err}; to skip such rows, prepare with on_bad_row=skip") from None
@@ -315,7 +344,7 @@ def _documents(args: PrepareArgs, files: list[Path]):
 def _texts(args: PrepareArgs, files: list[Path]):
     """Plain text of every document (instruction examples rendered), to build a vocabulary from."""
     for doc in _documents(args, files)[1]:
-        yield rendered_text(doc[0]) if isinstance(doc, tuple) else doc
+        yield rendered_text(doc[0].parts) if isinstance(doc, tuple) else doc
 
 
 def _build_tokenizer(args: PrepareArgs, files: list[Path], say):
@@ -412,7 +441,7 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
             "shards": writer.shards, "index": {"file": "index.bin", "sha256": sha256_file(out / "index.bin")},
             "skipped_documents": reader.skipped,
             **({"examples": {"train_on_inputs": args.train_on_inputs, "bad_rows_skipped": writer.bad_rows,
-                             "template": template.parts}} if template is not None else {}),
+                             "template": template.parts, **writer.label_meta}} if template is not None else {}),
             "prepare": {"fingerprint": fingerprint, "input": list(args.input), "seconds": round(seconds, 2)}}
     _write_json(out / "meta.json", meta)
     (out / "progress.json").unlink(missing_ok=True)
@@ -452,6 +481,7 @@ def _run(args: PrepareArgs, files: list[Path], out: Path, fingerprint: dict, res
         raise
     writer.finish()
     writer.bad_rows += getattr(docs, "skipped", 0)
+    writer.label_meta = _write_labels(out, writer.labels)
     if writer.documents == 0:
         why = [f"{n} {what}" for n, what in ((reader.skipped, "undecodable documents"),
                                              (writer.bad_rows, "bad rows")) if n]
@@ -469,9 +499,10 @@ def _tokenize(reader: DocumentReader, docs, writer: ShardWriter, tok, dtype: str
     docs = itertools.islice(docs, skip_docs, None)  # resuming: read past what the shards already hold
 
     def written(result) -> None:
-        tokens, lengths, masks, skipped = result
+        tokens, lengths, masks, skipped, labels = result
         writer.add(tokens, lengths, masks)
         writer.bad_rows += skipped
+        writer.labels += labels or []
         bar.update(reader.bytes_done - bar.n)
         bar.set_postfix(docs=f"{writer.documents:,}", refresh=False)
 

@@ -12,6 +12,9 @@ no fp32 master and no optimizer state at any ZeRO stage (ZeRO-3 still partitions
             (model/deltas.py: tensor- and sequence-parallel like the linear); they train, the rest is frozen
             (but what finetune.trainable names); checkpoints hold them; export merges W + alpha/r B A
 
+With finetune.head=classification (model/head.py) the model scores classes instead of tokens; the head
+(`classifier.weight`) trains under every method, the unused output layer never does.
+
 The adapters are modules of the model: model.build_model(..., finetune=) adds them, wherever a model of
 the run is built (training, generate, evaluate), so the modules match the checkpoints. `apply_finetune`
 then sets which parameters train, before the engine is built.
@@ -26,6 +29,7 @@ import torch
 from gorilla_dist.config import FinetuneConfig
 from gorilla_dist.engine.state import expert_names, full_shape
 from gorilla_dist.errors import ConfigError
+from gorilla_dist.model.head import HEAD
 from gorilla_dist.model.prefix import PREFIX
 from gorilla_dist.model.prompts import PROMPT
 
@@ -40,7 +44,23 @@ LORA = "lora"
 
 def is_adapter(name: str) -> bool:
     """A parameter that fine-tuning adds to the base model (absent from the base checkpoint)."""
-    return name.endswith((f".{LORA}_A", f".{LORA}_B")) or name.startswith((f"{PROMPT}.", f"{PREFIX}."))
+    return name.endswith((f".{LORA}_A", f".{LORA}_B")) or name.startswith((f"{PROMPT}.", f"{PREFIX}.", f"{HEAD}."))
+
+
+def resolve_labels(f: FinetuneConfig, label_names: list[str] | None) -> None:
+    """head=classification: fill finetune.num_labels and finetune.labels from the data's classes (so the
+    run's checkpoints record them), or refuse data that does not have the classes the config names."""
+    if f.head != "classification":
+        return
+    if label_names is None:
+        raise ConfigError("finetune.head=classification needs labelled data: prepare rows with a 'label' field "
+                          "(python -m gorilla_dist.data.prepare ... format=instruction)")
+    if f.labels and list(f.labels) != label_names:
+        raise ConfigError(f"finetune.labels={list(f.labels)} but the data's classes are {label_names} (in id order)")
+    if f.num_labels and f.num_labels != len(label_names):
+        raise ConfigError(f"finetune.num_labels={f.num_labels} but the data has {len(label_names)} classes: "
+                          f"{label_names}; leave finetune.num_labels=0 to take the data's")
+    f.labels, f.num_labels = list(label_names), len(label_names)
 
 
 def check_finetune_data(f: FinetuneConfig, d, datasets) -> None:
@@ -80,9 +100,13 @@ def lora_scale(f: FinetuneConfig) -> float:
 def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
     """Freeze what `f` says (a model built with build_model(..., finetune=f)); returns a one-line summary
     (None for method=full)."""
+    head = hasattr(model, HEAD)
+    for name, p in model.named_parameters():
+        if head and name.startswith("output_layer."):  # not used by a classifier (an untied output layer)
+            p.requires_grad_(False)
     if f.method == "full":
-        return None
-    adapters = f"{f.method}: "
+        return f"full, classification head of {model.num_labels} classes: " + _summary(model) if head else None
+    adapters = f"{f.method}: " + (f"a classification head of {model.num_labels} classes; " if head else "")
     if f.method in ("lora", "prompt", "prefix"):
         done = sum(name.endswith(f".{LORA}_A") for name, _ in model.named_parameters())
         adapters += (f"rank {f.lora.rank} adapters on {done} linears; " if f.method == "lora" else
@@ -112,7 +136,7 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
         if f.method in ("lora", "prompt", "prefix"):
             p.requires_grad_(p.requires_grad or hit)
         else:
-            p.requires_grad_(hit if key == "trainable" else not hit)
+            p.requires_grad_(name.startswith(f"{HEAD}.") or (hit if key == "trainable" else not hit))
     if not any(p.requires_grad for _, p in params):
         raise ConfigError(f"finetune.{key}={list(patterns)} leaves no parameter to train")
     return adapters + _summary(model)

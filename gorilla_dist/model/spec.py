@@ -28,6 +28,7 @@ from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
 from gorilla_dist.model.deltas import LINEARS, add_deltas, attach_low_rank
+from gorilla_dist.model.head import attach_classifier
 from gorilla_dist.model.prefix import attach_prefix
 from gorilla_dist.model.prompts import attach_soft_prompt
 from gorilla_dist.kernels.limits import UnsupportedAttention
@@ -227,7 +228,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
     """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
     (m, vocab_size, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
     sequence parallelism and activation checkpointing; None: neither. `finetune`: its adapters (LoRA)
-    are added here, with the model's other modules (which parameters train is finetune.apply_finetune's)."""
+    are added here, with the model's other modules (which parameters train is finetune.apply_finetune's),
+    and its classification head (the model then returns (b, s, num_labels) class scores: model/head.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -271,6 +273,11 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         share_layers(model, sets, share_norms=m.sharing.share_norms)
         if m.sharing.lora_rank:
             add_deltas(model, m.sharing.lora_rank, seed=seed, weight_decay=m.sharing.delta_weight_decay)
+    if finetune is not None and finetune.head == "classification":  # (its hook runs before the prompt's)
+        if finetune.num_labels < 1:
+            raise ConfigError("finetune.head=classification: finetune.num_labels is not known yet (the run fills it "
+                              "from the data: finetune.resolve_labels)")
+        attach_classifier(model, finetune.num_labels, seed=seed)
     if finetune is not None and finetune.method == "prompt":
         attach_soft_prompt(model, finetune.virtual_tokens)
     if finetune is not None and finetune.method == "prefix":

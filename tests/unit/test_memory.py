@@ -9,7 +9,8 @@ from test_nonfinite import REPO, batch, make_engine
 from gorilla_dist.config import Config
 from gorilla_dist.memory import ActivationPeak, FirstStepProbe
 from gorilla_dist.model import build_model
-from gorilla_dist.train import lm_loss, train_step
+from gorilla_dist.loss import lm_loss
+from gorilla_dist.train import train_step
 
 
 def test_fp32_zero0_state_is_4_bytes_of_weights_4_of_grads_8_of_moments(world1):

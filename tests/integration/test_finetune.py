@@ -6,6 +6,8 @@ missing base is refused; generate and export read the adapter checkpoint merged 
 exported LoRA model computes our adapted model's logits."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +319,68 @@ def test_a_hugging_face_llama_fine_tuned_with_lora_and_prefix_exports_back_to_pe
     export(lora, tmp_path / "merged")
     logits_equal(world1, lora, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
                                                                                  dtype=torch.float32))
+
+
+HEAD = ["finetune.head=classification", "finetune.method=freeze", f"finetune.trainable=[{TRAINABLE}]", "optim.lr=1e-2",
+        "train.eval_interval=4", "train.eval_batches=2"]
+
+
+def test_a_classification_head_learns_on_tp2_dp2_equals_one_process_evaluates_and_exports(world1, base, tmp_path):
+    """finetune.head=classification on labelled rows (the speaker is the label, no output): with
+    freeze, the head trains beside the selected layer; TP=2 with sequence parallelism x DP=2 (4 ranks)
+    equals 1 process; evaluate's accuracy and loss equal a recomputation on each example alone, and
+    transformers' *ForSequenceClassification loaded from the export scores the prompt as our model does."""
+    import numpy as np
+    import transformers
+
+    from gorilla_dist.data.dataset import TokenDataset
+    from helpers import trained_model
+
+    rows = tmp_path / "labelled.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r["input"][:30], "label": r["output"]})
+                            + "\n" for r in speaker_rows()))
+    data = tmp_path / "labelled"
+    subprocess.run([sys.executable, "-m", "gorilla_dist.data.prepare", f"input={rows}", f"output={data}",
+                    "format=instruction", f"tokenizer={base / 'base' / 'tokenizer.json'}", "workers=1",
+                    "progress=false"], cwd=REPO, check=True, capture_output=True)
+    one, four = tmp_path / "one", tmp_path / "four"
+    common = [f"data.sources=[{{path: {data}}}]", f"checkpoint.init_from={base / 'base'}", "train.max_steps=8",
+              "checkpoint.interval=0", "train.global_batch_size=8", *HEAD]
+    out = check(launch(one, *COMMON, *common))
+    assert re.search(r"\[finetune\] freeze: a classification head of 27 classes; 9 of 20 tensors", out), out[:3000]
+    check(launch(four, *COMMON, *common, "launch=torchrun", "launch.nproc_per_node=4", "parallel.tp=2",
+                 "parallel.sequence_parallel=true"))
+    a, b = losses(one), losses(four)
+    assert a.keys() == b.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    va, vb = ([r for r in metrics(run) if "val_accuracy" in r] for run in (one, four))
+    assert [r["val_accuracy"] for r in va] == [r["val_accuracy"] for r in vb] and len(va) == 2
+    assert va[-1]["val_loss"] < math.log(27) - 0.3  # the head learns (from chance: ln(classes))
+    saved = load_file(str(one / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert "classifier.weight" in saved and all(k == "classifier.weight" or re.search(TRAINABLE, k) for k in saved)
+
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={one}", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    model, _, _ = trained_model(world1, one)
+    ds = TokenDataset(data)
+    first, right, loss, names = round(ds.documents * 0.9), 0, 0.0, ds.label_names  # data.val_fraction=0.1: the tail
+    for i in range(first, ds.documents):
+        a_, b_ = int(ds.offsets[i]), int(ds.offsets[i + 1])
+        label, at = (int(x) for x in ds.labels[i])
+        ids = torch.as_tensor(ds.read(a_, b_ - 1).astype(np.int64))[None]  # (without the trailing <eod>)
+        with torch.no_grad():
+            scores = model(ids, torch.arange(ids.shape[1])[None], None)[0, at].double()
+        right += int(scores.argmax()) == label
+        loss += float(torch.nn.functional.cross_entropy(scores, torch.tensor(label)))
+    n = ds.documents - first
+    assert result["examples"] == n and result["accuracy"] == right / n
+    assert result["loss"] == pytest.approx(loss / n, rel=1e-5)
+    export(one, tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert [hf.config.id2label[i] for i in range(len(names))] == names
+    ids = torch.as_tensor(ds.read(int(ds.offsets[first]), int(ds.offsets[first + 1])).astype(np.int64))[None]
+    with torch.no_grad():  # the whole example, <eod> included: transformers reads the last token before it
+        ours = model(ids, torch.arange(ids.shape[1])[None], None)[0, int(ds.labels[first][1])]
+        torch.testing.assert_close(hf(input_ids=ids).logits[0], ours, rtol=1e-4, atol=1e-4)

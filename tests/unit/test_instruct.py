@@ -116,6 +116,8 @@ BAD_ROWS = [
      "the last message is from 'user'"),
     ({"messages": [{"role": "robot", "content": "A"}]}, r"messages\[0\]: role 'robot'"),
     ({"text": "plain"}, r"no 'instruction'/'output' or 'messages' field \(found \['text'\]\)"),
+    ({"instruction": "I", "output": "O", "label": 1.5}, r"field 'label' is 1.5; expected a string or an integer >= 0"),
+    ({"instruction": "I", "output": "O", "label": -1}, r"field 'label' is -1"),
 ]
 
 
@@ -125,6 +127,49 @@ def test_a_bad_row_fails_naming_file_and_line_and_leaves_no_output(tmp_path, row
     with pytest.raises(DataError, match=rf"out\.jsonl:2: .*{message}.*on_bad_row=skip"):
         prepare_rows(tmp_path, [good, row, good])
     assert not (tmp_path / "out").exists()
+
+
+def test_labels_mark_the_last_prompt_token_with_the_class_id(tmp_path):
+    """Labelled rows (with or without an output, instruction or messages): labels.bin holds each example's
+    class id (sorted names) and the index of its last prompt token; a row without output ends with an
+    <eod> outside the loss."""
+    d = prepare_rows(tmp_path, [{"instruction": "Who", "input": "x", "output": "B", "label": "bee"},
+                                {"instruction": "Who", "label": "ant"},
+                                {"messages": [{"role": "user", "content": "Q"}], "label": "cat"},
+                                {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                                 "label": "ant"}], train_on_inputs=True)
+    (t1, m1), (t2, m2), (t3, m3), (t4, m4) = examples(d)
+    p1, p2, p3 = b("Instruction:\nWho\n\nInput:\nx\n\nResponse:\n"), b("Instruction:\nWho\n\nResponse:\n"), b("User:\nQ\n\n")
+    assert t1 == p1 + b("B") + [EOD] and t2 == p2 + [EOD] and t3 == p3 + [EOD]
+    assert t4 == p3 + b("Assistant:\n") + b("A") + [EOD]
+    assert m2 == [1] * len(t2)  # (train_on_inputs: the label's position does not depend on the mask)
+    assert d.label_names == ["ant", "bee", "cat"]
+    assert np.asarray(d.labels).tolist() == [[1, len(p1) - 1], [0, len(p2) - 1], [2, len(p3) - 1],
+                                             [0, len(p3) + len(b("Assistant:\n")) - 1]]
+    ints = prepare_rows(tmp_path, [{"instruction": "I", "label": 2}, {"instruction": "I", "label": 0}], name="ints")
+    assert ints.label_names == ["0", "1", "2"] and np.asarray(ints.labels)[:, 0].tolist() == [2, 0]
+    with pytest.raises(DataError, match=r"out3\.jsonl:2 has a 'label' field and .*out3\.jsonl:1 has none"):
+        prepare_rows(tmp_path, [{"instruction": "I", "output": "O"}, {"instruction": "I", "label": "a"}], name="out3")
+    with pytest.raises(DataError, match="field 'output' is missing"):  # no label: the output is needed
+        prepare_rows(tmp_path, [{"instruction": "I"}], name="out4")
+
+
+def test_packed_samples_carry_each_examples_class_at_its_last_prompt_token(tmp_path):
+    rows = [{"instruction": "Who" + "?" * i, "output": "O" * (i % 3 + 1), "label": f"c{i % 4}"} for i in range(12)]
+    d = prepare_rows(tmp_path, rows)
+    data = ShardData([d], [1.0], load_tokenizer(d.path), seq_length=64, micro_batch_size=4, global_batch_size=4,
+                     dp=1, dp_rank=0, seed=0, val_fraction=0)
+    assert data.label_names == ["c0", "c1", "c2", "c3"]
+    batch = data.samples(data.train, np.zeros(data.train[0].samples, dtype=np.int64),
+                         np.arange(data.train[0].samples), shuffle=False)
+    seen = []
+    for r in range(batch.tokens.shape[0]):
+        at = (batch.classes[r] >= 0).nonzero().flatten()
+        assert batch.segments[r][at].tolist() == list(range(len(at)))  # one per example of the sample
+        assert bytes(batch.tokens[r][at].tolist()) == b"\n" * len(at)  # "Response:\n"'s newline
+        assert (batch.labels[r][at] == ord("O")).all() and (batch.loss_mask[r][at] == 1).all()  # next: the output
+        seen += batch.classes[r][at].tolist()
+    assert seen == [i % 4 for i in range(12)]
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):

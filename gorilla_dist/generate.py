@@ -1,7 +1,8 @@
 """`python -m gorilla_dist.generate run.dir=... prompt=... max_new_tokens=...`: text from a checkpoint.
 
 Loads the weights of a checkpoint (any training layout) into a single-process model and samples from
-it (gorilla_dist.inference).
+it (gorilla_dist.inference). A run with a classification head (finetune.head=classification) prints
+the prompt's most probable classes instead, one per line with its probability.
 """
 
 from __future__ import annotations
@@ -56,9 +57,26 @@ def generate(args) -> str:
     from gorilla_dist.inference import caches, inference_model, sample
 
     with inference_model(args.run_dir, args.checkpoint) as (cfg, _, model, tokenizer):
+        if cfg.finetune.head != "none":
+            return classify(model, tokenizer, args.prompt, cfg.finetune.labels)
         return sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                       seq_length=cfg.model.seq_length, temperature=args.temperature, top_k=args.top_k,
                       seed=args.seed, cache=args.cache and caches(cfg.model))
+
+
+def classify(model, tokenizer, prompt: str, labels: list[str], top: int = 5) -> str:
+    """A classification run: the classes its head gives the prompt's last token, most probable first."""
+    import torch
+
+    from gorilla_dist.errors import UserError
+
+    ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long)[None]
+    if not ids.shape[1]:
+        raise UserError("prompt= is empty; a classifier scores the last token of a prompt")
+    with torch.no_grad():
+        probs = model(ids, torch.arange(ids.shape[1])[None], None)[0, -1].float().softmax(-1)
+    best = probs.argsort(descending=True)[:top].tolist()
+    return "\n".join(f"{labels[i]}\t{probs[i]:.4f}" for i in best)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,11 @@ def export(run: Path, out: Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def check_generate(proc) -> list[str]:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()
+
+
 def logits_equal(world1, run: Path, hf_model, *, tol: float = 1e-4, skip: int = 0):
     """Our model of `run` (its adapters included) and a transformers model give the same logits."""
     import torch
@@ -363,7 +368,7 @@ def test_a_classification_head_learns_on_tp2_dp2_equals_one_process_evaluates_an
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    model, _, _ = trained_model(world1, one)
+    model, tok, _ = trained_model(world1, one)
     ds = TokenDataset(data)
     first, right, loss, names = round(ds.documents * 0.9), 0, 0.0, ds.label_names  # data.val_fraction=0.1: the tail
     for i in range(first, ds.documents):
@@ -384,3 +389,8 @@ def test_a_classification_head_learns_on_tp2_dp2_equals_one_process_evaluates_an
     with torch.no_grad():  # the whole example, <eod> included: transformers reads the last token before it
         ours = model(ids, torch.arange(ids.shape[1])[None], None)[0, int(ds.labels[first][1])]
         torch.testing.assert_close(hf(input_ids=ids).logits[0], ours, rtol=1e-4, atol=1e-4)
+    from helpers import generate  # on a classifier: the prompt's classes, most probable first
+
+    prompt = tok.decode(ds.read(int(ds.offsets[first]), int(ds.offsets[first]) + int(ds.labels[first][1]) + 1).tolist())
+    lines = check_generate(generate(one, f"prompt={prompt}"))
+    assert [line.split("\t")[0] for line in lines] == [names[i] for i in ours.argsort(descending=True)[:5].tolist()]

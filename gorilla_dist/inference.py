@@ -94,10 +94,10 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
 
 
 def caches(m) -> bool:
-    """Whether model config `m` samples with a KV cache: dense attention. The block-sparse layouts choose
-    key blocks per query block (learned ones from the block's pooled queries), which one new token at a
-    time does not reproduce; they re-run the context each step."""
-    return m.attention in ("dense", "flash")
+    """Whether model config `m` samples with a KV cache: dense attention and the static block-sparse
+    layouts. A learned layout chooses a block's keys from all of its queries, which a cache cannot
+    reproduce (kernels/sparse_attention.py); it re-runs the context each step."""
+    return m.attention != "learned"
 
 
 def checkpoint_model(run_dir: str | os.PathLike, which: str, device):

@@ -14,6 +14,13 @@ learned per-head map, and keeps the top-k (always its own block, and the first b
 mixture-of-experts router: the scores of a selected, non-forced block's keys get
 log(sigmoid(score + bias)) added, so the loss gradient reaches the scoring parameters through
 every block it kept, and blocks whose gate it lowers fall out of the top-k.
+
+Generation with a KV cache (gorilla_dist.inference.Decoder): a static layout does not depend on the
+tokens, so the last queries of a longer sequence see exactly the keys they see when the whole sequence
+runs — the layout's rows for those positions, expanded to tokens (`decode`, plain SDPA: a few queries).
+A learned layout picks a block's keys from the mean of all its queries, so an earlier token's output
+changes as its block fills: the outputs a cache keeps would not be the uncached model's, and learned
+layouts re-run the context instead (gorilla_dist.inference.caches).
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class _BlockSparseBase(MegatronModule):
             raise NotImplementedError(f"{type(self).__name__}: per-sample attention masks (data.reset_at_eod), "
                                       "attention_bias and packed sequences are not supported")
         s, b, np_, hn = query.shape
+        if key.shape[0] != s:  # decoding with a KV cache: the queries are the last s of the keys' positions
+            return self.decode(query, key, value)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
         pad = -s % self.block_size
         if pad:  # e.g. sampling at any length: pad the end; causal, so earlier positions never see it
@@ -61,6 +70,11 @@ class _BlockSparseBase(MegatronModule):
         return out[:, :, :s].permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
 
 
+    def decode(self, query, key, value):
+        raise UnsupportedAttention(f"{type(self).__name__} cannot attend from a KV cache (see the module docstring); "
+                                   "generate with cache=false")
+
+
 class StaticSparseAttention(_BlockSparseBase):
     """A fixed layout, built once per (sequence length, device): pattern `kind` = sliding | strided |
     bigbird (model.attention), with that builder's sizes (in blocks) as keyword arguments."""
@@ -68,6 +82,25 @@ class StaticSparseAttention(_BlockSparseBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._cache: dict = {}
+        self._masks: dict = {}
+
+    def decode(self, query, key, value):
+        """The last s of s_k positions: each query's row of the layout (tokens, causal), by SDPA."""
+        s, b, np_, hn = query.shape
+        s_k = key.shape[0]
+        n = s_k + (-s_k % self.block_size)
+        if (n, query.device) not in self._masks:  # (1, h, n, n) token mask of the layout, kept per length
+            self._masks[(n, query.device)] = self.build_layout(n).to(query.device).dense_mask()
+        allowed = self._masks[(n, query.device)][..., s_k - s:s_k, :s_k]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
+        if k.shape[1] != np_:  # grouped-query attention
+            k, v = k.repeat_interleave(np_ // k.shape[1], dim=1), v.repeat_interleave(np_ // k.shape[1], dim=1)
+        mask = allowed
+        if self.alibi_slopes is not None:
+            dist = (torch.arange(s_k - s, s_k, device=q.device)[:, None] - torch.arange(s_k, device=q.device)).to(q.dtype)
+            mask = (-self.alibi_slopes.to(q.dtype).view(1, -1, 1, 1) * dist).masked_fill(~allowed, float("-inf"))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
 
     def build_layout(self, seq_len: int) -> layouts.BlockLayout:
         p, bs = self.pattern, self.block_size

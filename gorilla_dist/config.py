@@ -296,7 +296,8 @@ class DataConfig:
     """Attention, position ids and the loss restart at every document boundary inside a packed sample."""
     pack: bool = True
     """Instruction data (prepared with format=instruction): several whole examples per sample, each
-    attending only to itself; false: one example per sample, padded."""
+    attending only to itself (dense attention builds the mask); false: one example per sample, padded
+    (plain causal attention: works with flash and the block-sparse layouts too)."""
     truncate: bool = False
     """Instruction data: an example longer than model.seq_length + 1 tokens is refused (false) or cut to
     its first model.seq_length + 1 tokens (true; the count is printed)."""
@@ -540,7 +541,7 @@ def validate(cfg, world: int | None = None) -> None:
     _validate_data(cfg.data, t)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
     if cfg.finetune.method in ("prompt", "prefix"):
-        _validate_virtual_tokens(cfg.finetune.method, m, p, cfg.data)
+        _validate_virtual_tokens(cfg.finetune.method, cfg.finetune.virtual_tokens, m, p, cfg.data)
     if cfg.finetune.method == "lora" and m.sharing.unique_layers not in (None, m.num_layers):
         raise ConfigError(f"finetune.method=lora with model.sharing.unique_layers={m.sharing.unique_layers}: adapters on "
                           "shared layers are not built (export would have to unroll the layers first); use "
@@ -601,10 +602,11 @@ def check_inputs(cfg) -> None:
             raise ConfigError(f"data.sources[{i}].path={src.path!r}: no such directory (prepare one with "
                               "python -m gorilla_dist.data.prepare input=... output=...)")
         meta = Path(src.path) / "meta.json"
-        if cfg.model.attention != "dense" and meta.is_file() and "examples" in json.loads(meta.read_text()):
-            raise ConfigError(f"data.sources[{i}].path={src.path!r} holds instruction examples, which attend only "
-                              f"within themselves (per-sample masks): model.attention={cfg.model.attention} does not "
-                              "support them yet; use model.attention=dense")
+        if cfg.model.attention != "dense" and d.pack and meta.is_file() and "examples" in json.loads(meta.read_text()):
+            raise ConfigError(f"data.sources[{i}].path={src.path!r} holds instruction examples, packed several to a "
+                              f"sample (data.pack=true), which attend only within themselves (per-sample masks): "
+                              f"model.attention={cfg.model.attention} does not support them; use model.attention=dense, "
+                              "or data.pack=false (one example per sample: causal attention is enough)")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
@@ -728,7 +730,7 @@ def _validate_sparse(m, d) -> None:
                           f"{m.attention} does not support; use model.attention=dense")
 
 
-def _validate_virtual_tokens(method: str, m, p, d) -> None:
+def _validate_virtual_tokens(method: str, n: int, m, p, d) -> None:
     """Prompt and prefix tuning put N positions before the tokens (what they cannot be combined with)."""
     why = None
     if m.position_embedding == "learned_absolute":
@@ -739,9 +741,12 @@ def _validate_virtual_tokens(method: str, m, p, d) -> None:
     elif d.reset_at_eod:
         why = ("data.reset_at_eod=true: the documents after the first of a sample would see the virtual tokens from "
                "further away than the first does (rotary / ALiBi positions)")
-    elif m.attention not in (("dense", "flash") if method == "prefix" else ("dense",)):
-        why = (f"model.attention={m.attention}: the block-sparse layouts have no place for the virtual tokens; use "
-               "model.attention=dense")
+    elif method == "prompt" and m.attention not in ("dense", "flash"):
+        why = (f"model.attention={m.attention}: the virtual tokens are inputs in front of the sequence, which a "
+               "block-sparse layout would hide from later tokens; use model.attention=dense")
+    elif method == "prefix" and m.attention not in ("dense", "flash") and n % m.sparse.block_size:
+        why = (f"finetune.virtual_tokens={n} with model.attention={m.attention}: the prefix keys are whole key blocks "
+               f"every query block visits; use a multiple of model.sparse.block_size={m.sparse.block_size}")
     if why:
         raise ConfigError(f"finetune.method={method}: {why}")
 

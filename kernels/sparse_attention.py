@@ -21,6 +21,13 @@ runs — the layout's rows for those positions, expanded to tokens (`decode`, pl
 A learned layout picks a block's keys from the mean of all its queries, so an earlier token's output
 changes as its block fills: the outputs a cache keeps would not be the uncached model's, and learned
 layouts re-run the context instead (gorilla_dist.inference.caches).
+
+Prefix tuning (gorilla_dist/model/prefix.py sets `prefix_kv`): N learned keys and values that every query
+sees. With N a multiple of the block size they are P = N / block_size whole key blocks: the kernels run
+on [prefix; sequence] with the layout shifted by P blocks and the P prefix blocks added to every query
+block's list (`with_prefix`); the prefix's own query rows are zeros whose outputs are dropped. Positions
+are those of the dense path (tokens at N.., ALiBi distances to the prefix included), so the kernels
+themselves are unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +58,17 @@ class _BlockSparseBase(MegatronModule):
         self.head_start = tp_rank * self.local_heads
         slopes = local_alibi_slopes(self.num_heads, pg_collection) if alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.prefix_kv = None  # prefix tuning: a callable -> this layer's (N, groups, head_dim) keys, values
+
+    def _prefix(self, b: int, dtype):
+        """(keys, values) [b, groups, N, hn] of prefix tuning, or None."""
+        if self.prefix_kv is None:
+            return None
+        pk, pv = self.prefix_kv()
+        if pk.shape[0] % self.block_size:
+            raise UnsupportedAttention(f"{pk.shape[0]} prefix keys are not whole blocks of {self.block_size}: set "
+                                       "finetune.virtual_tokens to a multiple of model.sparse.block_size")
+        return tuple(t.to(dtype).permute(1, 0, 2)[None].expand(b, -1, -1, -1) for t in (pk, pv))
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -64,10 +82,15 @@ class _BlockSparseBase(MegatronModule):
         pad = -s % self.block_size
         if pad:  # e.g. sampling at any length: pad the end; causal, so earlier positions never see it
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        layout, block_bias = self.select(q, k)
+        prefix = self._prefix(b, k.dtype)
+        n_pre = 0 if prefix is None else prefix[0].shape[2]
+        layout, block_bias = self.select(q, k, n_pre // self.block_size)
+        if prefix is not None:  # [prefix; sequence], the prefix's own (zero) queries dropped below
+            q = torch.cat([q.new_zeros(b, np_, n_pre, hn), q], 2)
+            k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
         out = block_sparse_attention(q, k, v, layout, scale=self.softmax_scale, alibi_slopes=self.alibi_slopes,
                                      block_bias=block_bias)
-        return out[:, :, :s].permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
+        return out[:, :, n_pre:n_pre + s].permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
 
 
     def decode(self, query, key, value):
@@ -93,11 +116,16 @@ class StaticSparseAttention(_BlockSparseBase):
             self._masks[(n, query.device)] = self.build_layout(n).to(query.device).dense_mask()
         allowed = self._masks[(n, query.device)][..., s_k - s:s_k, :s_k]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
+        prefix = self._prefix(b, k.dtype)
+        if prefix is not None:  # seen by every query
+            k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], prefix[0].shape[2]), allowed], -1)
         if k.shape[1] != np_:  # grouped-query attention
             k, v = k.repeat_interleave(np_ // k.shape[1], dim=1), v.repeat_interleave(np_ // k.shape[1], dim=1)
         mask = allowed
         if self.alibi_slopes is not None:
-            dist = (torch.arange(s_k - s, s_k, device=q.device)[:, None] - torch.arange(s_k, device=q.device)).to(q.dtype)
+            t = k.shape[2]  # keys (prefix included); the queries are the last s
+            dist = (torch.arange(t - s, t, device=q.device)[:, None] - torch.arange(t, device=q.device)).to(q.dtype)
             mask = (-self.alibi_slopes.to(q.dtype).view(1, -1, 1, 1) * dist).masked_fill(~allowed, float("-inf"))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
@@ -116,10 +144,10 @@ class StaticSparseAttention(_BlockSparseBase):
             raise ValueError(f"unknown static layout kind {kind!r}")
         return lay.heads(self.head_start, self.head_start + self.local_heads)
 
-    def select(self, q, k):
-        key = (q.shape[2], q.device)
-        if key not in self._cache:
-            self._cache[key] = self.build_layout(q.shape[2]).to(q.device)
+    def select(self, q, k, prefix_blocks: int = 0):
+        key = (q.shape[2], q.device, prefix_blocks)
+        if key not in self._cache:  # (kept: a static layout's backward walk is built once)
+            self._cache[key] = with_prefix(self.build_layout(q.shape[2]).to(q.device), None, prefix_blocks)[0]
         return self._cache[key], None
 
 
@@ -147,7 +175,7 @@ class LearnedSparseAttention(_BlockSparseBase):
         kp = kp + kp @ self.score_delta.to(kp.dtype)
         return (qp @ kp.transpose(-1, -2)).float() * self.softmax_scale + self.score_bias.float().view(1, h, 1, 1)
 
-    def select(self, q, k):
+    def select(self, q, k, prefix_blocks: int = 0):
         layouts.check_block_size(q.shape[2], self.block_size, "model.sparse.block_size")
         scores = self.block_scores(q, k)
         num, idx = layouts.topk(scores, self.topk, keep_first=self.keep_first)
@@ -158,4 +186,22 @@ class LearnedSparseAttention(_BlockSparseBase):
         gate = torch.nn.functional.logsigmoid(scores.gather(-1, idx))
         block_bias = torch.where(forced | ~layout.valid_slots(), 0.0, gate)
         self.last_layout = layout
+        return with_prefix(layout, block_bias, prefix_blocks)
+
+
+def with_prefix(layout: layouts.BlockLayout, block_bias, p: int):
+    """(layout, block_bias) of [p prefix blocks; the sequence]: every query block of the sequence visits the
+    p prefix blocks (bias 0) and its own layout's blocks shifted by p; prefix query block m visits blocks
+    0..m (rows whose outputs the caller drops)."""
+    if not p:
         return layout, block_bias
+    num, idx = layout.kv_num_blocks, layout.kv_indices  # (B|1, H|1, n), (B|1, H|1, n, max_kv)
+    lead, n, width = idx.shape[:2], layout.n_blocks, p + layout.max_kv
+    slots = torch.arange(width, dtype=idx.dtype, device=idx.device)
+    own = slots[:p].expand(*lead, n, p)  # the prefix blocks 0..p-1
+    first = slots.expand(p, width).clamp(max=torch.arange(p, device=idx.device)[:, None].to(idx.dtype))
+    idx = torch.cat([first.expand(*lead, p, width), torch.cat([own, idx + p], -1)], 2)
+    num = torch.cat([torch.arange(1, p + 1, dtype=num.dtype, device=num.device).expand(*lead, p), num + p], 2)
+    if block_bias is not None:  # (b, h, n, max_kv): no gate on the prefix
+        block_bias = torch.nn.functional.pad(block_bias, (p, 0, p, 0))
+    return layouts.BlockLayout(num.contiguous(), idx.contiguous(), layout.block_size), block_bias

@@ -129,15 +129,17 @@ def base_identity(ckpt: Path) -> dict:
     return {"path": str(Path(ckpt).resolve()), "sha256": files[WEIGHTS]["sha256"]}
 
 
-def base_of(ckpt: Path) -> Path | str | None:
+def base_of(ckpt: Path, *, check: bool = True) -> Path | str | None:
     """The base an adapter checkpoint was fine-tuned from (None for a whole-model checkpoint): a checkpoint
     directory, or "hf:<dir>" (a transformers model), checked to be usable and to hold the very weights it
-    was trained on."""
+    was trained on (which reads all of them: check=False when one rank has checked, see verify_bases)."""
     if not (ckpt / BASE).is_file():
         return None
     want = json.loads((ckpt / BASE).read_text())
     hf = hf_dir(want["path"])
     base = hf if hf is not None else Path(want["path"])
+    if not check:
+        return want["path"] if hf is not None else base
     if hf is not None:
         problem = None if (hf / "config.json").is_file() else "the directory is gone"
     else:
@@ -172,12 +174,24 @@ class _Overlay:
         return self._owner(key).get_slice(key)
 
 
+def verify_bases(ckpt: Path | str, layout) -> None:
+    """Rank 0 checks the chain of bases under an adapter checkpoint (base_of: every base's weights are
+    hashed); every rank raises its error. Then open_weights(ckpt, checked=True) on every rank."""
+
+    def walk() -> None:
+        at = ckpt
+        while at is not None and hf_dir(str(at)) is None:
+            at = base_of(Path(at))
+
+    on_main(walk, layout)
+
+
 @contextmanager
-def open_weights(ckpt: Path | str, *, model=None, vocab_size: int | None = None):
+def open_weights(ckpt: Path | str, *, model=None, vocab_size: int | None = None, checked: bool = False):
     """A checkpoint's model weights as a safetensors handle (read one tensor at a time); an adapter
     checkpoint's tensors overlaid on its base's (and the base's on its own base, if it has one). A base
     "hf:<dir>" (or `ckpt` itself) is converted for model config `model` and `vocab_size` ids (both read
-    from the adapter checkpoint's run when not given)."""
+    from the adapter checkpoint's run when not given). checked: verify_bases has checked the bases."""
     with ExitStack() as stack:
         handles = []
         while ckpt is not None:
@@ -194,7 +208,7 @@ def open_weights(ckpt: Path | str, *, model=None, vocab_size: int | None = None)
                 tokenizer = ckpt.parent.parent / "tokenizer.json"
                 vocab_size = load_tokenizer(tokenizer).vocab_size if tokenizer.is_file() else None
             handles.append(stack.enter_context(safe_open(str(ckpt / WEIGHTS), "pt")))
-            ckpt = base_of(ckpt)
+            ckpt = base_of(ckpt, check=not checked)
         yield _Overlay(handles) if len(handles) > 1 else handles[0]
 
 
@@ -325,7 +339,8 @@ class Checkpointer:
                                   "finetune settings it was written with, or start a new run.dir")
         if self.adapter:
             self.base = json.loads((ckpt / BASE).read_text())
-        with open_weights(ckpt) as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
+        verify_bases(ckpt, self.layout)
+        with open_weights(ckpt, checked=True) as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
             _check_fits(engine, w, str(ckpt / WEIGHTS))
             engine.load_full_state(w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
@@ -346,7 +361,7 @@ class Checkpointer:
             on_main(lambda: check_tokenizer(hf, run_tokenizer), self.layout)
             with open_weights(source, model=self.cfg.model, vocab_size=load_tokenizer(run_tokenizer).vocab_size) as w:
                 self._load_initial(w, engine, extra, f"checkpoint.init_from={source}")
-            self.base = hf_identity(hf)
+            self.base = on_main(lambda: hf_identity(hf), self.layout)  # (hashes the weights: once)
             return source
 
         def find() -> Path:
@@ -363,7 +378,8 @@ class Checkpointer:
 
         ckpt = on_main(find, self.layout)
         _check_same_sharing(ckpt, self.cfg.model)
-        with open_weights(ckpt) as w:
+        verify_bases(ckpt, self.layout)
+        with open_weights(ckpt, checked=True) as w:
             self._load_initial(w, engine, extra, f"checkpoint.init_from: {ckpt / WEIGHTS}")
         self.base = base_identity(ckpt)
         return ckpt

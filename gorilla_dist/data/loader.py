@@ -103,6 +103,7 @@ class ShardData:
         self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
         self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
         self.dp, self.dp_rank, self.seed, self.reset, self.device = dp, dp_rank, seed, reset_at_eod, device
+        self.one_per_sample = not pack
         self.train, self.val = [], []
         self.notes: list[str] = []  # what the loader did that a user should know (printed once by the loop)
         for d in datasets:
@@ -157,6 +158,8 @@ class ShardData:
                           else spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
         if self.reset and not examples.all():
             segments[~examples] = eod_segments(windows[~examples], self.eod)
+        if self.one_per_sample and not self.reset:  # one example, then padding: causal attention keeps them apart
+            segments = None
         return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,
                     classes=classes)
 

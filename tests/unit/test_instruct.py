@@ -220,7 +220,11 @@ def test_samples_hold_consecutive_whole_examples_with_their_masks(tmp_path, pack
     for j in range(span.samples):
         batch = data.samples(data.train, np.array([0]), np.array([j]), shuffle=False)
         window = np.append(batch.tokens[0].numpy(), batch.labels[0, -1].item())
-        seg = np.append(batch.segments[0].numpy(), -1)
+        if pack:
+            seg = np.append(batch.segments[0].numpy(), -1)
+        else:  # one example, then padding: plain causal attention, no segment ids
+            assert batch.segments is None
+            seg = np.where(np.arange(len(window)) < len(exs[span.first[j]][0]), 0, 1)
         pos, loss = batch.position_ids[0].numpy(), batch.loss_mask[0].numpy()
         for k in range(span.first[j + 1] - span.first[j]):
             tokens, mask = exs[span.first[j] + k]
@@ -355,8 +359,8 @@ def test_prompt_tuning_computes_the_model_on_the_prompt_and_the_tokens(world1, t
 
     model = prompt_model(world1, position_embedding=position)
     d = prepare_rows(tmp_path, qa_rows(30))
-    alone = loader([d], seq=128, pack=False)
-    single = alone.samples(alone.train, np.array([0]), np.array([0]), shuffle=False)
+    packed = loader([d], seq=128, pack=True)  # (several examples: segment ids)
+    single = packed.samples(packed.train, np.array([0]), np.array([0]), shuffle=False)
     with torch.no_grad():
         emb = model.embedding(input_ids=single.tokens, position_ids=single.position_ids)
         full = torch.cat([model.soft_prompt.weight[:, None], emb])
@@ -369,7 +373,7 @@ def test_prompt_tuning_computes_the_model_on_the_prompt_and_the_tokens(world1, t
         torch.testing.assert_close(model(single.tokens, single.position_ids, None)[0], ref, rtol=1e-5, atol=1e-5)
         labels = single.labels[0]
         ref_loss = torch.nn.functional.cross_entropy(ref[:, :257], labels, reduction="none")
-        # segments (the padding after the example is its own segment) change nothing before the padding
+        # segments (the later examples are other segments) change nothing for the first example
         at = np.flatnonzero(single.segments[0].numpy() == 0)
         torch.testing.assert_close(per_token_loss(model, single)[0][at], ref_loss[at], rtol=1e-5, atol=1e-5)
         model.soft_prompt.weight.zero_()

@@ -9,6 +9,7 @@ uses it without importing torch or model code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -241,6 +242,24 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
 
+OBJECTIVES = ("clm", "classify")
+CLASSIFY_TARGETS = ("source",)
+
+
+@dataclass
+class ObjectiveConfig:
+    """One pretraining objective of the mixture (train.objectives): its name, its share of the samples
+    (and of the loss), and its options (each applies to the objectives named in its description)."""
+
+    name: str = MISSING
+    """clm (next-token prediction) | classify (which data.sources entry a sample comes from, from its
+    mean-pooled final hidden states through a linear head)."""
+    weight: float = 1.0
+    """This objective's share of every window of samples and of the loss (normalised over objectives)."""
+    target: str = "source"
+    """classify: what to predict: source (the sample's data.sources index)."""
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 2000
@@ -268,6 +287,12 @@ class TrainConfig:
     (end the run with an error). Either way a non-finite model is never saved."""
     max_skipped_steps: int = 10
     """With nonfinite=skip: stop after this many skipped steps in a row (something is broken)."""
+    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig(name="clm")])
+    """Pretraining objectives mixed by weight, e.g. '[{name: clm, weight: 0.9}, {name: classify, weight: 0.1}]'
+    (quoted on the command line). Each sample gets one objective (a deterministic rule: every window of
+    samples follows the weights within one sample, whatever the data-parallel size); the loss is the
+    weighted sum of each objective's mean over the global batch; metrics.jsonl logs each objective's loss
+    (gorilla_dist/objectives.py). The default, clm alone, is plain language-model pretraining."""
 
 
 @dataclass
@@ -539,6 +564,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(t.nonfinite, NONFINITE, "train.nonfinite")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
+    _validate_objectives(t.objectives, cfg.data, cfg.finetune)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
     if cfg.finetune.method in ("prompt", "prefix"):
         _validate_virtual_tokens(cfg.finetune.method, cfg.finetune.virtual_tokens, m, p, cfg.data)
@@ -792,6 +818,30 @@ def _validate_finetune(f, c) -> None:
     if c.init_from is None:
         raise ConfigError(f"finetune.method={f.method} adapts a trained model: set checkpoint.init_from=<run or "
                           "checkpoint directory> (its weights are the frozen base)")
+
+
+def _validate_objectives(objectives, d, f) -> None:
+    if not objectives:
+        raise ConfigError(f"train.objectives is empty; give at least one of {list(OBJECTIVES)}, e.g. "
+                          "'[{name: clm}]'")
+    names = [o.name for o in objectives]
+    for i, o in enumerate(objectives):
+        _choice(o.name, OBJECTIVES, f"train.objectives[{i}].name")
+        if not (o.weight > 0 and math.isfinite(o.weight)):
+            raise ConfigError(f"train.objectives[{i}].weight={o.weight} ({o.name}) must be positive")
+        _choice(o.target, CLASSIFY_TARGETS, f"train.objectives[{i}].target")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"train.objectives names {twice[0]} twice; give each objective once with its weight")
+    if "classify" in names and not d.sources:
+        raise ConfigError("train.objectives: classify predicts which data.sources entry a sample comes from; give "
+                          "two or more data.sources")
+    if "classify" in names and len(d.sources) < 2:
+        raise ConfigError(f"train.objectives: classify with {len(d.sources)} data.sources has nothing to tell apart; "
+                          "give two or more sources")
+    if names != ["clm"] and f.head != "none":
+        raise ConfigError(f"train.objectives={names} with finetune.head={f.head}: a classification run has its own "
+                          "loss; use the default train.objectives")
 
 
 def _validate_data(d, t) -> None:

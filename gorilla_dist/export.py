@@ -488,6 +488,10 @@ def export(args) -> tuple[str, Path, str, int]:
     if args.format == "peft":
         return export_peft(args)
     cfg, tok, weights, source = load_source(args)
+    aux = sorted({k.split(".")[1] for k in weights if k.startswith("objective_heads.")})
+    if aux:  # (hf_weights maps the model's own parameters only)
+        print(f"[export] leaving out the auxiliary head(s) of train.objectives: {', '.join(aux)} (used in "
+              "pretraining only; transformers' model has no place for them)", file=sys.stderr)
     arch, n = write_hf(Path(args.out), cfg.model, tok, weights, dtype=args.dtype, labels=cfg.finetune.labels)
     return source, Path(args.out), arch, n
 

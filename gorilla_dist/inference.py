@@ -112,8 +112,10 @@ def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
     ckpt = resolve_checkpoint(run_dir, which)
     cfg = load_run_config(ckpt)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    from gorilla_dist.objectives import head_sizes
+
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, dtype="fp32", device=device, seed=cfg.run.seed,
-                        finetune=cfg.finetune)
+                        finetune=cfg.finetune, heads=head_sizes(cfg.train.objectives, len(cfg.data.sources)))
     apply_finetune(model, cfg.finetune)  # the run's adapters, if any
     load_consolidated(model, checkpoint_weights(ckpt), str(ckpt))
     return cfg, ckpt, model.eval(), tokenizer

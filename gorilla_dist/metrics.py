@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gorilla_dist.files import write_text_atomic
-from gorilla_dist.parallel import dp_mean
+from gorilla_dist.parallel import dp_mean, dp_sum
 
 # Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
 # logging.peak_tflops (e.g. measured with benchmarks/) to get MFU there.
@@ -59,6 +59,8 @@ class Metrics:
         self.cfg, self.layout = cfg, layout
         self.router_stats = router_stats  # engine.moe.RouterStats of an MoE model, else None
         self.moe_pending: list[torch.Tensor] = []
+        self.objective_names = [o.name for o in cfg.train.objectives]
+        self.objective_pending: list[torch.Tensor] = []
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
         self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None, bool]] = []
@@ -93,12 +95,15 @@ class Metrics:
                           config=OmegaConf.to_container(OmegaConf.create(self.cfg), resolve=True))
 
     def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm, *, skipped: bool = False,
-             moe: torch.Tensor | None = None) -> None:
+             moe: torch.Tensor | None = None, objectives: torch.Tensor | None = None) -> None:
         """Record a step; `loss` is this rank's mean loss (a tensor, not read here); `skipped`: the update
-        was not applied (non-finite loss or gradient norm); `moe`: the routers' numbers (StepResult.moe)."""
+        was not applied (non-finite loss or gradient norm); `moe`: the routers' numbers (StepResult.moe);
+        `objectives`: each objective's (loss sum, units, correct) on this rank (StepResult.objectives)."""
         self.pending.append((step, loss.detach(), lr, grad_norm, skipped))
         if moe is not None:
             self.moe_pending.append(moe)
+        if objectives is not None:
+            self.objective_pending.append(objectives)
         if step % self.cfg.train.log_interval == 0:
             self.flush()
 
@@ -107,6 +112,10 @@ class Metrics:
             return
         losses = dp_mean(torch.stack([p[1].float() for p in self.pending]), self.layout)
         moe = self._moe_numbers()
+        objectives = None
+        if self.objective_pending:  # (steps, objectives, 3) summed over the data-parallel ranks
+            objectives = dp_sum(torch.stack(self.objective_pending).double(), self.layout).tolist()
+            self.objective_pending = []
         values = losses.tolist()  # the one host sync per interval
         now = time.perf_counter()
         steps = self.pending[-1][0] - self.last_step
@@ -121,6 +130,13 @@ class Metrics:
             if self.peak:
                 row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.layout.world)
             rows.append(row)
+        if objectives is not None:
+            for row, per_objective in zip(rows, objectives):
+                for name, (loss_sum, units, right) in zip(self.objective_names, per_objective):
+                    row[f"loss_{name}"] = loss_sum / max(units, 1.0)
+                    row[f"units_{name}"] = int(units)
+                    if name != "clm":
+                        row[f"accuracy_{name}"] = right / max(units, 1.0)
         if moe is not None:
             for i, row in enumerate(rows):
                 row.update({name: v[i] for name, v in moe["per_step"].items()})

@@ -6,6 +6,7 @@ import torch
 
 from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
+from gorilla_dist.config import ObjectiveConfig
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
@@ -16,15 +17,17 @@ from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
+from gorilla_dist.objectives import Objectives, build_objectives, head_sizes
 from gorilla_dist.parallel import dp_sum
 from gorilla_dist.stopping import StopSignals
 
 
-def train_step(engine: TrainEngine, micro_batches, layout=None, *, poison: bool = False,
-               probe: FirstStepProbe | None = None) -> StepResult:
+def train_step(engine: TrainEngine, micro_batches, layout=None, *, objectives: Objectives | None = None,
+               poison: bool = False, probe: FirstStepProbe | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches. DeepSpeed skips the update when the gradient
     norm is inf/NaN (see NonFiniteGuard). `poison` (fault injection, tests): a NaN loss, as from an
-    overflow. `probe` measures memory (the first step of a run).
+    overflow. `probe` measures memory (the first step of a run). `objectives`: the run's mixture (None:
+    the language-model loss alone).
 
     The loss is the mean over every target of the global batch (all micro-batches of all data-parallel
     ranks): DeepSpeed averages gradients over micro-batches and ranks, so each micro-batch's summed loss
@@ -32,34 +35,68 @@ def train_step(engine: TrainEngine, micro_batches, layout=None, *, poison: bool 
     of targets in each micro-batch; a mean per micro-batch would weigh its tokens unequally, and
     differently for each layout. (With every target counted, as in pretraining, the divisor is the
     micro-batch's own count, exactly.) A classifier's loss is the mean over the global batch's labelled
-    examples, the same way."""
+    examples, the same way; with several objectives, each objective's mean over its own units, weighted
+    (gorilla_dist/objectives). StepResult.objectives: this rank's (summed loss, units, correct) of each."""
     dp = layout.dp if layout is not None else 1
     head = is_classifier(engine.module)
-    count = torch.stack([target_count(b, head=head) for b in micro_batches]).sum()
+    objectives = objectives or PLAIN
+    n = dp * len(micro_batches)
+    if head:
+        counts = torch.stack([target_count(b, head=True) for b in micro_batches]).sum()[None]
+    else:
+        counts = torch.stack([objectives.units(b) for b in micro_batches]).sum(0)  # (objectives,)
+    local = counts.clone()
     if layout is not None:
-        count = dp_sum(count, layout)
-    per_micro = (count / (dp * len(micro_batches))).clamp(min=1.0 / (dp * len(micro_batches)))
+        counts = dp_sum(counts, layout)
+    per_micro = (counts / n).clamp(min=1.0 / n)
+    stats = []
 
     def loss_fn(model, batch):
-        loss = objective(model, batch, per_micro, head=head)
+        if head:
+            loss = objective(model, batch, per_micro[0], head=True)
+        else:
+            sums = objectives.sums(model, batch)
+            stats.append(sums.detach())
+            loss = objectives.loss(sums, per_micro)
         return loss * float("nan") if poison else loss
 
-    return engine.step(micro_batches, loss_fn, probe=probe)
+    result = engine.step(micro_batches, loss_fn, probe=probe)
+    if stats and not objectives.plain:
+        summed = torch.stack(stats).sum(0)  # (objectives, 2): loss sum, correct
+        result.objectives = torch.stack([summed[:, 0], local, summed[:, 1]], dim=1)
+    return result
 
 
 @torch.no_grad()
-def evaluate(engine, data, n_batches: int, layout) -> dict[str, float]:
+def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None = None) -> dict[str, float]:
     """Held-out loss over the fixed validation batches of every data-parallel rank (per target, as
-    `python -m gorilla_dist.evaluate` computes it); a classifier's per example, and its accuracy. One
-    host sync."""
+    `python -m gorilla_dist.evaluate` computes it); a classifier's per example, and its accuracy. With
+    several objectives, every objective scores every validation sample: val_loss stays the language-model
+    loss, the others add val_<name>_loss (and val_<name>_accuracy). One host sync."""
     engine.eval()
+    batches = data.val_batches(n_batches)
     if is_classifier(engine.module):
-        totals = torch.stack([torch.stack(class_loss_sum(engine, b)) for b in data.val_batches(n_batches)]).sum(0)
-    else:
-        totals = torch.stack([torch.stack(lm_loss_sum(engine, b)) for b in data.val_batches(n_batches)]).sum(0)
+        totals = torch.stack([torch.stack(class_loss_sum(engine, b)) for b in batches]).sum(0)
+        engine.train()
+        loss_sum, count, right = dp_sum(totals, layout).tolist()
+        return {"val_loss": loss_sum / max(count, 1.0), "val_accuracy": right / max(count, 1.0)}
+    if objectives is None or objectives.plain:
+        totals = torch.stack([torch.stack(lm_loss_sum(engine, b)) for b in batches]).sum(0)
+        engine.train()
+        loss_sum, count = dp_sum(totals, layout).tolist()
+        return {"val_loss": loss_sum / max(count, 1.0)}
+    every = Objectives([ObjectiveConfig(name="clm")] + [ObjectiveConfig(name=o) for o in objectives.names if o != "clm"])
+    totals = torch.stack([torch.cat([every.sums(engine, b), every.units(b)[:, None]], 1) for b in batches]).sum(0)
     engine.train()
-    loss_sum, count, *right = dp_sum(totals, layout).tolist()
-    return {"val_loss": loss_sum / max(count, 1.0), **({"val_accuracy": right[0] / max(count, 1.0)} if right else {})}
+    values = dp_sum(totals.double(), layout).tolist()  # per objective: loss sum, correct, units
+    out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
+    for name, (loss_sum, right, units) in zip(every.names[1:], values[1:]):
+        out[f"val_{name}_loss"] = loss_sum / max(units, 1.0)
+        out[f"val_{name}_accuracy"] = right / max(units, 1.0)
+    return out
+
+
+PLAIN = Objectives([ObjectiveConfig(name="clm")])
 
 
 class DivergenceError(UserError):
@@ -101,8 +138,10 @@ def train(cfg, layout) -> bool:
     resolve_labels(cfg.finetune, data.label_names)  # (checkpoints record the classes)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
+    objectives = build_objectives(t.objectives)
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
-                        seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune)
+                        seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune,
+                        heads=head_sizes(t.objectives, len(data.datasets)))
     tuned = apply_finetune(model, cfg.finetune)
     if tuned and layout.is_main:
         print(f"[finetune] {tuned}", flush=True)
@@ -135,19 +174,20 @@ def train(cfg, layout) -> bool:
     stopping = False
     while step < t.max_steps and not stopping:
         lr = engine.lr  # the rate this step uses (the schedule advances inside the step)
-        result = train_step(engine, data.next_train_batches(), layout,
+        result = train_step(engine, data.next_train_batches(), layout, objectives=objectives,
                             poison=faults.hit("loss", step=step + 1, rank=layout.rank), probe=probe)
         step += 1
         if probe is not None:
             metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
             probe = None
-        metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe)
+        metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe,
+                     objectives=result.objectives)
         guard.check(step, result.skipped)
         faults.hit("step", step=step, rank=layout.rank)
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
             with metrics.paused():
-                values = evaluate(engine, data, t.eval_batches, layout)
+                values = evaluate(engine, data, t.eval_batches, layout, objectives)
             metrics.eval(step, values)
         stopping = signals.agreed()
         if ckpt.due(step, last) or stopping:

@@ -47,6 +47,7 @@ from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError, ConfigError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.finetune import is_adapter
+from gorilla_dist.model.head import HEADS
 from gorilla_dist.hf_import import check_tokenizer, hf_dir
 from gorilla_dist.hf_import import converted as hf_converted
 from gorilla_dist.hf_import import identity as hf_identity
@@ -389,7 +390,9 @@ class Checkpointer:
         if extra is not None:  # values computed from the base's weights (prompt tuning's first prompt)
             w = _Overlay([_Tensors(extra(w)), w])
         # the other adapters this run adds start as built (LoRA's B = 0: the base model exactly)
-        fresh = frozenset(n for n, _ in engine.module.named_parameters() if is_adapter(n) and n not in set(w.keys()))
+        have = set(w.keys())  # new adapters and objective heads start as built
+        fresh = frozenset(n for n, _ in engine.module.named_parameters()
+                          if (is_adapter(n) or n.startswith(f"{HEADS}.")) and n not in have)
         _check_fits(engine, w, where, fresh=fresh)
         engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state(), fresh=fresh)
 

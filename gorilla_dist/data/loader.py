@@ -37,7 +37,9 @@ class Batch:
     the input); segments: (b, s) int32, the document each token belongs to — attention stays inside a
     document (the attention modules build the mask on the device from it) — or None for plain causal
     attention over the whole sample; source: (b,); classes: (b, s) int64, labelled examples' class ids at
-    the position the classification head reads, -1 elsewhere (None without labelled data)."""
+    the position the classification head reads, -1 elsewhere (None without labelled data); objective:
+    (b,) int64, each training sample's objective (train.objectives; None: a single objective, and on
+    validation batches, where every objective scores every sample)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -46,6 +48,7 @@ class Batch:
     segments: torch.Tensor | None
     source: torch.Tensor
     classes: torch.Tensor | None = None
+    objective: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self.__dict__.values()))
@@ -98,7 +101,7 @@ class ShardData:
     def __init__(self, datasets: list[TokenDataset], weights: list[float], tokenizer, *, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, seed: int,
                  val_fraction: float, reset_at_eod: bool = False, pack: bool = True, truncate: bool = False,
-                 device: torch.device | str = "cpu"):
+                 objective_weights: list[float] | None = None, device: torch.device | str = "cpu"):
         self.datasets, self.weights, self.tokenizer = datasets, list(weights), tokenizer
         self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
         self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
@@ -127,6 +130,8 @@ class ShardData:
         self.label_names = list(names.pop()) if names else None
         """The class names (in id order) of the labelled datasets; None when there are none."""
         self.blend = Blend(self.weights)
+        self.objectives = Blend(objective_weights) if objective_weights and len(objective_weights) > 1 else None
+        """Which objective each training sample serves (gorilla_dist/objectives), or None for one."""
         self._val_cache: dict[int, list[Batch]] = {}
 
     def sources_fingerprint(self) -> list:
@@ -163,16 +168,20 @@ class ShardData:
         return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,
                     classes=classes)
 
-    def _rank_batches(self, spans, sources, index, *, shuffle: bool) -> list[Batch]:
+    def _rank_batches(self, spans, sources, index, *, shuffle: bool, objective: np.ndarray | None = None) -> list[Batch]:
         per_rank = len(index) // self.dp
         mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
-        batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle).to(self.device)
+        batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle)
+        if objective is not None:
+            batch.objective = torch.from_numpy(objective[mine])
+        batch = batch.to(self.device)
         return [batch[i:i + self.micro] for i in range(0, per_rank, self.micro)]
 
     def next_train_batches(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch."""
         sources, index = self.blend.take(self.global_batch)
-        return self._rank_batches(self.train, sources, index, shuffle=True)
+        objective = self.objectives.take(self.global_batch)[0] if self.objectives is not None else None
+        return self._rank_batches(self.train, sources, index, shuffle=True, objective=objective)
 
     def val_batches(self, n_micro: int) -> list[Batch]:
         """The same validation samples at every evaluation (the blend from its start, unshuffled)."""
@@ -182,7 +191,10 @@ class ShardData:
         return self._val_cache[n_micro]
 
     def state_dict(self) -> dict:
-        return {"blend": self.blend.state_dict(), "seed": self.seed, "sources": self.sources_fingerprint()}
+        state = {"blend": self.blend.state_dict(), "seed": self.seed, "sources": self.sources_fingerprint()}
+        if self.objectives is not None:
+            state["objectives"] = {"weights": self.objectives.weights, **self.objectives.state_dict()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "blend" not in state:
@@ -195,7 +207,15 @@ class ShardData:
             raise DataError("the checkpoint's data order was made from other data.sources (datasets or weights) "
                             "than this run's; resuming would not continue the same sample sequence; keep the "
                             "sources or start a new run.dir")
+        saved = state.get("objectives")
+        theirs, mine = (saved["weights"] if saved else None), (self.objectives.weights if self.objectives else None)
+        if theirs != mine:
+            raise DataError(f"the checkpoint's samples were assigned to objectives with weights {theirs}, this "
+                            f"run's train.objectives give {mine}; resuming would "
+                            "not continue the same sequence; keep train.objectives or start a new run.dir")
         self.blend.load_state_dict(state["blend"])
+        if self.objectives is not None:
+            self.objectives.load_state_dict(saved)
 
 
 def _open_sources(d: DataConfig, layout) -> list[TokenDataset]:
@@ -252,4 +272,5 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
     return ShardData(datasets, weights, load_tokenizer(tok_file), seq_length=seq_length,
                      micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
                      dp=layout.dp, dp_rank=layout.dp_rank, seed=run.seed, val_fraction=d.val_fraction,
-                     reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, device=layout.device)
+                     reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, device=layout.device,
+                     objective_weights=[o.weight for o in train.objectives])

@@ -52,6 +52,9 @@ class StepResult:
     """The update was not applied (inf/NaN gradient norm): weights, optimizer and schedule unchanged."""
     moe: torch.Tensor | None = None
     """Mixture of experts: this rank's router numbers for the step (moe.RouterStats.take); None when dense."""
+    objectives: torch.Tensor | None = None
+    """Several pretraining objectives: this rank's (summed loss, units, correct) of each, (objectives, 3)
+    (train.train_step; None for one)."""
 
 
 class TrainEngine:

@@ -10,6 +10,12 @@ sequence parallelism the hidden states are gathered first, with a backward that 
 slice of the gradient, so nothing is counted twice). The loss (loss.py) reads the scores at each
 labelled example's last prompt token (data.loader.Batch.classes). The output layer is not used: its
 weight (when not tied to the embedding) stays frozen, as the base left it.
+
+Auxiliary heads of pretraining objectives (gorilla_dist/objectives: `objective_heads.<name>`) read the
+same final hidden states beside the language-model output: a forward hook on megatron's decoder block
+keeps their per-position scores (`objective_scores`, (b, s, classes) each); a sample's prediction is the
+mean of its positions' scores, which for a bias-free linear head equals the head on the mean-pooled
+hidden state. Computing them inside the model's forward keeps ZeRO-3's parameter gathering as usual.
 """
 
 from __future__ import annotations
@@ -20,25 +26,40 @@ HEAD = "classifier"
 """The head's module name; its parameter is `classifier.weight`, (num_labels, hidden)."""
 
 
-def _scores(model, _args, hidden):
+HEADS = "objective_heads"
+"""The pretraining objectives' heads (a ModuleDict): `objective_heads.<objective>.weight`."""
+
+
+def _whole_sequence(model, hidden: torch.Tensor) -> torch.Tensor:
+    """(s, b, h) final hidden states, gathered over the sequence-parallel ranks (the backward keeps each
+    rank's own slice of the gradient: every rank computes the same head loss)."""
     if model.config.sequence_parallel:
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-    return model.classifier(hidden).transpose(0, 1)  # (s, b, h) -> (b, s, num_labels)
+    return hidden
+
+
+def _scores(model, _args, hidden):
+    return model.classifier(_whole_sequence(model, hidden)).transpose(0, 1)  # (s, b, h) -> (b, s, num_labels)
+
+
+def _linear(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Linear:
+    """A bias-free (hidden -> classes) linear, normal init with the model's init std, seeded: the same on
+    every rank and layout."""
+    w = model.embedding.word_embeddings.weight
+    head = torch.nn.Linear(w.shape[1], classes, bias=False, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        init = torch.empty(head.weight.shape, dtype=torch.float32)
+        init.normal_(0.0, model.config.init_method_std, generator=torch.Generator().manual_seed(seed))
+        head.weight.copy_(init)
+    return head
 
 
 def attach_classifier(model: torch.nn.Module, num_labels: int, *, seed: int) -> None:
-    """Add the head (normal init with the model's init std, seeded: the same on every rank) and make the
-    model's forward return class scores. Attach it before the prompt-tuning hooks, which then drop the
-    virtual tokens' scores like any other output."""
-    w = model.embedding.word_embeddings.weight
-    head = torch.nn.Linear(w.shape[1], num_labels, bias=False, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        init = torch.empty(head.weight.shape, dtype=torch.float32)
-        init.normal_(0.0, model.config.init_method_std, generator=torch.Generator().manual_seed(seed + 7919))
-        head.weight.copy_(init)
-    model.add_module(HEAD, head)
+    """Add the head and make the model's forward return class scores. Attach it before the prompt-tuning
+    hooks, which then drop the virtual tokens' scores like any other output."""
+    model.add_module(HEAD, _linear(model, num_labels, seed + 7919))
     model.num_labels = num_labels
     model.post_process = False
     model.register_forward_hook(_scores)
@@ -46,3 +67,24 @@ def attach_classifier(model: torch.nn.Module, num_labels: int, *, seed: int) -> 
 
 def is_classifier(model: torch.nn.Module) -> bool:
     return hasattr(model, HEAD)
+
+
+def attach_objective_heads(model: torch.nn.Module, classes: dict[str, int], *, seed: int) -> None:
+    """Add a head per objective ({name: classes}) and the decoder hook that keeps their scores."""
+    model.add_module(HEADS, torch.nn.ModuleDict({name: _linear(model, n, seed + 104_729 + i)
+                                                 for i, (name, n) in enumerate(sorted(classes.items()))}))
+    model.objective_scores = {}
+
+    def keep(_decoder, _args, hidden):
+        hidden = _whole_sequence(model, hidden)
+        model.objective_scores = {name: head(hidden).transpose(0, 1) for name, head in model.objective_heads.items()}
+
+    model.decoder.register_forward_hook(keep)
+
+
+def pooled_scores(model: torch.nn.Module, name: str, weights: torch.Tensor) -> torch.Tensor:
+    """(b, classes): head `name`'s scores averaged over each sample's positions with `weights` (b, s)
+    (e.g. its loss mask), i.e. the head on the mean-pooled hidden state. After a forward."""
+    scores = model.objective_scores[name].float()  # (b, s', classes); s' > s with prompt tuning's tokens
+    scores = scores[:, scores.shape[1] - weights.shape[1]:]
+    return (scores * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)

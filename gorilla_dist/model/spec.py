@@ -28,7 +28,7 @@ from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import core_attention_spec
 from gorilla_dist.model.deltas import LINEARS, add_deltas, attach_low_rank
-from gorilla_dist.model.head import attach_classifier
+from gorilla_dist.model.head import attach_classifier, attach_objective_heads
 from gorilla_dist.model.prefix import attach_prefix
 from gorilla_dist.model.prompts import attach_soft_prompt
 from gorilla_dist.kernels.limits import UnsupportedAttention
@@ -224,12 +224,14 @@ def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None
 
 
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
-                parallel: ParallelConfig | None = None, finetune: FinetuneConfig | None = None) -> GPTModel:
+                parallel: ParallelConfig | None = None, finetune: FinetuneConfig | None = None,
+                heads: dict[str, int] | None = None) -> GPTModel:
     """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
     (m, vocab_size, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
     sequence parallelism and activation checkpointing; None: neither. `finetune`: its adapters (LoRA)
     are added here, with the model's other modules (which parameters train is finetune.apply_finetune's),
-    and its classification head (the model then returns (b, s, num_labels) class scores: model/head.py)."""
+    and its classification head (the model then returns (b, s, num_labels) class scores: model/head.py).
+    `heads`: the pretraining objectives' auxiliary heads, {objective: classes} (objectives.head_sizes)."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -273,6 +275,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         share_layers(model, sets, share_norms=m.sharing.share_norms)
         if m.sharing.lora_rank:
             add_deltas(model, m.sharing.lora_rank, seed=seed, weight_decay=m.sharing.delta_weight_decay)
+    if heads:
+        attach_objective_heads(model, heads, seed=seed)
     if finetune is not None and finetune.head == "classification":  # (its hook runs before the prompt's)
         if finetune.num_labels < 1:
             raise ConfigError("finetune.head=classification: finetune.num_labels is not known yet (the run fills it "

@@ -1,0 +1,119 @@
+"""Pretraining objectives mixed by ratio: the config refuses what it cannot run, naming the valid
+choices; the assignment of samples to objectives follows the weights in every window and does not
+depend on the data-parallel size; a mixed step's loss is the weighted sum of each objective's mean,
+computed here by hand through the same model; clm alone is the language-model loss exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from gorilla_dist.config import Config, ObjectiveConfig, validate
+from gorilla_dist.data.loader import pack
+from gorilla_dist.data.order import Blend
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.objectives import Objectives
+from tests.unit.test_nonfinite import REPO
+
+
+def config(objectives, sources=2):
+    from helpers import composed
+
+    cfg = composed(*([f"data.sources=[{', '.join(f'{{path: /d/{i}}}' for i in range(sources))}]"] if sources else []))
+    return OmegaConf.merge(cfg, {"train": {"objectives": objectives}})
+
+
+@pytest.mark.parametrize(("objectives", "sources", "message"), [
+    ([{"name": "mlm"}], 2, r"train.objectives\[0\].name='mlm'.*clm.*classify"),
+    ([{"name": "clm"}, {"name": "clm", "weight": 2}], 2, "names clm twice"),
+    ([{"name": "clm", "weight": 0}], 2, r"train.objectives\[0\].weight=0"),
+    ([{"name": "clm"}, {"name": "classify", "target": "topic"}], 2, r"train.objectives\[1\].target='topic'"),
+    ([{"name": "clm"}, {"name": "classify"}], 1, "nothing to tell apart"),
+    ([], 2, "train.objectives is empty"),
+])
+def test_bad_objectives_are_refused_naming_the_key_and_the_choices(objectives, sources, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config(objectives, sources), world=1)
+
+
+def test_every_window_follows_the_weights_and_a_resumed_blend_continues_it():
+    weights = [0.7, 0.2, 0.1]
+    blend = Blend(weights)
+    seq = np.concatenate([blend.take(12)[0] for _ in range(50)])  # 50 global batches of 12
+    for start in range(0, len(seq) - 40, 7):
+        counts = np.bincount(seq[start:start + 40], minlength=3)
+        assert np.all(np.abs(counts - 40 * np.array(weights)) <= 2)
+    first = Blend(weights)
+    first.take(24)
+    resumed = Blend(weights)
+    resumed.load_state_dict(first.state_dict())
+    assert (np.concatenate([resumed.take(12)[0] for _ in range(48)]) == seq[24:]).all()
+
+
+def loader_ids(tmp_path, dp: int) -> list[np.ndarray]:
+    """Each global batch's objective ids, as the data-parallel ranks together see them."""
+    from gorilla_dist.data.loader import ShardData
+    from gorilla_dist.data.dataset import TokenDataset
+    from gorilla_dist.data.tokenizer import load_tokenizer
+    from gorilla_dist.data.writer import PrepareArgs, prepare
+
+    src = tmp_path / "a.txt"
+    if not src.exists():
+        src.write_text("".join(f"document {i} " * 20 + "\n\n" for i in range(200)))
+        prepare(PrepareArgs(input=[str(src)], output=str(tmp_path / "a"), tokenizer="byte", workers=1, progress=False))
+    ds = TokenDataset(tmp_path / "a")
+    ranks = [ShardData([ds], [1.0], load_tokenizer(ds.path), seq_length=32, micro_batch_size=8 // dp // 2,
+                       global_batch_size=8, dp=dp, dp_rank=r, seed=0, val_fraction=0,
+                       objective_weights=[0.75, 0.25]) for r in range(dp)]
+    out = []
+    for _ in range(6):
+        out.append(np.concatenate([torch.cat([b.objective for b in data.next_train_batches()]).numpy()
+                                   for data in ranks]))
+    return out
+
+
+def test_the_loader_gives_the_same_objectives_on_every_data_parallel_size(tmp_path):
+    one, two, four = (loader_ids(tmp_path, dp) for dp in (1, 2, 4))
+    assert all((a == b).all() and (a == c).all() for a, b, c in zip(one, two, four))
+    assert sum(int((x == 1).sum()) for x in one) == 12  # a quarter of 48 samples
+
+
+def test_a_mixed_step_is_the_weighted_sum_of_each_objectives_mean(world1):
+    """clm 0.75 + classify 0.25 on 4 samples (3 clm, 1 classify): the loss train_step takes equals
+    0.75 * (clm loss summed over the clm samples' targets / their count) + 0.25 * (cross entropy of the
+    head on the classify sample's mean-pooled hidden states), computed here from the model's own
+    pieces; with clm alone the objectives give exactly lm_loss."""
+    from gorilla_dist.loss import lm_loss, per_token_loss
+    from gorilla_dist.model import build_model
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config).model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
+    model = build_model(cfg, vocab_size=16, dtype="fp32", device=world1.device, seed=1, heads={"classify": 3}).eval()
+    tokens = np.random.default_rng(0).integers(0, 15, (4, 33))
+    batch = pack(tokens, np.array([33, 33, 20, 33]), np.array([0, 2, 1, 1]), eod=15, reset_at_eod=False)
+    batch.objective = torch.tensor([0, 0, 1, 0])
+    objectives = Objectives([ObjectiveConfig(name="clm", weight=3.0), ObjectiveConfig(name="classify", weight=1.0)])
+    units = objectives.units(batch)
+    assert units.tolist() == [32.0 * 3, 1.0]
+    with torch.no_grad():
+        sums = objectives.sums(model, batch)
+        loss = objectives.loss(sums, units)
+        per_token = per_token_loss(model, batch)
+        hidden = {}
+        hook = model.decoder.register_forward_hook(lambda _m, _a, out: hidden.setdefault("h", out))
+        model(batch.tokens, batch.position_ids, None)
+        hook.remove()
+    rows = torch.tensor([True, True, False, True])
+    clm = (per_token[rows] * batch.loss_mask[rows]).sum() / batch.loss_mask[rows].sum()
+    h = hidden["h"][:, 2]  # (s, hidden) of the classify sample
+    mask = batch.loss_mask[2]
+    pooled = (h * mask[:, None]).sum(0) / mask.sum()  # 19 scored positions (20 real tokens)
+    ce = F.cross_entropy((model.objective_heads["classify"].weight @ pooled)[None], torch.tensor([1]))
+    torch.testing.assert_close(loss, 0.75 * clm + 0.25 * ce, rtol=1e-5, atol=1e-6)
+    assert sums[1, 1] == float(torch.argmax(model.objective_heads["classify"].weight @ pooled) == 1)
+    plain = Objectives([ObjectiveConfig(name="clm")])
+    batch.objective = None
+    with torch.no_grad():
+        assert torch.equal(plain.loss(plain.sums(model, batch), plain.units(batch)), lm_loss(model, batch))

@@ -242,7 +242,7 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
 
-OBJECTIVES = ("clm", "classify")
+OBJECTIVES = ("clm", "classify", "contrastive")
 CLASSIFY_TARGETS = ("source",)
 
 
@@ -253,11 +253,18 @@ class ObjectiveConfig:
 
     name: str = MISSING
     """clm (next-token prediction) | classify (which data.sources entry a sample comes from, from its
-    mean-pooled final hidden states through a linear head)."""
+    mean-pooled final hidden states through a linear head) | contrastive (two halves of one document of
+    the sample, attending each to itself only, are a positive pair; the other contrastive samples of the
+    micro-batch on every data-parallel rank — the same part of the global batch for any data-parallel
+    size: 1 / (accumulation count) of it — are negatives; InfoNCE on their projected, normalised means)."""
     weight: float = 1.0
     """This objective's share of every window of samples and of the loss (normalised over objectives)."""
     target: str = "source"
     """classify: what to predict: source (the sample's data.sources index)."""
+    temperature: float = 0.1
+    """contrastive: the InfoNCE temperature."""
+    projection: int = 64
+    """contrastive: width of the linear projection the pooled halves go through before normalising."""
 
 
 @dataclass
@@ -564,7 +571,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(t.nonfinite, NONFINITE, "train.nonfinite")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
-    _validate_objectives(t.objectives, cfg.data, cfg.finetune)
+    _validate_objectives(t.objectives, cfg.data, cfg.finetune, m.attention)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
     if cfg.finetune.method in ("prompt", "prefix"):
         _validate_virtual_tokens(cfg.finetune.method, cfg.finetune.virtual_tokens, m, p, cfg.data)
@@ -820,7 +827,7 @@ def _validate_finetune(f, c) -> None:
                           "checkpoint directory> (its weights are the frozen base)")
 
 
-def _validate_objectives(objectives, d, f) -> None:
+def _validate_objectives(objectives, d, f, attention: str) -> None:
     if not objectives:
         raise ConfigError(f"train.objectives is empty; give at least one of {list(OBJECTIVES)}, e.g. "
                           "'[{name: clm}]'")
@@ -830,6 +837,9 @@ def _validate_objectives(objectives, d, f) -> None:
         if not (o.weight > 0 and math.isfinite(o.weight)):
             raise ConfigError(f"train.objectives[{i}].weight={o.weight} ({o.name}) must be positive")
         _choice(o.target, CLASSIFY_TARGETS, f"train.objectives[{i}].target")
+        if not (o.temperature > 0 and math.isfinite(o.temperature)):
+            raise ConfigError(f"train.objectives[{i}].temperature={o.temperature} must be positive")
+        _positive(o.projection, f"train.objectives[{i}].projection")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"train.objectives names {twice[0]} twice; give each objective once with its weight")
@@ -839,6 +849,10 @@ def _validate_objectives(objectives, d, f) -> None:
     if "classify" in names and len(d.sources) < 2:
         raise ConfigError(f"train.objectives: classify with {len(d.sources)} data.sources has nothing to tell apart; "
                           "give two or more sources")
+    if "contrastive" in names and attention != "dense":
+        raise ConfigError(f"train.objectives: contrastive keeps a sample's two halves from attending to each other "
+                          f"(per-sample masks), which model.attention={attention} does not support; use "
+                          "model.attention=dense")
     if names != ["clm"] and f.head != "none":
         raise ConfigError(f"train.objectives={names} with finetune.head={f.head}: a classification run has its own "
                           "loss; use the default train.objectives")

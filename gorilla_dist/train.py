@@ -18,7 +18,7 @@ from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
 from gorilla_dist.objectives import Objectives, build_objectives, head_sizes
-from gorilla_dist.parallel import dp_sum
+from gorilla_dist.parallel import dp_group, dp_sum
 from gorilla_dist.stopping import StopSignals
 
 
@@ -85,8 +85,15 @@ def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None
         engine.train()
         loss_sum, count = dp_sum(totals, layout).tolist()
         return {"val_loss": loss_sum / max(count, 1.0)}
-    every = Objectives([ObjectiveConfig(name="clm")] + [ObjectiveConfig(name=o) for o in objectives.names if o != "clm"])
+    group = objectives.dp_group
+    every = Objectives([ObjectiveConfig(name="clm")] + [ObjectiveConfig(name=o) for o in objectives.names
+                                                        if o not in ("clm", "contrastive")], group)
     totals = torch.stack([torch.cat([every.sums(engine, b), every.units(b)[:, None]], 1) for b in batches]).sum(0)
+    if "contrastive" in objectives.names:  # its own view of the same samples (the halves attend apart)
+        view = Objectives([ObjectiveConfig(name="contrastive", temperature=objectives.temperature["contrastive"])], group)
+        every.names.append("contrastive")
+        totals = torch.cat([totals, torch.stack([torch.cat([view.sums(engine, b), view.units(b)[:, None]], 1)
+                                                 for b in data.val_batches(n_batches, "contrastive")]).sum(0)])
     engine.train()
     values = dp_sum(totals.double(), layout).tolist()  # per objective: loss sum, correct, units
     out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
@@ -138,7 +145,7 @@ def train(cfg, layout) -> bool:
     resolve_labels(cfg.finetune, data.label_names)  # (checkpoints record the classes)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
-    objectives = build_objectives(t.objectives)
+    objectives = build_objectives(t.objectives, dp_group(layout))
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
                         seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune,
                         heads=head_sizes(t.objectives, len(data.datasets)))

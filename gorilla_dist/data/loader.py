@@ -39,7 +39,7 @@ class Batch:
     attention over the whole sample; source: (b,); classes: (b, s) int64, labelled examples' class ids at
     the position the classification head reads, -1 elsewhere (None without labelled data); objective:
     (b,) int64, each training sample's objective (train.objectives; None: a single objective, and on
-    validation batches, where every objective scores every sample)."""
+    validation batches, where every objective scores every sample); spans: see below."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -49,6 +49,8 @@ class Batch:
     source: torch.Tensor
     classes: torch.Tensor | None = None
     objective: torch.Tensor | None = None
+    spans: torch.Tensor | None = None
+    """(b, s) int8: the contrastive objective's two halves of a sample, 1 and 2 (objectives.contrastive_view)."""
 
     def to(self, device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self.__dict__.values()))
@@ -101,7 +103,8 @@ class ShardData:
     def __init__(self, datasets: list[TokenDataset], weights: list[float], tokenizer, *, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, seed: int,
                  val_fraction: float, reset_at_eod: bool = False, pack: bool = True, truncate: bool = False,
-                 objective_weights: list[float] | None = None, device: torch.device | str = "cpu"):
+                 objective_weights: list[float] | None = None, objective_names: list[str] | None = None,
+                 device: torch.device | str = "cpu"):
         self.datasets, self.weights, self.tokenizer = datasets, list(weights), tokenizer
         self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
         self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
@@ -132,7 +135,9 @@ class ShardData:
         self.blend = Blend(self.weights)
         self.objectives = Blend(objective_weights) if objective_weights and len(objective_weights) > 1 else None
         """Which objective each training sample serves (gorilla_dist/objectives), or None for one."""
-        self._val_cache: dict[int, list[Batch]] = {}
+        names = list(objective_names or [])
+        self.contrastive = names.index("contrastive") if "contrastive" in names else None
+        self._val_cache: dict[tuple, list[Batch]] = {}
 
     def sources_fingerprint(self) -> list:
         return [[d.meta["index"]["sha256"], w] for d, w in zip(self.datasets, self.weights)]
@@ -168,12 +173,24 @@ class ShardData:
         return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,
                     classes=classes)
 
-    def _rank_batches(self, spans, sources, index, *, shuffle: bool, objective: np.ndarray | None = None) -> list[Batch]:
+    def _rank_batches(self, spans, sources, index, *, shuffle: bool, objective: np.ndarray | None = None,
+                      view: str | None = None) -> list[Batch]:
         per_rank = len(index) // self.dp
         mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        if self.contrastive is not None:  # micro-batch i of all ranks = the i-th consecutive part of the batch,
+            # whatever dp is: the contrastive negatives (gathered per micro-batch) are the same samples
+            mine = np.arange(len(index)).reshape(-1, self.dp, self.micro)[:, self.dp_rank].reshape(-1)
         batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle)
         if objective is not None:
             batch.objective = torch.from_numpy(objective[mine])
+        if self.contrastive is not None:  # training: the contrastive samples; validation: view="contrastive", all
+            rows = np.full(per_rank, view == "contrastive" or (view == "train" and self.objectives is None))
+            if objective is not None:
+                rows = objective[mine] == self.contrastive
+            if rows.any():
+                from gorilla_dist.objectives import contrastive_view
+
+                batch = contrastive_view(batch, rows, self.eod)
         batch = batch.to(self.device)
         return [batch[i:i + self.micro] for i in range(0, per_rank, self.micro)]
 
@@ -181,14 +198,15 @@ class ShardData:
         """This rank's micro-batches of the next global batch."""
         sources, index = self.blend.take(self.global_batch)
         objective = self.objectives.take(self.global_batch)[0] if self.objectives is not None else None
-        return self._rank_batches(self.train, sources, index, shuffle=True, objective=objective)
+        return self._rank_batches(self.train, sources, index, shuffle=True, objective=objective, view="train")
 
-    def val_batches(self, n_micro: int) -> list[Batch]:
-        """The same validation samples at every evaluation (the blend from its start, unshuffled)."""
-        if n_micro not in self._val_cache:
+    def val_batches(self, n_micro: int, view: str | None = None) -> list[Batch]:
+        """The same validation samples at every evaluation (the blend from its start, unshuffled);
+        view="contrastive": every sample prepared for that objective (objectives.contrastive_view)."""
+        if (n_micro, view) not in self._val_cache:
             sources, index = Blend(self.weights).take(n_micro * self.micro * self.dp)
-            self._val_cache[n_micro] = self._rank_batches(self.val, sources, index, shuffle=False)
-        return self._val_cache[n_micro]
+            self._val_cache[(n_micro, view)] = self._rank_batches(self.val, sources, index, shuffle=False, view=view)
+        return self._val_cache[(n_micro, view)]
 
     def state_dict(self) -> dict:
         state = {"blend": self.blend.state_dict(), "seed": self.seed, "sources": self.sources_fingerprint()}
@@ -273,4 +291,5 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
                      micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
                      dp=layout.dp, dp_rank=layout.dp_rank, seed=run.seed, val_fraction=d.val_fraction,
                      reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, device=layout.device,
-                     objective_weights=[o.weight for o in train.objectives])
+                     objective_weights=[o.weight for o in train.objectives],
+                     objective_names=[o.name for o in train.objectives])

@@ -16,6 +16,12 @@ loss it was before objectives existed.
     classify  which data.sources entry the sample comes from: the mean of its final-normed hidden states
               over its scored positions, through a bias-free linear head (`objective_heads.classify`,
               an auxiliary parameter: checkpointed like any other, left out by export)
+    contrastive  the loader splits the longest document of the sample into two halves (`contrastive_view`:
+              segment ids keep each half attending to itself only; Batch.spans marks them); each half's
+              mean hidden state goes through a linear projection (`objective_heads.contrastive`) and is
+              normalised; InfoNCE with temperature tau matches every first half with its own second half
+              among the second halves of all contrastive samples of the micro-batch on every data-parallel
+              rank (gathered with their gradients, so 2 ranks compute what 1 process does)
 
 Evaluation scores every objective on every validation sample: `val_loss` stays the language-model loss
 (comparable with a clm-only run), and each other objective adds its own numbers.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,9 +49,13 @@ class Objective:
 class Objectives:
     """The run's objectives (from train.objectives) and how a micro-batch's loss is made of them."""
 
-    def __init__(self, configs):
+    def __init__(self, configs, dp_group=None):
+        """dp_group: the data-parallel process group contrastive negatives are gathered over (None: this
+        process only)."""
         total = sum(c.weight for c in configs)
         self.items = [Objective(c.name, c.weight / total, i) for i, c in enumerate(configs)]
+        self.temperature = {c.name: c.temperature for c in configs}
+        self.dp_group = dp_group
         self.weights = [o.weight for o in self.items]
         self.names = [o.name for o in self.items]
         self.plain = self.names == ["clm"]  # the language-model loss alone, exactly as before objectives
@@ -76,6 +87,9 @@ class Objectives:
             if o.name == "clm":
                 mask = batch.loss_mask if self.plain else batch.loss_mask * rows[:, None]
                 out.append(torch.stack([(losses * mask).sum(), losses.new_zeros(())]))
+            elif o.name == "contrastive":
+                ce, right = contrastive_sums(model, batch, self.rows(batch, o), self.temperature[o.name], self.dp_group)
+                out.append(torch.stack([ce, right]))
             else:  # classify: the sample's source
                 scores = classify_scores(model, batch)  # (b, sources)
                 ce = F.cross_entropy(scores, batch.source, reduction="none")
@@ -98,13 +112,70 @@ def classify_scores(model, batch) -> torch.Tensor:
     return pooled_scores(module, "classify", batch.loss_mask)
 
 
-def build_objectives(configs) -> Objectives:
-    return Objectives(configs)
+def contrastive_sums(model, batch, rows: torch.Tensor, temperature: float, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed InfoNCE loss over this rank's contrastive samples `rows`, how many rank their own second
+    half first), the negatives gathered over `group` with their gradients."""
+    module = model.module if hasattr(model, "module") else model
+    first = F.normalize(pooled_scores(module, "contrastive", (batch.spans == 1).float())[rows], dim=-1)
+    second = F.normalize(pooled_scores(module, "contrastive", (batch.spans == 2).float())[rows], dim=-1)
+    offset, every = 0, second
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        n = torch.tensor([second.shape[0]], device=second.device)
+        counts = [torch.zeros_like(n) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(counts, n, group=group)
+        counts = [int(c) for c in counts]
+        padded = F.pad(second, (0, 0, 0, max(counts) - second.shape[0]))
+        parts = all_gather(padded, group=group)  # differentiable: each rank's gradient goes back to its owner
+        every = torch.cat([p[:c] for p, c in zip(parts, counts)])
+        offset = sum(counts[:torch.distributed.get_rank(group)])
+    logits = first @ every.T / temperature  # (mine, all)
+    target = torch.arange(first.shape[0], device=first.device) + offset
+    return F.cross_entropy(logits, target, reduction="sum"), (logits.argmax(-1) == target).sum().float().detach()
+
+
+def contrastive_view(batch, rows: np.ndarray, eod: int):
+    """The batch with each row in `rows` (bool (b,)) prepared for the contrastive objective: its longest
+    document (tokens between <eod>s, or its longest segment) split into two halves, first half segment
+    0, second half 1, everything else 2 (attention stays inside each); positions restart in each half;
+    no language-model targets; Batch.spans 1 / 2 on the halves. Other rows keep their attention (one
+    segment, or their own segments) and everything else. A document of one token is both halves."""
+    tokens = batch.tokens.numpy()
+    b, s = tokens.shape
+    has = batch.segments is not None
+    seg = batch.segments.numpy().copy() if has else np.zeros((b, s), dtype=np.int32)
+    pos, loss = batch.position_ids.numpy().copy(), batch.loss_mask.numpy().copy()
+    spans = np.zeros((b, s), dtype=np.int8)
+    for r in np.flatnonzero(rows):
+        doc = seg[r] if has else np.concatenate([[0], np.cumsum(tokens[r, :-1] == eod)])
+        real = tokens[r] != eod
+        ids, counts = np.unique(doc[real], return_counts=True)
+        at = np.flatnonzero(real & (doc == ids[np.argmax(counts)])) if len(ids) else np.array([0])
+        half = max(1, len(at) // 2)
+        first, second = (at[:half], at[half:]) if len(at) > 1 else (at, at)
+        seg[r], spans[r, first], spans[r, second] = 2, 1, 2
+        seg[r, first], seg[r, second] = 0, 1 if len(at) > 1 else 0
+        pos[r, first], pos[r, second] = np.arange(len(first)), np.arange(len(second))
+        loss[r] = 0.0
+    batch.segments, batch.position_ids = torch.from_numpy(seg), torch.from_numpy(pos)
+    batch.loss_mask, batch.spans = torch.from_numpy(loss), torch.from_numpy(spans)
+    return batch
+
+
+def build_objectives(configs, dp_group=None) -> Objectives:
+    return Objectives(configs, dp_group)
 
 
 def head_sizes(configs, n_sources: int) -> dict[str, int]:
-    """The auxiliary heads the objectives need ({name: classes}) for a run with n_sources data sources."""
-    return {"classify": n_sources} if any(c.name == "classify" for c in configs) else {}
+    """The auxiliary heads the objectives need ({name: classes or width}) for a run with n_sources sources."""
+    out = {}
+    for c in configs:
+        if c.name == "classify":
+            out["classify"] = n_sources
+        elif c.name == "contrastive":
+            out["contrastive"] = c.projection
+    return out
 
 
-__all__ = ["HEADS", "Objective", "Objectives", "build_objectives", "classify_scores", "head_sizes"]
+__all__ = ["HEADS", "Objective", "Objectives", "build_objectives", "classify_scores", "contrastive_view", "head_sizes"]

@@ -105,6 +105,15 @@ def tp_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return shards
 
 
+def dp_group(layout: ParallelLayout):
+    """The data-parallel process group (None when dp == 1)."""
+    if layout.dp == 1:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
 def dp_sum(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     """Sum of `tensor` over the data-parallel ranks, in place (one collective; no-op when dp == 1)."""
     if layout.dp > 1:

@@ -117,3 +117,55 @@ def test_a_mixed_step_is_the_weighted_sum_of_each_objectives_mean(world1):
     batch.objective = None
     with torch.no_grad():
         assert torch.equal(plain.loss(plain.sums(model, batch), plain.units(batch)), lm_loss(model, batch))
+
+
+def test_the_contrastive_view_splits_the_longest_document_of_each_chosen_row():
+    from gorilla_dist.objectives import contrastive_view
+
+    eod = 9
+    rows = np.array([[1, 2, eod, 3, 4, 5, 6, 7, eod, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]])
+    batch = pack(rows, np.array([11, 11]), np.array([0, 0]), eod=eod, reset_at_eod=False)
+    out = contrastive_view(batch, np.array([True, False]), eod)
+    # row 0: documents [1 2] [3 4 5 6 7] [1 2]; the longest (positions 3..7) splits 2 + 3
+    assert out.spans[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 0, 0]
+    assert out.segments[0].tolist() == [2, 2, 2, 0, 0, 1, 1, 1, 2, 2]
+    assert out.position_ids[0, 3:8].tolist() == [0, 1, 0, 1, 2]
+    assert out.loss_mask[0].sum() == 0
+    # row 1 keeps its attention (one segment), positions and targets
+    assert out.spans[1].sum() == 0 and out.segments[1].tolist() == [0] * 10
+    assert out.position_ids[1].tolist() == list(range(10)) and out.loss_mask[1].sum() == 10
+
+
+def test_the_contrastive_loss_is_infonce_over_the_halves(world1):
+    """Computed by hand from each half run alone through the model (the segment ids must keep the halves
+    apart for this to hold), projected, normalised: cross entropy of first-half x second-half
+    similarities / tau with the diagonal as the target."""
+    from gorilla_dist.model import build_model
+    from gorilla_dist.objectives import contrastive_view
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config).model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
+    model = build_model(cfg, vocab_size=16, dtype="fp32", device=world1.device, seed=1,
+                        heads={"contrastive": 8}).eval()
+    tokens = np.random.default_rng(3).integers(0, 15, (3, 25))
+    tokens[0, 6] = tokens[2, 15] = 15  # <eod>s: the longest documents are after / before them
+    batch = contrastive_view(pack(tokens, np.array([25, 25, 25]), np.array([0, 0, 0]), eod=15, reset_at_eod=False),
+                             np.array([True, True, True]), 15)
+    objectives = Objectives([ObjectiveConfig(name="contrastive", temperature=0.5)])
+    with torch.no_grad():
+        sums = objectives.sums(model, batch)
+        halves = []
+        for r in range(3):
+            zs = []
+            for half in (1, 2):
+                ids = batch.tokens[r][batch.spans[r] == half][None]
+                hidden = {}
+                hook = model.decoder.register_forward_hook(lambda _m, _a, out: hidden.setdefault("h", out))
+                model(ids, torch.arange(ids.shape[1])[None], None)
+                hook.remove()
+                zs.append(F.normalize(model.objective_heads["contrastive"].weight @ hidden["h"][:, 0].mean(0), dim=0))
+            halves.append(zs)
+        first, second = torch.stack([h[0] for h in halves]), torch.stack([h[1] for h in halves])
+        logits = first @ second.T / 0.5
+        ref = F.cross_entropy(logits, torch.arange(3), reduction="sum")
+    torch.testing.assert_close(sums[0, 0], ref, rtol=1e-5, atol=1e-5)
+    assert sums[0, 1] == (logits.argmax(-1) == torch.arange(3)).sum()

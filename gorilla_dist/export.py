@@ -301,9 +301,11 @@ def hf_tokenizer(tok) -> tuple[str, str]:
         t = Tokenizer(models.BPE({c: b for b, c in bytes_to_unicode().items()}, [], byte_fallback=False))
         t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         t.decoder = decoders.ByteLevel()
-    t.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])
-    if t.token_to_id(EOD_TOKEN) != tok.eod:
-        raise ExportError(f"tokenizer: {EOD_TOKEN} got id {t.token_to_id(EOD_TOKEN)}, expected {tok.eod}")
+    # <eod>, then the objectives' special tokens (data/tokenizer.py), at the ids they have here
+    t.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in (EOD_TOKEN, *tok.specials)])
+    for name, want in ((EOD_TOKEN, tok.eod), *((n, tok.special_id(n)) for n in tok.specials)):
+        if t.token_to_id(name) != want:
+            raise ExportError(f"tokenizer: {name} got id {t.token_to_id(name)}, expected {want}")
     return t.to_str(), EOD_TOKEN
 
 

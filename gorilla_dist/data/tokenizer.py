@@ -7,6 +7,13 @@ They are saved as one JSON file, `tokenizer.json`, with a `kind` field:
   {"kind": "hf", "eod": "<|endoftext|>", "hf": {...}}   a Hugging Face tokenizers JSON, embedded
 
 `encode` returns a numpy array of ids without the eod token; the prepare tool appends it.
+
+Special tokens (`prepare ... special_tokens=objectives`): the pretraining objectives' mode tokens,
+separator and sentinels (OBJECTIVE_TOKENS, in that order) get ids of their own, which no text encodes to
+for char and byte tokenizers. char / byte: the ids after <eod>, in order (the file adds
+"specials": [...]); hf: added to the Hugging Face tokenizer as special tokens (its next free ids, in
+order). A tokenizer.json that has them keeps them: a second dataset prepared with it shares the ids.
+`special_id(name)` finds one.
 """
 
 from __future__ import annotations
@@ -22,19 +29,41 @@ from gorilla_dist.files import write_text_atomic
 
 EOD_TEXT = "\n"  # what char/byte tokenizers decode <eod> as: the separator a document boundary replaced
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+N_SENTINELS = 64
+OBJECTIVE_TOKENS = ("<|mode:R|>", "<|mode:X|>", "<|mode:S|>", "<|sep|>",
+                    *(f"<|sentinel:{i}|>" for i in range(N_SENTINELS)))
+"""The special tokens of the pretraining objectives (gorilla_dist/objectives): UL2's three denoiser modes,
+a separator, and the sentinels that stand for corrupted spans."""
 SPEC_HELP = ("valid tokenizer specs: char | byte | bpe:<vocab_size> (train a byte-level BPE on the input) | "
              "the path of a Hugging Face tokenizer.json or of a directory containing one")
 
 
-class CharTokenizer:
+class _Specials:
+    """Special tokens after <eod> (char and byte tokenizers)."""
+
+    specials: tuple[str, ...] = ()
+
+    def special_id(self, name: str) -> int:
+        if name not in self.specials:
+            raise DataError(f"the tokenizer has no special token {name!r}; prepare the data with "
+                            "special_tokens=objectives")
+        return self.eod + 1 + self.specials.index(name)
+
+    def _special_text(self, i: int) -> str | None:
+        k = i - self.eod - 1
+        return self.specials[k] if 0 <= k < len(self.specials) else None
+
+
+class CharTokenizer(_Specials):
     """One id per distinct character of the corpus (nanoGPT's shakespeare_char), then <eod>."""
 
     kind = "char"
 
-    def __init__(self, chars: str):
+    def __init__(self, chars: str, specials: tuple[str, ...] = ()):
         self.chars = chars
         self.eod = len(chars)
-        self.vocab_size = len(chars) + 1
+        self.specials = tuple(specials)
+        self.vocab_size = len(chars) + 1 + len(self.specials)
         codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
         self._lut = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)  # code point -> id
         self._lut[codes] = np.arange(len(chars))
@@ -51,18 +80,24 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return "".join(EOD_TEXT if i == self.eod else self.chars[i] for i in ids)
+        return "".join(EOD_TEXT if i == self.eod else self._special_text(i) or self.chars[i] for i in ids)
+
+    def with_specials(self, names) -> CharTokenizer:
+        return CharTokenizer(self.chars, tuple(names))
 
     def to_json(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars, **({"specials": list(self.specials)} if self.specials else {})}
 
 
-class ByteTokenizer:
+class ByteTokenizer(_Specials):
     """UTF-8 bytes (256 ids), then <eod>."""
 
     kind = "byte"
     eod = 256
-    vocab_size = 257
+
+    def __init__(self, specials: tuple[str, ...] = ()):
+        self.specials = tuple(specials)
+        self.vocab_size = 257 + len(self.specials)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -70,11 +105,14 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         out = bytearray()
         for i in ids:
-            out += EOD_TEXT.encode() if i == self.eod else bytes((i,))
+            out += EOD_TEXT.encode() if i == self.eod else (self._special_text(i) or "").encode() or bytes((i,))
         return out.decode("utf-8", errors="replace")
 
+    def with_specials(self, names) -> ByteTokenizer:
+        return ByteTokenizer(tuple(names))
+
     def to_json(self) -> dict:
-        return {"kind": "byte"}
+        return {"kind": "byte", **({"specials": list(self.specials)} if self.specials else {})}
 
 
 # GPT-2's pre-tokenizer pattern, as Hugging Face's ByteLevel(use_regex=True) applies it.
@@ -151,6 +189,21 @@ class HFTokenizer:
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
         spec = json.loads(hf_json)
         self._fast = _CachedByteLevelBPE(self.tok, spec) if _CachedByteLevelBPE.applies(spec) else None
+        self.specials = tuple(t for t in OBJECTIVE_TOKENS if t in vocab)
+
+    def special_id(self, name: str) -> int:
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        if name not in vocab:
+            raise DataError(f"the tokenizer has no special token {name!r}; prepare the data with "
+                            "special_tokens=objectives")
+        return vocab[name]
+
+    def with_specials(self, names) -> HFTokenizer:
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_str(self._json)
+        tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+        return HFTokenizer(tok.to_str(), self.eod_token)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
@@ -172,9 +225,9 @@ class HFTokenizer:
 def tokenizer_from_json(spec: dict, *, source: str = "tokenizer.json"):
     kind = spec.get("kind")
     if kind == "char":
-        return CharTokenizer(spec["chars"])
+        return CharTokenizer(spec["chars"], tuple(spec.get("specials", ())))
     if kind == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(tuple(spec.get("specials", ())))
     if kind == "hf":
         return HFTokenizer(json.dumps(spec["hf"]), spec["eod"], source=source)
     raise DataError(f"{source}: unknown tokenizer kind {kind!r}; expected char, byte or hf")

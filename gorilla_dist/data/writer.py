@@ -66,6 +66,10 @@ class PrepareArgs:
     file_identity: str = "stat"
     """How a re-run recognises unchanged inputs: stat (path, size, mtime) | sha256 (content: a moved
     or copied corpus is recognised; reads every file once more)."""
+    special_tokens: str = "none"
+    """none | objectives: reserve the pretraining objectives' special tokens (UL2 mode tokens, a separator,
+    sentinels: data/tokenizer.py OBJECTIVE_TOKENS) in the vocabulary, for train.objectives that need them.
+    A tokenizer.json that already has them keeps them (and their ids)."""
     workers: int = 0
     """Tokenizer processes; 0 = all cores."""
     progress: bool = True
@@ -86,6 +90,7 @@ class PrepareArgs:
 INSTRUCTION_ARGS = ("format", "template", "train_on_inputs", "on_bad_row")
 FORMATS = ("text", "instruction")
 ON_BAD_ROW = ("fail", "skip")
+SPECIAL_TOKENS = ("none", "objectives")
 
 
 def _fingerprint(args: PrepareArgs, files: list[Path]) -> dict:
@@ -94,6 +99,8 @@ def _fingerprint(args: PrepareArgs, files: list[Path]) -> dict:
     if args.format == "text":  # text datasets keep the fingerprint they had before instruction data existed
         for k in INSTRUCTION_ARGS:
             keep.pop(k)
+    if args.special_tokens == "none":  # (likewise for data without special tokens)
+        keep.pop("special_tokens")
     elif args.template is not None:
         keep["template"] = [args.template, sha256_file(Path(args.template))]
     if args.file_identity == "sha256":
@@ -404,7 +411,7 @@ def prepare(args: PrepareArgs, *, new_output_hint: str = NEW_OUTPUT) -> dict:
         raise DataError(f"file_identity={args.file_identity!r}: expected stat or sha256")
     if args.shard_tokens < 1:
         raise DataError(f"shard_tokens={args.shard_tokens}: must be positive")
-    for key, valid in (("format", FORMATS), ("on_bad_row", ON_BAD_ROW)):
+    for key, valid in (("format", FORMATS), ("on_bad_row", ON_BAD_ROW), ("special_tokens", SPECIAL_TOKENS)):
         if getattr(args, key) not in valid:
             raise DataError(f"{key}={getattr(args, key)!r}: expected one of {list(valid)}")
     if args.format == "text" and (args.template is not None or args.train_on_inputs):
@@ -465,6 +472,8 @@ def _run(args: PrepareArgs, files: list[Path], out: Path, fingerprint: dict, res
         tok = toks.load_tokenizer(out)
     else:
         tok = _build_tokenizer(args, files, say)
+        if args.special_tokens == "objectives" and tok.specials != toks.OBJECTIVE_TOKENS:
+            tok = tok.with_specials(toks.OBJECTIVE_TOKENS)
         toks.save_tokenizer(tok, out / "tokenizer.json")
     dtype = args.dtype if args.dtype != "auto" else ("uint16" if tok.vocab_size <= 1 << 16 else "uint32")
 

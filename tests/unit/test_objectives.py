@@ -169,3 +169,44 @@ def test_the_contrastive_loss_is_infonce_over_the_halves(world1):
         ref = F.cross_entropy(logits, torch.arange(3), reduction="sum")
     torch.testing.assert_close(sums[0, 0], ref, rtol=1e-5, atol=1e-5)
     assert sums[0, 1] == (logits.argmax(-1) == torch.arange(3)).sum()
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe:300"])
+def test_special_tokens_get_ids_of_their_own_and_a_second_dataset_shares_them(tmp_path, kind):
+    """prepare special_tokens=objectives: the mode tokens, separator and sentinels get ids (after <eod>
+    for char / byte, which no text encodes to); a dataset prepared with the first one's tokenizer.json
+    has the same ids; transformers' tokenizer from export maps them to the same ids; without the option
+    nothing changes."""
+    import json
+
+    from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS, load_tokenizer
+    from gorilla_dist.data.writer import PrepareArgs, prepare
+    from gorilla_dist.export import hf_tokenizer
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"line {i} <|sep|> text\n\n" for i in range(300)))
+    common = dict(workers=1, progress=False, sample_by="paragraph")
+    plain = prepare(PrepareArgs(input=[str(src)], output=str(tmp_path / "plain"), tokenizer=kind, **common))
+    meta = prepare(PrepareArgs(input=[str(src)], output=str(tmp_path / "a"), tokenizer=kind,
+                               special_tokens="objectives", **common))
+    tok, before = load_tokenizer(tmp_path / "a"), load_tokenizer(tmp_path / "plain")
+    assert "specials" not in json.loads((tmp_path / "plain" / "tokenizer.json").read_text())
+    assert "special_tokens" not in plain["prepare"]["fingerprint"] and meta["prepare"]["fingerprint"]["special_tokens"]
+    assert tok.specials == OBJECTIVE_TOKENS and tok.vocab_size == before.vocab_size + len(OBJECTIVE_TOKENS)
+    ids = [tok.special_id(n) for n in OBJECTIVE_TOKENS]
+    assert ids == list(range(before.vocab_size, before.vocab_size + len(OBJECTIVE_TOKENS)))
+    assert tok.eod == before.eod
+    if kind in ("char", "byte"):  # the text "<|sep|>" stays characters
+        assert tok.encode("<|sep|>").tolist() == before.encode("<|sep|>").tolist()
+        assert tok.decode([tok.special_id("<|sentinel:3|>")]) == "<|sentinel:3|>"
+    second = tmp_path / "b.txt"
+    second.write_text("line text\n\n" * 50)
+    prepare(PrepareArgs(input=[str(second)], output=str(tmp_path / "b"), tokenizer=str(tmp_path / "a" / "tokenizer.json"),
+                        **common))
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    from tokenizers import Tokenizer
+
+    exported = Tokenizer.from_str(hf_tokenizer(tok)[0])
+    assert [exported.token_to_id(n) for n in OBJECTIVE_TOKENS] == ids
+    with pytest.raises(Exception, match="special_tokens=objectives"):
+        before.special_id("<|sep|>")

@@ -242,7 +242,8 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
 
-OBJECTIVES = ("clm", "classify", "contrastive")
+OBJECTIVES = ("clm", "classify", "contrastive", "denoise")
+DENOISE_MODES = ("R", "X", "S")
 CLASSIFY_TARGETS = ("source",)
 
 
@@ -256,7 +257,10 @@ class ObjectiveConfig:
     mean-pooled final hidden states through a linear head) | contrastive (two halves of one document of
     the sample, attending each to itself only, are a positive pair; the other contrastive samples of the
     micro-batch on every data-parallel rank — the same part of the global batch for any data-parallel
-    size: 1 / (accumulation count) of it — are negatives; InfoNCE on their projected, normalised means)."""
+    size: 1 / (accumulation count) of it — are negatives; InfoNCE on their projected, normalised means) |
+    denoise (UL2: the sample corrupted by the denoiser `mode`, input bidirectional, loss on the target;
+    needs data prepared with special_tokens=objectives; give several with different modes for UL2's
+    mixture of denoisers)."""
     weight: float = 1.0
     """This objective's share of every window of samples and of the loss (normalised over objectives)."""
     target: str = "source"
@@ -265,6 +269,15 @@ class ObjectiveConfig:
     """contrastive: the InfoNCE temperature."""
     projection: int = 64
     """contrastive: width of the linear projection the pooled halves go through before normalising."""
+    mode: str = "R"
+    """denoise: R | X (span corruption: spans of mean length `mean_span` covering `rate` of the source, each
+    replaced by a sentinel; the target: each sentinel and its span) | S (prefix -> continuation: the last
+    `rate` of the source is the target). UL2's settings: R mean_span 3 rate 0.15; X mean_span 32 rate 0.15
+    or mean_span 3 rate 0.5; S rate 0.25. mean_span 1 is BERT-style single-token masking."""
+    mean_span: float = 3.0
+    """denoise (R, X): the mean length of a corrupted span, in tokens (>= 1)."""
+    rate: float = 0.15
+    """denoise: the share of the source tokens that become the target (0 < rate < 1)."""
 
 
 @dataclass
@@ -831,7 +844,7 @@ def _validate_objectives(objectives, d, f, attention: str) -> None:
     if not objectives:
         raise ConfigError(f"train.objectives is empty; give at least one of {list(OBJECTIVES)}, e.g. "
                           "'[{name: clm}]'")
-    names = [o.name for o in objectives]
+    names = [o.name if o.name != "denoise" else f"denoise {o.mode}" for o in objectives]
     for i, o in enumerate(objectives):
         _choice(o.name, OBJECTIVES, f"train.objectives[{i}].name")
         if not (o.weight > 0 and math.isfinite(o.weight)):
@@ -840,6 +853,11 @@ def _validate_objectives(objectives, d, f, attention: str) -> None:
         if not (o.temperature > 0 and math.isfinite(o.temperature)):
             raise ConfigError(f"train.objectives[{i}].temperature={o.temperature} must be positive")
         _positive(o.projection, f"train.objectives[{i}].projection")
+        _choice(o.mode, DENOISE_MODES, f"train.objectives[{i}].mode")
+        if not o.mean_span >= 1:
+            raise ConfigError(f"train.objectives[{i}].mean_span={o.mean_span} must be >= 1 (tokens)")
+        if not 0 < o.rate < 1:
+            raise ConfigError(f"train.objectives[{i}].rate={o.rate} must be in (0, 1)")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"train.objectives names {twice[0]} twice; give each objective once with its weight")
@@ -849,10 +867,11 @@ def _validate_objectives(objectives, d, f, attention: str) -> None:
     if "classify" in names and len(d.sources) < 2:
         raise ConfigError(f"train.objectives: classify with {len(d.sources)} data.sources has nothing to tell apart; "
                           "give two or more sources")
-    if "contrastive" in names and attention != "dense":
-        raise ConfigError(f"train.objectives: contrastive keeps a sample's two halves from attending to each other "
-                          f"(per-sample masks), which model.attention={attention} does not support; use "
-                          "model.attention=dense")
+    for name, why in (("contrastive", "keeps a sample's two halves from attending to each other"),
+                      ("denoise", "attends bidirectionally over the input part (prefix-LM)")):
+        if any(n.startswith(name) for n in names) and attention != "dense":
+            raise ConfigError(f"train.objectives: {name} {why}, per-sample masks which model.attention={attention} "
+                              "does not support yet; use model.attention=dense")
     if names != ["clm"] and f.head != "none":
         raise ConfigError(f"train.objectives={names} with finetune.head={f.head}: a classification run has its own "
                           "loss; use the default train.objectives")

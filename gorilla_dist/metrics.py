@@ -59,7 +59,9 @@ class Metrics:
         self.cfg, self.layout = cfg, layout
         self.router_stats = router_stats  # engine.moe.RouterStats of an MoE model, else None
         self.moe_pending: list[torch.Tensor] = []
-        self.objective_names = [o.name for o in cfg.train.objectives]
+        from gorilla_dist.objectives import objective_key
+
+        self.objective_names = [objective_key(o) for o in cfg.train.objectives]
         self.objective_pending: list[torch.Tensor] = []
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
@@ -135,7 +137,7 @@ class Metrics:
                 for name, (loss_sum, units, right) in zip(self.objective_names, per_objective):
                     row[f"loss_{name}"] = loss_sum / max(units, 1.0)
                     row[f"units_{name}"] = int(units)
-                    if name != "clm":
+                    if name in ("classify", "contrastive"):
                         row[f"accuracy_{name}"] = right / max(units, 1.0)
         if moe is not None:
             for i, row in enumerate(rows):

@@ -85,21 +85,24 @@ def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None
         engine.train()
         loss_sum, count = dp_sum(totals, layout).tolist()
         return {"val_loss": loss_sum / max(count, 1.0)}
-    group = objectives.dp_group
-    every = Objectives([ObjectiveConfig(name="clm")] + [ObjectiveConfig(name=o) for o in objectives.names
-                                                        if o not in ("clm", "contrastive")], group)
-    totals = torch.stack([torch.cat([every.sums(engine, b), every.units(b)[:, None]], 1) for b in batches]).sum(0)
-    if "contrastive" in objectives.names:  # its own view of the same samples (the halves attend apart)
-        view = Objectives([ObjectiveConfig(name="contrastive", temperature=objectives.temperature["contrastive"])], group)
-        every.names.append("contrastive")
-        totals = torch.cat([totals, torch.stack([torch.cat([view.sums(engine, b), view.units(b)[:, None]], 1)
-                                                 for b in data.val_batches(n_batches, "contrastive")]).sum(0)])
+    group, configs = objectives.dp_group, objectives.configs
+    # clm and classify on the samples as they are; each transforming objective on its own view of them
+    plain = Objectives([ObjectiveConfig(name="clm")] + [c for c in configs if c.name == "classify"], group)
+    parts = [(plain, torch.stack([torch.cat([plain.sums(engine, b), plain.units(b)[:, None]], 1)
+                                  for b in batches]).sum(0))]
+    for k, c in enumerate(configs):
+        if c.name in ("contrastive", "denoise"):
+            one = Objectives([c], group)
+            parts.append((one, torch.stack([torch.cat([one.sums(engine, b), one.units(b)[:, None]], 1)
+                                            for b in data.val_batches(n_batches, k)]).sum(0)))
     engine.train()
-    values = dp_sum(totals.double(), layout).tolist()  # per objective: loss sum, correct, units
+    keys = [key for part, _ in parts for key in part.keys]
+    values = dp_sum(torch.cat([t for _, t in parts]).double(), layout).tolist()  # per objective: loss, correct, units
     out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
-    for name, (loss_sum, right, units) in zip(every.names[1:], values[1:]):
-        out[f"val_{name}_loss"] = loss_sum / max(units, 1.0)
-        out[f"val_{name}_accuracy"] = right / max(units, 1.0)
+    for key, (loss_sum, right, units) in zip(keys[1:], values[1:]):
+        out[f"val_{key}_loss"] = loss_sum / max(units, 1.0)
+        if not key.startswith("denoise"):
+            out[f"val_{key}_accuracy"] = right / max(units, 1.0)
     return out
 
 

@@ -15,7 +15,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from gorilla_dist.kernels.alibi import local_alibi_slopes
-from gorilla_dist.kernels.limits import UnsupportedAttention
+from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
@@ -57,15 +57,19 @@ def sdpa_keep_mask(attention_mask: torch.Tensor | None, s: int) -> torch.Tensor 
     None (plain causal: SDPA's is_causal does it), a megatron mask (b, 1, s, s) True where attention is
     NOT allowed, or segment ids (b, s) integer, the document of each token (data.loader.Batch.segments):
     causal and inside the query's document; a negative id marks a shared prefix every document sees
-    (prompt tuning's virtual tokens). Built here on the tensors' device, once per layer call; the data
-    loader never builds s x s masks."""
+    (prompt tuning's virtual tokens); an id >= BIDIRECTIONAL a prefix-LM input token its whole document
+    sees. Built here on the tensors' device, once per layer call; the data loader never builds s x s
+    masks."""
     if attention_mask is None:
         return None
     if attention_mask.dtype == torch.bool:
         return ~attention_mask
     seg = attention_mask  # (b, s)
+    bidirectional = seg >= BIDIRECTIONAL
+    doc = torch.where(bidirectional, seg - BIDIRECTIONAL, seg)
     causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
-    return (((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] < 0)) & causal)[:, None]
+    same = (doc[:, :, None] == doc[:, None, :]) | (seg[:, None, :] < 0)
+    return (same & (causal | bidirectional[:, None, :]))[:, None]
 
 
 class DenseAttention(MegatronModule):

@@ -22,6 +22,7 @@ from gorilla_dist.data.dataset import ExampleSpan, Span, TokenDataset
 from gorilla_dist.data.order import Blend, permute
 from gorilla_dist.data.tokenizer import load_tokenizer, same_tokenizer
 from gorilla_dist.errors import DataError
+from gorilla_dist.kernels.limits import BIDIRECTIONAL
 
 BUNDLED = "tinyshakespeare.txt"
 
@@ -86,10 +87,11 @@ def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: in
     pos = np.broadcast_to(np.arange(s), (b, s))
     seg = None
     if segments is not None:
-        loss_mask &= segments[:, :-1] == segments[:, 1:]  # the next document is not predictable from this one
+        doc = np.where(segments >= BIDIRECTIONAL, segments - BIDIRECTIONAL, segments)  # (a prefix-LM's input: its doc)
+        loss_mask &= doc[:, :-1] == doc[:, 1:]  # the next document is not predictable from this one
         seg = np.ascontiguousarray(segments[:, :-1], dtype=np.int32)
         starts = np.zeros((b, s), dtype=np.int64)  # where each position's document starts
-        starts[:, 1:] = np.where(seg[:, 1:] != seg[:, :-1], np.arange(1, s), 0)
+        starts[:, 1:] = np.where(doc[:, 1:-1] != doc[:, :-2], np.arange(1, s), 0)
         pos = np.arange(s)[None, :] - np.maximum.accumulate(starts, axis=1)
     return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
                  torch.from_numpy(loss_mask.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(pos)),
@@ -103,8 +105,7 @@ class ShardData:
     def __init__(self, datasets: list[TokenDataset], weights: list[float], tokenizer, *, seq_length: int,
                  micro_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, seed: int,
                  val_fraction: float, reset_at_eod: bool = False, pack: bool = True, truncate: bool = False,
-                 objective_weights: list[float] | None = None, objective_names: list[str] | None = None,
-                 device: torch.device | str = "cpu"):
+                 objectives: list | None = None, device: torch.device | str = "cpu"):
         self.datasets, self.weights, self.tokenizer = datasets, list(weights), tokenizer
         self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
         self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
@@ -133,17 +134,31 @@ class ShardData:
         self.label_names = list(names.pop()) if names else None
         """The class names (in id order) of the labelled datasets; None when there are none."""
         self.blend = Blend(self.weights)
-        self.objectives = Blend(objective_weights) if objective_weights and len(objective_weights) > 1 else None
+        self.objective_configs = list(objectives or [])
+        weights = [o.weight for o in self.objective_configs]
+        self.objectives = Blend(weights) if len(weights) > 1 else None
         """Which objective each training sample serves (gorilla_dist/objectives), or None for one."""
-        names = list(objective_names or [])
+        names = [o.name for o in self.objective_configs]
         self.contrastive = names.index("contrastive") if "contrastive" in names else None
+        self.denoisers = [i for i, n in enumerate(names) if n == "denoise"]
+        if self.denoisers:
+            from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS
+
+            missing = [str(d.path) for d in datasets if tuple(getattr(tokenizer, "specials", ())) != OBJECTIVE_TOKENS]
+            if missing:
+                raise DataError(f"train.objectives: denoise needs the objectives' special tokens (sentinels, mode "
+                                f"tokens), which {missing[0]} was prepared without; prepare it again with "
+                                "python -m gorilla_dist.data.prepare ... special_tokens=objectives")
         self._val_cache: dict[tuple, list[Batch]] = {}
 
     def sources_fingerprint(self) -> list:
         return [[d.meta["index"]["sha256"], w] for d, w in zip(self.datasets, self.weights)]
 
-    def samples(self, spans: list[Span], sources: np.ndarray, index: np.ndarray, *, shuffle: bool) -> Batch:
-        """The samples `index` of each sample's source (epochs wrap; shuffled per epoch) as one Batch."""
+    def samples(self, spans: list[Span], sources: np.ndarray, index: np.ndarray, *, shuffle: bool,
+                denoise: dict[int, np.ndarray] | None = None) -> Batch:
+        """The samples `index` of each sample's source (epochs wrap; shuffled per epoch) as one Batch.
+        denoise: {objective index: rows (bool)}: those rows corrupted by that denoiser (objectives/denoise.py),
+        seeded by (run.seed, source, index): the same tokens whatever the layout or the resume point."""
         picks = np.empty(len(index), dtype=np.int64)
         for s in np.unique(sources):
             rows = np.flatnonzero(sources == s)
@@ -156,7 +171,8 @@ class ShardData:
         n, width = len(index), self.seq + 1
         windows = np.empty((n, width), dtype=np.int64)
         examples = np.array([spans[s].examples for s in sources], dtype=bool)
-        if not examples.any():
+        noisy = denoise and any(rows.any() for rows in denoise.values())
+        if not examples.any() and not noisy:
             valid = np.array([spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
             return pack(windows, valid, sources, eod=self.eod, reset_at_eod=self.reset)
         # instruction examples: per-token example numbers and loss masks (text rows: one document, or
@@ -168,25 +184,38 @@ class ShardData:
                           else spans[s].window(j, windows[r]) for r, (s, j) in enumerate(zip(sources, picks))])
         if self.reset and not examples.all():
             segments[~examples] = eod_segments(windows[~examples], self.eod)
-        if self.one_per_sample and not self.reset:  # one example, then padding: causal attention keeps them apart
+        if noisy:
+            from gorilla_dist.objectives.denoise import corrupt_rows
+
+            for k, rows in denoise.items():
+                corrupt_rows(windows, valid, segments, targets, rows, [(self.seed, int(s), int(i)) for s, i in
+                                                                        zip(sources, index)],
+                             self.objective_configs[k], self.tokenizer)
+        elif self.one_per_sample and not self.reset:  # one example, then padding: causal attention keeps them apart
             segments = None
         return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,
                     classes=classes)
 
+    def _rows(self, k: int, objective: np.ndarray | None, mine, view, per_rank: int) -> np.ndarray:
+        """(per_rank,) bool: the samples objective k (its index in train.objectives) transforms. view:
+        "train", or on validation None (none) or k (all of them, for that objective's evaluation)."""
+        if view != "train":
+            return np.full(per_rank, view == k)
+        return objective[mine] == k if objective is not None else np.full(per_rank, True)
+
     def _rank_batches(self, spans, sources, index, *, shuffle: bool, objective: np.ndarray | None = None,
-                      view: str | None = None) -> list[Batch]:
+                      view=None) -> list[Batch]:
         per_rank = len(index) // self.dp
         mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         if self.contrastive is not None:  # micro-batch i of all ranks = the i-th consecutive part of the batch,
             # whatever dp is: the contrastive negatives (gathered per micro-batch) are the same samples
             mine = np.arange(len(index)).reshape(-1, self.dp, self.micro)[:, self.dp_rank].reshape(-1)
-        batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle)
+        denoise = {k: self._rows(k, objective, mine, view, per_rank) for k in self.denoisers}
+        batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle, denoise=denoise)
         if objective is not None:
             batch.objective = torch.from_numpy(objective[mine])
-        if self.contrastive is not None:  # training: the contrastive samples; validation: view="contrastive", all
-            rows = np.full(per_rank, view == "contrastive" or (view == "train" and self.objectives is None))
-            if objective is not None:
-                rows = objective[mine] == self.contrastive
+        if self.contrastive is not None:  # training: the contrastive samples; validation: its view, all
+            rows = self._rows(self.contrastive, objective, mine, view, per_rank)
             if rows.any():
                 from gorilla_dist.objectives import contrastive_view
 
@@ -200,9 +229,10 @@ class ShardData:
         objective = self.objectives.take(self.global_batch)[0] if self.objectives is not None else None
         return self._rank_batches(self.train, sources, index, shuffle=True, objective=objective, view="train")
 
-    def val_batches(self, n_micro: int, view: str | None = None) -> list[Batch]:
+    def val_batches(self, n_micro: int, view: int | None = None) -> list[Batch]:
         """The same validation samples at every evaluation (the blend from its start, unshuffled);
-        view="contrastive": every sample prepared for that objective (objectives.contrastive_view)."""
+        view=k: every sample prepared for objective k (its index in train.objectives): contrastive
+        halves, denoiser corruption."""
         if (n_micro, view) not in self._val_cache:
             sources, index = Blend(self.weights).take(n_micro * self.micro * self.dp)
             self._val_cache[(n_micro, view)] = self._rank_batches(self.val, sources, index, shuffle=False, view=view)
@@ -249,13 +279,14 @@ def _open_sources(d: DataConfig, layout) -> list[TokenDataset]:
     return [TokenDataset(p, verify="size") for p in paths]
 
 
-def _prepare_in_run(d: DataConfig, run_dir: Path, layout) -> list[TokenDataset]:
+def _prepare_in_run(d: DataConfig, run_dir: Path, layout, *, special_tokens: str = "none") -> list[TokenDataset]:
     from gorilla_dist.data.writer import PrepareArgs, prepare
     from gorilla_dist.parallel import on_main
 
     out = run_dir / "data"
     args = PrepareArgs(input=[str(d.path or bundled_corpus())], output=str(out), tokenizer=d.tokenizer,
-                       sample_by=d.sample_by, file_identity="sha256", workers=1, progress=False)
+                       sample_by=d.sample_by, file_identity="sha256", workers=1, progress=False,
+                       special_tokens=special_tokens)
     def prepare_once() -> None:
         prepare(args, new_output_hint="this run.dir was trained on them; use a new run.dir for other data.path / "
                                       "data.tokenizer / data.sample_by")
@@ -271,7 +302,8 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
     from gorilla_dist.parallel import on_main
 
     run_dir = Path(run.dir)
-    datasets = _open_sources(d, layout) if d.sources else _prepare_in_run(d, run_dir, layout)
+    specials = "objectives" if any(o.name == "denoise" for o in train.objectives) else "none"
+    datasets = _open_sources(d, layout) if d.sources else _prepare_in_run(d, run_dir, layout, special_tokens=specials)
     digests = {ds.meta["tokenizer"]["sha256"] for ds in datasets}
     if len(digests) > 1:
         kinds = [f"{ds.path} ({ds.meta['tokenizer']['kind']}, {ds.vocab_size} ids)" for ds in datasets]
@@ -291,5 +323,4 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
                      micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
                      dp=layout.dp, dp_rank=layout.dp_rank, seed=run.seed, val_fraction=d.val_fraction,
                      reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, device=layout.device,
-                     objective_weights=[o.weight for o in train.objectives],
-                     objective_names=[o.name for o in train.objectives])
+                     objectives=list(train.objectives))

@@ -22,6 +22,8 @@ loss it was before objectives existed.
               normalised; InfoNCE with temperature tau matches every first half with its own second half
               among the second halves of all contrastive samples of the micro-batch on every data-parallel
               rank (gathered with their gradients, so 2 ranks compute what 1 process does)
+    denoise   the loader corrupts the sample with UL2's denoiser `mode` (objectives/denoise.py: input
+              bidirectional, target causal); the loss is the next-token loss on the target
 
 Evaluation scores every objective on every validation sample: `val_loss` stays the language-model loss
 (comparable with a clm-only run), and each other objective adds its own numbers.
@@ -39,11 +41,20 @@ from gorilla_dist.loss import per_token_loss
 from gorilla_dist.model.head import HEADS, pooled_scores
 
 
+LM = ("clm", "denoise")
+"""Objectives whose loss is the next-token loss on the sample's targets (loss_mask)."""
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
     weight: float  # normalised over the objectives
     index: int     # its id in Batch.objective
+    key: str       # its name in metrics: the name, or denoise_<mode>
+
+
+def objective_key(c) -> str:
+    return f"denoise_{c.mode}" if c.name == "denoise" else c.name
 
 
 class Objectives:
@@ -53,11 +64,13 @@ class Objectives:
         """dp_group: the data-parallel process group contrastive negatives are gathered over (None: this
         process only)."""
         total = sum(c.weight for c in configs)
-        self.items = [Objective(c.name, c.weight / total, i) for i, c in enumerate(configs)]
+        self.configs = list(configs)
+        self.items = [Objective(c.name, c.weight / total, i, objective_key(c)) for i, c in enumerate(configs)]
         self.temperature = {c.name: c.temperature for c in configs}
         self.dp_group = dp_group
         self.weights = [o.weight for o in self.items]
         self.names = [o.name for o in self.items]
+        self.keys = [o.key for o in self.items]
         self.plain = self.names == ["clm"]  # the language-model loss alone, exactly as before objectives
 
     def needs_hidden(self) -> bool:
@@ -74,7 +87,7 @@ class Objectives:
         out = []
         for o in self.items:
             rows = self.rows(batch, o)
-            out.append(batch.loss_mask[rows].sum() if o.name == "clm" else rows.sum().float())
+            out.append(batch.loss_mask[rows].sum() if o.name in LM else rows.sum().float())
         return torch.stack(out)
 
     def sums(self, model, batch) -> torch.Tensor:
@@ -84,7 +97,7 @@ class Objectives:
         out = []
         for o in self.items:
             rows = self.rows(batch, o).float()
-            if o.name == "clm":
+            if o.name in LM:  # next-token loss on the targets (denoise: its target part)
                 mask = batch.loss_mask if self.plain else batch.loss_mask * rows[:, None]
                 out.append(torch.stack([(losses * mask).sum(), losses.new_zeros(())]))
             elif o.name == "contrastive":

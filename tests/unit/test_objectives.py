@@ -67,7 +67,8 @@ def loader_ids(tmp_path, dp: int) -> list[np.ndarray]:
     ds = TokenDataset(tmp_path / "a")
     ranks = [ShardData([ds], [1.0], load_tokenizer(ds.path), seq_length=32, micro_batch_size=8 // dp // 2,
                        global_batch_size=8, dp=dp, dp_rank=r, seed=0, val_fraction=0,
-                       objective_weights=[0.75, 0.25]) for r in range(dp)]
+                       objectives=[ObjectiveConfig(name="clm", weight=0.75),
+                                   ObjectiveConfig(name="classify", weight=0.25)]) for r in range(dp)]
     out = []
     for _ in range(6):
         out.append(np.concatenate([torch.cat([b.objective for b in data.next_train_batches()]).numpy()
@@ -210,3 +211,122 @@ def test_special_tokens_get_ids_of_their_own_and_a_second_dataset_shares_them(tm
     assert [exported.token_to_id(n) for n in OBJECTIVE_TOKENS] == ids
     with pytest.raises(Exception, match="special_tokens=objectives"):
         before.special_id("<|sep|>")
+
+
+MODE, SENTINELS = 100, list(range(200, 264))
+
+
+def restored(seq: np.ndarray, n_input: int) -> list[int]:
+    """The source back from a span-corrupted sample: each sentinel in the input replaced by its span."""
+    inputs, targets = seq[1:n_input].tolist(), seq[n_input:].tolist()
+    spans, current = {}, None
+    for t in targets:
+        if t in SENTINELS:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    return [x for t in inputs for x in (spans[t] if t in SENTINELS else [t])]
+
+
+@pytest.mark.parametrize(("n", "room", "mean_span", "rate"), [(60, 65, 3.0, 0.15), (60, 65, 1.0, 0.15),
+                                                               (200, 65, 32.0, 0.5), (2, 65, 32.0, 0.15),
+                                                               (1, 65, 3.0, 0.15)])
+def test_span_corruption_hides_spans_behind_sentinels_that_the_target_restores(n, room, mean_span, rate):
+    from gorilla_dist.objectives.denoise import corrupt
+
+    source = np.arange(n) % 90
+    seq, n_in = corrupt(source, room, np.random.default_rng(0), mode="R", mean_span=mean_span, rate=rate,
+                        mode_token=MODE, sentinels=SENTINELS)
+    assert seq[0] == MODE and len(seq) <= room
+    used = restored(seq, n_in)
+    assert used == source[:len(used)].tolist()  # a prefix of the source: all of it, or what fills the room
+    assert len(used) == n or len(seq) >= room - 3
+    inputs, targets = seq[1:n_in], seq[n_in:]
+    k = int(np.isin(inputs, SENTINELS).sum())
+    assert targets[0] == SENTINELS[0] and k == int(np.isin(targets, SENTINELS).sum()) >= 1
+    noise = len(targets) - k
+    if len(used) > 1:
+        assert noise == min(max(1, round(len(used) * rate)), len(used) - 1)  # the rate, within rounding
+        assert k == max(1, min(round(noise / mean_span), noise, len(used) - noise))  # spans of the mean length
+    again, _ = corrupt(source, room, np.random.default_rng(0), mode="R", mean_span=mean_span, rate=rate,
+                       mode_token=MODE, sentinels=SENTINELS)
+    assert again.tolist() == seq.tolist()  # a function of the generator's seed
+
+
+def test_the_s_denoiser_continues_a_prefix():
+    from gorilla_dist.objectives.denoise import corrupt
+
+    seq, n_in = corrupt(np.arange(40), 65, np.random.default_rng(0), mode="S", mean_span=3, rate=0.25,
+                        mode_token=MODE, sentinels=SENTINELS)
+    assert seq.tolist() == [MODE] + list(range(40)) and n_in == 1 + 30
+
+
+def test_prefix_lm_segments_make_the_input_bidirectional_and_the_rest_causal(world1):
+    """Segment ids: input tokens (document + BIDIRECTIONAL) are seen by every token of their document,
+    later ones included; targets causally; the dense attention module computes exactly that."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from gorilla_dist.kernels.dense import attention_reference, sdpa_keep_mask
+    from gorilla_dist.kernels.limits import BIDIRECTIONAL as B
+    from gorilla_dist.model import build_model
+
+    seg = torch.tensor([[B, B, B, 0, 0, 1 + B, 1, 1]])
+    keep = sdpa_keep_mask(seg, 8)[0, 0].int()
+    assert keep.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 0, 0, 1, 0, 0],
+                             [0, 0, 0, 0, 0, 1, 1, 0],
+                             [0, 0, 0, 0, 0, 1, 1, 1]]
+    cfg = OmegaConf.merge(OmegaConf.structured(Config).model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
+    core = build_model(cfg, vocab_size=16, dtype="fp32", device=world1.device, seed=1).decoder.layers[0] \
+        .self_attention.core_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 1, 4, 16, generator=g) for _ in range(3))
+    out = core(q, k, v, seg, attn_mask_type=AttnMaskType.causal)
+    ref = attention_reference(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), causal=False, mask=keep.bool(),
+                              scale=core.softmax_scale)
+    torch.testing.assert_close(out, ref.permute(2, 0, 1, 3).reshape(8, 1, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_denoise_samples_score_only_their_targets_and_do_not_depend_on_the_layout(tmp_path):
+    """The loader's denoise rows: input bidirectional, positions continuous into the target, the loss on
+    target tokens only; the same tokens for dp=1 and dp=2 (seeded per sample, not per rank)."""
+    from gorilla_dist.data.dataset import TokenDataset
+    from gorilla_dist.data.loader import ShardData
+    from gorilla_dist.data.tokenizer import load_tokenizer
+    from gorilla_dist.data.writer import PrepareArgs, prepare
+    from gorilla_dist.kernels.limits import BIDIRECTIONAL
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"document {i} " * 20 + "\n\n" for i in range(100)))
+    prepare(PrepareArgs(input=[str(src)], output=str(tmp_path / "a"), tokenizer="byte", workers=1, progress=False,
+                        special_tokens="objectives"))
+    ds = TokenDataset(tmp_path / "a")
+    tok = load_tokenizer(ds.path)
+    objectives = [ObjectiveConfig(name="clm"), ObjectiveConfig(name="denoise", mode="R")]
+
+    def batches(dp):
+        ranks = [ShardData([ds], [1.0], tok, seq_length=64, micro_batch_size=4 // dp, global_batch_size=4, dp=dp,
+                           dp_rank=r, seed=0, val_fraction=0, objectives=objectives) for r in range(dp)]
+        return [[torch.cat([getattr(b, f) for data in ranks for b in data.next_train_batches()])
+                 for f in ("tokens", "objective", "loss_mask", "segments", "position_ids")] for _ in range(3)]
+
+    one, two = batches(1), batches(2)
+    for a, b in zip(one, two):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    tokens, objective, loss, seg, pos = one[0]
+    r = int(torch.nonzero(objective == 1)[0])
+    n_in = int((seg[r] >= BIDIRECTIONAL).sum())
+    assert tokens[r, 0] == tok.special_id("<|mode:R|>") and (seg[r, :n_in] >= BIDIRECTIONAL).all()
+    assert loss[r, :n_in - 1].sum() == 0 and loss[r, n_in - 1] == 1  # the first target token, predicted
+    assert tokens[r, n_in] == tok.special_id("<|sentinel:0|>")
+    assert pos[r, :n_in + 5].tolist() == list(range(n_in + 5))
+    with pytest.raises(Exception, match="special_tokens=objectives"):
+        prepare(PrepareArgs(input=[str(src)], output=str(tmp_path / "plain"), tokenizer="byte", workers=1,
+                            progress=False))
+        ShardData([TokenDataset(tmp_path / "plain")], [1.0], load_tokenizer(tmp_path / "plain"), seq_length=64,
+                  micro_batch_size=4, global_batch_size=4, dp=1, dp_rank=0, seed=0, val_fraction=0,
+                  objectives=objectives)

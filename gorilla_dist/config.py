@@ -242,7 +242,7 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
 
-OBJECTIVES = ("clm", "classify", "contrastive", "denoise")
+OBJECTIVES = ("clm", "classify", "contrastive", "denoise", "permute")
 DENOISE_MODES = ("R", "X", "S")
 CLASSIFY_TARGETS = ("source",)
 
@@ -260,7 +260,8 @@ class ObjectiveConfig:
     size: 1 / (accumulation count) of it — are negatives; InfoNCE on their projected, normalised means) |
     denoise (UL2: the sample corrupted by the denoiser `mode`, input bidirectional, loss on the target;
     needs data prepared with special_tokens=objectives; give several with different modes for UL2's
-    mixture of denoisers)."""
+    mixture of denoisers) | permute (BART's sentence permutation: the sample's sentences shuffled, then
+    <|sep|>, then the original; input bidirectional, loss on the original; special_tokens=objectives)."""
     weight: float = 1.0
     """This objective's share of every window of samples and of the loss (normalised over objectives)."""
     target: str = "source"
@@ -868,7 +869,8 @@ def _validate_objectives(objectives, d, f, attention: str) -> None:
         raise ConfigError(f"train.objectives: classify with {len(d.sources)} data.sources has nothing to tell apart; "
                           "give two or more sources")
     for name, why in (("contrastive", "keeps a sample's two halves from attending to each other"),
-                      ("denoise", "attends bidirectionally over the input part (prefix-LM)")):
+                      ("denoise", "attends bidirectionally over the input part (prefix-LM)"),
+                      ("permute", "attends bidirectionally over the input part (prefix-LM)")):
         if any(n.startswith(name) for n in names) and attention != "dense":
             raise ConfigError(f"train.objectives: {name} {why}, per-sample masks which model.attention={attention} "
                               "does not support yet; use model.attention=dense")

@@ -91,7 +91,7 @@ def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None
     parts = [(plain, torch.stack([torch.cat([plain.sums(engine, b), plain.units(b)[:, None]], 1)
                                   for b in batches]).sum(0))]
     for k, c in enumerate(configs):
-        if c.name in ("contrastive", "denoise"):
+        if c.name in ("contrastive", "denoise", "permute"):
             one = Objectives([c], group)
             parts.append((one, torch.stack([torch.cat([one.sums(engine, b), one.units(b)[:, None]], 1)
                                             for b in data.val_batches(n_batches, k)]).sum(0)))
@@ -101,7 +101,7 @@ def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None
     out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
     for key, (loss_sum, right, units) in zip(keys[1:], values[1:]):
         out[f"val_{key}_loss"] = loss_sum / max(units, 1.0)
-        if not key.startswith("denoise"):
+        if key in ("classify", "contrastive"):
             out[f"val_{key}_accuracy"] = right / max(units, 1.0)
     return out
 

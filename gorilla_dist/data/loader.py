@@ -140,14 +140,14 @@ class ShardData:
         """Which objective each training sample serves (gorilla_dist/objectives), or None for one."""
         names = [o.name for o in self.objective_configs]
         self.contrastive = names.index("contrastive") if "contrastive" in names else None
-        self.denoisers = [i for i, n in enumerate(names) if n == "denoise"]
+        self.denoisers = [i for i, n in enumerate(names) if n in ("denoise", "permute")]  # input -> target
         if self.denoisers:
             from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS
 
             missing = [str(d.path) for d in datasets if tuple(getattr(tokenizer, "specials", ())) != OBJECTIVE_TOKENS]
             if missing:
-                raise DataError(f"train.objectives: denoise needs the objectives' special tokens (sentinels, mode "
-                                f"tokens), which {missing[0]} was prepared without; prepare it again with "
+                raise DataError(f"train.objectives: denoise and permute need the objectives' special tokens "
+                                f"(sentinels, mode tokens, separator), which {missing[0]} was prepared without; prepare it again with "
                                 "python -m gorilla_dist.data.prepare ... special_tokens=objectives")
         self._val_cache: dict[tuple, list[Batch]] = {}
 
@@ -302,7 +302,7 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
     from gorilla_dist.parallel import on_main
 
     run_dir = Path(run.dir)
-    specials = "objectives" if any(o.name == "denoise" for o in train.objectives) else "none"
+    specials = "objectives" if any(o.name in ("denoise", "permute") for o in train.objectives) else "none"
     datasets = _open_sources(d, layout) if d.sources else _prepare_in_run(d, run_dir, layout, special_tokens=specials)
     digests = {ds.meta["tokenizer"]["sha256"] for ds in datasets}
     if len(digests) > 1:

@@ -24,6 +24,8 @@ loss it was before objectives existed.
               rank (gathered with their gradients, so 2 ranks compute what 1 process does)
     denoise   the loader corrupts the sample with UL2's denoiser `mode` (objectives/denoise.py: input
               bidirectional, target causal); the loss is the next-token loss on the target
+    permute   likewise, BART's sentence permutation: the shuffled sentences and <|sep|> as input, the
+              original as target
 
 Evaluation scores every objective on every validation sample: `val_loss` stays the language-model loss
 (comparable with a clm-only run), and each other objective adds its own numbers.
@@ -41,7 +43,7 @@ from gorilla_dist.loss import per_token_loss
 from gorilla_dist.model.head import HEADS, pooled_scores
 
 
-LM = ("clm", "denoise")
+LM = ("clm", "denoise", "permute")
 """Objectives whose loss is the next-token loss on the sample's targets (loss_mask)."""
 
 

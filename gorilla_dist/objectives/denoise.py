@@ -1,4 +1,6 @@
-"""UL2's denoisers for a decoder-only model (Tay et al. 2022; levanter's UL2 for the layout), as a pure
+"""The input -> target objectives of a decoder-only model: UL2's denoisers and BART's sentence permutation.
+
+UL2's denoisers for a decoder-only model (Tay et al. 2022; levanter's UL2 for the layout), as a pure
 function of a sample's tokens and a seeded generator.
 
     R, X  span corruption (T5): about `rate` of the source tokens, in spans of mean length `mean_span`,
@@ -61,17 +63,68 @@ def corrupt(tokens: np.ndarray, room: int, rng: np.random.Generator, *, mode: st
 def corrupt_rows(windows: np.ndarray, valid: np.ndarray, segments: np.ndarray, targets: np.ndarray, rows: np.ndarray,
                  keys: list[tuple[int, ...]], cfg, tokenizer) -> None:
     """In place, for each row in `rows` (bool): its window (valid tokens) becomes input + target of
-    denoiser `cfg` (an ObjectiveConfig: mode, mean_span, rate), then <eod> padding; segments mark the input
-    bidirectional (BIDIRECTIONAL) and the padding apart; targets (loss mask) the target tokens. `keys`:
-    each row's seed (run seed, source, sample index)."""
-    mode_token = tokenizer.special_id(f"<|mode:{cfg.mode}|>")
-    sentinels = [tokenizer.special_id(f"<|sentinel:{i}|>") for i in range(N_SENTINELS)]
+    objective `cfg` (an ObjectiveConfig: denoise with its mode, mean_span, rate; or permute), then <eod>
+    padding; segments mark the input bidirectional (BIDIRECTIONAL) and the padding apart; targets (loss
+    mask) the target tokens. `keys`: each row's seed (run seed, source, sample index)."""
     width, eod = windows.shape[1], tokenizer.eod
+    if cfg.name == "permute":
+        ends, sep = _sentence_ends(tokenizer), tokenizer.special_id("<|sep|>")
+
+        def make(tokens, rng):
+            return permute_sentences(tokens, width, rng, ends=ends, sep=sep)
+    else:
+        mode_token = tokenizer.special_id(f"<|mode:{cfg.mode}|>")
+        sentinels = [tokenizer.special_id(f"<|sentinel:{i}|>") for i in range(N_SENTINELS)]
+
+        def make(tokens, rng):
+            return corrupt(tokens, width, rng, mode=cfg.mode, mean_span=cfg.mean_span, rate=cfg.rate,
+                           mode_token=mode_token, sentinels=sentinels)
     for r in np.flatnonzero(rows):
         rng = np.random.default_rng([*keys[r], 0xD0])
-        seq, n_in = corrupt(windows[r, :valid[r]].copy(), width, rng, mode=cfg.mode, mean_span=cfg.mean_span,
-                            rate=cfg.rate, mode_token=mode_token, sentinels=sentinels)
+        seq, n_in = make(windows[r, :valid[r]].copy(), rng)
         m = len(seq)
         windows[r, :m], windows[r, m:], valid[r] = seq, eod, m
         segments[r, :n_in], segments[r, n_in:m], segments[r, m:] = BIDIRECTIONAL, 0, 1
         targets[r, :n_in], targets[r, n_in:m], targets[r, m:] = 0, 1, 0
+
+
+def _sentence_ends(tokenizer) -> np.ndarray:
+    """sentence_ends, computed once per tokenizer object."""
+    if getattr(tokenizer, "_sentence_ends", None) is None:
+        tokenizer._sentence_ends = sentence_ends(tokenizer)
+    return tokenizer._sentence_ends
+
+
+SENTENCE_ENDS = (".", "!", "?", "\n")
+"""A token whose text ends with one of these ends a sentence (permute's rule, for every tokenizer: a char
+or byte tokenizer's ids of these characters; a BPE / Hugging Face tokenizer's tokens whose decoded text,
+trailing spaces removed, ends with one); <eod> ends one too."""
+
+
+def sentence_ends(tokenizer) -> np.ndarray:
+    """(vocab_size,) bool: the tokens that end a sentence."""
+    ends = np.zeros(tokenizer.vocab_size, dtype=bool)
+    for i in range(tokenizer.vocab_size):
+        if i == tokenizer.eod:
+            ends[i] = True
+        else:
+            try:
+                text = tokenizer.decode([i])
+            except Exception:  # noqa: BLE001 - an id a tokenizer cannot decode alone ends nothing
+                continue
+            ends[i] = text.rstrip(" ").endswith(SENTENCE_ENDS)
+    return ends
+
+
+def permute_sentences(tokens: np.ndarray, room: int, rng: np.random.Generator, *, ends: np.ndarray,
+                      sep: int) -> tuple[np.ndarray, int]:
+    """BART's sentence permutation, decoder-only: (the source's sentences shuffled + <|sep|>, then the
+    source as it was; length of the input part). The source is the first tokens that leave room for
+    both copies; one sentence (no boundary) stays as it is."""
+    n = min(len(tokens), (room - 1) // 2)
+    source = tokens[:n]
+    cut = np.flatnonzero(ends[source[:-1]]) + 1  # a sentence ends after an end token
+    sentences = np.split(source, cut)
+    order = rng.permutation(len(sentences))
+    shuffled = np.concatenate([sentences[i] for i in order]) if n else source
+    return np.concatenate([shuffled, [sep], source]).astype(np.int64), n + 1

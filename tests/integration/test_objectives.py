@@ -1,6 +1,7 @@
 """Pretraining objectives through the launcher: clm mixed with classify (which of two sources a sample
 comes from), contrastive (halves of a document; negatives gathered over data-parallel ranks) and UL2's
-R and S denoisers (prefix-LM attention; data prepared with special_tokens=objectives) on 1 process, on DP=2 with ZeRO-3 and on TP=2 with sequence parallelism (equal losses and per-objective
+R and S denoisers and sentence permutation (prefix-LM attention; data prepared with
+special_tokens=objectives) on 1 process, on DP=2 with ZeRO-3 and on TP=2 with sequence parallelism (equal losses and per-objective
 numbers), resumed bitwise; metrics.jsonl carries each objective's loss and the validation numbers;
 export leaves the auxiliary heads out and says so."""
 
@@ -12,9 +13,11 @@ from helpers import REPO, check, launch, losses, metrics
 
 COMMON = ["optim.warmup_steps=2", "optim.decay_steps=20", "train.eval_interval=5", "train.eval_batches=2",
           "checkpoint.keep=0", "checkpoint.interval=0", "model.seq_length=32", "train.global_batch_size=8",
-          "train.log_interval=5", "train.objectives=[{name: clm, weight: 0.25}, {name: classify, weight: 0.25}, {name: contrastive, weight: 0.25}, "
-          "{name: denoise, mode: R, weight: 0.125}, {name: denoise, mode: S, rate: 0.25, weight: 0.125}]"]
-WEIGHTS = {"clm": 0.25, "classify": 0.25, "contrastive": 0.25, "denoise_R": 0.125, "denoise_S": 0.125}
+          "train.log_interval=5", "train.objectives=[{name: clm, weight: 0.125}, {name: classify, weight: 0.25}, {name: contrastive, weight: 0.25}, "
+          "{name: denoise, mode: R, weight: 0.125}, {name: denoise, mode: S, rate: 0.25, weight: 0.125}, "
+          "{name: permute, weight: 0.125}]"]
+WEIGHTS = {"clm": 0.125, "classify": 0.25, "contrastive": 0.25, "denoise_R": 0.125, "denoise_S": 0.125,
+           "permute": 0.125}
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +47,13 @@ def test_each_objective_is_logged_and_evaluated(one):
     assert len(steps) == 10
     for r in steps:  # a quarter of 8 samples: exactly 2 each step
         assert r["units_classify"] == r["units_contrastive"] == 2 and r["units_clm"] > 0
-        assert r["units_denoise_R"] > 0 and r["units_denoise_S"] > 0
+        assert r["units_denoise_R"] > 0 and r["units_denoise_S"] > 0 and r["units_permute"] > 0
         assert 0 <= r["accuracy_classify"] <= 1 and 0 <= r["accuracy_contrastive"] <= 1
         assert r["loss"] == pytest.approx(sum(w * r[f"loss_{n}"] for n, w in WEIGHTS.items()), rel=1e-4)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [5, 10]
     assert all({"val_classify_loss", "val_classify_accuracy", "val_contrastive_loss", "val_denoise_R_loss",
-                "val_denoise_S_loss"} <= r.keys() for r in evals)
+                "val_denoise_S_loss", "val_permute_loss"} <= r.keys() for r in evals)
     assert evals[-1]["val_contrastive_loss"] < evals[0]["val_contrastive_loss"]  # it learns to match halves
 
 
@@ -61,7 +64,8 @@ def test_two_ranks_equal_one_process(tmp_path, sources, one, layout):
     check(launch(run, sources, *COMMON, "train.max_steps=10", "launch=torchrun", "launch.nproc_per_node=2", *layout))
     a, b = metrics(one), metrics(run)
     for key in ("loss", "loss_clm", "loss_classify", "loss_contrastive", "loss_denoise_R", "loss_denoise_S",
-                "val_loss", "val_classify_loss", "val_contrastive_loss", "val_denoise_R_loss"):
+                "loss_permute", "val_loss", "val_classify_loss", "val_contrastive_loss", "val_denoise_R_loss",
+                "val_permute_loss"):
         x, y = [r[key] for r in a if key in r], [r[key] for r in b if key in r]
         assert len(x) == len(y) > 0 and all(v == pytest.approx(u, rel=1e-5) for u, v in zip(x, y)), key
     assert [r.get("units_classify") for r in a] == [r.get("units_classify") for r in b]
@@ -74,7 +78,7 @@ def test_a_mixed_run_resumes_bitwise_and_exports_without_its_head(tmp_path, sour
     assert "resumed from" in out
     assert losses(run) == losses(one)
     assert [r.get("loss_classify") for r in metrics(run)] == [r.get("loss_classify") for r in metrics(one)]
-    changed = launch(run, sources, *[c.replace("clm, weight: 0.25", "clm, weight: 0.5") for c in COMMON],
+    changed = launch(run, sources, *[c.replace("clm, weight: 0.125", "clm, weight: 0.5") for c in COMMON],
                      "train.max_steps=12")
     assert changed.returncode == 1 and "assigned to objectives with weights" in changed.stdout
     proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={one}", f"out={tmp_path / 'hf'}"],

@@ -5,6 +5,8 @@ computed here by hand through the same model; clm alone is the language-model lo
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -330,3 +332,22 @@ def test_denoise_samples_score_only_their_targets_and_do_not_depend_on_the_layou
         ShardData([TokenDataset(tmp_path / "plain")], [1.0], load_tokenizer(tmp_path / "plain"), seq_length=64,
                   micro_batch_size=4, global_batch_size=4, dp=1, dp_rank=0, seed=0, val_fraction=0,
                   objectives=objectives)
+
+
+def test_sentence_permutation_shuffles_sentences_before_the_separator_and_keeps_the_original_after():
+    from gorilla_dist.data.tokenizer import CharTokenizer
+    from gorilla_dist.objectives.denoise import permute_sentences, sentence_ends
+
+    tok = CharTokenizer(" !.?ABCDEFGHIJ\n")
+    ends = sentence_ends(tok)
+    assert [tok.chars[i] for i in np.flatnonzero(ends[:-1])] == ["!", ".", "?", "\n"] and ends[tok.eod]
+    source = tok.encode("AB. CD! EF? GH")
+    seq, n_in = permute_sentences(source, 65, np.random.default_rng(3), ends=ends, sep=99)
+    assert n_in == len(source) + 1 and seq[n_in - 1] == 99 and seq[n_in:].tolist() == source.tolist()
+    shuffled = tok.decode(seq[:n_in - 1].tolist())
+    pieces = ["AB.", " CD!", " EF?", " GH"]  # the sentences, each whole, in another order
+    assert shuffled != "".join(pieces) and any(shuffled == "".join(p) for p in itertools.permutations(pieces))
+    one, n = permute_sentences(tok.encode("ABCDEFG"), 65, np.random.default_rng(1), ends=ends, sep=99)
+    assert tok.decode(one[:n - 1].tolist()) == "ABCDEFG"  # no sentence boundary: the text as it is
+    long, n = permute_sentences(np.arange(100) % 4, 65, np.random.default_rng(1), ends=ends, sep=99)
+    assert len(long) <= 65 and n == 33  # both copies fit: the first 32 tokens

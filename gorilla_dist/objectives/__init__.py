@@ -131,8 +131,10 @@ def contrastive_sums(model, batch, rows: torch.Tensor, temperature: float, group
     """(summed InfoNCE loss over this rank's contrastive samples `rows`, how many rank their own second
     half first), the negatives gathered over `group` with their gradients."""
     module = model.module if hasattr(model, "module") else model
-    first = F.normalize(pooled_scores(module, "contrastive", (batch.spans == 1).float())[rows], dim=-1)
-    second = F.normalize(pooled_scores(module, "contrastive", (batch.spans == 2).float())[rows], dim=-1)
+    spans = batch.spans if batch.spans is not None else torch.zeros_like(batch.tokens, dtype=torch.int8)  # (none here:
+    # the gather below still runs, every rank takes part in it)
+    first = F.normalize(pooled_scores(module, "contrastive", (spans == 1).float())[rows], dim=-1)
+    second = F.normalize(pooled_scores(module, "contrastive", (spans == 2).float())[rows], dim=-1)
     offset, every = 0, second
     if group is not None and torch.distributed.get_world_size(group) > 1:
         from torch.distributed.nn.functional import all_gather
@@ -145,6 +147,9 @@ def contrastive_sums(model, batch, rows: torch.Tensor, temperature: float, group
         parts = all_gather(padded, group=group)  # differentiable: each rank's gradient goes back to its owner
         every = torch.cat([p[:c] for p, c in zip(parts, counts)])
         offset = sum(counts[:torch.distributed.get_rank(group)])
+    if not first.shape[0] or not every.shape[0]:  # no pair here: 0, still through the gather (its backward is
+        zero = (first.sum() + every.sum()) * 0.0  # collective too: every rank must run it)
+        return zero, zero.detach()
     logits = first @ every.T / temperature  # (mine, all)
     target = torch.arange(first.shape[0], device=first.device) + offset
     return F.cross_entropy(logits, target, reduction="sum"), (logits.argmax(-1) == target).sum().float().detach()

@@ -351,3 +351,18 @@ def test_sentence_permutation_shuffles_sentences_before_the_separator_and_keeps_
     assert tok.decode(one[:n - 1].tolist()) == "ABCDEFG"  # no sentence boundary: the text as it is
     long, n = permute_sentences(np.arange(100) % 4, 65, np.random.default_rng(1), ends=ends, sep=99)
     assert len(long) <= 65 and n == 33  # both copies fit: the first 32 tokens
+
+
+def test_a_micro_batch_without_contrastive_samples_adds_nothing(world1):
+    from gorilla_dist.model import build_model
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config).model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
+    model = build_model(cfg, vocab_size=16, dtype="fp32", device=world1.device, seed=1, heads={"contrastive": 8})
+    batch = pack(np.random.default_rng(0).integers(0, 15, (2, 17)), np.array([17, 17]), np.array([0, 0]), eod=15,
+                 reset_at_eod=False)
+    batch.objective = torch.tensor([0, 0])
+    objectives = Objectives([ObjectiveConfig(name="clm"), ObjectiveConfig(name="contrastive")])
+    sums = objectives.sums(model, batch)
+    assert sums[1].tolist() == [0.0, 0.0] and objectives.units(batch).tolist() == [32.0, 0.0]
+    objectives.loss(sums, objectives.units(batch).clamp(min=1)).backward()
+    assert model.objective_heads["contrastive"].weight.grad is not None  # (in the graph: ZeRO sees a gradient)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from gorilla_dist.config import Config, ObjectiveConfig, validate
@@ -366,3 +368,23 @@ def test_a_micro_batch_without_contrastive_samples_adds_nothing(world1):
     assert sums[1].tolist() == [0.0, 0.0] and objectives.units(batch).tolist() == [32.0, 0.0]
     objectives.loss(sums, objectives.units(batch).clamp(min=1)).backward()
     assert model.objective_heads["contrastive"].weight.grad is not None  # (in the graph: ZeRO sees a gradient)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.floats(0.05, 1.0), min_size=2, max_size=6), micro=st.integers(1, 3),
+       dp=st.sampled_from([1, 2, 4]), accumulation=st.integers(1, 3), steps=st.integers(1, 12))
+def test_objective_counts_follow_the_weights_in_every_window_whatever_the_layout(weights, micro, dp, accumulation,
+                                                                                steps):
+    """The objective of every sample, in order, for any micro-batch size, data-parallel size and
+    accumulation with the same global batch: one sequence; every window of it is within 2 samples of
+    the weights (the blend rule's bound)."""
+    global_batch = micro * dp * accumulation
+    blend = Blend(weights)
+    seq = np.concatenate([blend.take(global_batch)[0] for _ in range(steps)])
+    again = Blend(weights)
+    assert (np.concatenate([again.take(1)[0] for _ in range(len(seq))]) == seq).all()  # batch size is free
+    share = np.asarray(weights) / sum(weights)
+    for width in (1, 7, len(seq)):
+        for start in range(0, len(seq) - width + 1, max(1, width // 2)):
+            counts = np.bincount(seq[start:start + width], minlength=len(weights))
+            assert np.all(np.abs(counts - width * share) <= 2)

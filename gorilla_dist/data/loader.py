@@ -141,6 +141,7 @@ class ShardData:
         names = [o.name for o in self.objective_configs]
         self.contrastive = names.index("contrastive") if "contrastive" in names else None
         self.denoisers = [i for i, n in enumerate(names) if n in ("denoise", "permute")]  # input -> target
+        self.sentence_ends = None  # permute's table of sentence-ending tokens, built on first use
         if self.denoisers:
             from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS
 
@@ -185,12 +186,15 @@ class ShardData:
         if self.reset and not examples.all():
             segments[~examples] = eod_segments(windows[~examples], self.eod)
         if noisy:
-            from gorilla_dist.objectives.denoise import corrupt_rows
+            from gorilla_dist.objectives.denoise import corrupt_rows, sentence_ends
 
             for k, rows in denoise.items():
+                cfg = self.objective_configs[k]
+                if cfg.name == "permute" and self.sentence_ends is None:
+                    self.sentence_ends = sentence_ends(self.tokenizer)
                 corrupt_rows(windows, valid, segments, targets, rows, [(self.seed, int(s), int(i)) for s, i in
                                                                         zip(sources, index)],
-                             self.objective_configs[k], self.tokenizer)
+                             cfg, self.tokenizer, self.sentence_ends)
         elif self.one_per_sample and not self.reset:  # one example, then padding: causal attention keeps them apart
             segments = None
         return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,

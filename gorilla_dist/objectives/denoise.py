@@ -61,14 +61,15 @@ def corrupt(tokens: np.ndarray, room: int, rng: np.random.Generator, *, mode: st
 
 
 def corrupt_rows(windows: np.ndarray, valid: np.ndarray, segments: np.ndarray, targets: np.ndarray, rows: np.ndarray,
-                 keys: list[tuple[int, ...]], cfg, tokenizer) -> None:
+                 keys: list[tuple[int, ...]], cfg, tokenizer, ends: np.ndarray | None = None) -> None:
     """In place, for each row in `rows` (bool): its window (valid tokens) becomes input + target of
     objective `cfg` (an ObjectiveConfig: denoise with its mode, mean_span, rate; or permute), then <eod>
     padding; segments mark the input bidirectional (BIDIRECTIONAL) and the padding apart; targets (loss
-    mask) the target tokens. `keys`: each row's seed (run seed, source, sample index)."""
+    mask) the target tokens. `keys`: each row's seed (run seed, source, sample index). `ends`: permute's
+    sentence_ends(tokenizer), when the caller keeps it."""
     width, eod = windows.shape[1], tokenizer.eod
     if cfg.name == "permute":
-        ends, sep = _sentence_ends(tokenizer), tokenizer.special_id("<|sep|>")
+        ends, sep = (sentence_ends(tokenizer) if ends is None else ends), tokenizer.special_id("<|sep|>")
 
         def make(tokens, rng):
             return permute_sentences(tokens, width, rng, ends=ends, sep=sep)
@@ -86,13 +87,6 @@ def corrupt_rows(windows: np.ndarray, valid: np.ndarray, segments: np.ndarray, t
         windows[r, :m], windows[r, m:], valid[r] = seq, eod, m
         segments[r, :n_in], segments[r, n_in:m], segments[r, m:] = BIDIRECTIONAL, 0, 1
         targets[r, :n_in], targets[r, n_in:m], targets[r, m:] = 0, 1, 0
-
-
-def _sentence_ends(tokenizer) -> np.ndarray:
-    """sentence_ends, computed once per tokenizer object."""
-    if getattr(tokenizer, "_sentence_ends", None) is None:
-        tokenizer._sentence_ends = sentence_ends(tokenizer)
-    return tokenizer._sentence_ends
 
 
 SENTENCE_ENDS = (".", "!", "?", "\n")

@@ -75,9 +75,6 @@ class Objectives:
         self.keys = [o.key for o in self.items]
         self.plain = self.names == ["clm"]  # the language-model loss alone, exactly as before objectives
 
-    def needs_hidden(self) -> bool:
-        return any(o.name != "clm" for o in self.items)
-
     def rows(self, batch, o: Objective) -> torch.Tensor:
         """(b,) bool: the micro-batch's samples with objective o."""
         if batch.objective is None:
@@ -94,7 +91,8 @@ class Objectives:
 
     def sums(self, model, batch) -> torch.Tensor:
         """(objectives, 2) float32: each objective's summed loss (with gradient) and its correct
-        predictions (classify; 0 for clm), over its samples in this micro-batch. One forward."""
+        predictions (classify, contrastive; 0 for the others), over its samples in this micro-batch. One
+        forward."""
         losses = per_token_loss(model, batch).float()  # (b, s)
         out = []
         for o in self.items:

@@ -48,14 +48,3 @@ def class_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     labels = batch.classes[at]
     return (F.cross_entropy(scores, labels, reduction="sum"), at.sum().float(),
             (scores.argmax(-1) == labels).sum().float())
-
-
-def objective(model, batch, denominator: torch.Tensor, *, head: bool) -> torch.Tensor:
-    """Training's loss: lm_loss, or with a classification `head` the class cross entropy, summed over the
-    batch and divided by `denominator`."""
-    return class_loss_sum(model, batch)[0] / denominator if head else lm_loss(model, batch, denominator)
-
-
-def target_count(batch, *, head: bool) -> torch.Tensor:
-    """What `objective` sums over: unmasked targets, or a classifier's labelled examples."""
-    return classified(batch).sum().float() if head else batch.loss_mask.sum()

@@ -12,7 +12,7 @@ from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
 from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init, resolve_labels
 from gorilla_dist.inference import caches, sample
-from gorilla_dist.loss import class_loss_sum, lm_loss_sum, objective, target_count
+from gorilla_dist.loss import class_loss_sum, classified, lm_loss_sum
 from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
@@ -42,7 +42,7 @@ def train_step(engine: TrainEngine, micro_batches, layout=None, *, objectives: O
     objectives = objectives or PLAIN
     n = dp * len(micro_batches)
     if head:
-        counts = torch.stack([target_count(b, head=True) for b in micro_batches]).sum()[None]
+        counts = torch.stack([classified(b).sum().float() for b in micro_batches]).sum()[None]
     else:
         counts = torch.stack([objectives.units(b) for b in micro_batches]).sum(0)  # (objectives,)
     local = counts.clone()
@@ -53,7 +53,7 @@ def train_step(engine: TrainEngine, micro_batches, layout=None, *, objectives: O
 
     def loss_fn(model, batch):
         if head:
-            loss = objective(model, batch, per_micro[0], head=True)
+            loss = class_loss_sum(model, batch)[0] / per_micro[0]
         else:
             sums = objectives.sums(model, batch)
             stats.append(sums.detach())

@@ -145,11 +145,11 @@ class ShardData:
         if self.denoisers:
             from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS
 
-            missing = [str(d.path) for d in datasets if tuple(getattr(tokenizer, "specials", ())) != OBJECTIVE_TOKENS]
-            if missing:
+            if tuple(getattr(tokenizer, "specials", ())) != OBJECTIVE_TOKENS:  # (one tokenizer for all sources)
                 raise DataError(f"train.objectives: denoise and permute need the objectives' special tokens "
-                                f"(sentinels, mode tokens, separator), which {missing[0]} was prepared without; prepare it again with "
-                                "python -m gorilla_dist.data.prepare ... special_tokens=objectives")
+                                f"(sentinels, mode tokens, separator), which {datasets[0].path} was prepared "
+                                "without; prepare it again with python -m gorilla_dist.data.prepare ... "
+                                "special_tokens=objectives")
         self._val_cache: dict[tuple, list[Batch]] = {}
 
     def sources_fingerprint(self) -> list:

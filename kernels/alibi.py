@@ -40,3 +40,12 @@ def tp_rank_size(pg_collection=None) -> tuple[int, int]:
 
         return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     return group.rank(), group.size()
+
+
+def alibi_mask(slopes: torch.Tensor, s: int, t: int, allowed: torch.Tensor | None) -> torch.Tensor:
+    """SDPA's float mask for queries at the last s of t key positions: -slope * (query - key) where
+    `allowed` (bool, True = may attend; None: causal), -inf elsewhere. (h,) slopes -> (1, h, s, t)."""
+    device = slopes.device
+    dist = (torch.arange(t - s, t, device=device)[:, None] - torch.arange(t, device=device)).to(slopes.dtype)
+    keep = dist >= 0 if allowed is None else allowed
+    return (-slopes.view(1, -1, 1, 1) * dist).masked_fill(~keep, float("-inf"))

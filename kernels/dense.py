@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from gorilla_dist.kernels.alibi import local_alibi_slopes
+from gorilla_dist.kernels.alibi import alibi_mask, local_alibi_slopes
 from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
 try:  # optional GPU extra
@@ -124,13 +124,9 @@ class DenseAttention(MegatronModule):
             own = sdpa_mask if sdpa_mask is not None else torch.ones(s, k.shape[2] - n_prefix, dtype=torch.bool,
                                                                       device=q.device).tril(k.shape[2] - n_prefix - s)
             sdpa_mask = torch.cat([own.new_ones(*own.shape[:-1], n_prefix), own], dim=-1)
-        if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty
-            s_k = k.shape[2]  # more keys than queries when decoding with a KV cache: queries are the last ones
-            dist = (torch.arange(s_k - s, s_k, device=q.device)[:, None]
-                    - torch.arange(s_k, device=q.device)[None, :]).to(q.dtype)
-            allowed = sdpa_mask if sdpa_mask is not None else dist >= 0
-            bias = -self.alibi_slopes.to(q.dtype).view(1, -1, 1, 1) * dist
-            sdpa_mask = bias.masked_fill(~allowed, float("-inf"))
+        if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty (more keys
+            # than queries when decoding with a KV cache: the queries are the last ones)
+            sdpa_mask = alibi_mask(self.alibi_slopes.to(q.dtype), s, k.shape[2], sdpa_mask)
         causal = mask_type == AttnMaskType.causal and sdpa_mask is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout,
                                              is_causal=causal, scale=self.softmax_scale)

@@ -38,7 +38,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from gorilla_dist.kernels import layouts
-from gorilla_dist.kernels.alibi import local_alibi_slopes, tp_rank_size
+from gorilla_dist.kernels.alibi import alibi_mask, local_alibi_slopes, tp_rank_size
 from gorilla_dist.kernels.block_sparse import block_sparse_attention
 from gorilla_dist.kernels.limits import UnsupportedAttention
 
@@ -122,12 +122,9 @@ class StaticSparseAttention(_BlockSparseBase):
             allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], prefix[0].shape[2]), allowed], -1)
         if k.shape[1] != np_:  # grouped-query attention
             k, v = k.repeat_interleave(np_ // k.shape[1], dim=1), v.repeat_interleave(np_ // k.shape[1], dim=1)
-        mask = allowed
-        if self.alibi_slopes is not None:
-            t = k.shape[2]  # keys (prefix included); the queries are the last s
-            dist = (torch.arange(t - s, t, device=q.device)[:, None] - torch.arange(t, device=q.device)).to(q.dtype)
-            mask = (-self.alibi_slopes.to(q.dtype).view(1, -1, 1, 1) * dist).masked_fill(~allowed, float("-inf"))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        if self.alibi_slopes is not None:  # keys: prefix included; the queries are the last s
+            allowed = alibi_mask(self.alibi_slopes.to(q.dtype), s, k.shape[2], allowed)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
 
     def build_layout(self, seq_len: int) -> layouts.BlockLayout:

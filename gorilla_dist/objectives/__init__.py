@@ -68,9 +68,7 @@ class Objectives:
         total = sum(c.weight for c in configs)
         self.configs = list(configs)
         self.items = [Objective(c.name, c.weight / total, i, objective_key(c)) for i, c in enumerate(configs)]
-        self.temperature = {c.name: c.temperature for c in configs}
         self.dp_group = dp_group
-        self.weights = [o.weight for o in self.items]
         self.names = [o.name for o in self.items]
         self.keys = [o.key for o in self.items]
         self.plain = self.names == ["clm"]  # the language-model loss alone, exactly as before objectives
@@ -96,18 +94,19 @@ class Objectives:
         losses = per_token_loss(model, batch).float()  # (b, s)
         out = []
         for o in self.items:
-            rows = self.rows(batch, o).float()
+            rows = self.rows(batch, o)
             if o.name in LM:  # next-token loss on the targets (denoise: its target part)
-                mask = batch.loss_mask if self.plain else batch.loss_mask * rows[:, None]
+                mask = batch.loss_mask if self.plain else batch.loss_mask * rows[:, None].float()
                 out.append(torch.stack([(losses * mask).sum(), losses.new_zeros(())]))
             elif o.name == "contrastive":
-                ce, right = contrastive_sums(model, batch, self.rows(batch, o), self.temperature[o.name], self.dp_group)
+                ce, right = contrastive_sums(model, batch, rows, self.configs[o.index].temperature, self.dp_group)
                 out.append(torch.stack([ce, right]))
             else:  # classify: the sample's source
                 scores = classify_scores(model, batch)  # (b, sources)
                 ce = F.cross_entropy(scores, batch.source, reduction="none")
                 right = (scores.argmax(-1) == batch.source).float()
-                out.append(torch.stack([(ce * rows).sum(), (right * rows).sum().detach()]))
+                w = rows.float()
+                out.append(torch.stack([(ce * w).sum(), (right * w).sum().detach()]))
         return torch.stack(out)
 
     def loss(self, sums: torch.Tensor, per_micro: torch.Tensor) -> torch.Tensor:
@@ -118,17 +117,21 @@ class Objectives:
         return sum(o.weight * sums[o.index, 0] / per_micro[o.index] for o in self.items)
 
 
+def _module(model) -> torch.nn.Module:
+    """The model itself, under train.TrainEngine or not."""
+    return model.module if hasattr(model, "module") else model
+
+
 def classify_scores(model, batch) -> torch.Tensor:
     """(b, sources) scores of the classify head, pooled over each sample's scored positions (after the
     forward: model/head.py keeps the per-position scores)."""
-    module = model.module if hasattr(model, "module") else model
-    return pooled_scores(module, "classify", batch.loss_mask)
+    return pooled_scores(_module(model), "classify", batch.loss_mask)
 
 
 def contrastive_sums(model, batch, rows: torch.Tensor, temperature: float, group) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed InfoNCE loss over this rank's contrastive samples `rows`, how many rank their own second
     half first), the negatives gathered over `group` with their gradients."""
-    module = model.module if hasattr(model, "module") else model
+    module = _module(model)
     spans = batch.spans if batch.spans is not None else torch.zeros_like(batch.tokens, dtype=torch.int8)  # (none here:
     # the gather below still runs, every rank takes part in it)
     first = F.normalize(pooled_scores(module, "contrastive", (spans == 1).float())[rows], dim=-1)

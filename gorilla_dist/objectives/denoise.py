@@ -23,8 +23,6 @@ import numpy as np
 from gorilla_dist.data.tokenizer import N_SENTINELS
 from gorilla_dist.kernels.limits import BIDIRECTIONAL
 
-MODES = ("R", "X", "S")
-
 
 def _segment(rng: np.random.Generator, total: int, parts: int) -> np.ndarray:
     """`parts` positive lengths summing to `total` (T5's random segmentation)."""

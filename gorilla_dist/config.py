@@ -272,13 +272,22 @@ class ObjectiveConfig:
     """contrastive: width of the linear projection the pooled halves go through before normalising."""
     mode: str = "R"
     """denoise: R | X (span corruption: spans of mean length `mean_span` covering `rate` of the source, each
-    replaced by a sentinel; the target: each sentinel and its span) | S (prefix -> continuation: the last
+    masked by a sentinel (or replaced / deleted: `mask`, `replace`, `delete`); the target: each sentinel and
+    its span) | S (prefix -> continuation: the last
     `rate` of the source is the target). UL2's settings: R mean_span 3 rate 0.15; X mean_span 32 rate 0.15
     or mean_span 3 rate 0.5; S rate 0.25. mean_span 1 is BERT-style single-token masking."""
     mean_span: float = 3.0
     """denoise (R, X): the mean length of a corrupted span, in tokens (>= 1)."""
     rate: float = 0.15
     """denoise: the share of the source tokens that become the target (0 < rate < 1)."""
+    mask: float = 1.0
+    """denoise (R, X): weight of masking a corrupted span (the input holds its sentinel). With `replace` and
+    `delete`, each span draws one of the three in proportion to the weights."""
+    replace: float = 0.0
+    """denoise (R, X): weight of replacing a span by as many random tokens (drawn from the sample's own
+    source), with no sentinel: the model finds the span and restores it."""
+    delete: float = 0.0
+    """denoise (R, X): weight of deleting a span from the input (no sentinel): the model finds where."""
 
 
 @dataclass
@@ -585,7 +594,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(t.nonfinite, NONFINITE, "train.nonfinite")
     _choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     _validate_data(cfg.data, t)
-    _validate_objectives(t.objectives, cfg.data, cfg.finetune, m.attention)
+    _validate_objectives(t.objectives, cfg.data, cfg.finetune)
     _validate_finetune(cfg.finetune, cfg.checkpoint)
     if cfg.finetune.method in ("prompt", "prefix"):
         _validate_virtual_tokens(cfg.finetune.method, cfg.finetune.virtual_tokens, m, p, cfg.data)
@@ -648,12 +657,6 @@ def check_inputs(cfg) -> None:
         if not Path(src.path).is_dir():
             raise ConfigError(f"data.sources[{i}].path={src.path!r}: no such directory (prepare one with "
                               "python -m gorilla_dist.data.prepare input=... output=...)")
-        meta = Path(src.path) / "meta.json"
-        if cfg.model.attention != "dense" and d.pack and meta.is_file() and "examples" in json.loads(meta.read_text()):
-            raise ConfigError(f"data.sources[{i}].path={src.path!r} holds instruction examples, packed several to a "
-                              f"sample (data.pack=true), which attend only within themselves (per-sample masks): "
-                              f"model.attention={cfg.model.attention} does not support them; use model.attention=dense, "
-                              "or data.pack=false (one example per sample: causal attention is enough)")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
@@ -772,9 +775,6 @@ def _validate_sparse(m, d) -> None:
     if m.dropout:
         raise ConfigError(f"model.dropout={m.dropout}: model.attention={m.attention} has no attention dropout; "
                           "set model.dropout=0 or use model.attention=dense")
-    if d.reset_at_eod:
-        raise ConfigError(f"data.reset_at_eod=true needs per-sample attention masks, which model.attention="
-                          f"{m.attention} does not support; use model.attention=dense")
 
 
 def _validate_virtual_tokens(method: str, n: int, m, p, d) -> None:
@@ -841,7 +841,7 @@ def _validate_finetune(f, c) -> None:
                           "checkpoint directory> (its weights are the frozen base)")
 
 
-def _validate_objectives(objectives, d, f, attention: str) -> None:
+def _validate_objectives(objectives, d, f) -> None:
     if not objectives:
         raise ConfigError(f"train.objectives is empty; give at least one of {list(OBJECTIVES)}, e.g. "
                           "'[{name: clm}]'")
@@ -859,6 +859,10 @@ def _validate_objectives(objectives, d, f, attention: str) -> None:
             raise ConfigError(f"train.objectives[{i}].mean_span={o.mean_span} must be >= 1 (tokens)")
         if not 0 < o.rate < 1:
             raise ConfigError(f"train.objectives[{i}].rate={o.rate} must be in (0, 1)")
+        kinds = {k: getattr(o, k) for k in ("mask", "replace", "delete")}
+        if not all(v >= 0 and math.isfinite(v) for v in kinds.values()) or not sum(kinds.values()) > 0:
+            raise ConfigError(f"train.objectives[{i}]: mask={o.mask}, replace={o.replace}, delete={o.delete} are the "
+                              "weights of each span's corruption: give non-negative numbers, not all 0")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"train.objectives names {twice[0]} twice; give each objective once with its weight")
@@ -868,12 +872,6 @@ def _validate_objectives(objectives, d, f, attention: str) -> None:
     if "classify" in names and len(d.sources) < 2:
         raise ConfigError(f"train.objectives: classify with {len(d.sources)} data.sources has nothing to tell apart; "
                           "give two or more sources")
-    for name, why in (("contrastive", "keeps a sample's two halves from attending to each other"),
-                      ("denoise", "attends bidirectionally over the input part (prefix-LM)"),
-                      ("permute", "attends bidirectionally over the input part (prefix-LM)")):
-        if any(n.startswith(name) for n in names) and attention != "dense":
-            raise ConfigError(f"train.objectives: {name} {why}, per-sample masks which model.attention={attention} "
-                              "does not support yet; use model.attention=dense")
     if names != ["clm"] and f.head != "none":
         raise ConfigError(f"train.objectives={names} with finetune.head={f.head}: a classification run has its own "
                           "loss; use the default train.objectives")

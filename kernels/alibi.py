@@ -1,5 +1,5 @@
 """ALiBi (Press et al. 2022, "Train Short, Test Long"): a per-head linear penalty on distance,
-score(i, j) -= slope_h * (i - j), in place of position embeddings."""
+score(i, j) -= slope_h * |i - j|, in place of position embeddings."""
 
 from __future__ import annotations
 
@@ -43,9 +43,11 @@ def tp_rank_size(pg_collection=None) -> tuple[int, int]:
 
 
 def alibi_mask(slopes: torch.Tensor, s: int, t: int, allowed: torch.Tensor | None) -> torch.Tensor:
-    """SDPA's float mask for queries at the last s of t key positions: -slope * (query - key) where
-    `allowed` (bool, True = may attend; None: causal), -inf elsewhere. (h,) slopes -> (1, h, s, t)."""
+    """SDPA's float mask for queries at the last s of t key positions: -slope * |query - key| where
+    `allowed` (bool, True = may attend; None: causal), -inf elsewhere. (h,) slopes -> (1, h, s, t). The
+    distance counts either way: a prefix-LM's input tokens ahead of a query are penalised as far as
+    those behind it (as bidirectional ALiBi does), never rewarded."""
     device = slopes.device
     dist = (torch.arange(t - s, t, device=device)[:, None] - torch.arange(t, device=device)).to(slopes.dtype)
     keep = dist >= 0 if allowed is None else allowed
-    return (-slopes.view(1, -1, 1, 1) * dist).masked_fill(~keep, float("-inf"))
+    return (-slopes.view(1, -1, 1, 1) * dist.abs()).masked_fill(~keep, float("-inf"))

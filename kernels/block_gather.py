@@ -11,7 +11,8 @@ FlexAttention cannot serve here: in our torch it has no backward on CPU (../STAC
 
 Same arguments and semantics as the Triton kernel (gorilla_dist.kernels.block_sparse), which the
 tests compare both against: causal inside the diagonal block, optional ALiBi slopes, optional
-per-(query block, slot) additive bias (the learned layout's gate), grouped-query attention.
+per-(query block, slot) additive bias (the learned layout's gate), grouped-query attention, and
+optional per-token segment ids (documents, prefix-LM inputs) that mask every tile token by token.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from gorilla_dist.kernels.layouts import BlockLayout, check_qkv
+from gorilla_dist.kernels.limits import BIDIRECTIONAL
 
 CHUNK_BYTES = 4 << 20
 """Target size of one chunk's score tile (fp32): small enough for cache, large enough for BLAS."""
@@ -29,7 +31,8 @@ MASKED = -1.0e30
 class _Units:
     """Per-unit metadata, flattened over (batch, head, query block): gather rows, tile terms."""
 
-    def __init__(self, layout: BlockLayout, B: int, H: int, H_kv: int, device, alibi_slopes, block_bias):
+    def __init__(self, layout: BlockLayout, B: int, H: int, H_kv: int, device, alibi_slopes, block_bias,
+                 segments=None):
         bs, n, kmax = layout.block_size, layout.n_blocks, layout.max_kv
         idx = layout.kv_indices.to(device).long().expand(B, H, n, kmax)
         m = torch.arange(n, device=device)[:, None]
@@ -39,8 +42,18 @@ class _Units:
         self.diag = ((idx == m) & valid).float().reshape(-1, 1, kmax, 1)
         # one additive term per (unit, slot): padding, ALiBi's block offset, the tile bias
         tile = torch.zeros(B, H, n, kmax, device=device).masked_fill_(~valid, float("-inf"))
-        self.slope = None
-        if alibi_slopes is not None:
+        self.slope = self.seg = None
+        if segments is not None:  # per token: ids and positions of each unit's queries and key strip
+            seg = segments.to(device).view(B * n, bs)
+            bid = seg >= BIDIRECTIONAL
+            self.seg = (torch.where(bid, seg - BIDIRECTIONAL, seg), bid, seg < 0)  # doc, seen ahead, seen by all docs
+            blocks = torch.arange(B, device=device)[:, None, None] * n
+            self.qrow = (blocks + torch.arange(n, device=device)).expand(B, H, n).reshape(-1)
+            self.krow = (blocks[..., None] + idx).reshape(-1, kmax)
+            self.pos = torch.arange(B * n, device=device).remainder(n).view(-1, 1) * bs + torch.arange(bs, device=device)
+        if alibi_slopes is not None and segments is not None:
+            self.slope = (-alibi_slopes.float().to(device).view(1, H, 1, 1)).expand(B, H, n, 1).reshape(-1, 1, 1)
+        elif alibi_slopes is not None:
             slope = alibi_slopes.float().to(device).view(1, H, 1, 1)
             tile -= slope * ((m - idx) * bs).float()
             self.slope = (-slope).expand(B, H, n, 1).reshape(-1, 1, 1, 1)
@@ -57,9 +70,26 @@ class _Units:
         """(c, bs, kmax*bs) fp32 masked scores of units [lo, hi)."""
         s = torch.bmm(qc, kc.transpose(1, 2)).float().mul_(scale)
         s4 = s.view(hi - lo, self.bs, self.kmax, self.bs)
-        s4.add_(self.tile[lo:hi]).addcmul_(self.diag[lo:hi], self.causal)
+        s4.add_(self.tile[lo:hi])
+        if self.seg is not None:
+            return self._segment_scores(s, lo, hi)
+        s4.addcmul_(self.diag[lo:hi], self.causal)
         if self.slope is not None:
             s4.addcmul_(self.slope[lo:hi], self.offset)
+        return s
+
+    def _segment_scores(self, s, lo, hi):
+        """Token by token (segment ids given): inside the query's document (or a shared id < 0), causal
+        except toward input tokens (dense.sdpa_keep_mask's rule); ALiBi on the distance either way."""
+        doc, ahead, shared = self.seg
+        qr, kr = self.qrow[lo:hi], self.krow[lo:hi].reshape(-1)
+        c = hi - lo
+        pq, pk = self.pos[qr][:, :, None], self.pos[kr].view(c, 1, -1)
+        keep = (doc[qr][:, :, None] == doc[kr].view(c, 1, -1)) | shared[kr].view(c, 1, -1)
+        keep &= (pk <= pq) | ahead[kr].view(c, 1, -1)
+        s.masked_fill_(~keep, MASKED)
+        if self.slope is not None:
+            s.addcmul_(self.slope[lo:hi], (pq - pk).abs().float())
         return s
 
     def gather(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -69,9 +99,9 @@ class _Units:
 
 class BlockGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes):
+    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes, segments):
         B, H, S, D = q.shape
-        u = _Units(layout, B, H, k.shape[1], q.device, alibi_slopes, block_bias)
+        u = _Units(layout, B, H, k.shape[1], q.device, alibi_slopes, block_bias, segments)
         bs = layout.block_size
         qu = q.view(-1, bs, D)
         out = torch.empty_like(q)
@@ -118,14 +148,16 @@ class BlockGatherAttention(torch.autograd.Function):
         dbias = None
         if block_bias is not None:  # summed over the dimensions a broadcast bias leaves out
             dbias = dtile.view(*q.shape[:2], -1, u.kmax).sum_to_size(block_bias.shape).to(block_bias.dtype)
-        return dq, dk, dv, dbias, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
                            scale: float, alibi_slopes: torch.Tensor | None = None,
-                           block_bias: torch.Tensor | None = None) -> torch.Tensor:
+                           block_bias: torch.Tensor | None = None,
+                           segments: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, S, D); k, v (B, H_kv, S, D) with H % H_kv == 0; alibi_slopes (H,); block_bias
-    (B|1, H|1, n, max_kv) added to every score of that (query block, slot) tile. Returns (B, H, S, D)."""
-    check_qkv(q, k, v, layout)
+    (B|1, H|1, n, max_kv) added to every score of that (query block, slot) tile; segments (B, S) int, the
+    per-token mask (see layouts.with_segments). Returns (B, H, S, D)."""
+    check_qkv(q, k, v, layout, segments)
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return BlockGatherAttention.apply(q, k, v, block_bias, layout, scale, alibi_slopes)
+    return BlockGatherAttention.apply(q, k, v, block_bias, layout, scale, alibi_slopes, segments)

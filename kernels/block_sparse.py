@@ -28,9 +28,9 @@ import os
 
 import torch
 
-from gorilla_dist.kernels.dense import attention_reference
+from gorilla_dist.kernels.dense import attention_reference, sdpa_keep_mask
 from gorilla_dist.kernels.layouts import BlockLayout, check_qkv
-from gorilla_dist.kernels.limits import TRITON_HEAD_DIMS
+from gorilla_dist.kernels.limits import BIDIRECTIONAL, TRITON_HEAD_DIMS
 
 try:
     import triton
@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 
 
 if triton is not None:
+    _BIDIRECTIONAL = tl.constexpr(BIDIRECTIONAL)  # (a kernel reads globals only as constexpr)
 
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -48,23 +49,32 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """(BLOCK, BLOCK) fp32 scores of one tile, masked causally with -inf."""
+    def _scores(q, k, offs_m, offs_k, scale, slope, bias, SEG, seg_b, HAS_ALIBI: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """(BLOCK, BLOCK) fp32 scores of one tile, masked with -inf: causally, or with segment ids by
+        dense.sdpa_keep_mask's rule (same document or a shared id < 0; causal except toward input tokens)."""
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale
-        if HAS_ALIBI:
-            s -= slope * (offs_m[:, None] - offs_k[None, :]).to(tl.float32)
+        if HAS_ALIBI:  # distance either way (only prefix-LM inputs lie ahead)
+            s -= slope * tl.abs(offs_m[:, None] - offs_k[None, :]).to(tl.float32)
         if HAS_BIAS:
             s += bias
-        return tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
+        keep = offs_k[None, :] <= offs_m[:, None]
+        if HAS_SEG:
+            sq = tl.load(SEG + seg_b + offs_m)
+            sk = tl.load(SEG + seg_b + offs_k)
+            bid_k = sk >= _BIDIRECTIONAL
+            doc_q = tl.where(sq >= _BIDIRECTIONAL, sq - _BIDIRECTIONAL, sq)
+            doc_k = tl.where(bid_k, sk - _BIDIRECTIONAL, sk)
+            keep = (keep | bid_k[None, :]) & ((doc_q[:, None] == doc_k[None, :]) | (sk[None, :] < 0))
+        return tl.where(keep, s, float("-inf"))
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, NUM, IDX, SLOPES, BIAS,
+    def _fwd_kernel(Q, K, V, O, LSE, NUM, IDX, SLOPES, BIAS, SEG,
                     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-                    snb, snh, snm, sib, sih, sim, sbb, sbh, sbm,
+                    snb, snh, snm, sib, sih, sim, sbb, sbh, sbm, ssb,
                     H, GROUP, n_blocks, scale,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         m = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -85,7 +95,8 @@ if triton is not None:
             k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
             v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
             bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + s) if HAS_BIAS else 0.0
-            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST, PRECISION)
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, SEG, b * ssb, HAS_ALIBI, HAS_BIAS, HAS_SEG,
+                         UPCAST, PRECISION)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
@@ -97,12 +108,12 @@ if triton is not None:
         tl.store(LSE + bh * n_blocks * BLOCK + offs_m, m_i + tl.log(l_i))
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, NUM, IDX, SLOPES, BIAS,
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, NUM, IDX, SLOPES, BIAS, SEG,
                        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                       snb, snh, snm, sib, sih, sim, sbb, sbh, sbm, max_kv,
+                       snb, snh, snm, sib, sih, sim, sbb, sbh, sbm, ssb, max_kv,
                        H, GROUP, n_blocks, scale,
                        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         m = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -124,7 +135,8 @@ if triton is not None:
             k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * sks + offs_d[None, :])
             v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svs + offs_d[None, :])
             bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + s) if HAS_BIAS else 0.0
-            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST, PRECISION)
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, SEG, b * ssb, HAS_ALIBI, HAS_BIAS, HAS_SEG,
+                         UPCAST, PRECISION)
             p = tl.exp(qk - lse[:, None])
             dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
             ds = p * (dp - delta[:, None])
@@ -134,12 +146,12 @@ if triton is not None:
         tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
 
     @triton.jit
-    def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QNUM, QIDX, QSLOT, SLOPES, BIAS,
+    def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QNUM, QIDX, QSLOT, SLOPES, BIAS, SEG,
                         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                        stb, sth, stj, sbb, sbh, sbm,
+                        stb, sth, stj, sbb, sbh, sbm, ssb,
                         H, GROUP, n_blocks, max_q, scale,
                         BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         j = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -166,7 +178,8 @@ if triton is not None:
                 bias = tl.load(BIAS + b * sbb + h * sbh + m * sbm + tl.load(QSLOT + t_off * max_q + t))
             else:
                 bias = 0.0
-            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, HAS_ALIBI, HAS_BIAS, UPCAST, PRECISION)
+            qk = _scores(q, k, offs_m, offs_k, scale, slope, bias, SEG, b * ssb, HAS_ALIBI, HAS_BIAS, HAS_SEG,
+                         UPCAST, PRECISION)
             p = tl.exp(qk - lse[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
             dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
@@ -195,8 +208,8 @@ def _launch_options(head_dim: int) -> dict:
 
 class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes):
-        check_qkv(q, k, v, layout)
+    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes, segments):
+        check_qkv(q, k, v, layout, segments)
         B, H, S, D = q.shape
         bs, n = layout.block_size, layout.n_blocks
         if D not in TRITON_HEAD_DIMS:
@@ -209,14 +222,17 @@ class BlockSparseAttention(torch.autograd.Function):
         bias = block_bias.float().contiguous() if block_bias is not None else q.new_empty(1, 1, 1, dtype=torch.float32)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+        seg = (segments.to(torch.int32).contiguous() if segments is not None
+               else q.new_empty(1, 1, dtype=torch.int32))
         _fwd_kernel[(n, B * H)](
-            q, k, v, o, lse, num, idx, slopes, bias,
+            q, k, v, o, lse, num, idx, slopes, bias, seg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            *_strides(num), *_strides(idx), *_strides(bias),
+            *_strides(num), *_strides(idx), *_strides(bias), *_strides(seg, 1),
             H, H // k.shape[1], n, scale,
             BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, HAS_BIAS=block_bias is not None,
-            UPCAST=_upcast(q.dtype), **_launch_options(D))
-        ctx.save_for_backward(q, k, v, o, lse, slopes, bias)
+            HAS_SEG=segments is not None, UPCAST=_upcast(q.dtype), **_launch_options(D))
+        ctx.save_for_backward(q, k, v, o, lse, slopes, bias, seg)
+        ctx.has_seg = segments is not None
         ctx.layout, ctx.scale = layout, scale
         ctx.has_alibi = alibi_slopes is not None
         ctx.bias_shape = None if block_bias is None else block_bias.shape
@@ -225,7 +241,7 @@ class BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, slopes, bias = ctx.saved_tensors
+        q, k, v, o, lse, slopes, bias, seg = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         B, H, S, D = q.shape
         H_kv, bs, n = k.shape[1], layout.block_size, layout.n_blocks
@@ -235,68 +251,76 @@ class BlockSparseAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dbias = torch.zeros(B, H, n, layout.max_kv, device=q.device, dtype=torch.float32) if has_bias else bias
         num, idx = layout.kv_num_blocks, layout.kv_indices.contiguous()
-        common = dict(BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=ctx.has_alibi, HAS_BIAS=has_bias, UPCAST=_upcast(q.dtype),
-                      **_launch_options(D))
+        common = dict(BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=ctx.has_alibi, HAS_BIAS=has_bias, HAS_SEG=ctx.has_seg,
+                      UPCAST=_upcast(q.dtype), **_launch_options(D))
         _bwd_dq_kernel[(n, B * H)](
-            q, k, v, do, lse, delta, dq, dbias, num, idx, slopes, bias,
+            q, k, v, do, lse, delta, dq, dbias, num, idx, slopes, bias, seg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(num), *_strides(idx), *_strides(bias),
-            layout.max_kv, H, H // H_kv, n, scale, **common)
+            *_strides(seg, 1), layout.max_kv, H, H // H_kv, n, scale, **common)
         q_num, q_idx, q_slot = layout.transposed  # cached on the layout: once per static layout
         q_num = q_num.contiguous()
         q_idx, q_slot = q_idx.expand(*q_num.shape, -1).contiguous(), q_slot.expand(*q_num.shape, -1).contiguous()
         dk = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)  # per query head; GQA sums below
         dv = torch.empty_like(dk)
         _bwd_dkv_kernel[(n, B * H)](
-            q, k, v, do, lse, delta, dk, dv, q_num, q_idx, q_slot, slopes, bias,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(q_num), *_strides(bias),
+            q, k, v, do, lse, delta, dk, dv, q_num, q_idx, q_slot, slopes, bias, seg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(q_num), *_strides(bias), *_strides(seg, 1),
             H, H // H_kv, n, q_idx.shape[-1], scale, **common)
         dk = dk.view(B, H_kv, H // H_kv, S, D).sum(2).to(k.dtype)
         dv = dv.view(B, H_kv, H // H_kv, S, D).sum(2).to(v.dtype)
         dbias = dbias.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype) if has_bias else None  # a broadcast bias
-        return dq, dk, dv, dbias, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def triton_block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
-                                  alibi_slopes: torch.Tensor | None = None,
-                                  block_bias: torch.Tensor | None = None) -> torch.Tensor:
+                                  alibi_slopes: torch.Tensor | None = None, block_bias: torch.Tensor | None = None,
+                                  segments: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("triton is not installed; use the block-gather path (gorilla_dist.kernels.block_gather)")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return BlockSparseAttention.apply(q, k, v, block_bias, layout.to(q.device), scale, alibi_slopes)
+    return BlockSparseAttention.apply(q, k, v, block_bias, layout.to(q.device), scale, alibi_slopes, segments)
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
-                           alibi_slopes: torch.Tensor | None = None,
-                           block_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal block-sparse attention. q (B, H, S, D); k, v (B, H_kv, S, D); layout over H query heads
-    (or broadcast); alibi_slopes (H,); block_bias (B|1, H|1, n_blocks, layout.max_kv). Triton on CUDA
-    tensors whose head dim it supports (powers of two, 16-256); the block-gather path otherwise (any
-    device, any head dim)."""
+                           alibi_slopes: torch.Tensor | None = None, block_bias: torch.Tensor | None = None,
+                           segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention, causal or (segments) by segment ids. q (B, H, S, D); k, v (B, H_kv, S, D);
+    layout over H query heads (or broadcast); alibi_slopes (H,); block_bias (B|1, H|1, n_blocks,
+    layout.max_kv); segments (B, S) int (documents and prefix-LM inputs: dense.sdpa_keep_mask's meaning,
+    the layout from layouts.with_segments). Triton on CUDA tensors whose head dim it supports (powers of
+    two, 16-256); the block-gather path otherwise (any device, any head dim)."""
     d = q.shape[-1]
     if q.is_cuda and triton is not None and d in TRITON_HEAD_DIMS:
         return triton_block_sparse_attention(q, k, v, layout, scale=scale, alibi_slopes=alibi_slopes,
-                                             block_bias=block_bias)
+                                             block_bias=block_bias, segments=segments)
     from gorilla_dist.kernels.block_gather import block_gather_attention
 
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     return block_gather_attention(q, k, v, layout.to(q.device), scale=scale, alibi_slopes=alibi_slopes,
-                                  block_bias=block_bias)
+                                  block_bias=block_bias, segments=segments)
 
 
 def block_sparse_reference(q, k, v, layout: BlockLayout, *, scale: float | None = None,
-                           alibi_slopes: torch.Tensor | None = None,
-                           block_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense attention in fp32 (dense.attention_reference) with the layout expanded to a token mask, and
-    ALiBi and the tile bias expanded to token scores: what both kernels compute."""
+                           alibi_slopes: torch.Tensor | None = None, block_bias: torch.Tensor | None = None,
+                           segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention in fp32 (dense.attention_reference) with the layout expanded to a token mask (and
+    with segments, dense.sdpa_keep_mask's mask), and ALiBi and the tile bias expanded to token scores:
+    what both kernels compute."""
     B, H, S, D = q.shape
     bias = torch.zeros((), device=q.device)
     pos = torch.arange(S, device=q.device)
     if alibi_slopes is not None:
-        bias = bias - alibi_slopes.float().view(1, H, 1, 1) * (pos[:, None] - pos[None, :]).float()
+        bias = bias - alibi_slopes.float().view(1, H, 1, 1) * (pos[:, None] - pos[None, :]).abs().float()
     if block_bias is not None:
         n, bs = layout.n_blocks, layout.block_size
         full = torch.zeros(*block_bias.shape[:3], n + 1, device=q.device, dtype=torch.float32)
         col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
         full = full.scatter(-1, col, block_bias.float())[..., :n]
         bias = bias + full.repeat_interleave(bs, -1).repeat_interleave(bs, -2)
-    return attention_reference(q, k, v, causal=False, scale=scale, mask=layout.dense_mask(), bias=bias)
+    if segments is None:
+        mask = layout.dense_mask()
+    else:
+        bs = layout.block_size
+        blocks = layout.block_mask().repeat_interleave(bs, -1).repeat_interleave(bs, -2)
+        mask = blocks & sdpa_keep_mask(segments, S)
+    return attention_reference(q, k, v, causal=False, scale=scale, mask=mask, bias=bias)

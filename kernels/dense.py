@@ -8,6 +8,7 @@ Constructor and forward follow megatron-core's DotProductAttention so the spec c
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,16 @@ def flash_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return f"needs CUDA fp16/bf16 tensors for flash-attn; got {device.type} {str(dtype).replace('torch.', '')}"
     return None
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """One line on stderr per process, the first time."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, mask=None, bias=None):
@@ -111,7 +122,11 @@ class DenseAttention(MegatronModule):
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale,
                                   causal=mask_type == AttnMaskType.causal, alibi_slopes=slopes)
             return out.transpose(0, 1).reshape(s, b, np_ * hn)
-        if self.require_flash:
+        if self.require_flash and attention_mask is not None and attention_mask.dtype != torch.bool \
+                and _use_flash(query):
+            _say_once("model.attention=flash: flash-attn has no mask for packed documents or prefix-LM inputs "
+                      "(segment ids); those batches run on PyTorch SDPA")
+        elif self.require_flash:
             raise UnsupportedAttention(f"flash-attn runs on CUDA fp16/bf16 tensors without a per-sample mask; got "
                                        f"{query.device.type} {query.dtype}"
                                        f"{' with a mask' if attention_mask is not None else ''}")

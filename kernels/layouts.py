@@ -6,9 +6,11 @@ A layout says, for every (batch, head, query block m), which key blocks that que
 never read as keys. Batch and head dimensions may be 1 and are broadcast: a static pattern is
 stored once, not once per head.
 
-Attention is always causal (decoder-only): a key block above the diagonal is never listed, and
-inside the diagonal block each query sees keys at positions <= its own. Every layout keeps the
-diagonal block, so no query row is ever empty.
+Attention is causal (decoder-only): a key block above the diagonal is never listed, and inside the
+diagonal block each query sees keys at positions <= its own. Every layout keeps the diagonal block,
+so no query row is ever empty. The one exception is prefix-LM data (`with_segments`): a document's
+input tokens are seen by its earlier tokens too, so the kernels then take per-token segment ids and
+the layout gains the mirror images of its blocks where such tokens lie ahead.
 
 Builders: `causal` (dense), `sliding` (local window), `strided` (Sparse Transformer "fixed"),
 `bigbird` (global + window + seeded random), `from_lists` (any user-given lists) and `topk` (the
@@ -22,7 +24,7 @@ from functools import cached_property
 
 import torch
 
-from gorilla_dist.kernels.limits import BLOCK_SIZES
+from gorilla_dist.kernels.limits import BIDIRECTIONAL, BLOCK_SIZES
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,13 @@ def check_block_size(seq_len: int, block_size: int, where: str = "block_size") -
     return seq_len // block_size
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, segments=None) -> None:
     """The shapes every block-sparse kernel takes: q (B, H, S, D), k and v (B, H_kv, S, D), H divisible by
-    H_kv, S the layout's length."""
+    H_kv, S the layout's length; segments (B, S) integer when given."""
     B, H, S, D = q.shape
+    if segments is not None and (tuple(segments.shape) != (B, S) or segments.is_floating_point()):
+        raise ValueError(f"block-sparse attention: segments {tuple(segments.shape)} {segments.dtype}: expected "
+                         f"({B}, {S}) integer ids")
     if k.shape[1] == 0 or H % k.shape[1] or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (S, D):
         raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
                          "expected (B, H, S, D) and (B, H_kv, S, D) with H divisible by H_kv")
@@ -127,7 +132,11 @@ def from_block_mask(mask: torch.Tensor, block_size: int) -> BlockLayout:
         mask = mask[None]
     n = mask.shape[-1]
     eye = torch.eye(n, dtype=torch.bool, device=mask.device)
-    mask = (mask & torch.ones_like(eye).tril()) | eye
+    return _from_mask((mask & torch.ones_like(eye).tril()) | eye, block_size)
+
+
+def _from_mask(mask: torch.Tensor, block_size: int) -> BlockLayout:
+    """The layout of a (B|1, H|1, n, n) block mask, taken as it is."""
     num = mask.sum(-1)
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # kept first, ascending
     max_kv = int(num.max())
@@ -235,3 +244,33 @@ def topk(scores: torch.Tensor, k: int, *, keep_first: bool = True) -> tuple[torc
     idx = key.sort(-1).values
     idx = torch.where(idx > n, 0, idx)
     return num.int(), idx.int()
+
+
+def with_segments(layout: BlockLayout, segments: torch.Tensor, block_bias: torch.Tensor | None = None):
+    """(layout, block_bias) for the segment ids of a batch (B, S) (kernels/dense.sdpa_keep_mask's meaning:
+    attention stays inside a document, causal except toward its input tokens, ids >= BIDIRECTIONAL).
+    A query block m gains key block j > m where the layout pairs them the other way round (j visits m)
+    and j holds input tokens of a document that m holds: inside the layout, attention over an input is
+    then symmetric, so a sparse pattern stays sparse (full causal becomes the full prefix-LM mask).
+    Documents are compared as each block's id range (min..max): a superset, so a block is never
+    missed, at worst visited and then masked token by token. The added slots have bias 0."""
+    bid = segments >= BIDIRECTIONAL
+    n, bs = layout.n_blocks, layout.block_size
+    doc = torch.where(bid, segments - BIDIRECTIONAL, segments).view(-1, n, bs).long()
+    bid = bid.view(-1, n, bs)
+    top = 1 << 40
+    lo, hi = doc.amin(-1), doc.amax(-1)  # (B, n) the documents of each block
+    in_lo = torch.where(bid, doc, top).amin(-1)  # the documents whose input each block holds
+    in_hi = torch.where(bid, doc, -top).amax(-1)
+    ahead = (in_lo[:, None, :] <= hi[:, :, None]) & (in_hi[:, None, :] >= lo[:, :, None])  # (B, m, j)
+    m, j = _grid(n, segments.device)
+    base = layout.block_mask()
+    mask = base | (base.transpose(-1, -2) & ahead[:, None] & (j > m))
+    new = _from_mask(mask, bs)
+    if block_bias is not None:  # each kept slot's bias moves to that block's new slot
+        lead = block_bias.shape[:3]
+        col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
+        full = block_bias.new_zeros(*lead, n + 1).scatter(-1, col, block_bias)
+        slot = torch.where(new.valid_slots(), new.kv_indices.long(), n)
+        block_bias = full.gather(-1, slot.expand(*lead, -1))
+    return new, block_bias

@@ -22,6 +22,12 @@ A learned layout picks a block's keys from the mean of all its queries, so an ea
 changes as its block fills: the outputs a cache keeps would not be the uncached model's, and learned
 layouts re-run the context instead (gorilla_dist.inference.caches).
 
+Segment ids (packed documents with data.reset_at_eod or packed examples, and the objectives' prefix-LM
+inputs: kernels/dense.sdpa_keep_mask's meaning) arrive as the attention mask (b, s); the kernels mask
+every tile token by token, and the layout gains, per batch, the mirror image of its blocks where a
+document's input tokens lie ahead (layouts.with_segments): inside the pattern, attention over an input
+is symmetric, and the full causal layout gives exactly the dense prefix-LM mask.
+
 Prefix tuning (gorilla_dist/model/prefix.py sets `prefix_kv`): N learned keys and values that every query
 sees. With N a multiple of the block size they are P = N / block_size whole key blocks: the kernels run
 on [prefix; sequence] with the layout shifted by P blocks and the P prefix blocks added to every query
@@ -40,7 +46,7 @@ from megatron.core.transformer.module import MegatronModule
 from gorilla_dist.kernels import layouts
 from gorilla_dist.kernels.alibi import alibi_mask, local_alibi_slopes, tp_rank_size
 from gorilla_dist.kernels.block_sparse import block_sparse_attention
-from gorilla_dist.kernels.limits import UnsupportedAttention
+from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
 
 class _BlockSparseBase(MegatronModule):
@@ -72,25 +78,40 @@ class _BlockSparseBase(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError(f"{type(self).__name__}: per-sample attention masks (data.reset_at_eod), "
-                                      "attention_bias and packed sequences are not supported")
+        segments = attention_mask
+        if (segments is not None and (segments.dtype == torch.bool or segments.dim() != 2)) \
+                or attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError(f"{type(self).__name__}: boolean attention masks, attention_bias and packed "
+                                      "sequences are not supported (segment ids are)")
         s, b, np_, hn = query.shape
         if key.shape[0] != s:  # decoding with a KV cache: the queries are the last s of the keys' positions
+            if segments is not None:
+                raise UnsupportedAttention(f"{type(self).__name__} decodes from a KV cache without segment ids")
             return self.decode(query, key, value)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
         pad = -s % self.block_size
         if pad:  # e.g. sampling at any length: pad the end; causal, so earlier positions never see it
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            if segments is not None:  # (a document of its own)
+                segments = torch.nn.functional.pad(segments, (0, pad), value=BIDIRECTIONAL - 1)
         prefix = self._prefix(b, k.dtype)
         n_pre = 0 if prefix is None else prefix[0].shape[2]
-        layout, block_bias = self.select(q, k, n_pre // self.block_size)
+        layout, block_bias = self.select(q, k, n_pre // self.block_size, segments)
         if prefix is not None:  # [prefix; sequence], the prefix's own (zero) queries dropped below
             q = torch.cat([q.new_zeros(b, np_, n_pre, hn), q], 2)
             k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
+            if segments is not None:  # a shared id: every document sees the prefix
+                segments = torch.cat([segments.new_full((b, n_pre), -1), segments], 1)
         out = block_sparse_attention(q, k, v, layout, scale=self.softmax_scale, alibi_slopes=self.alibi_slopes,
-                                     block_bias=block_bias)
+                                     block_bias=block_bias, segments=segments)
         return out[:, :, n_pre:n_pre + s].permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
+
+    def arrange(self, layout, block_bias, prefix_blocks: int, segments):
+        """The kernels' (layout, block_bias) from the pattern's: the mirrored blocks of a batch's segments
+        (layouts.with_segments), then the prefix blocks (with_prefix)."""
+        if segments is not None:
+            layout, block_bias = layouts.with_segments(layout, segments, block_bias)
+        return with_prefix(layout, block_bias, prefix_blocks)
 
 
     def decode(self, query, key, value):
@@ -141,11 +162,19 @@ class StaticSparseAttention(_BlockSparseBase):
             raise ValueError(f"unknown static layout kind {kind!r}")
         return lay.heads(self.head_start, self.head_start + self.local_heads)
 
-    def select(self, q, k, prefix_blocks: int = 0):
+    def select(self, q, k, prefix_blocks: int = 0, segments=None):
         key = (q.shape[2], q.device, prefix_blocks)
+        if segments is not None:  # a layout per batch
+            return self.arrange(self._base(q), None, prefix_blocks, segments)
         if key not in self._cache:  # (kept: a static layout's backward walk is built once)
-            self._cache[key] = with_prefix(self.build_layout(q.shape[2]).to(q.device), None, prefix_blocks)[0]
+            self._cache[key] = self.arrange(self._base(q), None, prefix_blocks, None)[0]
         return self._cache[key], None
+
+    def _base(self, q):
+        key = (q.shape[2], q.device)
+        if key not in self._cache:
+            self._cache[key] = self.build_layout(q.shape[2]).to(q.device)
+        return self._cache[key]
 
 
 class LearnedSparseAttention(_BlockSparseBase):
@@ -172,7 +201,7 @@ class LearnedSparseAttention(_BlockSparseBase):
         kp = kp + kp @ self.score_delta.to(kp.dtype)
         return (qp @ kp.transpose(-1, -2)).float() * self.softmax_scale + self.score_bias.float().view(1, h, 1, 1)
 
-    def select(self, q, k, prefix_blocks: int = 0):
+    def select(self, q, k, prefix_blocks: int = 0, segments=None):
         layouts.check_block_size(q.shape[2], self.block_size, "model.sparse.block_size")
         scores = self.block_scores(q, k)
         num, idx = layouts.topk(scores, self.topk, keep_first=self.keep_first)
@@ -183,7 +212,7 @@ class LearnedSparseAttention(_BlockSparseBase):
         gate = torch.nn.functional.logsigmoid(scores.gather(-1, idx))
         block_bias = torch.where(forced | ~layout.valid_slots(), 0.0, gate)
         self.last_layout = layout
-        return with_prefix(layout, block_bias, prefix_blocks)
+        return self.arrange(layout, block_bias, prefix_blocks, segments)
 
 
 def with_prefix(layout: layouts.BlockLayout, block_bias, p: int):

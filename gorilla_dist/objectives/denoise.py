@@ -6,7 +6,9 @@ function of a sample's tokens and a seeded generator.
     R, X  span corruption (T5): about `rate` of the source tokens, in spans of mean length `mean_span`,
           are each replaced by a sentinel; the input is [mode token] + the corrupted text, the target the
           sentinels each followed by the span it stands for (R: mu 3, r 0.15; X: long spans or high rates;
-          mean_span 1 is single-token masking, BERT's MLM in this layout)
+          mean_span 1 is single-token masking, BERT's MLM in this layout). A span may instead be replaced
+          by random tokens or deleted (BART's noising; weights `mask`, `replace`, `delete`): the input then
+          has no sentinel for it, the target is the same.
     S     prefix -> continuation: the input is [<|mode:S|>] + the first part, the target the rest
           (`rate` of the source tokens)
 
@@ -30,19 +32,27 @@ def _segment(rng: np.random.Generator, total: int, parts: int) -> np.ndarray:
     return np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int64)
 
 
+MASK, REPLACE, DELETE = 0, 1, 2
+"""What happens to a corrupted span in the input: its sentinel | as many random tokens | nothing."""
+
+
 def corrupt(tokens: np.ndarray, room: int, rng: np.random.Generator, *, mode: str, mean_span: float, rate: float,
-            mode_token: int, sentinels: list[int]) -> tuple[np.ndarray, int]:
+            mode_token: int, sentinels: list[int], kinds: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """(input + target tokens, length of the input) for a source `tokens` (its first ones are used),
-    fitting in `room` tokens. A source of one token is its own continuation (S) or one span (R, X)."""
+    fitting in `room` tokens. A source of one token is its own continuation (S) or one span (R, X).
+    `kinds`: the probabilities of MASK, REPLACE, DELETE per span (None: every span masked); replaced spans
+    take random tokens of the source itself (never a special token), and only masked spans leave their
+    sentinel in the input; the target lists every span after its sentinel either way."""
     if mode == "S":
         n = min(len(tokens), room - 1)
         cut = max(1, n - max(1, round(n * rate))) if n > 1 else 0
         return np.concatenate([[mode_token], tokens[:n]]), 1 + cut
     n = min(len(tokens), room - 1)
+    grow = kinds is not None and kinds[REPLACE] > 0  # replaced spans are in the input and in the target
     while True:  # the source length that leaves room for 2 sentinels per span and the mode token
         noise = min(max(1, round(n * rate)), max(n - 1, 1))
         spans = max(1, min(round(noise / mean_span), noise, max(n - noise, 1), N_SENTINELS))
-        if n + 2 * spans + 1 <= room or n <= 1:
+        if n + 2 * spans + 1 + (noise if grow else 0) <= room or n <= 1:
             break
         n -= 1
     source = tokens[:n]
@@ -50,9 +60,14 @@ def corrupt(tokens: np.ndarray, room: int, rng: np.random.Generator, *, mode: st
         noise_lens, keep_lens = np.array([n]), np.array([0])
     else:
         noise_lens, keep_lens = _segment(rng, noise, spans), _segment(rng, n - noise, spans)
+    how = np.zeros(len(noise_lens), int) if kinds is None else rng.choice(3, size=len(noise_lens), p=kinds)
     inputs, targets, at = [mode_token], [], 0
     for i, (keep, span) in enumerate(zip(keep_lens, noise_lens)):
-        inputs += source[at:at + keep].tolist() + [sentinels[i]]
+        inputs += source[at:at + keep].tolist()
+        if how[i] == MASK:
+            inputs.append(sentinels[i])
+        elif how[i] == REPLACE:
+            inputs += source[rng.integers(0, n, span)].tolist()
         targets += [sentinels[i]] + source[at + keep:at + keep + span].tolist()
         at += keep + span
     return np.array(inputs + targets, dtype=np.int64), len(inputs)
@@ -74,10 +89,12 @@ def corrupt_rows(windows: np.ndarray, valid: np.ndarray, segments: np.ndarray, t
     else:
         mode_token = tokenizer.special_id(f"<|mode:{cfg.mode}|>")
         sentinels = [tokenizer.special_id(f"<|sentinel:{i}|>") for i in range(N_SENTINELS)]
+        weights = np.array([cfg.mask, cfg.replace, cfg.delete], dtype=np.float64)
+        kinds = None if weights[MASK] == weights.sum() else weights / weights.sum()
 
         def make(tokens, rng):
             return corrupt(tokens, width, rng, mode=cfg.mode, mean_span=cfg.mean_span, rate=cfg.rate,
-                           mode_token=mode_token, sentinels=sentinels)
+                           mode_token=mode_token, sentinels=sentinels, kinds=kinds)
     for r in np.flatnonzero(rows):
         rng = np.random.default_rng([*keys[r], 0xD0])
         seq, n_in = make(windows[r, :valid[r]].copy(), rng)

@@ -257,6 +257,42 @@ def test_span_corruption_hides_spans_behind_sentinels_that_the_target_restores(n
     assert again.tolist() == seq.tolist()  # a function of the generator's seed
 
 
+@pytest.mark.parametrize("kind", ["delete", "replace", "mixed"])
+def test_spans_can_be_replaced_or_deleted_instead_of_masked(kind):
+    """BART's other noisings in the same layout: a deleted span leaves nothing in the input, a replaced one
+    as many tokens of the source (no sentinel either way); the target is the same sentinel-delimited spans
+    as masking would give; the sample still fits its room."""
+    from gorilla_dist.objectives.denoise import corrupt
+
+    source, room = np.arange(40) + 10, 70  # distinct tokens: a token's value is its position + 10
+    probs = {"delete": [0, 0, 1], "replace": [0, 1, 0], "mixed": [1 / 3] * 3}[kind]
+    seq, n_in = corrupt(source, room, np.random.default_rng(1), mode="X", mean_span=4, rate=0.3, mode_token=MODE,
+                        sentinels=SENTINELS, kinds=np.array(probs))
+    inputs, targets = seq[1:n_in].tolist(), seq[n_in:].tolist()
+    assert seq[0] == MODE and len(seq) <= room
+    spans, current = [], None  # the target: sentinel 0, its span, sentinel 1, ...
+    for t in targets:
+        if t in SENTINELS:
+            assert t == SENTINELS[len(spans)]
+            spans.append(current := [])
+        else:
+            current.append(t)
+    assert all(sp and sp == list(range(sp[0], sp[0] + len(sp))) for sp in spans)  # runs of the source
+    hidden = {t for sp in spans for t in sp}
+    used = len(source) if kind != "replace" else len(inputs)  # replace keeps the length
+    kept = [t for t in source[:used].tolist() if t not in hidden]
+    if kind == "delete":
+        assert inputs == kept and not set(inputs) & set(SENTINELS)
+    elif kind == "replace":
+        assert len(inputs) == used and not set(inputs) & set(SENTINELS)
+        assert [t for i, t in enumerate(inputs) if i + 10 not in hidden] == kept  # outside the spans: unchanged
+        assert all(10 <= t < 10 + used for t in inputs)  # the replacements are tokens of the source
+        assert any(inputs[sp[0] - 10:sp[-1] - 9] != sp for sp in spans)
+    else:
+        masked = [t for t in inputs if t in SENTINELS]  # some spans of each kind (this seed)
+        assert 0 < len(masked) < len(spans) and len(inputs) - len(masked) > len(kept)  # + replacements
+
+
 def test_the_s_denoiser_continues_a_prefix():
     from gorilla_dist.objectives.denoise import corrupt
 

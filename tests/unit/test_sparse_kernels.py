@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from gorilla_dist.kernels import layouts as L
-from gorilla_dist.kernels.alibi import alibi_slopes
+from gorilla_dist.kernels.alibi import alibi_mask, alibi_slopes
 from gorilla_dist.kernels.block_gather import block_gather_attention
 from gorilla_dist.kernels.block_sparse import block_sparse_reference, triton_block_sparse_attention
+from gorilla_dist.kernels.dense import sdpa_keep_mask
+from gorilla_dist.kernels.limits import BIDIRECTIONAL
 
 S, BS = 64, 16  # 4 query blocks: tiny, because the Triton interpreter runs every program in Python
 
@@ -29,11 +31,12 @@ def inputs(*, B=2, H=4, H_kv=2, D=64, dtype=torch.float32, bias_shape=None, seed
     return q, k, v, bias
 
 
-def run(fn, q, k, v, layout, bias=None, slopes=None, device="cpu"):
+def run(fn, q, k, v, layout, bias=None, slopes=None, device="cpu", segments=None):
     """Output and gradients (q, k, v, bias) of sum(out * w) for a fixed random w."""
     leaves = [t.detach().to(device).requires_grad_() if t is not None else None for t in (q, k, v, bias)]
+    extra = {} if segments is None else {"segments": segments.to(device)}
     out = fn(*leaves[:3], layout.to(device), scale=0.125, block_bias=leaves[3],
-             alibi_slopes=None if slopes is None else slopes.to(device))
+             alibi_slopes=None if slopes is None else slopes.to(device), **extra)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
     grads = torch.autograd.grad((out.float() * w).sum(), [t for t in leaves if t is not None])
     return [out.float().cpu()] + [g.float().cpu() for g in grads]
@@ -90,6 +93,61 @@ def test_dispatch_takes_block_gather_for_cpu_tensors_and_odd_head_dims():
     torch.testing.assert_close(got, block_sparse_reference(q, k, v, layout, scale=0.125), rtol=1e-5, atol=1e-5)
 
 
+# ---- segment ids: documents and prefix-LM inputs (BIDIRECTIONAL) -----------------------------------
+def segments_example() -> torch.Tensor:
+    """(2, 64): sample 0 = doc 0 (input 0..20 over two blocks, target 21..29), doc 1 (input 30..33, target
+    34..50), doc 2 without input (51..63); sample 1 = a shared id (-1) 0..3, doc 0 all input 4..40 (three
+    blocks), doc 1 (input 41..44, target 45..63)."""
+    B = BIDIRECTIONAL
+    runs = [[(B + 0, 21), (0, 9), (B + 1, 4), (1, 17), (2, 13)], [(-1, 4), (B + 0, 37), (B + 1, 4), (1, 19)]]
+    return torch.tensor([[i for i, n in row for _ in range(n)] for row in runs], dtype=torch.int32)
+
+
+def test_with_segments_adds_mirror_blocks_where_inputs_lie_ahead():
+    seg = segments_example()
+    got = L.with_segments(L.sliding(S, BS, 2), seg)[0].block_mask()[:, 0].int().tolist()
+    # sample 0: block 0 (doc 0) gains block 1 (doc 0's input 16..20); block 1 (docs 0, 1) gains block 2 (doc 1's
+    # input 32..33); sample 1: doc 0's input spans blocks 0..2, so blocks 0 and 1 look one block ahead (window 2)
+    assert got == [[[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]],
+                   [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]]]
+    plain = torch.zeros_like(seg)  # no inputs: the layout is unchanged
+    assert torch.equal(L.with_segments(L.sliding(S, BS, 2), plain)[0].block_mask()[0, 0],
+                       L.sliding(S, BS, 2).block_mask()[0, 0])
+
+
+@pytest.mark.parametrize("options", ["plain", "alibi+bias"])
+@pytest.mark.parametrize("kind", ["sliding-single-block", "strided", "topk-per-head", "ragged-lists"])
+def test_block_gather_with_segments_matches_reference(kind, options):
+    H, seg = 4, segments_example()
+    base = LAYOUTS[kind](H)
+    bias = torch.randn(2, H, 4, base.max_kv, generator=torch.Generator().manual_seed(5)) if options != "plain" else None
+    layout, bias = L.with_segments(base, seg, bias)
+    slopes = alibi_slopes(H) if options != "plain" else None
+    q, k, v, _ = inputs(H=H)
+    assert_all_close(run(block_gather_attention, q, k, v, layout, bias, slopes, segments=seg),
+                     run(block_sparse_reference, q, k, v, layout, bias, slopes, segments=seg), 3e-5)
+
+
+@pytest.mark.parametrize("path", ["block-gather", "triton"])
+def test_full_layout_with_segments_is_dense_prefix_lm(path):
+    """With every causal block kept, the sparse kernels compute exactly the dense model's prefix-LM
+    attention: SDPA with dense.sdpa_keep_mask and ALiBi's float mask (a second code path)."""
+    H, seg = 4, segments_example()
+    layout = L.with_segments(L.causal(S, BS), seg)[0]
+    q, k, v, _ = inputs(H=H)
+    slopes = alibi_slopes(H)
+
+    def sdpa(q, k, v, layout, *, scale, block_bias, alibi_slopes, segments):
+        rep = q.shape[1] // k.shape[1]
+        mask = alibi_mask(alibi_slopes, S, S, sdpa_keep_mask(segments, S))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, scale=scale)
+
+    fn = block_gather_attention if path == "block-gather" else triton_block_sparse_attention
+    assert_all_close(run(fn, q, k, v, layout, slopes=slopes, segments=seg, device="cpu" if path != "triton" else DEVICE),
+                     run(sdpa, q, k, v, layout, slopes=slopes, segments=seg), 1e-4)
+
+
 # ---- Triton: interpreter on CPU (conftest turns it on), the real thing on a GPU ------------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -102,6 +160,17 @@ def test_triton_fp32_matches_reference(kind):
     slopes = alibi_slopes(H)
     assert_all_close(run(triton_block_sparse_attention, q, k, v, layout, bias, slopes, DEVICE),
                      run(block_sparse_reference, q, k, v, layout, bias, slopes), 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["strided", "topk-per-head"])
+def test_triton_with_segments_matches_reference(kind):
+    H, seg = 4, segments_example()
+    base = LAYOUTS[kind](H)
+    layout, bias = L.with_segments(base, seg, torch.randn(2, H, 4, base.max_kv, generator=torch.Generator().manual_seed(5)))
+    q, k, v, _ = inputs(H=H)
+    slopes = alibi_slopes(H)
+    assert_all_close(run(triton_block_sparse_attention, q, k, v, layout, bias, slopes, DEVICE, segments=seg),
+                     run(block_sparse_reference, q, k, v, layout, bias, slopes, segments=seg), 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["sliding-single-block", "ragged-lists"])

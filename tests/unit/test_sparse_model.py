@@ -10,6 +10,7 @@ from gorilla_dist.config import ModelConfig, validate
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import DenseAttention, LearnedSparseAttention, StaticSparseAttention
 from gorilla_dist.kernels.alibi import alibi_slopes
+from gorilla_dist.kernels.limits import BIDIRECTIONAL
 from gorilla_dist.model import build_model
 
 
@@ -19,24 +20,36 @@ def model_cfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), {**base, **kw})
 
 
-def per_token_loss(m, world, x):
+def per_token_loss(m, world, x, segments=None):
     model = build_model(m, vocab_size=50, dtype="fp32", device=world.device, seed=3)
     pos = torch.arange(x.shape[1]).expand_as(x)
-    return model, model(x, pos, None, labels=x.roll(-1, 1))
+    return model, model(x, pos, segments, labels=x.roll(-1, 1))
+
+
+def prefix_lm_segments():
+    """(2, 64) segment ids: sample 0 = doc 0 with its input over two blocks, then doc 1 (input, target);
+    sample 1 = one document whose input is the first three blocks (kernels/limits.BIDIRECTIONAL)."""
+    B = BIDIRECTIONAL
+    runs = [[(B, 21), (0, 9), (B + 1, 4), (1, 30)], [(B, 40), (0, 24)]]
+    return torch.tensor([[i for i, n in row for _ in range(n)] for row in runs], dtype=torch.int32)
 
 
 def core_attention(model):
     return model.decoder.layers[0].self_attention.core_attention
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["causal", "prefix-lm"])
 @pytest.mark.parametrize("position", ["rope", "alibi"])
-def test_full_window_sparse_equals_dense(world1, position):
+def test_full_window_sparse_equals_dense(world1, position, segments):
     """A sliding window covering every block is dense causal attention: the swapped core_attention
-    must give the dense model's losses, forward and backward."""
+    must give the dense model's losses, forward and backward; with prefix-LM segment ids too (inputs
+    bidirectional, across blocks)."""
     x = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
-    dense_model, dense = per_token_loss(model_cfg(position_embedding=position), world1, x)
+    seg = prefix_lm_segments() if segments else None
+    dense_model, dense = per_token_loss(model_cfg(position_embedding=position), world1, x, seg)
     sparse_model, sparse = per_token_loss(
-        model_cfg(position_embedding=position, attention="sliding", sparse=dict(block_size=16, window=4)), world1, x)
+        model_cfg(position_embedding=position, attention="sliding", sparse=dict(block_size=16, window=4)), world1, x,
+        seg)
     assert isinstance(core_attention(dense_model), DenseAttention)
     assert isinstance(core_attention(sparse_model), StaticSparseAttention)
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
@@ -47,8 +60,24 @@ def test_full_window_sparse_equals_dense(world1, position):
     torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6)
     # and a narrower window is a different model
     _, narrow = per_token_loss(model_cfg(position_embedding=position, attention="sliding",
-                                         sparse=dict(block_size=16, window=1)), world1, x)
+                                         sparse=dict(block_size=16, window=1)), world1, x, seg)
     assert (narrow - dense).abs().max() > 1e-3
+    if segments:  # and the segments matter
+        assert (per_token_loss(model_cfg(position_embedding=position), world1, x)[1] - dense).abs().max() > 1e-3
+
+
+def test_learned_layout_with_prefix_lm_segments(world1):
+    """The learned layout under segment ids: its selection is causal, the mirrored blocks carry the inputs
+    ahead, and the gate still gets a gradient."""
+    m = model_cfg(attention="learned", position_embedding="alibi", sparse=dict(block_size=16, topk=3))
+    x = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    model, loss = per_token_loss(m, world1, x, prefix_lm_segments())
+    attn = core_attention(model)
+    assert attn.last_layout.kv_num_blocks.max() <= 3  # the selection itself stays top-3 (2 forced)
+    loss.mean().backward()
+    assert attn.score_delta.grad.abs().sum() > 0 and torch.isfinite(loss).all()
+    _, causal = per_token_loss(m, world1, x)
+    assert (causal - loss).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("attention", ["bigbird", "learned"])
@@ -121,7 +150,6 @@ def test_learned_layout_trains_its_selection(world1):
     (["model.attention=learned", "model.seq_length=80", "model.sparse.block_size=32"],
      "model.seq_length(80) is not a multiple of model.sparse.block_size(32)"),
     (["model.attention=bigbird", "model.dropout=0.1"], "model.dropout=0.1"),
-    (["model.attention=strided", "data.reset_at_eod=true"], "data.reset_at_eod=true"),
     (["model.attention=learned", "model.sparse.topk=1"], "model.sparse.topk=1 must be >= 2"),
     (["model.attention=sparse"], "model.attention='sparse' is not valid"),
 ])
@@ -137,6 +165,26 @@ def test_flash_without_flash_attn_is_a_config_error(world1, monkeypatch):
     monkeypatch.setattr(dense, "flash_attn_func", None)  # as on a machine without the gpu extra
     with pytest.raises(ConfigError, match="model.attention=flash needs the flash-attn package"):
         build_model(model_cfg(attention="flash"), vocab_size=50, dtype="fp32", device=world1.device, seed=0)
+
+
+def test_flash_falls_back_to_sdpa_for_segment_ids_and_says_so_once(world1, monkeypatch, capsys):
+    """flash-attn cannot express prefix-LM (or per-document) masks: model.attention=flash runs those batches
+    on SDPA (the dense model's numbers) and says so once. (flash-attn stands in as a function that must not
+    be called: this CPU cannot run it.)"""
+    from gorilla_dist.kernels import dense
+
+    def no_flash(*args, **kwargs):
+        raise AssertionError("flash-attn called for a masked batch")
+
+    monkeypatch.setattr(dense, "flash_attn_func", no_flash)
+    monkeypatch.setattr(dense, "_use_flash", lambda q: True)
+    monkeypatch.setattr(dense, "flash_unusable", lambda device, dtype: None)
+    monkeypatch.setattr(dense, "_SAID", set())
+    x, seg = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0)), prefix_lm_segments()
+    flash = [per_token_loss(model_cfg(attention="flash"), world1, x, seg)[1] for _ in range(2)]
+    _, want = per_token_loss(model_cfg(), world1, x, seg)
+    torch.testing.assert_close(flash[0], want, rtol=1e-6, atol=1e-6)
+    assert capsys.readouterr().err.count("flash-attn has no mask for packed documents or prefix-LM") == 1
 
 
 @pytest.mark.gpu

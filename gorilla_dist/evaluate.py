@@ -18,6 +18,10 @@ reference output and its <eod> exactly.
 A model with a classification head (finetune.head=classification) on labelled data: the cross entropy
 per labelled example and the accuracy of its highest-scoring class.
 
+A run with several train.objectives, on its own validation split: also every objective's loss (and the
+classify / contrastive accuracies), on the samples training's evaluation used, so they equal its last
+logged val_* values (evaluate_objectives).
+
 `shots=k` evaluates k-shot prompting of any model, fine-tuned or not: k training examples before each
 prompt.
 
@@ -295,8 +299,35 @@ def evaluate(args) -> dict:
         total = {k: sum(p.get(k, 0) for p in parts.values()) for k in keys}
         total["shots"] = args.shots
         step = json.loads((ckpt / "manifest.json").read_text())["step"]
+        objectives = cfg.train.objectives
+        mixed = not head and [o.name for o in objectives] != ["clm"] and args.data is None and split == "validation"
+        extra = {"objectives": evaluate_objectives(model, cfg, [ds for _, ds in sets], tok, samples=args.samples,
+                                                   device=device)} if mixed else {}
     return {"checkpoint": str(ckpt), "step": step, "split": split, **summary(total),
-            "sources": {name: summary(p) for name, p in parts.items()}}
+            "sources": {name: summary(p) for name, p in parts.items()}, **extra}
+
+
+@torch.no_grad()
+def evaluate_objectives(model, cfg, datasets, tok, *, samples: int | None, device) -> dict:
+    """Every objective of the run's train.objectives on its validation samples, scored as training's
+    evaluation scores them (objectives.evaluation_sums): by default on the samples of training's
+    evaluation (train.eval_batches micro-batches of every data-parallel rank, contrastive negatives grouped
+    as there: one group per micro-batch index over the ranks), so the numbers equal the val_* values
+    training logged at this checkpoint's step; `samples=N`: the first N rounded up to whole groups."""
+    from gorilla_dist.config import data_parallel_size
+    from gorilla_dist.data.loader import ShardData
+    from gorilla_dist.objectives import Objectives, evaluation_sums, evaluation_values
+
+    t, d = cfg.train, cfg.data
+    group = t.micro_batch_size * data_parallel_size(cfg)
+    n = t.eval_batches if samples is None else -(-samples // group)
+    weights = [s.weight for s in d.sources] if d.sources else [1.0]
+    data = ShardData(datasets, weights, tok, seq_length=cfg.model.seq_length, micro_batch_size=group,
+                     global_batch_size=group, dp=1, dp_rank=0, seed=cfg.run.seed, val_fraction=d.val_fraction,
+                     reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, objectives=list(t.objectives),
+                     device=device)
+    keys, sums = evaluation_sums(model, data, n, Objectives(list(t.objectives)))
+    return {"samples": n * group, **evaluation_values(keys, sums.tolist())}
 
 
 def report(result: dict) -> str:
@@ -310,6 +341,10 @@ def report(result: dict) -> str:
         em = f"  exact match {r['exact_match']:.3f} of {r['generated']:,}" if "exact_match" in r else ""
         lines.append(f"  {name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
                      f"bits/byte {r['bits_per_byte']:.4f}{em}  ({r['tokens']:,} tokens, {r['samples']:,} samples)")
+    if "objectives" in result:
+        o = result["objectives"]
+        lines.append(f"  objectives ({o['samples']:,} samples, each objective on its own view of them):")
+        lines += [f"    {key[4:]}: {value:.4f}" for key, value in o.items() if key.startswith("val_")]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
-from gorilla_dist.objectives import Objectives, build_objectives, head_sizes
+from gorilla_dist.objectives import Objectives, build_objectives, evaluation_sums, evaluation_values, head_sizes
 from gorilla_dist.parallel import dp_group, dp_sum
 from gorilla_dist.stopping import StopSignals
 
@@ -85,25 +85,9 @@ def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None
         engine.train()
         loss_sum, count = dp_sum(totals, layout).tolist()
         return {"val_loss": loss_sum / max(count, 1.0)}
-    group, configs = objectives.dp_group, objectives.configs
-    # clm and classify on the samples as they are; each transforming objective on its own view of them
-    plain = Objectives([ObjectiveConfig(name="clm")] + [c for c in configs if c.name == "classify"], group)
-    parts = [(plain, torch.stack([torch.cat([plain.sums(engine, b), plain.units(b)[:, None]], 1)
-                                  for b in batches]).sum(0))]
-    for k, c in enumerate(configs):
-        if c.name in ("contrastive", "denoise", "permute"):
-            one = Objectives([c], group)
-            parts.append((one, torch.stack([torch.cat([one.sums(engine, b), one.units(b)[:, None]], 1)
-                                            for b in data.val_batches(n_batches, k)]).sum(0)))
+    keys, sums = evaluation_sums(engine, data, n_batches, objectives)
     engine.train()
-    keys = [key for part, _ in parts for key in part.keys]
-    values = dp_sum(torch.cat([t for _, t in parts]).double(), layout).tolist()  # per objective: loss, correct, units
-    out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
-    for key, (loss_sum, right, units) in zip(keys[1:], values[1:]):
-        out[f"val_{key}_loss"] = loss_sum / max(units, 1.0)
-        if key in ("classify", "contrastive"):
-            out[f"val_{key}_accuracy"] = right / max(units, 1.0)
-    return out
+    return evaluation_values(keys, dp_sum(sums, layout).tolist())
 
 
 PLAIN = Objectives([ObjectiveConfig(name="clm")])

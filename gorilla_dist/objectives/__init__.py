@@ -184,6 +184,35 @@ def contrastive_view(batch, rows: np.ndarray, eod: int):
     return batch
 
 
+def evaluation_sums(model, data, n_batches: int, objectives: Objectives) -> tuple[list[str], torch.Tensor]:
+    """Every objective on the same validation samples: (keys, (len(keys), 3) float64 [summed loss, correct,
+    units]) of this process's share. clm (key "clm": the language-model loss) and classify score the
+    samples as they are; each transforming objective (denoise, permute, contrastive) its own view of them
+    (data.val_batches(n, view=k)). The caller sums over data-parallel ranks and calls evaluation_values."""
+    from gorilla_dist.config import ObjectiveConfig
+
+    group, configs = objectives.dp_group, objectives.configs
+    plain = Objectives([ObjectiveConfig(name="clm")] + [c for c in configs if c.name == "classify"], group)
+    parts = [(plain, data.val_batches(n_batches))]
+    parts += [(Objectives([c], group), data.val_batches(n_batches, k)) for k, c in enumerate(configs)
+              if c.name in ("contrastive", "denoise", "permute")]
+    keys = [key for part, _ in parts for key in part.keys]
+    sums = [torch.stack([torch.cat([part.sums(model, b), part.units(b)[:, None]], 1) for b in batches]).sum(0)
+            for part, batches in parts]
+    return keys, torch.cat(sums).double()
+
+
+def evaluation_values(keys: list[str], values: list[list[float]]) -> dict[str, float]:
+    """{val_loss (the language-model loss), val_<key>_loss, val_<key>_accuracy (classify, contrastive)} from
+    evaluation_sums' rows summed over ranks."""
+    out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
+    for key, (loss_sum, right, units) in zip(keys[1:], values[1:]):
+        out[f"val_{key}_loss"] = loss_sum / max(units, 1.0)
+        if key in ("classify", "contrastive"):
+            out[f"val_{key}_accuracy"] = right / max(units, 1.0)
+    return out
+
+
 def build_objectives(configs, dp_group=None) -> Objectives:
     return Objectives(configs, dp_group)
 
@@ -199,4 +228,5 @@ def head_sizes(configs, n_sources: int) -> dict[str, int]:
     return out
 
 
-__all__ = ["HEADS", "Objective", "Objectives", "build_objectives", "classify_scores", "contrastive_view", "head_sizes"]
+__all__ = ["HEADS", "Objective", "Objectives", "build_objectives", "classify_scores", "contrastive_view",
+           "evaluation_sums", "evaluation_values", "head_sizes"]

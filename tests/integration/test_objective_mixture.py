@@ -57,6 +57,19 @@ def test_each_objective_is_logged_and_evaluated(one):
     assert evals[-1]["val_contrastive_loss"] < evals[0]["val_contrastive_loss"]  # it learns to match halves
 
 
+def test_the_evaluate_command_reports_each_objective_as_training_did(tmp_path, one):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={one}", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    got, logged = json.loads(out.read_text())["objectives"], [r for r in metrics(one) if "val_loss" in r][-1]
+    keys = [k for k in logged if k.startswith("val_")]
+    assert len(keys) == 8 and "denoise_R_loss" in proc.stdout
+    assert all(got[k] == pytest.approx(logged[k], rel=1e-5) for k in keys), (got, logged)
+
+
 @pytest.mark.parametrize("layout", [["parallel.zero_stage=3"], ["parallel.tp=2", "parallel.sequence_parallel=true"]],
                          ids=["dp2-zero3", "tp2-sp"])
 def test_two_ranks_equal_one_process(tmp_path, sources, one, layout):

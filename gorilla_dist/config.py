@@ -244,7 +244,7 @@ class OptimConfig:
 
 OBJECTIVES = ("clm", "classify", "contrastive", "denoise", "permute")
 DENOISE_MODES = ("R", "X", "S")
-CLASSIFY_TARGETS = ("source",)
+CLASSIFY_TARGETS = ("source", "label")
 
 
 @dataclass
@@ -265,7 +265,12 @@ class ObjectiveConfig:
     weight: float = 1.0
     """This objective's share of every window of samples and of the loss (normalised over objectives)."""
     target: str = "source"
-    """classify: what to predict: source (the sample's data.sources index)."""
+    """classify: what to predict: source (the sample's data.sources index, from its mean-pooled hidden
+    states) | label (the `label` each example got at prepare time, from the hidden state of its last
+    prompt token, as finetune.head=classification reads it; every example of a packed sample counts)."""
+    labels: list[str] = field(default_factory=list)
+    """classify target=label: the class names in id order; filled from the data by the run (checkpoints
+    record them); given, they must be the data's."""
     temperature: float = 0.1
     """contrastive: the InfoNCE temperature."""
     projection: int = 64
@@ -866,10 +871,11 @@ def _validate_objectives(objectives, d, f) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"train.objectives names {twice[0]} twice; give each objective once with its weight")
-    if "classify" in names and not d.sources:
+    by_source = any(o.name == "classify" and o.target == "source" for o in objectives)
+    if by_source and not d.sources:
         raise ConfigError("train.objectives: classify predicts which data.sources entry a sample comes from; give "
-                          "two or more data.sources")
-    if "classify" in names and len(d.sources) < 2:
+                          "two or more data.sources (or target: label, for data prepared with labels)")
+    if by_source and len(d.sources) < 2:
         raise ConfigError(f"train.objectives: classify with {len(d.sources)} data.sources has nothing to tell apart; "
                           "give two or more sources")
     if names != ["clm"] and f.head != "none":

@@ -18,6 +18,7 @@ from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
 from gorilla_dist.objectives import Objectives, build_objectives, evaluation_sums, evaluation_values, head_sizes
+from gorilla_dist.objectives import resolve_labels as resolve_objective_labels
 from gorilla_dist.parallel import dp_group, dp_sum
 from gorilla_dist.stopping import StopSignals
 
@@ -130,6 +131,7 @@ def train(cfg, layout) -> bool:
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
     check_finetune_data(cfg.finetune, cfg.data, data.datasets)
     resolve_labels(cfg.finetune, data.label_names)  # (checkpoints record the classes)
+    resolve_objective_labels(t.objectives, data.label_names)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     objectives = build_objectives(t.objectives, dp_group(layout))

@@ -15,7 +15,9 @@ loss it was before objectives existed.
     clm       next-token cross entropy on the sample's targets (loss.per_token_loss)
     classify  which data.sources entry the sample comes from: the mean of its final-normed hidden states
               over its scored positions, through a bias-free linear head (`objective_heads.classify`,
-              an auxiliary parameter: checkpointed like any other, left out by export)
+              an auxiliary parameter: checkpointed like any other, left out by export); or (target=label)
+              each example's prepare-time `label`, from the head's score at its last prompt token
+              (Batch.classes, the position finetune.head=classification reads), per labelled example
     contrastive  the loader splits the longest document of the sample into two halves (`contrastive_view`:
               segment ids keep each half attending to itself only; Batch.spans marks them); each half's
               mean hidden state goes through a linear projection (`objective_heads.contrastive`) and is
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gorilla_dist.errors import ConfigError
 from gorilla_dist.loss import per_token_loss
 from gorilla_dist.model.head import HEADS, pooled_scores
 
@@ -79,12 +82,21 @@ class Objectives:
             return torch.ones(batch.tokens.shape[0], dtype=torch.bool, device=batch.tokens.device)
         return batch.objective == o.index
 
+    def by_label(self, o: Objective) -> bool:
+        return o.name == "classify" and self.configs[o.index].target == "label"
+
     def units(self, batch) -> torch.Tensor:
-        """(objectives,) float: what each objective's loss averages over, in this micro-batch."""
+        """(objectives,) float: what each objective's loss averages over, in this micro-batch: target
+        tokens, samples, or (classify target=label) labelled examples."""
         out = []
         for o in self.items:
             rows = self.rows(batch, o)
-            out.append(batch.loss_mask[rows].sum() if o.name in LM else rows.sum().float())
+            if o.name in LM:
+                out.append(batch.loss_mask[rows].sum())
+            elif self.by_label(o):
+                out.append(labelled(batch, rows).sum().float())
+            else:
+                out.append(rows.sum().float())
         return torch.stack(out)
 
     def sums(self, model, batch) -> torch.Tensor:
@@ -101,6 +113,13 @@ class Objectives:
             elif o.name == "contrastive":
                 ce, right = contrastive_sums(model, batch, rows, self.configs[o.index].temperature, self.dp_group)
                 out.append(torch.stack([ce, right]))
+            elif self.by_label(o):  # classify: each labelled example's class, at its last prompt token
+                at = labelled(batch, rows)
+                scores = _module(model).objective_scores["classify"].float()
+                scores = scores[:, scores.shape[1] - at.shape[1]:][at]  # (n, classes)
+                labels = batch.classes[at]
+                out.append(torch.stack([F.cross_entropy(scores, labels, reduction="sum"),
+                                        (scores.argmax(-1) == labels).sum().float().detach()]))
             else:  # classify: the sample's source
                 scores = classify_scores(model, batch)  # (b, sources)
                 ce = F.cross_entropy(scores, batch.source, reduction="none")
@@ -115,6 +134,29 @@ class Objectives:
         if self.plain:
             return sums[0, 0] / per_micro[0]
         return sum(o.weight * sums[o.index, 0] / per_micro[o.index] for o in self.items)
+
+
+def labelled(batch, rows: torch.Tensor) -> torch.Tensor:
+    """(b, s) bool: the positions of `rows` where a labelled example's class is read (Batch.classes)."""
+    if batch.classes is None:
+        return torch.zeros_like(batch.loss_mask, dtype=torch.bool)
+    return (batch.classes >= 0) & rows[:, None]
+
+
+def resolve_labels(configs, label_names: list[str] | None) -> None:
+    """classify target=label: fill its `labels` from the data's classes (checkpoints record them), or refuse
+    data without labels, or with other classes than the config names."""
+    for i, c in enumerate(configs):
+        if c.name != "classify" or c.target != "label":
+            continue
+        if label_names is None:
+            raise ConfigError(f"train.objectives[{i}]: classify with target: label needs labelled data: rows with a "
+                              "'label' field, prepared with python -m gorilla_dist.data.prepare ... format=instruction "
+                              "(train_on_inputs=true to keep the language-model loss on the text)")
+        if c.labels and list(c.labels) != label_names:
+            raise ConfigError(f"train.objectives[{i}].labels={list(c.labels)} but the data's classes are {label_names} "
+                              "(in id order)")
+        c.labels = list(label_names)
 
 
 def _module(model) -> torch.nn.Module:
@@ -222,11 +264,11 @@ def head_sizes(configs, n_sources: int) -> dict[str, int]:
     out = {}
     for c in configs:
         if c.name == "classify":
-            out["classify"] = n_sources
+            out["classify"] = len(c.labels) if c.target == "label" else n_sources
         elif c.name == "contrastive":
             out["contrastive"] = c.projection
     return out
 
 
 __all__ = ["HEADS", "Objective", "Objectives", "build_objectives", "classify_scores", "contrastive_view",
-           "evaluation_sums", "evaluation_values", "head_sizes"]
+           "evaluation_sums", "evaluation_values", "head_sizes", "labelled", "resolve_labels"]

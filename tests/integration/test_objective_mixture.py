@@ -5,8 +5,10 @@ special_tokens=objectives) on 1 process, on DP=2 with ZeRO-3 and on TP=2 with se
 per-objective numbers over 20 steps) and through the block-sparse kernels, resumed bitwise (10 + 10); metrics.jsonl carries each objective's loss and the validation numbers;
 export leaves the auxiliary heads out and says so."""
 
+import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from helpers import REPO, check, launch, losses, metrics
@@ -62,8 +64,6 @@ def test_the_evaluate_command_reports_each_objective_as_training_did(tmp_path, o
     proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={one}", f"out={out}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    import json
-
     got, logged = json.loads(out.read_text())["objectives"], [r for r in metrics(one) if "val_loss" in r][-1]
     keys = [k for k in logged if k.startswith("val_")]
     assert len(keys) == 8 and "denoise_R_loss" in proc.stdout
@@ -116,3 +116,39 @@ def test_a_mixed_run_resumes_bitwise_and_exports_without_its_head(tmp_path, sour
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert names and not any("objective" in n or "classif" in n for n in names)
+
+
+def test_classify_learns_a_label_given_at_prepare_time(tmp_path, sources):
+    """classify target=label on rows with a `label` (the speaker of each speech), prepared as instruction
+    data with the loss on the text too (train_on_inputs), mixed with clm and a denoiser: the run records
+    the classes, logs each labelled example as a unit, and evaluate reports what training logged. Data
+    without labels is refused with the command that makes them."""
+    speeches = [p.split("\n", 1) for p in (REPO / "gorilla_dist" / "data" / "tinyshakespeare.txt").read_text()
+                .split("\n\n")[:3000] if "\n" in p]
+    top = [name for name, _ in Counter(s for s, _ in speeches).most_common(4)]
+    rows = tmp_path / "speeches.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": text[:60], "label": who.rstrip(":")}) + "\n"
+                            for who, text in speeches if who in top))
+    data = tmp_path / "labelled"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.data.prepare", f"input={rows}", f"output={data}",
+                           "format=instruction", "train_on_inputs=true", "tokenizer=byte", "special_tokens=objectives",
+                           "workers=1", "progress=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    mix = ("train.objectives=[{name: clm, weight: 0.5}, {name: classify, target: label, weight: 0.25}, "
+           "{name: denoise, mode: R, weight: 0.25}]")
+    run = tmp_path / "run"
+    common = [*COMMON[:-1], "model.seq_length=128", "train.max_steps=8", "data.truncate=true", mix]
+    check(launch(run, f"data.sources=[{{path: {data}}}]", *common))
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert len(rows) == 8 and all(r["units_classify"] >= 2 and 0 <= r["accuracy_classify"] <= 1 for r in rows)
+    recorded = (run / "checkpoints" / "step_00000008" / "config.yaml").read_text()
+    assert all(name.rstrip(":") in recorded for name in top)
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got, logged = json.loads(out.read_text())["objectives"], [r for r in metrics(run) if "val_loss" in r][-1]
+    assert got["val_classify_accuracy"] == pytest.approx(logged["val_classify_accuracy"], rel=1e-6)
+    assert got["val_classify_loss"] == pytest.approx(logged["val_classify_loss"], rel=1e-5)
+    refused = launch(tmp_path / "plain", sources, *common)
+    assert refused.returncode == 2 and "classify with target: label needs labelled data" in refused.stdout

@@ -37,6 +37,8 @@ def config(objectives, sources=2):
     ([{"name": "clm"}, {"name": "classify", "target": "topic"}], 2, r"train.objectives\[1\].target='topic'"),
     ([{"name": "clm"}, {"name": "classify"}], 1, "nothing to tell apart"),
     ([], 2, "train.objectives is empty"),
+    ([{"name": "denoise", "mask": 0}], 2, r"\[0\]: mask=0.0, replace=0.0, delete=0.0 are the weights"),
+    ([{"name": "denoise", "replace": -1}], 2, r"mask=1.0, replace=-1"),
 ])
 def test_bad_objectives_are_refused_naming_the_key_and_the_choices(objectives, sources, message):
     with pytest.raises(ConfigError, match=message):
@@ -122,6 +124,45 @@ def test_a_mixed_step_is_the_weighted_sum_of_each_objectives_mean(world1):
     batch.objective = None
     with torch.no_grad():
         assert torch.equal(plain.loss(plain.sums(model, batch), plain.units(batch)), lm_loss(model, batch))
+
+
+def test_classify_by_label_reads_each_labelled_example_at_its_class_position(world1):
+    """classify target=label: cross entropy of the head's score at every position Batch.classes marks, in
+    the classify samples only, averaged over those examples (two in one packed sample count twice)."""
+    from gorilla_dist.loss import per_token_loss
+    from gorilla_dist.model import build_model
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config).model, OmegaConf.load(REPO / "conf/model/debug.yaml"))
+    model = build_model(cfg, vocab_size=16, dtype="fp32", device=world1.device, seed=1, heads={"classify": 3}).eval()
+    tokens = np.random.default_rng(0).integers(0, 15, (3, 33))
+    classes = np.full((3, 33), -1)
+    classes[0, 5], classes[1, 7], classes[1, 20], classes[2, 9] = 2, 0, 1, 1  # sample 0 is a clm sample
+    batch = pack(tokens, np.array([33, 33, 33]), np.array([0, 0, 0]), eod=15, reset_at_eod=False, classes=classes)
+    batch.objective = torch.tensor([0, 1, 1])
+    objectives = Objectives([ObjectiveConfig(name="clm"), ObjectiveConfig(name="classify", target="label",
+                                                                          labels=["a", "b", "c"])])
+    units = objectives.units(batch)
+    assert units.tolist() == [32.0, 3.0]
+    with torch.no_grad():
+        loss = objectives.loss(objectives.sums(model, batch), units)
+        per_token = per_token_loss(model, batch)
+        scores = model.objective_scores["classify"]
+    ce = F.cross_entropy(scores[[1, 1, 2], [7, 20, 9]], torch.tensor([0, 1, 1]))
+    clm = (per_token[0] * batch.loss_mask[0]).sum() / batch.loss_mask[0].sum()
+    torch.testing.assert_close(loss, 0.5 * clm + 0.5 * ce, rtol=1e-5, atol=1e-6)
+
+
+def test_classify_by_label_takes_the_datas_classes_or_refuses():
+    from gorilla_dist.objectives import head_sizes, resolve_labels
+
+    configs = [ObjectiveConfig(name="clm"), ObjectiveConfig(name="classify", target="label")]
+    resolve_labels(configs, ["no", "yes"])
+    assert configs[1].labels == ["no", "yes"] and head_sizes(configs, 1) == {"classify": 2}
+    with pytest.raises(ConfigError, match=r"train.objectives\[1\]: classify with target: label needs labelled data"):
+        resolve_labels([ObjectiveConfig(name="clm"), ObjectiveConfig(name="classify", target="label")], None)
+    with pytest.raises(ConfigError, match=r"labels=\['yes', 'no'\] but the data's classes are \['no', 'yes'\]"):
+        resolve_labels([ObjectiveConfig(name="classify", target="label", labels=["yes", "no"])], ["no", "yes"])
+    validate(config([{"name": "clm"}, {"name": "classify", "target": "label"}], sources=1), world=1)  # one is enough
 
 
 def test_the_contrastive_view_splits_the_longest_document_of_each_chosen_row():

@@ -255,6 +255,8 @@ def with_segments(layout: BlockLayout, segments: torch.Tensor, block_bias: torch
     Documents are compared as each block's id range (min..max): a superset, so a block is never
     missed, at worst visited and then masked token by token. The added slots have bias 0."""
     bid = segments >= BIDIRECTIONAL
+    if not bool(bid.any()):  # documents only: the pattern as it is (a static one keeps its cached walk)
+        return layout, block_bias
     n, bs = layout.n_blocks, layout.block_size
     doc = torch.where(bid, segments - BIDIRECTIONAL, segments).view(-1, n, bs).long()
     bid = bid.view(-1, n, bs)

@@ -432,6 +432,32 @@ def test_sentence_permutation_shuffles_sentences_before_the_separator_and_keeps_
     assert len(long) <= 65 and n == 33  # both copies fit: the first 32 tokens
 
 
+def test_sentence_permutation_with_a_bpe_tokenizer_moves_whole_sentences(tmp_path):
+    """The same rule for BPE: a token ends a sentence when its text (trailing spaces removed) ends with . ! ?
+    or a newline, wherever the merges put the punctuation; the input is the sentences of the source,
+    each whole, in another order."""
+    from gorilla_dist.data.tokenizer import load_tokenizer
+    from gorilla_dist.data.writer import PrepareArgs, prepare
+    from gorilla_dist.objectives.denoise import permute_sentences, sentence_ends
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"The cat sat {i}. A dog ran! Who knew? Fine then\n\n" for i in range(200)))
+    prepare(PrepareArgs(input=[str(src)], output=str(tmp_path / "bpe"), tokenizer="bpe:300", workers=1,
+                        progress=False, sample_by="paragraph", special_tokens="objectives"))
+    tok = load_tokenizer(tmp_path / "bpe")
+    ends = sentence_ends(tok)
+    source = tok.encode("The cat sat 7. A dog ran! Who knew? Fine then")
+    cut = np.flatnonzero(ends[source[:-1]]) + 1
+    pieces = [tok.decode(p.tolist()) for p in np.split(source, cut)]
+    assert len(pieces) == 4 and [p.rstrip(" ")[-1] for p in pieces[:3]] == [".", "!", "?"]
+    sep = tok.special_id("<|sep|>")
+    seq, n_in = permute_sentences(source, 65, np.random.default_rng(0), ends=ends, sep=sep)
+    assert seq[n_in - 1] == sep and seq[n_in:].tolist() == source.tolist()
+    shuffled = tok.decode(seq[:n_in - 1].tolist())
+    orders = ["".join(p) for p in itertools.permutations(pieces)]
+    assert shuffled in orders and shuffled != "".join(pieces)
+
+
 def test_a_micro_batch_without_contrastive_samples_adds_nothing(world1):
     from gorilla_dist.model import build_model
 

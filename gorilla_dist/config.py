@@ -453,6 +453,9 @@ class LoggingConfig:
     """Show a progress bar (loss, tokens/s, ETA) on rank 0."""
     peak_tflops: float | None = None
     """Per-device peak TFLOP/s for MFU; None looks the device up in a small table (unknown: no MFU)."""
+    plot: bool = True
+    """At the end of a run draw run.dir/plot.png (python -m gorilla_dist.plot). The run's summary
+    (run.dir/summary.json) is written either way, after a stop too."""
 
 
 @dataclass

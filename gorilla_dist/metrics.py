@@ -67,6 +67,9 @@ class Metrics:
         self.peak = peak_flops(cfg, layout.device)
         self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None, bool]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
+        from gorilla_dist.summary import process_age
+
+        self.created, self.startup, self.spent = self.last_time, process_age(), {}
         self.main = layout.is_main
         if not self.main:
             return
@@ -163,11 +166,21 @@ class Metrics:
         return self.router_stats.summarize(summed.cpu(), self.layout.dp)  # read with the losses, in one drain
 
     @contextmanager
-    def paused(self):
-        """Work that is not training (evaluation, checkpointing) is kept out of tokens/s."""
+    def paused(self, kind: str):
+        """Work that is not training (kind: eval, checkpoint) is kept out of tokens/s, and timed."""
         self.flush()
+        start = time.perf_counter()
         yield
         self.last_time = time.perf_counter()
+        self.spent[kind] = self.spent.get(kind, 0.0) + self.last_time - start
+
+    def wall_s(self) -> dict[str, float]:
+        """This session's wall time: start-up (process start to the first step), training, eval,
+        checkpoint, total."""
+        since = time.perf_counter() - self.created
+        other = sum(self.spent.values())
+        return {"startup": self.startup, "training": since - other, "eval": self.spent.get("eval", 0.0),
+                "checkpoint": self.spent.get("checkpoint", 0.0), "total": self.startup + since}
 
     def eval(self, step: int, values: dict[str, float]) -> None:
         """values: val_loss, and a classifier's val_accuracy."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from gorilla_dist import faults
@@ -125,6 +127,26 @@ class NonFiniteGuard:
             print(f"[train] {what}: skipped ({self.in_a_row} in a row)", flush=True)
 
 
+def finish(cfg, metrics: Metrics, layout, *, picture: bool = True) -> None:
+    """Rank 0, at the end of a run or after a stop: run.dir/summary.json, and at the end run.dir/plot.png
+    (logging.plot; not after a stop, whose grace period is short). A picture that cannot be drawn is
+    reported, never fatal: the run itself is done."""
+    if not layout.is_main:
+        return
+    from gorilla_dist.summary import write_summary
+
+    write_summary(cfg, metrics.wall_s())
+    if cfg.logging.plot and picture:
+        from gorilla_dist.errors import UserError
+        from gorilla_dist.plot import load_run, plot
+
+        try:
+            path = plot([load_run(Path(cfg.run.dir))], Path(cfg.run.dir) / "plot.png")["path"]
+            print(f"[train] loss curves: {path}; summary: {Path(cfg.run.dir) / 'summary.json'}", flush=True)
+        except UserError as err:
+            print(f"[train] no plot: {err}", flush=True)
+
+
 def train(cfg, layout) -> bool:
     """Train to train.max_steps; False if it stopped early on a signal (after saving a checkpoint)."""
     t = cfg.train
@@ -182,16 +204,17 @@ def train(cfg, layout) -> bool:
         faults.hit("step", step=step, rank=layout.rank)
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
-            with metrics.paused():
+            with metrics.paused("eval"):
                 values = evaluate(engine, data, t.eval_batches, layout, objectives)
             metrics.eval(step, values)
         stopping = signals.agreed()
         if ckpt.due(step, last) or stopping:
-            with metrics.paused():
+            with metrics.paused("checkpoint"):
                 ckpt.save(step, engine, data.state_dict())
     if stopping:
         signals.saved()
         metrics.close()
+        finish(cfg, metrics, layout, picture=False)
         if layout.is_main:
             cause = signals.received or "a peer rank's signal"
             print(f"[train] stopped at step {step} on {cause}; "
@@ -200,6 +223,7 @@ def train(cfg, layout) -> bool:
         return False
     signals.close()
     metrics.close()
+    finish(cfg, metrics, layout)
 
     if t.sample_tokens and cfg.finetune.head == "none":
         text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,

@@ -1,7 +1,9 @@
-"""Entry point: `python -m launcher [group=option] [key=value ...]` (`--cfg job` prints the config)."""
+"""Entry point: `python -m launcher [group=option] [key=value ...]` (`--cfg job` prints the config);
+`python -m launcher -m key=a,b ...` sweeps (launcher/sweep.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ from omegaconf import DictConfig
 from gorilla_dist import conf
 from gorilla_dist.config import check_inputs, register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import EXIT_PREEMPTED, UserError
+from gorilla_dist.summary import OVERRIDES
 from launcher import backends
 
 CONF_DIR = str(Path(conf.__file__).resolve().parent)  # conf/ in a checkout, gorilla_dist/conf when installed
@@ -23,22 +26,40 @@ register_configs()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
+    """One run; with -m (Hydra's multirun: a sweep), one run per combination of the overrides, one after
+    the other, each in <hydra.sweep.dir>/<job number> (launcher/sweep.py records them in sweep.json)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep:
+        cfg.run.dir = hydra_cfg.runtime.output_dir
+    status = launch(cfg, list(hydra_cfg.overrides.task))
+    if sweep:  # the next job runs; the sweep's end reports the failed ones
+        return {"run_dir": str(cfg.run.dir), "status": status}
+    sys.exit(status)
+
+
+def launch(cfg: DictConfig, overrides: list[str]) -> int:
+    """Check the config, write run.dir/config.yaml and overrides.json, start the backend; its exit status."""
     try:
         resolve(cfg)
         validate(cfg)
         check_inputs(cfg)
     except UserError as err:
         print(f"config error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        return err.exit_code
     path = save_run_config(cfg, cfg.run.dir)
+    (Path(cfg.run.dir) / OVERRIDES).write_text(json.dumps(overrides) + "\n")
     if cfg.launch.backend == "slurm":
         from launcher import slurm
 
-        sys.exit(slurm.launch(cfg))
+        return slurm.launch(cfg)
     argv, env = backends.command(cfg, cfg.run.dir)
     print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s), config {path}", flush=True)
-    sys.exit(run_forwarding_signals(argv, env, backend=cfg.launch.backend, run_dir=cfg.run.dir))
+    return run_forwarding_signals(argv, env, backend=cfg.launch.backend, run_dir=cfg.run.dir)
 
 
 def run_forwarding_signals(argv: list[str], env: dict, *, backend: str, run_dir: str) -> int:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Small, quiet runs: the `debug` model, no W&B, no progress bar, no end-of-training sample.
-QUICK = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false", "train.sample_tokens=0",
-         "train.eval_interval=0", "train.log_interval=5"]
+# Small, quiet runs: the `debug` model, no W&B, no progress bar, no end-of-run picture or sample.
+QUICK = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false", "logging.plot=false",
+         "train.sample_tokens=0", "train.eval_interval=0", "train.log_interval=5"]
 
 
 def composed(*overrides: str):

@@ -118,11 +118,11 @@ def test_a_mixed_run_resumes_bitwise_and_exports_without_its_head(tmp_path, sour
     assert names and not any("objective" in n or "classif" in n for n in names)
 
 
-def test_classify_learns_a_label_given_at_prepare_time(tmp_path, sources):
+def test_classify_predicts_a_label_given_at_prepare_time(tmp_path):
     """classify target=label on rows with a `label` (the speaker of each speech), prepared as instruction
     data with the loss on the text too (train_on_inputs), mixed with clm and a denoiser: the run records
-    the classes, logs each labelled example as a unit, and evaluate reports what training logged. Data
-    without labels is refused with the command that makes them."""
+    the classes, logs each labelled example as a unit, and evaluate reports what training logged. (Data
+    without labels is refused: tests/unit/test_objectives.py.)"""
     speeches = [p.split("\n", 1) for p in (REPO / "gorilla_dist" / "data" / "tinyshakespeare.txt").read_text()
                 .split("\n\n")[:3000] if "\n" in p]
     top = [name for name, _ in Counter(s for s, _ in speeches).most_common(4)]
@@ -150,5 +150,3 @@ def test_classify_learns_a_label_given_at_prepare_time(tmp_path, sources):
     got, logged = json.loads(out.read_text())["objectives"], [r for r in metrics(run) if "val_loss" in r][-1]
     assert got["val_classify_accuracy"] == pytest.approx(logged["val_classify_accuracy"], rel=1e-6)
     assert got["val_classify_loss"] == pytest.approx(logged["val_classify_loss"], rel=1e-5)
-    refused = launch(tmp_path / "plain", sources, *common)
-    assert refused.returncode == 2 and "classify with target: label needs labelled data" in refused.stdout

@@ -72,10 +72,10 @@ def summarize(rows: list[dict], *, tokens_per_step: int, max_steps: int) -> dict
 def write_summary(cfg, wall_s: dict[str, float]) -> dict:
     """Write run.dir/summary.json (rank 0); returns it."""
     from gorilla_dist.files import write_text_atomic
+    from gorilla_dist.plot import read_metrics
 
     run_dir = Path(cfg.run.dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     summary = summarize(rows, tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
                         max_steps=cfg.train.max_steps)
     overrides = run_dir / OVERRIDES

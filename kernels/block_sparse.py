@@ -29,7 +29,7 @@ import os
 import torch
 
 from gorilla_dist.kernels.dense import attention_reference, sdpa_keep_mask
-from gorilla_dist.kernels.layouts import BlockLayout, check_qkv
+from gorilla_dist.kernels.layouts import BlockLayout, bias_by_block, check_qkv
 from gorilla_dist.kernels.limits import BIDIRECTIONAL, TRITON_HEAD_DIMS
 
 try:
@@ -312,11 +312,8 @@ def block_sparse_reference(q, k, v, layout: BlockLayout, *, scale: float | None 
     if alibi_slopes is not None:
         bias = bias - alibi_slopes.float().view(1, H, 1, 1) * (pos[:, None] - pos[None, :]).abs().float()
     if block_bias is not None:
-        n, bs = layout.n_blocks, layout.block_size
-        full = torch.zeros(*block_bias.shape[:3], n + 1, device=q.device, dtype=torch.float32)
-        col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
-        full = full.scatter(-1, col, block_bias.float())[..., :n]
-        bias = bias + full.repeat_interleave(bs, -1).repeat_interleave(bs, -2)
+        full = bias_by_block(layout, block_bias.float())[..., :-1]
+        bias = bias + full.repeat_interleave(layout.block_size, -1).repeat_interleave(layout.block_size, -2)
     if segments is None:
         mask = layout.dense_mask()
     else:

@@ -270,9 +270,14 @@ def with_segments(layout: BlockLayout, segments: torch.Tensor, block_bias: torch
     mask = base | (base.transpose(-1, -2) & ahead[:, None] & (j > m))
     new = _from_mask(mask, bs)
     if block_bias is not None:  # each kept slot's bias moves to that block's new slot
-        lead = block_bias.shape[:3]
-        col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
-        full = block_bias.new_zeros(*lead, n + 1).scatter(-1, col, block_bias)
         slot = torch.where(new.valid_slots(), new.kv_indices.long(), n)
-        block_bias = full.gather(-1, slot.expand(*lead, -1))
+        block_bias = bias_by_block(layout, block_bias).gather(-1, slot.expand(*block_bias.shape[:3], -1))
     return new, block_bias
+
+
+def bias_by_block(layout: BlockLayout, block_bias: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, n + 1): the per-slot `block_bias` (B, H, n, max_kv) at the key block each slot lists, 0 at
+    blocks not listed (the last column collects the padding slots)."""
+    n = layout.n_blocks
+    col = torch.where(layout.valid_slots(), layout.kv_indices.long(), n).expand(*block_bias.shape)
+    return block_bias.new_zeros(*block_bias.shape[:3], n + 1).scatter(-1, col, block_bias)

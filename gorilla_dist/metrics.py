@@ -1,7 +1,9 @@
 """Metrics sinks on rank 0: `run.dir/metrics.jsonl`, W&B (offline by default) and a progress bar.
 
-The trainer hands over per-step loss tensors without reading them; `flush()` turns the pending steps
-into numbers with one host sync per `train.log_interval` steps, so logging costs no per-step sync.
+The trainer hands over per-step tensors (loss, learning rate, gradient norm, skipped) without reading
+them; `flush()` turns the pending steps into numbers with one host read per `train.log_interval` steps
+(and before an evaluation or a checkpoint), so logging costs no per-step sync. `on_flush(rows)` sees
+the numbers first (the non-finite policy, train.NonFiniteGuard).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def wandb_row(row: dict) -> dict:
 
 class Metrics:
     def __init__(self, cfg, layout, *, flops_per_token: float, tokens_per_step: int, start_step: int,
-                 router_stats=None):
+                 router_stats=None, on_flush=None):
         self.cfg, self.layout = cfg, layout
+        self.on_flush = on_flush  # called with every flushed step's row, on every rank
         self.router_stats = router_stats  # engine.moe.RouterStats of an MoE model, else None
         self.moe_pending: list[torch.Tensor] = []
         from gorilla_dist.objectives import objective_key
@@ -65,7 +68,7 @@ class Metrics:
         self.objective_pending: list[torch.Tensor] = []
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
-        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | float | None, bool]] = []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
         from gorilla_dist.summary import process_age
 
@@ -99,12 +102,16 @@ class Metrics:
                           name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir,
                           config=OmegaConf.to_container(OmegaConf.create(self.cfg), resolve=True))
 
-    def step(self, step: int, loss: torch.Tensor, lr: float, grad_norm, *, skipped: bool = False,
+    def step(self, step: int, loss: torch.Tensor, lr, grad_norm, *, skipped=False,
              moe: torch.Tensor | None = None, objectives: torch.Tensor | None = None) -> None:
-        """Record a step; `loss` is this rank's mean loss (a tensor, not read here); `skipped`: the update
-        was not applied (non-finite loss or gradient norm); `moe`: the routers' numbers (StepResult.moe);
-        `objectives`: each objective's (loss sum, units, correct) on this rank (StepResult.objectives)."""
-        self.pending.append((step, loss.detach(), lr, grad_norm, skipped))
+        """Record a step; none of the tensors is read here. `loss`: this rank's mean loss; `lr`, `grad_norm`
+        (None: not measured), `skipped` (the update was not applied: non-finite loss or gradient norm):
+        tensors or numbers; `moe`: the routers' numbers (StepResult.moe); `objectives`: each objective's
+        (loss sum, units, correct) on this rank (StepResult.objectives)."""
+        device = loss.device
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).detach().reshape(())  # noqa: E731
+        norm = None if grad_norm is None else as_tensor(grad_norm)
+        self.pending.append((step, loss.detach().float(), as_tensor(lr), norm, as_tensor(skipped)))
         if moe is not None:
             self.moe_pending.append(moe)
         if objectives is not None:
@@ -115,23 +122,29 @@ class Metrics:
     def flush(self) -> None:
         if not self.pending:
             return
-        losses = dp_mean(torch.stack([p[1].float() for p in self.pending]), self.layout)
+        losses = dp_mean(torch.stack([p[1] for p in self.pending]), self.layout)
+        nan = torch.full((), float("nan"), device=losses.device)
         moe = self._moe_numbers()
         objectives = None
         if self.objective_pending:  # (steps, objectives, 3) summed over the data-parallel ranks
             objectives = dp_sum(torch.stack(self.objective_pending).double(), self.layout).tolist()
             self.objective_pending = []
-        values = losses.tolist()  # the one host sync per interval
+        # (steps, 4): loss, lr, grad norm (NaN: none), skipped -- the one host read per interval
+        table = torch.stack([losses, torch.stack([p[2] for p in self.pending]),
+                             torch.stack([nan if p[3] is None else p[3] for p in self.pending]),
+                             torch.stack([p[4] for p in self.pending])], dim=1).tolist()
         now = time.perf_counter()
         steps = self.pending[-1][0] - self.last_step
         tokens_per_s = steps * self.tokens_per_step / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, self.pending[-1][0]
         rows = []
-        for (step, _, lr, grad_norm, skipped), loss in zip(self.pending, values):
-            row = {"step": step, "loss": loss, "lr": lr,
-                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s}
+        for pending, (loss, lr, grad_norm, skipped) in zip(self.pending, table):
+            row = {"step": pending[0], "loss": loss, "lr": lr,
+                   "grad_norm": None if pending[3] is None else grad_norm, "tokens_per_s": tokens_per_s}
             if skipped:
                 row["skipped"] = True
+                if grad_norm < 0:  # DeepSpeed's ZeRO norms report a non-finite group as -1
+                    row["grad_norm"] = float("inf")
             if self.peak:
                 row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.layout.world)
             rows.append(row)
@@ -154,6 +167,8 @@ class Metrics:
                 post["mfu"] = f"{rows[-1]['mfu']:.1%}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(rows[-1]["step"] - self.bar.n)  # one redraw per interval
+        if self.on_flush is not None:
+            self.on_flush(rows)
 
     def _moe_numbers(self) -> dict | None:
         """The routers' numbers of the pending steps summed over every rank (one all-reduce), as metrics."""

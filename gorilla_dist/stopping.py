@@ -1,9 +1,14 @@
 """Stop cleanly on a signal: preemption warnings (Slurm's --signal=USR1@<s>), `scancel`, time limits.
 
-On SIGUSR1 or SIGTERM a rank only records the signal. At each step boundary every rank joins one
-tiny all-reduce (MAX), so all ranks agree to stop after the same step even when the signal reached
-only some of them; the trainer then saves a checkpoint and the worker exits with EXIT_PREEMPTED,
-which tells the Slurm script to requeue the job. A second SIGTERM ends the process at once.
+On SIGUSR1 or SIGTERM a rank only records the signal. Every `train.log_interval` steps (where the
+loop reads its losses anyway) every rank joins one tiny all-reduce (MAX), so all ranks agree to stop
+after the same step even when the signal reached only some of them; the trainer then saves a
+checkpoint and the worker exits with EXIT_PREEMPTED, which tells the Slurm script to requeue the job.
+A single process needs nobody's agreement and stops after the step it is in. A second SIGTERM ends the
+process at once.
+
+Agreeing every step would read the device every step (the flag's value decides the loop); a stop then
+comes up to log_interval - 1 steps later, well inside any preemption grace period worth the name.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopSignals:
-    def __init__(self, layout):
-        self.layout = layout
+    def __init__(self, layout, every: int = 1):
+        self.layout, self.every = layout, max(1, every)
         self.received: str | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
@@ -32,10 +37,13 @@ class StopSignals:
         print(f"[rank {self.layout.rank}] {self.received}: saving a checkpoint at the next step boundary, "
               "then exiting", file=sys.stderr, flush=True)
 
-    def agreed(self) -> bool:
-        """Collective (every rank calls it each step): did any rank get a stop signal?"""
+    def agreed(self, step: int, last: bool = False) -> bool:
+        """Collective (every rank calls it after each step, `step` counted from 1): did any rank get a
+        stop signal? Asked of the others every `every` steps and at the last."""
         if self.layout.world == 1:  # nobody to agree with: no tensor, no device sync
             return self.received is not None
+        if step % self.every and not last:
+            return False
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.layout.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -101,10 +101,18 @@ class DivergenceError(UserError):
 
 
 class NonFiniteGuard:
-    """train.nonfinite: what to do after a step whose loss or gradient norm was inf/NaN. DeepSpeed has
+    """train.nonfinite: what to do after a step whose loss or gradient norm was inf/NaN. The engine has
     already left the model, the optimizer state and the LR schedule untouched (a NaN loss gives NaN
-    gradients, and every optimizer path skips a non-finite norm, see engine/deepspeed_engine.py), and the
-    norm is global, so every rank sees the same verdict."""
+    gradients, and every optimizer path skips a non-finite norm, see engine/on_device.py), and the norm
+    is global, so every rank sees the same verdict.
+
+    The verdicts are read with the losses (Metrics.flush: every train.log_interval steps, and before
+    every evaluation and checkpoint), not after each step: reading them would stall the host every
+    step. That is safe because a skipped step changes nothing, so the steps between a skip and its
+    reading train from the same state as if they had been checked at once, and no checkpoint is
+    written before the verdicts of its steps are applied (train.nonfinite=stop leaves the last good
+    checkpoint, as before). A diverging run stops at most log_interval - 1 steps later than it would
+    have."""
 
     def __init__(self, t, layout):
         self.policy, self.limit, self.layout = t.nonfinite, t.max_skipped_steps, layout
@@ -125,6 +133,11 @@ class NonFiniteGuard:
                                   "with a lower optim.lr")
         if self.layout.is_main:
             print(f"[train] {what}: skipped ({self.in_a_row} in a row)", flush=True)
+
+    def check_rows(self, rows: list[dict]) -> None:
+        """Metrics.on_flush: the verdicts of the flushed steps, in order."""
+        for row in rows:
+            self.check(row["step"], bool(row.get("skipped")))
 
 
 def finish(cfg, metrics: Metrics, layout, *, picture: bool = True) -> None:
@@ -183,10 +196,10 @@ def train(cfg, layout) -> bool:
         if layout.is_main:
             print(f"[train] weights from {source}; optimizer, LR schedule and data order start fresh", flush=True)
 
+    guard, signals = NonFiniteGuard(t, layout), StopSignals(layout, every=t.log_interval)
     metrics = Metrics(cfg, layout, flops_per_token=flops_per_token(cfg.model, data.vocab_size),
                       tokens_per_step=t.global_batch_size * cfg.model.seq_length, start_step=step,
-                      router_stats=engine.router_stats)
-    guard, signals = NonFiniteGuard(t, layout), StopSignals(layout)
+                      router_stats=engine.router_stats, on_flush=guard.check_rows)
     metrics.memory("start", step, gather_ranks(engine.state_bytes(), layout))
     probe = FirstStepProbe(engine, layout.device)
     stopping = False
@@ -199,15 +212,14 @@ def train(cfg, layout) -> bool:
             metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
             probe = None
         metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe,
-                     objectives=result.objectives)
-        guard.check(step, result.skipped)
+                     objectives=result.objectives)  # reads them every log_interval steps (and the guard)
         faults.hit("step", step=step, rank=layout.rank)
         last = step == t.max_steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
             with metrics.paused("eval"):
                 values = evaluate(engine, data, t.eval_batches, layout, objectives)
             metrics.eval(step, values)
-        stopping = signals.agreed()
+        stopping = signals.agreed(step, last)
         if ckpt.due(step, last) or stopping:
             with metrics.paused("checkpoint"):
                 ckpt.save(step, engine, data.state_dict())

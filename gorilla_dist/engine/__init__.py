@@ -13,6 +13,8 @@ versions (versions.py):
     rng.py               megatron's model-parallel RNG tracker: seeding, capture, restore
     state.py             the layout-free training state: full tensors out of / into any TP x ZeRO layout
     accounting.py        per-rank bytes of parameters, gradients and optimizer state
+    on_device.py         the step's skip decision and LR schedule on the device (no host read per step)
+    syncs.py             SyncCounter: the host syncs (by call site) and aten operations of a block of code
 
 The rest of the framework talks to `TrainEngine` only: `step(micro_batches, loss_fn) -> StepResult`,
 `full_state()` / `load_full_state()`, `state_bytes()`, and the model to call forward on. Megatron-core
@@ -48,8 +50,9 @@ class StepResult:
     """Mean loss over this rank's micro-batches (0-d; not averaged over ranks)."""
     grad_norm: torch.Tensor | float | None
     """Global gradient norm before clipping (None when the engine measured none)."""
-    skipped: bool
-    """The update was not applied (inf/NaN gradient norm): weights, optimizer and schedule unchanged."""
+    skipped: torch.Tensor
+    """0-d bool: the update was not applied (inf/NaN gradient norm): weights, optimizer and schedule
+    unchanged. Decided on the device (engine/on_device.py); read it with the losses, not every step."""
     moe: torch.Tensor | None = None
     """Mixture of experts: this rank's router numbers for the step (moe.RouterStats.take); None when dense."""
     objectives: torch.Tensor | None = None
@@ -82,13 +85,14 @@ class TrainEngine:
         self._ds.eval()
 
     @property
-    def lr(self) -> float:
-        """The learning rate the next step uses (the schedule advances inside a step)."""
-        return self._ds.get_lr()[0]
+    def lr(self) -> torch.Tensor:
+        """The learning rate the next step uses, 0-d on the device (the schedule advances inside a step)."""
+        return self._ds.lr_scheduler.lr.clone()
 
     @property
     def skipped_steps(self) -> int:
-        return self._ds.skipped_steps
+        """Steps whose update was not applied (reads the device)."""
+        return state.skipped_steps(self._ds)
 
     @property
     def global_steps(self) -> int:
@@ -98,7 +102,7 @@ class TrainEngine:
         """One optimizer step over this rank's micro-batches: `loss_fn(self, batch)` -> 0-d loss for each,
         backward, and the update at the accumulation boundary (DeepSpeed divides by the accumulation
         count). `probe` (memory.FirstStepProbe) measures the first step's memory."""
-        skipped_before = self._ds.skipped_steps
+        applied_before = self._ds.lr_scheduler.applied.clone()
         device = micro_batches[0].tokens.device
         total = torch.zeros((), device=device)
         if self.router_stats is not None:  # the aux losses' backward factor: the LM loss's (moe.py 1)
@@ -119,7 +123,7 @@ class TrainEngine:
             moe.update_expert_bias(self._ds.module)
             stats = self.router_stats.take(len(micro_batches))
         return StepResult(loss=total / len(micro_batches), grad_norm=self._ds.get_global_grad_norm(),
-                          skipped=self._ds.skipped_steps > skipped_before, moe=stats)
+                          skipped=self._ds.lr_scheduler.applied == applied_before, moe=stats)
 
     def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""

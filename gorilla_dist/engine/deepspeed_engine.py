@@ -1,8 +1,10 @@
 """Building the DeepSpeed engine, and the adaptations of DeepSpeed our training relies on (written
 against DeepSpeed 0.19.8, see versions.py), each named:
 
-1. `_skip_nonfinite_fp32_steps`: fp32 ZeRO-0 skips a step whose gradient norm is inf/NaN, as every
-   other DeepSpeed optimizer path does (replaces `engine.clip_fp32_gradients` and `optimizer.step`).
+1. `_measure_fp32_norm`: fp32 ZeRO-0 keeps the gradient norm (replaces `engine.clip_fp32_gradients`
+   and wraps `optimizer.step`), so that a step whose norm is inf/NaN is skipped as on every other path.
+5. `on_device.decide_on_device`: the skip decision and the LR schedule stay on the device (fused AdamW's
+   `found_inf`, a table indexed by a device step counter) instead of DeepSpeed's host reads.
 2. `_undo_unfused_init_step`: undoes the zero-gradient AdamW step DeepSpeed's FP16_UnfusedOptimizer
    (bf16/fp16 at ZeRO-0) takes at start.
 3. bf16 at ZeRO-1 accumulates gradients in fp32 (`data_types.grad_accum_dtype`; a config choice).
@@ -11,11 +13,10 @@ against DeepSpeed 0.19.8, see versions.py), each named:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gorilla_dist.config import grad_accum_steps
+from gorilla_dist.engine.on_device import DeviceSchedule, decide_on_device
 from gorilla_dist.engine.state import unfused_masters
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.optim import lr_at, param_groups
@@ -92,13 +93,16 @@ def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, pr
     o = optim
     config = deepspeed_config(optim=optim, train=train, zero_stage=zero_stage, precision=precision, dp=layout.dp)
     with deepspeed_expert_groups(model, layout.ep):
+        # fused: one multi-tensor kernel per parameter group, and no host read of the step count (torch's
+        # per-parameter AdamW reads each parameter's step with .item(): a host sync per parameter)
         optimizer = torch.optim.AdamW(optimizer_groups(param_groups(model, o.weight_decay)), lr=o.lr,
-                                      betas=(o.beta1, o.beta2), eps=o.eps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_at(step, o, train.max_steps) / o.lr if o.lr else 0.0)  # lr=0: frozen
+                                      betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        schedule = DeviceSchedule(optimizer, [lr_at(step, o, train.max_steps) for step in range(train.max_steps + 1)],
+                                  layout.device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=config, mpu=MegatronMPU())
-    _skip_nonfinite_fp32_steps(engine)
+    decide_on_device(engine, schedule)
+    _measure_fp32_norm(engine)
     _undo_unfused_init_step(engine)
     if layout.dp == 1 and zero_stage == 0:
         # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
@@ -107,17 +111,17 @@ def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, pr
     return engine
 
 
-def _skip_nonfinite_fp32_steps(engine) -> None:
-    """DeepSpeed's ZeRO and bf16/fp16 optimizers skip a step whose gradient norm is inf/NaN (no update,
-    no LR-schedule advance, `engine.skipped_steps` += 1). Its fp32 ZeRO-0 path hands the gradients
-    straight to the torch optimizer instead, and clips with `clip_grad_norm_` but drops the norm it
-    returns (so `get_global_grad_norm()` stays None). Here that path behaves like the others: the norm
-    is kept (same clipping call, same mpu), and a non-finite one skips the optimizer step through the
-    `overflow` flag the engine reads after every step (engine.py `_take_model_step`)."""
+def _measure_fp32_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 path hands the gradients straight to the torch optimizer, and clips with
+    `clip_grad_norm_` but drops the norm it returns (so `get_global_grad_norm()` stays None). Here the
+    norm is kept (same clipping, on the device, no host read), also when nothing is clipped, so that
+    on_device skips a step whose norm is inf/NaN as DeepSpeed's other optimizers do. The `overflow`
+    flag the engine reads after every step (engine.py `_take_model_step`) stays False: the device
+    decides."""
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
         return
     optimizer = engine.optimizer
-    torch_step = optimizer.step
+    torch_step = optimizer.step  # on_device's: sets found_inf from engine._global_grad_norm
     optimizer.overflow = False
 
     def record_norm(max_norm: float) -> None:
@@ -125,20 +129,16 @@ def _skip_nonfinite_fp32_steps(engine) -> None:
         norm = global_grad_norm(params)
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for p in params:
-                p.grad.mul_(coef)
+            torch._foreach_mul_([p.grad for p in params], coef)
         engine._global_grad_norm = norm
 
-    def guarded_step(closure=None):
+    def step(closure=None):
         if engine.gradient_clipping() <= 0:  # not clipped, so no norm yet: measure without clipping
             record_norm(float("inf"))
-        optimizer.overflow = not math.isfinite(float(engine._global_grad_norm))
-        if not optimizer.overflow:
-            return torch_step(closure)
-        return None
+        return torch_step(closure)
 
     engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
-    optimizer.step = guarded_step
+    optimizer.step = step
 
 
 def global_grad_norm(params) -> torch.Tensor:
@@ -153,14 +153,15 @@ def global_grad_norm(params) -> torch.Tensor:
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     device = params[0].grad.device if params else torch.device("cpu")  # sums stay where the gradients are
-    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
-    for p in params:
-        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
-            square = p.grad.detach().float().pow(2).sum()
-            if is_expert_parallel(p):
-                expert = expert + square
-            else:
-                dense = dense + square
+    counted = [p for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+
+    def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:  # one multi-tensor kernel, not one per tensor
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.stack(torch._foreach_norm([g.detach().float() for g in grads])).pow(2).sum()
+
+    dense = sum_of_squares([p.grad for p in counted if not is_expert_parallel(p)])
+    expert = sum_of_squares([p.grad for p in counted if is_expert_parallel(p)])
     if dist.is_initialized():
         if ps.get_expert_model_parallel_world_size() > 1:
             dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())

@@ -203,12 +203,19 @@ def schedule_state(engine) -> dict:
     schedule, DeepSpeed's step counters and (fp16) its loss scaler."""
     scaler = _loss_scaler(engine)
     return {"optimizer_step": optimizer_step_count(engine),
-            "lr_schedule": engine.lr_scheduler.state_dict(),  # LambdaLR: numbers (its lambda is not saved)
-            "engine": {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS},
+            "lr_schedule": engine.lr_scheduler.state_dict(),  # as LambdaLR's numbers (on_device.DeviceSchedule)
+            "engine": {k: skipped_steps(engine) if k == "skipped_steps" else int(getattr(engine, k))
+                       for k in ENGINE_COUNTERS},
             "loss_scaler": {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)} if scaler else None}
 
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def skipped_steps(engine) -> int:
+    """Steps whose update was not applied: DeepSpeed counts every step, the schedule the applied ones
+    (DeepSpeed's own `skipped_steps` misses the steps skipped on the device, see on_device.py)."""
+    return int(engine.global_steps) - int(engine.lr_scheduler.applied)
 SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
@@ -249,7 +256,7 @@ def _link_optimizer_state(engine) -> None:
     for p in masters:
         state = basic.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)  # fused AdamW: on p's device
             for key in MOMENTS:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
     lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
@@ -294,16 +301,9 @@ def load_full_state(engine, weights, moments, schedule: dict, *, fresh=frozenset
             for key, value in local_moments.items():
                 state[key] = value.to(p.device, p.dtype).clone()
     load_trained_buffers(module, get_w)
-    for state in basic.state.values():
-        state["step"] = torch.tensor(float(schedule["optimizer_step"]), dtype=torch.float32)
-    # One schedule for every parameter group; the number of groups depends on the layout (expert
-    # parallelism gives experts groups of their own), so the per-group lists are refilled to fit.
-    lr_schedule = dict(schedule["lr_schedule"])
-    for key in ("base_lrs", "_last_lr"):
-        lr_schedule[key] = [lr_schedule[key][0]] * len(basic.param_groups)
-    engine.lr_scheduler.load_state_dict(lr_schedule)
-    for group in basic.param_groups:
-        group["lr"] = lr_schedule["_last_lr"][0]  # the schedule sets it only when it next steps; this step needs it now
+    for master, state in basic.state.items():
+        state["step"] = torch.tensor(float(schedule["optimizer_step"]), dtype=torch.float32, device=master.device)
+    engine.lr_scheduler.load_state_dict(schedule["lr_schedule"])  # the applied steps, so the next step's LR
     for key, value in schedule["engine"].items():
         setattr(engine, key, value)
     scaler = _loss_scaler(engine)

@@ -92,7 +92,7 @@ class Objectives:
         for o in self.items:
             rows = self.rows(batch, o)
             if o.name in LM:
-                out.append(batch.loss_mask[rows].sum())
+                out.append((batch.loss_mask * rows[:, None]).sum())  # (a boolean index would read the device)
             elif self.by_label(o):
                 out.append(labelled(batch, rows).sum().float())
             else:

@@ -1,0 +1,47 @@
+"""Host syncs: the counter sees each kind of sync with its call site, and a training step reads nothing
+back to the host between log intervals, for fp32/bf16 x ZeRO 0-3 (engine/on_device.py)."""
+
+import pytest
+import torch
+from test_nonfinite import batch, make_engine
+
+from gorilla_dist.engine.syncs import SyncCounter
+from gorilla_dist.optim import lr_at
+from gorilla_dist.train import train_step
+
+
+def test_the_counter_sees_each_kind_of_sync_at_its_call_site():
+    x = torch.arange(6.0) - 2
+    with SyncCounter() as syncs:
+        y = (x * 2).sum()  # device work only
+    assert syncs.total == 0 and syncs.ops >= 2
+    with SyncCounter() as syncs:
+        y.item()
+        float(y)
+        x.tolist()
+        if x[0] > 0:
+            pass
+        x[x > 0]
+        x.nonzero()
+    kinds = sorted(site.split(" @ ")[0] for site in syncs.sites.elements())
+    assert kinds == ["bool_index", "item", "item", "item", "nonzero", "tolist"]
+    assert all("test_syncs.py:" in site and "test_the_counter_sees" in site for site in syncs.sites)
+    assert syncs.total == 6 and "6 host syncs" in syncs.report()
+
+
+@pytest.mark.parametrize("dtype,zero", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 0),
+                                        ("bf16", 1), ("bf16", 2), ("bf16", 3)])
+def test_a_training_step_reads_nothing_back_to_the_host(world1, dtype, zero):
+    """train_step (forward, backward, clipping, the update or its skip, the LR schedule) and the loss,
+    grad norm and skip flag it returns: all on the device. (ZeRO-3 records its module trace, with checks
+    that read the device, during its first two steps: warmed up first.)"""
+    engine, cfg = make_engine(world1, dtype, zero)
+    for seed in range(3):
+        train_step(engine, [batch(seed)])
+    with SyncCounter() as syncs:
+        results = [train_step(engine, [batch(seed)]) for seed in range(3, 5)]
+        lr = engine.lr
+    assert syncs.total == 0, syncs.report()
+    assert all(torch.is_tensor(r.skipped) and not r.skipped for r in results)
+    assert float(lr) == pytest.approx(lr_at(5, cfg.optim, cfg.train.max_steps), rel=1e-6)  # after 5 applied steps
+    assert engine.skipped_steps == 0 and all(torch.isfinite(r.loss) and torch.isfinite(r.grad_norm) for r in results)

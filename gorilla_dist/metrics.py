@@ -86,6 +86,10 @@ class Metrics:
 
             self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc=cfg.run.name)
+        # start-up: process start to the first step (imports, data check, model, engine, resume)
+        (self.bar.write if self.bar is not None else print)(f"[train] start-up {self.startup:.1f} s")
+        if self.wandb is not None:
+            self.wandb.summary["startup_s"] = self.startup
 
     def _init_wandb(self):
         mode = self.cfg.logging.wandb.mode

@@ -10,6 +10,7 @@ from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.config import ObjectiveConfig
 from gorilla_dist.data.loader import build_data
+from gorilla_dist.dtypes import precision_notice
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
 from gorilla_dist.errors import UserError
 from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init, resolve_labels
@@ -169,6 +170,9 @@ def train(cfg, layout) -> bool:
     resolve_objective_labels(t.objectives, data.label_names)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
+    notice = precision_notice(cfg.precision.dtype, layout.device) if layout.is_main else None
+    if notice:
+        print(notice, flush=True)
     objectives = build_objectives(t.objectives, dp_group(layout))
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
                         seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune,

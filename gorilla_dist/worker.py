@@ -20,14 +20,18 @@ def main(argv: list[str]) -> int:
     quiet_libraries()
     from gorilla_dist.config import check_inputs, load_run_config
     from gorilla_dist.errors import EXIT_PREEMPTED, UserError
-    from gorilla_dist.parallel import describe_comm_failure, init_distributed, teardown
-    from gorilla_dist.train import train
 
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     cfg = None
     try:
         cfg = load_run_config(argv[0])
         check_inputs(cfg)
+        from gorilla_dist.engine.startup import import_megatron
+
+        import_megatron(wandb=cfg.logging.wandb.mode != "disabled")  # before anything else imports it
+        from gorilla_dist.parallel import init_distributed, teardown
+        from gorilla_dist.train import train
+
         layout = init_distributed(cfg.parallel)
         try:
             finished = train(cfg, layout)
@@ -38,6 +42,8 @@ def main(argv: list[str]) -> int:
             print(f"[rank {rank}] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except RuntimeError as err:
+        from gorilla_dist.parallel import describe_comm_failure
+
         message = describe_comm_failure(err, int(rank), cfg.parallel.timeout_s) if cfg is not None else None
         if message is None:
             raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from gorilla_dist.config import grad_accum_steps
-from gorilla_dist.engine.on_device import DeviceSchedule, decide_on_device
+from gorilla_dist.engine.on_device import DeviceSchedule, decide_on_device, global_grad_norm
 from gorilla_dist.engine.state import unfused_masters
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.optim import lr_at, param_groups
@@ -139,37 +139,6 @@ def _measure_fp32_norm(engine) -> None:
 
     engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
     optimizer.step = step
-
-
-def global_grad_norm(params) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient: each tensor-parallel shard counted once (a tensor that
-    is not split, once per TP group), and expert-parallel experts summed over their expert-parallel group,
-    whose ranks hold different experts. (DeepSpeed's clip_grad_norm_ averages the ranks' norms over the
-    data-parallel group instead, which is not the norm once ranks hold different experts.)"""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from gorilla_dist.engine.moe import is_expert_parallel
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    device = params[0].grad.device if params else torch.device("cpu")  # sums stay where the gradients are
-    counted = [p for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
-
-    def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:  # one multi-tensor kernel, not one per tensor
-        if not grads:
-            return torch.zeros((), device=device)
-        return torch.stack(torch._foreach_norm([g.detach().float() for g in grads])).pow(2).sum()
-
-    dense = sum_of_squares([p.grad for p in counted if not is_expert_parallel(p)])
-    expert = sum_of_squares([p.grad for p in counted if is_expert_parallel(p)])
-    if dist.is_initialized():
-        if ps.get_expert_model_parallel_world_size() > 1:
-            dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
-        total = dense + expert
-        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
-    else:
-        total = dense + expert
-    return total.sqrt()
 
 
 def _undo_unfused_init_step(engine) -> None:

@@ -146,11 +146,9 @@ def _clip_on_device(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps
 
 def _unfused_bf16_step(engine, optimizer) -> bool:
     """FP16_UnfusedOptimizer.step for bf16 (no loss scale), on the device: the global gradient norm
-    (engine.deepspeed_engine.global_grad_norm: TP shards once, experts over their group), the fp32 master
+    (global_grad_norm: TP shards once, experts over their group), the fp32 master
     gradients, clipping by min(clip / (norm + 1e-6), 1), AdamW (which skips a non-finite norm through
     found_inf), and the bf16 weights copied from the masters."""
-    from gorilla_dist.engine.deepspeed_engine import global_grad_norm
-
     lows = [p for group in optimizer.fp16_groups for p in group]
     highs = [p for group in optimizer.fp32_groups for p in group]
     norm = global_grad_norm([p for p in lows if p.grad is not None])
@@ -167,3 +165,34 @@ def _unfused_bf16_step(engine, optimizer) -> bool:
     with torch.no_grad():  # the bf16 weights (leaves that require grad)
         torch._foreach_copy_(lows, highs)
     return False
+
+
+def global_grad_norm(params) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient: each tensor-parallel shard counted once (a tensor that
+    is not split, once per TP group), and expert-parallel experts summed over their expert-parallel group,
+    whose ranks hold different experts. (DeepSpeed's clip_grad_norm_ averages the ranks' norms over the
+    data-parallel group instead, which is not the norm once ranks hold different experts.)"""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from gorilla_dist.engine.moe import is_expert_parallel
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    device = params[0].grad.device if params else torch.device("cpu")  # sums stay where the gradients are
+    counted = [p for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+
+    def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:  # one multi-tensor kernel, not one per tensor
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.stack(torch._foreach_norm([g.detach().float() for g in grads])).pow(2).sum()
+
+    dense = sum_of_squares([p.grad for p in counted if not is_expert_parallel(p)])
+    expert = sum_of_squares([p.grad for p in counted if is_expert_parallel(p)])
+    if dist.is_initialized():
+        if ps.get_expert_model_parallel_world_size() > 1:
+            dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
+        total = dense + expert
+        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+    else:
+        total = dense + expert
+    return total.sqrt()

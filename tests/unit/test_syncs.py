@@ -1,10 +1,11 @@
 """Host syncs: the counter sees each kind of sync with its call site, and a training step reads nothing
-back to the host between log intervals, for fp32/bf16 x ZeRO 0-3 (engine/on_device.py)."""
+back to the host between log intervals, for fp32/bf16 x ZeRO 0-3 (engine/on_device.py); emulated bf16 is announced."""
 
 import pytest
 import torch
 from test_nonfinite import batch, make_engine
 
+from gorilla_dist.dtypes import matmul_speed_ratio, precision_notice
 from gorilla_dist.engine.syncs import SyncCounter
 from gorilla_dist.optim import lr_at
 from gorilla_dist.train import train_step
@@ -45,3 +46,13 @@ def test_a_training_step_reads_nothing_back_to_the_host(world1, dtype, zero):
     assert all(torch.is_tensor(r.skipped) and not r.skipped for r in results)
     assert float(lr) == pytest.approx(lr_at(5, cfg.optim, cfg.train.max_steps), rel=1e-6)  # after 5 applied steps
     assert engine.skipped_steps == 0 and all(torch.isfinite(r.loss) and torch.isfinite(r.grad_norm) for r in results)
+
+
+def test_emulated_bf16_is_announced_with_the_measured_ratio():
+    cpu = torch.device("cpu")
+    line = precision_notice("bf16", cpu, ratio=lambda dtype, device: 0.02)
+    assert "0.02x the speed of fp32" in line and "precision=fp32 will train faster" in line
+    assert precision_notice("bf16", cpu, ratio=lambda dtype, device: 2.3) is None  # native: nothing to say
+    assert precision_notice("fp32", cpu, ratio=lambda dtype, device: 0.0) is None
+    assert precision_notice("bf16", torch.device("cuda"), ratio=lambda dtype, device: 0.0) is None
+    assert matmul_speed_ratio("bf16", cpu, n=32, reps=1) > 0  # the real measurement runs

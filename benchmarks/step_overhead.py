@@ -84,6 +84,7 @@ def _cfg(dtype: str, zero: int, size: str = "tiny"):
     cfg = OmegaConf.structured(Config)
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(REPO / f"conf/model/{size}.yaml"))
     cfg.precision.dtype, cfg.parallel.zero_stage = dtype, zero
+    cfg.train.global_batch_size = cfg.train.micro_batch_size = 12  # the default run's batch, one process
     return cfg
 
 

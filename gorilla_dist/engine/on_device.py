@@ -12,8 +12,9 @@ backward pass, every step. Here the decision stays on the device, for the optimi
   device counter of *applied* steps, so a skipped step does not advance the schedule, without the host
   knowing that it was skipped. The learning rate in the param groups is that 0-d tensor.
 - DeepSpeed's own host checks are turned off where the device decides: its ZeRO-1/2, ZeRO-3 and BF16
-  (bf16 at ZeRO-1) optimizers read `is_invalid_grad_norm(norm)` (a `bool(tensor)`); for a tensor that now
-  answers False, and the fused kernel skips instead. ZeRO-1/2's separate gradient overflow scan
+  (bf16 at ZeRO-1) optimizers read `is_invalid_grad_norm(norm)` (a `bool(tensor)`); while an optimizer
+  adapted here steps, that answers False for a tensor, and the fused kernel skips instead (other
+  DeepSpeed engines in the same process see DeepSpeed's own function). ZeRO-1/2's separate gradient overflow scan
   (`check_grad_overflow`, one `.item()` per step) is off: the norm sees the same inf/NaN. The BF16
   optimizer's clipping (`clip_tensors_by_global_norm`: `if clip_coef < 1` reads the device) becomes a
   multiply by min(coef, 1) (x * 1.0 is x exactly, so the numbers are the same).
@@ -28,11 +29,16 @@ A step was skipped iff the counter did not advance (`TrainEngine.step` compares 
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 # DeepSpeed modules whose host check of the gradient norm the device decision replaces
 _HOST_CHECKS = ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
                 "deepspeed.runtime.bf16_optimizer")
+_DECIDING = contextvars.ContextVar("gorilla_dist_on_device", default=False)
+"""True while an optimizer adapted here steps: the replaced module functions act only then, so any other
+DeepSpeed engine in the process behaves exactly as DeepSpeed wrote it."""
 
 def invalid(norm: torch.Tensor) -> torch.Tensor:
     """0-d float: 1.0 when the norm is inf, NaN or negative (DeepSpeed's sentinel for a non-finite group
@@ -109,10 +115,20 @@ def decide_on_device(engine, schedule: DeviceSchedule) -> None:
             if module is not None and not getattr(module.is_invalid_grad_norm, "on_device", False):
                 module.is_invalid_grad_norm = _on_device_check(module.is_invalid_grad_norm)
         bf16_module = sys.modules.get("deepspeed.runtime.bf16_optimizer")
-        if bf16_module is not None:
-            bf16_module.clip_tensors_by_global_norm = _clip_on_device
+        if bf16_module is not None and not getattr(bf16_module.clip_tensors_by_global_norm, "on_device", False):
+            bf16_module.clip_tensors_by_global_norm = _clip_on_device(bf16_module.clip_tensors_by_global_norm)
         if hasattr(optimizer, "check_grad_overflow"):
             optimizer.check_grad_overflow = False
+        deepspeed_step = optimizer.step
+
+        def deciding_step(*args, **kwargs):
+            token = _DECIDING.set(True)
+            try:
+                return deepspeed_step(*args, **kwargs)
+            finally:
+                _DECIDING.reset(token)
+
+        optimizer.step = deciding_step
     elif unfused_masters(engine):
         optimizer.step = lambda closure=None: _unfused_bf16_step(engine, optimizer)
     torch_step = basic.step
@@ -128,7 +144,7 @@ def decide_on_device(engine, schedule: DeviceSchedule) -> None:
 
 def _on_device_check(host_check):
     def check(norm):
-        if torch.is_tensor(norm):
+        if torch.is_tensor(norm) and _DECIDING.get():
             return False  # decided on the device (found_inf), see gorilla_dist/engine/on_device.py
         return host_check(norm)
 
@@ -136,12 +152,19 @@ def _on_device_check(host_check):
     return check
 
 
-def _clip_on_device(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps=1e-6):
+def _clip_on_device(host_clip):
     """DeepSpeed's `clip_tensors_by_global_norm` with the norm given (as the BF16 optimizer calls it),
     without reading it: multiply by min(max_norm / (norm + eps), 1)."""
-    coef = torch.clamp(max_norm / (global_norm + eps), max=1.0)
-    torch._foreach_mul_([t.detach() for t in input_tensors], coef)
-    return global_norm
+
+    def clip(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps=1e-6):
+        if global_norm is None or not _DECIDING.get():
+            return host_clip(input_tensors, max_norm=max_norm, global_norm=global_norm, mpu=mpu, eps=eps)
+        coef = torch.clamp(max_norm / (global_norm + eps), max=1.0)
+        torch._foreach_mul_([t.detach() for t in input_tensors], coef)
+        return global_norm
+
+    clip.on_device = True
+    return clip
 
 
 def _unfused_bf16_step(engine, optimizer) -> bool:

@@ -456,6 +456,11 @@ class LoggingConfig:
     plot: bool = True
     """At the end of a run draw run.dir/plot.png (python -m gorilla_dist.plot). The run's summary
     (run.dir/summary.json) is written either way, after a stop too."""
+    count_syncs: bool = False
+    """Count the host syncs (points where the host waits for a value from the device: .item(), .cpu(),
+    a data-dependent shape) of the training steps between log intervals, by call site, into
+    run.dir/summary.json `host_syncs`. None are expected; a diagnostic for a GPU that idles between
+    kernels. It slows the counted steps (every operation is intercepted)."""
 
 
 @dataclass

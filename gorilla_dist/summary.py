@@ -69,8 +69,8 @@ def summarize(rows: list[dict], *, tokens_per_step: int, max_steps: int) -> dict
     return out
 
 
-def write_summary(cfg, wall_s: dict[str, float]) -> dict:
-    """Write run.dir/summary.json (rank 0); returns it."""
+def write_summary(cfg, wall_s: dict[str, float], *, host_syncs: dict | None = None) -> dict:
+    """Write run.dir/summary.json (rank 0); returns it. `host_syncs`: logging.count_syncs's report."""
     from gorilla_dist.files import write_text_atomic
     from gorilla_dist.plot import read_metrics
 
@@ -82,5 +82,7 @@ def write_summary(cfg, wall_s: dict[str, float]) -> dict:
     summary.update(wall_s={k: round(v, 3) for k, v in wall_s.items()}, git_commit=git_commit(),
                    overrides=json.loads(overrides.read_text()) if overrides.is_file() else None,
                    written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if host_syncs is not None:
+        summary["host_syncs"] = host_syncs
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

@@ -12,6 +12,7 @@ from gorilla_dist.config import ObjectiveConfig
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.dtypes import precision_notice
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
+from gorilla_dist.engine.syncs import LoopSyncs
 from gorilla_dist.errors import UserError
 from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init, resolve_labels
 from gorilla_dist.inference import caches, sample
@@ -141,7 +142,7 @@ class NonFiniteGuard:
             self.check(row["step"], bool(row.get("skipped")))
 
 
-def finish(cfg, metrics: Metrics, layout, *, picture: bool = True) -> None:
+def finish(cfg, metrics: Metrics, layout, *, picture: bool = True, host_syncs: dict | None = None) -> None:
     """Rank 0, at the end of a run or after a stop: run.dir/summary.json, and at the end run.dir/plot.png
     (logging.plot; not after a stop, whose grace period is short). A picture that cannot be drawn is
     reported, never fatal: the run itself is done."""
@@ -149,7 +150,7 @@ def finish(cfg, metrics: Metrics, layout, *, picture: bool = True) -> None:
         return
     from gorilla_dist.summary import write_summary
 
-    write_summary(cfg, metrics.wall_s())
+    write_summary(cfg, metrics.wall_s(), host_syncs=host_syncs)
     if cfg.logging.plot and picture:
         from gorilla_dist.errors import UserError
         from gorilla_dist.plot import load_run, plot
@@ -206,24 +207,29 @@ def train(cfg, layout) -> bool:
                       router_stats=engine.router_stats, on_flush=guard.check_rows)
     metrics.memory("start", step, gather_ranks(engine.state_bytes(), layout))
     probe = FirstStepProbe(engine, layout.device)
+    syncs = LoopSyncs(cfg.logging.count_syncs, step)
     stopping = False
     while step < t.max_steps and not stopping:
-        lr = engine.lr  # the rate this step uses (the schedule advances inside the step)
-        result = train_step(engine, data.next_train_batches(), layout, objectives=objectives,
-                            poison=faults.hit("loss", step=step + 1, rank=layout.rank), probe=probe)
-        step += 1
-        if probe is not None:
-            metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
-            probe = None
-        metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe,
-                     objectives=result.objectives)  # reads them every log_interval steps (and the guard)
-        faults.hit("step", step=step, rank=layout.rank)
-        last = step == t.max_steps
+        n = step + 1
+        quiet = n % t.log_interval and n != t.max_steps and not ckpt.due(n, False) and not (
+            t.eval_interval and n % t.eval_interval == 0)
+        with syncs.counting(n, quiet):  # logging.count_syncs: the host syncs of quiet steps (none expected)
+            lr = engine.lr  # the rate this step uses (the schedule advances inside the step)
+            result = train_step(engine, data.next_train_batches(), layout, objectives=objectives,
+                                poison=faults.hit("loss", step=n, rank=layout.rank), probe=probe)
+            step = n
+            if probe is not None:
+                metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
+                probe = None
+            metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe,
+                         objectives=result.objectives)  # reads them every log_interval steps (and the guard)
+            faults.hit("step", step=step, rank=layout.rank)
+            last = step == t.max_steps
+            stopping = signals.agreed(step, last)  # asks the other ranks every log_interval steps
         if t.eval_interval and (step % t.eval_interval == 0 or last):
             with metrics.paused("eval"):
                 values = evaluate(engine, data, t.eval_batches, layout, objectives)
             metrics.eval(step, values)
-        stopping = signals.agreed(step, last)
         if ckpt.due(step, last) or stopping:
             with metrics.paused("checkpoint"):
                 ckpt.save(step, engine, data.state_dict())
@@ -239,7 +245,7 @@ def train(cfg, layout) -> bool:
         return False
     signals.close()
     metrics.close()
-    finish(cfg, metrics, layout)
+    finish(cfg, metrics, layout, host_syncs=syncs.report())
 
     if t.sample_tokens and cfg.finetune.head == "none":
         text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,

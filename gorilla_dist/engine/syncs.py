@@ -39,17 +39,26 @@ SYNC_OPS = {
 # Python tensor methods that read memory without an aten op on a CPU tensor (on a GPU they copy to host)
 SYNC_METHODS = {torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy"}
 
+# Reads the counter cannot tell from syncs on a CPU (where every tensor is a host tensor) but that read
+# a tensor made on the host on any device, so a GPU never waits: "file function" -> why. Counted apart.
+HOST_ONLY = {
+    "megatron/core/transformer/attention.py custom_forward":
+        "selective recompute passes the mask type through checkpoint() as torch.tensor([value]) (made on the "
+        "host, no device) and reads it back with .item()",
+}
+
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _HERE = str(Path(__file__))
 
 
-def _call_site() -> str:
-    """'path:line function' of the innermost frame that is neither torch nor this module."""
+def _call_site() -> tuple[str, str]:
+    """('path:line function', 'path function') of the innermost frame that is neither torch nor this module."""
     for frame in reversed(traceback.extract_stack()):
         if frame.filename.startswith(_TORCH_DIR) or frame.filename == _HERE:
             continue
-        return f"{_short(frame.filename)}:{frame.lineno} {frame.name}"
-    return "?"
+        path = _short(frame.filename)
+        return f"{path}:{frame.lineno} {frame.name}", f"{path} {frame.name}"
+    return "?", "?"
 
 
 def _short(path: str) -> str:
@@ -107,17 +116,22 @@ class _Function(TorchFunctionMode):
 class SyncCounter:
     """Counts host syncs (by call site) and aten operations inside a `with` block.
 
-    `total`: syncs; `sites`: Counter of "kind @ file:line function"; `ops`: aten operations run.
-    `per(n)`: the report divided by n steps. Not thread-safe; one counter at a time."""
+    `total`: syncs; `sites`: Counter of "kind @ file:line function"; `ops`: aten operations run;
+    `host_only`: reads at the HOST_ONLY sites (not syncs on any device). Not thread-safe; one counter at a
+    time."""
 
     def __init__(self):
-        self.total, self.ops = 0, 0
+        self.total, self.ops, self.host_only = 0, 0, 0
         self.sites: collections.Counter[str] = collections.Counter()
         self._modes = (_Function(self), _Dispatch(self))
 
     def record(self, kind: str) -> None:
+        site, where = _call_site()
+        if where in HOST_ONLY:
+            self.host_only += 1
+            return
         self.total += 1
-        self.sites[f"{kind} @ {_call_site()}"] += 1
+        self.sites[f"{kind} @ {site}"] += 1
 
     def __enter__(self) -> SyncCounter:
         for mode in self._modes:
@@ -134,6 +148,33 @@ class SyncCounter:
         for site, n in self.sites.most_common(top):
             lines.append(f"  {n / steps:g}  {site}")
         return "\n".join(lines)
+
+
+class LoopSyncs:
+    """logging.count_syncs: the host syncs of the training loop's quiet steps (no log, evaluation or
+    checkpoint at their end; after the first `warmup` steps, which measure memory and let ZeRO-3
+    record its trace), for summary.json: where a GPU would wait for the host. Off: costs nothing."""
+
+    def __init__(self, enabled: bool, first_step: int, warmup: int = 3):
+        self.counter = SyncCounter() if enabled else None
+        self.after, self.steps = first_step + warmup, 0
+
+    def counting(self, step: int, quiet: bool):
+        """Context for the loop body of step `step` (1-based); counts when enabled and `quiet`."""
+        from contextlib import nullcontext
+
+        if self.counter is None or not quiet or step <= self.after:
+            return nullcontext()
+        self.steps += 1
+        return self.counter
+
+    def report(self) -> dict | None:
+        if self.counter is None:
+            return None
+        n = max(self.steps, 1)
+        return {"steps_counted": self.steps, "per_step": self.counter.total / n, "ops_per_step": self.counter.ops / n,
+                "host_only_reads_per_step": self.counter.host_only / n,
+                "sites": {site: count / n for site, count in self.counter.sites.most_common(20)}}
 
 
 if __name__ == "__main__":  # a quick look: python -m gorilla_dist.engine.syncs

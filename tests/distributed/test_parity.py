@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "losses_debug_20.json"
 
-STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0"]
+STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0", "logging.count_syncs=true"]
 
 
 def ranks(n: int, launcher: str = "torchrun") -> list[str]:
@@ -74,6 +74,14 @@ def golden():
     return dict(enumerate(json.loads(GOLDEN.read_text())["losses"], start=1))
 
 
+def assert_no_host_syncs(run) -> None:
+    """logging.count_syncs: the steps between log intervals read nothing back to the host, on any layout
+    (engine/on_device.py, metrics.py, stopping.py): the loss, grad norm, skip flag and the ranks' stop
+    agreement are read once per log interval."""
+    report = json.loads((run / "summary.json").read_text())["host_syncs"]
+    assert report["steps_counted"] >= 5 and report["per_step"] == 0, report
+
+
 def assert_close(a: dict, b: dict, tol: float, steps=range(1, 21)):
     """a (a run's losses, exactly `steps`) equals b (a reference) over those steps within tol."""
     assert sorted(a) == list(steps)
@@ -104,6 +112,7 @@ def test_layout_matches_single_process_and_golden(tmp_path, single_run, single, 
         assert f"{launcher}: {world} worker(s)" in out
     assert_close(losses(run), single, 1e-5)
     assert_close(losses(run), golden, 1e-4)
+    assert_no_host_syncs(run)
     # the gradient norm before clipping too: clipped at 1.0, a wrong TP norm would not show in the losses
     assert_close(grad_norms(run), grad_norms(single_run), 1e-4)
     # every rank reported its memory at start and after the first step
@@ -186,6 +195,7 @@ def test_checkpoint_from_dp2xtp2_zero3_resumes_under_another_layout(tmp_path, fo
     out = check(launch(run, *STEPS, f"checkpoint.resume={four_rank_checkpoint}", *overrides))
     assert "was written with world=4 tp=2 zero_stage=3 precision=fp32" in out
     got = losses(run)
+    assert_no_host_syncs(run)
     if "bf16" in name:
         bf16_twin = request.getfixturevalue("bf16_twin")
         # bf16 weights round the fp32 masters to 8 significant bits, so the reference is a bf16 twin: the same

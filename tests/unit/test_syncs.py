@@ -56,3 +56,20 @@ def test_emulated_bf16_is_announced_with_the_measured_ratio():
     assert precision_notice("fp32", cpu, ratio=lambda dtype, device: 0.0) is None
     assert precision_notice("bf16", torch.device("cuda"), ratio=lambda dtype, device: 0.0) is None
     assert matmul_speed_ratio("bf16", cpu, n=32, reps=1) > 0  # the real measurement runs
+
+
+def test_the_loop_counts_only_quiet_steps_after_warm_up():
+    from gorilla_dist.engine.syncs import LoopSyncs
+
+    x = torch.ones(3)
+    loop = LoopSyncs(True, first_step=10, warmup=3)
+    for step, quiet in ((11, True), (13, True), (14, False), (15, True), (16, True)):
+        with loop.counting(step, quiet):
+            x.sum().item()
+    report = loop.report()
+    assert report["steps_counted"] == 2 and report["per_step"] == 1.0  # steps 15 and 16
+    assert list(report["sites"]) == [next(iter(report["sites"]))] and "test_syncs.py" in next(iter(report["sites"]))
+    off = LoopSyncs(False, first_step=0)
+    with off.counting(5, True):
+        x.sum().item()
+    assert off.report() is None

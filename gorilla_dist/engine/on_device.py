@@ -14,8 +14,8 @@ backward pass, every step. Here the decision stays on the device, for the optimi
 - DeepSpeed's own host checks are turned off where the device decides: its ZeRO-1/2, ZeRO-3 and BF16
   (bf16 at ZeRO-1) optimizers read `is_invalid_grad_norm(norm)` (a `bool(tensor)`); while an optimizer
   adapted here steps, that answers False for a tensor, and the fused kernel skips instead (other
-  DeepSpeed engines in the same process see DeepSpeed's own function). ZeRO-1/2's separate gradient overflow scan
-  (`check_grad_overflow`, one `.item()` per step) is off: the norm sees the same inf/NaN. The BF16
+  DeepSpeed engines in the same process see DeepSpeed's own function). ZeRO-1/2's separate gradient
+  overflow scan (`check_grad_overflow`, one `.item()` per step) is off: the norm sees the same inf/NaN. The BF16
   optimizer's clipping (`clip_tensors_by_global_norm`: `if clip_coef < 1` reads the device) becomes a
   multiply by min(coef, 1) (x * 1.0 is x exactly, so the numbers are the same).
 - bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer scans every gradient with `.item()`, reads each
@@ -39,6 +39,7 @@ _HOST_CHECKS = ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.
 _DECIDING = contextvars.ContextVar("gorilla_dist_on_device", default=False)
 """True while an optimizer adapted here steps: the replaced module functions act only then, so any other
 DeepSpeed engine in the process behaves exactly as DeepSpeed wrote it."""
+
 
 def invalid(norm: torch.Tensor) -> torch.Tensor:
     """0-d float: 1.0 when the norm is inf, NaN or negative (DeepSpeed's sentinel for a non-finite group

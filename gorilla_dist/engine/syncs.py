@@ -62,9 +62,13 @@ def _call_site() -> tuple[str, str]:
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "gorilla_dist/", "tests/", "benchmarks/"):
+    """An installed library's path from its package (megatron/core/...), ours from the repository's folder."""
+    for marker in ("site-packages/", "dist-packages/"):
         if marker in path:
-            return path[path.index(marker):].removeprefix("site-packages/")
+            return path[path.index(marker) + len(marker):]
+    for marker in ("gorilla_dist/", "tests/", "benchmarks/"):
+        if marker in path:
+            return path[path.index(marker):]
     return path
 
 

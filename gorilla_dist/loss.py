@@ -43,8 +43,10 @@ def classified(batch) -> torch.Tensor:
 def class_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A model with a classification head (model/head.py): (summed cross entropy over the batch's
     labelled examples (fp32, with gradient), their count, how many the argmax gets right)."""
-    at = classified(batch)
-    scores = model(batch.tokens, batch.position_ids, batch.segments)[at].float()  # (n, num_labels)
-    labels = batch.classes[at]
-    return (F.cross_entropy(scores, labels, reduction="sum"), at.sum().float(),
-            (scores.argmax(-1) == labels).sum().float())
+    at = classified(batch)  # (b, s)
+    scores = model(batch.tokens, batch.position_ids, batch.segments).float()  # (b, s, num_labels)
+    # every position, the unlabelled ones ignored: selecting the labelled ones (scores[at]) would make
+    # the host wait for their number
+    labels = torch.where(at, batch.classes, -100)
+    return (F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100),
+            at.sum().float(), ((scores.argmax(-1) == batch.classes) & at).sum().float())

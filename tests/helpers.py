@@ -57,6 +57,13 @@ def metrics(run_dir: Path, memory: bool = False) -> list[dict]:
     return rows if memory else [r for r in rows if "memory" not in r]
 
 
+def assert_no_host_syncs(run_dir: Path, min_steps: int = 5) -> None:
+    """A run launched with logging.count_syncs=true read nothing back to the host in the steps between its
+    log intervals (engine/on_device.py, metrics.py, stopping.py): summary.json's host_syncs."""
+    report = json.loads((Path(run_dir) / "summary.json").read_text())["host_syncs"]
+    assert report["steps_counted"] >= min_steps and report["per_step"] == 0, report
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import check, launch, losses, metrics
+from helpers import assert_no_host_syncs, check, launch, losses, metrics
 from safetensors.torch import load_file
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "losses_debug_20.json"
@@ -72,14 +72,6 @@ def setting(overrides: list[str], key: str, default: int) -> int:
 @pytest.fixture(scope="module")
 def golden():
     return dict(enumerate(json.loads(GOLDEN.read_text())["losses"], start=1))
-
-
-def assert_no_host_syncs(run) -> None:
-    """logging.count_syncs: the steps between log intervals read nothing back to the host, on any layout
-    (engine/on_device.py, metrics.py, stopping.py): the loss, grad norm, skip flag and the ranks' stop
-    agreement are read once per log interval."""
-    report = json.loads((run / "summary.json").read_text())["host_syncs"]
-    assert report["steps_counted"] >= 5 and report["per_step"] == 0, report
 
 
 def assert_close(a: dict, b: dict, tol: float, steps=range(1, 21)):

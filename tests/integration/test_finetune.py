@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, check, launch, losses, metrics
+from helpers import REPO, assert_no_host_syncs, check, launch, losses, metrics
 from safetensors.torch import load_file
 
 from gorilla_dist.data.loader import bundled_corpus
@@ -140,14 +140,16 @@ def test_a_changed_or_missing_base_is_refused(base, tuned, tmp_path):
 @pytest.fixture(scope="module")
 def lora(base):
     run = base / "lora"
-    check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0", method=LORA))
+    check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0", "logging.count_syncs=true", method=LORA))
     return run
 
 
 def test_lora_learns_and_on_tp2_with_sequence_parallelism_equals_one_process(base, lora, tmp_path):
     run = tmp_path / "tp2-sp"
     check(tune(base, run, "train.max_steps=10", "checkpoint.interval=0", "launch=torchrun", "launch.nproc_per_node=2",
-               "parallel.tp=2", "parallel.sequence_parallel=true", method=LORA))
+               "parallel.tp=2", "parallel.sequence_parallel=true", "logging.count_syncs=true", method=LORA))
+    for r in (lora, run):  # packed instruction examples (segment ids, output-only loss) read nothing per step
+        assert_no_host_syncs(r, min_steps=2)
     one, two = losses(lora), losses(run)
     assert one[10] < one[1] - 0.15  # the adapters learn the task
     assert one.keys() == two.keys() and all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
@@ -350,13 +352,15 @@ def test_a_classification_head_learns_on_tp2_dp2_equals_one_process_evaluates_an
                     "progress=false"], cwd=REPO, check=True, capture_output=True)
     one, four = tmp_path / "one", tmp_path / "four"
     common = [f"data.sources=[{{path: {data}}}]", f"checkpoint.init_from={base / 'base'}", "train.max_steps=8",
-              "checkpoint.interval=0", "train.global_batch_size=8", *HEAD]
+              "checkpoint.interval=0", "train.global_batch_size=8", "logging.count_syncs=true", *HEAD]
     out = check(launch(one, *COMMON, *common))
     assert re.search(r"\[finetune\] freeze: a classification head of 27 classes; 9 of 20 tensors", out), out[:3000]
     check(launch(four, *COMMON, *common, "launch=torchrun", "launch.nproc_per_node=4", "parallel.tp=2",
                  "parallel.sequence_parallel=true"))
     a, b = losses(one), losses(four)
     assert a.keys() == b.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    for run in (one, four):  # the classifier's loss picks its labelled positions without reading the device
+        assert_no_host_syncs(run, min_steps=2)
     va, vb = ([r for r in metrics(run) if "val_accuracy" in r] for run in (one, four))
     assert [r["val_accuracy"] for r in va] == [r["val_accuracy"] for r in vb] and len(va) == 2
     assert va[-1]["val_loss"] < math.log(27) - 0.3  # the head learns (from chance: ln(classes))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -60,20 +59,11 @@ def cpu_header() -> dict:
 # --- syncs -------------------------------------------------------------------------------------------
 
 def _world1():
-    from unittest import mock
-
-    from omegaconf import OmegaConf
-
-    from gorilla_dist.config import ParallelConfig
-    from gorilla_dist.parallel import init_distributed
-    from gorilla_dist.runtime import quiet_libraries, single_process_env
+    from gorilla_dist.parallel import init_single_process
+    from gorilla_dist.runtime import quiet_libraries
 
     quiet_libraries()
-    env = single_process_env()
-    with mock.patch.dict(os.environ, env):
-        layout = init_distributed(OmegaConf.structured(ParallelConfig))
-    os.environ["LOCAL_RANK"] = env["LOCAL_RANK"]
-    return layout
+    return init_single_process()
 
 
 def _cfg(dtype: str, zero: int, size: str = "tiny"):

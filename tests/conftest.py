@@ -24,21 +24,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def world1():
     """torch.distributed (gloo, world 1) + megatron parallel_state with TP=1, for in-process tests."""
-    from unittest import mock
-
-    from omegaconf import OmegaConf
-
-    from gorilla_dist.config import ParallelConfig
-    from gorilla_dist.parallel import init_distributed, teardown
-    from gorilla_dist.runtime import quiet_libraries, single_process_env
+    from gorilla_dist.parallel import init_single_process, teardown
+    from gorilla_dist.runtime import quiet_libraries
 
     quiet_libraries()
     # Scoped: subprocesses started by later tests (launchers, torchrun, sbatch) must not inherit RANK or
-    # MASTER_PORT. LOCAL_RANK stays: DeepSpeed's accelerator reads it at every device lookup, and every
-    # launch backend sets its own.
-    env = single_process_env()
-    with mock.patch.dict(os.environ, env):
-        layout = init_distributed(OmegaConf.structured(ParallelConfig))
-    os.environ["LOCAL_RANK"] = env["LOCAL_RANK"]
+    # MASTER_PORT (init_single_process sets them only while it starts).
+    layout = init_single_process()
     yield layout
     teardown()

@@ -72,6 +72,25 @@ def init_distributed(parallel_cfg) -> ParallelLayout:
                           dp_rank=ps.get_data_parallel_rank(), device=device, ep=parallel_cfg.ep)
 
 
+
+def init_single_process() -> ParallelLayout:
+    """torch.distributed (gloo or nccl, world of one) + megatron parallel_state with the default layout, in
+    this process: in-process tests and benchmarks. RANK, WORLD_SIZE and MASTER_* are set only while it
+    starts (processes started later must not inherit them); LOCAL_RANK stays, because DeepSpeed's
+    accelerator reads it at every device lookup."""
+    from unittest import mock
+
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import ParallelConfig
+    from gorilla_dist.runtime import single_process_env
+
+    env = single_process_env()
+    with mock.patch.dict(os.environ, env):
+        layout = init_distributed(OmegaConf.structured(ParallelConfig))
+    os.environ["LOCAL_RANK"] = env["LOCAL_RANK"]
+    return layout
+
 def on_main(fn, layout: ParallelLayout):
     """Run `fn` on rank 0 only (work that writes or reads shared files once), then make every rank
     agree on how it went: every rank returns rank 0's result (so keep it small and picklable), and a

@@ -209,10 +209,12 @@ def train(cfg, layout) -> bool:
     probe = FirstStepProbe(engine, layout.device)
     syncs = LoopSyncs(cfg.logging.count_syncs, step)
     stopping = False
+    def eval_due(s: int) -> bool:
+        return bool(t.eval_interval) and (s % t.eval_interval == 0 or s == t.max_steps)
+
     while step < t.max_steps and not stopping:
         n = step + 1
-        quiet = n % t.log_interval and n != t.max_steps and not ckpt.due(n, False) and not (
-            t.eval_interval and n % t.eval_interval == 0)
+        quiet = n % t.log_interval and n != t.max_steps and not ckpt.due(n, False) and not eval_due(n)
         with syncs.counting(n, quiet):  # logging.count_syncs: the host syncs of quiet steps (none expected)
             lr = engine.lr  # the rate this step uses (the schedule advances inside the step)
             result = train_step(engine, data.next_train_batches(), layout, objectives=objectives,
@@ -226,7 +228,7 @@ def train(cfg, layout) -> bool:
             faults.hit("step", step=step, rank=layout.rank)
             last = step == t.max_steps
             stopping = signals.agreed(step, last)  # asks the other ranks every log_interval steps
-        if t.eval_interval and (step % t.eval_interval == 0 or last):
+        if eval_due(step):
             with metrics.paused("eval"):
                 values = evaluate(engine, data, t.eval_batches, layout, objectives)
             metrics.eval(step, values)

@@ -86,12 +86,11 @@ class DeviceSchedule:
     get_last_lr = get_lr
 
     def state_dict(self) -> dict:
-        """LambdaLR's numbers (checkpoints written before this class read the same way). Reads the device."""
+        """Where the schedule is, under LambdaLR's names (last_epoch: the applied steps; _last_lr: the next
+        step's LR, for a reader): checkpoints written with LambdaLR load the same way. Reads the device."""
         applied = int(self.applied)
-        lr = float(self.lr)
-        n = len(self.optimizer.param_groups)
-        return {"last_epoch": applied, "_step_count": applied + 1, "base_lrs": [float(self.table[-1])] * n,
-                "_last_lr": [lr] * n}
+        return {"last_epoch": applied, "_step_count": applied + 1,
+                "_last_lr": [float(self.lr)] * len(self.optimizer.param_groups)}
 
     def load_state_dict(self, state: dict) -> None:
         self.applied.fill_(int(state["last_epoch"]))

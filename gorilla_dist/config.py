@@ -209,6 +209,14 @@ class ParallelConfig:
     timeout_s: float = 600.0
     """A collective (all-reduce, broadcast, barrier) that does not complete within this many seconds
     ends the job with a message naming the rank and the operation, instead of hanging forever."""
+    rendezvous_timeout_s: float = 300.0
+    """At start, rank 0 waits this long for every rank to join, the others this long to reach rank 0's
+    address (MASTER_ADDR, or the first node of a Slurm job); then the job ends with a message naming the
+    address and the ranks missing."""
+    socket_ifname: str | None = None
+    """Network interface the ranks talk over (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), e.g. ib0 or eth0,
+    when the host name resolves to the wrong one; a comma-separated list is allowed. None: the address
+    the host name resolves to (gloo), NCCL's own choice."""
 
 
 @dataclass
@@ -469,6 +477,13 @@ class LaunchConfig:
     """local (one process) | torchrun | deepspeed (this node) | slurm (sbatch; see the slurm group)."""
     nproc_per_node: int = 1
     """Worker processes per node (for slurm: tasks per node, one per GPU on GPU nodes)."""
+    nnodes: int = 1
+    """torchrun: nodes taking part. Run the same command on each node (same run.dir, on a filesystem every
+    node sees); they meet at launch.rdzv_endpoint. Node ranks follow the nodes' host names, sorted. For
+    Slurm use slurm.nodes instead."""
+    rdzv_endpoint: str | None = None
+    """torchrun with nnodes > 1: host:port of the rendezvous, the first node's name or address as every
+    node sees it (torchrun's c10d rendezvous; that node hosts it)."""
     master_port: int | None = None
     """Rendezvous port; None picks a free one."""
 
@@ -540,13 +555,15 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
 
 def world_size(cfg) -> int:
     """Ranks the launch starts (all nodes)."""
-    nodes = cfg.slurm.nodes if cfg.launch.backend == "slurm" else 1
+    nodes = {"slurm": cfg.slurm.nodes, "torchrun": cfg.launch.nnodes}.get(cfg.launch.backend, 1)
     return int(cfg.launch.nproc_per_node) * int(nodes)
 
 
 def _world_source(cfg) -> str:
     if cfg.launch.backend == "slurm":
         return f"slurm.nodes({cfg.slurm.nodes}) * launch.nproc_per_node({cfg.launch.nproc_per_node})"
+    if cfg.launch.backend == "torchrun" and cfg.launch.nnodes > 1:
+        return f"launch.nnodes({cfg.launch.nnodes}) * launch.nproc_per_node({cfg.launch.nproc_per_node})"
     return "launch.nproc_per_node"
 
 
@@ -570,6 +587,20 @@ def grad_accum_steps(train, dp: int) -> int:
     return train.global_batch_size // (train.micro_batch_size * dp)
 
 
+def _check_nodes(launch) -> None:
+    if launch.nnodes > 1 and launch.backend != "torchrun":
+        hint = "use slurm.nodes" if launch.backend == "slurm" else "use launch=torchrun (or launch=slurm)"
+        raise ConfigError(f"launch.nnodes={launch.nnodes} is for launch=torchrun, not launch={launch.backend}; "
+                          f"{hint}")
+    if launch.nnodes > 1:
+        endpoint = launch.rdzv_endpoint or ""
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"launch.nnodes={launch.nnodes} needs launch.rdzv_endpoint=<host>:<port> (the first "
+                              f"node's name or address and a free port, the same on every node), got "
+                              f"{launch.rdzv_endpoint!r}")
+
+
 def validate(cfg, world: int | None = None) -> None:
     """Check that the config is consistent (types, ranges, choices, how the keys fit together), before any
     process starts and wherever a run's config is read again. Raises ConfigError naming the key, the
@@ -584,7 +615,8 @@ def validate(cfg, world: int | None = None) -> None:
                        ("launch.nproc_per_node", cfg.launch.nproc_per_node),
                        ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches),
                        ("parallel.timeout_s", p.timeout_s), ("train.max_skipped_steps", t.max_skipped_steps),
-                       ("slurm.nodes", cfg.slurm.nodes)]:
+                       ("slurm.nodes", cfg.slurm.nodes), ("launch.nnodes", cfg.launch.nnodes),
+                       ("parallel.rendezvous_timeout_s", p.rendezvous_timeout_s)]:
         _positive(value, key)
     for key, value in [("train.eval_interval", t.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval),
                        ("checkpoint.keep", cfg.checkpoint.keep), ("optim.warmup_steps", o.warmup_steps),
@@ -643,6 +675,7 @@ def validate(cfg, world: int | None = None) -> None:
     if p.sequence_parallel and m.seq_length % p.tp:
         raise ConfigError(f"model.seq_length({m.seq_length}) is not divisible by parallel.tp({p.tp}), which "
                           "parallel.sequence_parallel=true needs")
+    _check_nodes(cfg.launch)
     if cfg.launch.backend == "local" and world != 1:
         raise ConfigError(f"launch.backend=local starts one process but launch.nproc_per_node={world}; "
                           "use launch=torchrun or launch=deepspeed for several")

@@ -23,7 +23,7 @@ from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
 from gorilla_dist.objectives import Objectives, build_objectives, evaluation_sums, evaluation_values, head_sizes
 from gorilla_dist.objectives import resolve_labels as resolve_objective_labels
-from gorilla_dist.parallel import dp_group, dp_sum
+from gorilla_dist.parallel import describe_hosts, dp_group, dp_sum
 from gorilla_dist.stopping import StopSignals
 
 
@@ -171,6 +171,9 @@ def train(cfg, layout) -> bool:
     resolve_objective_labels(t.objectives, data.label_names)
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
+    hosts = describe_hosts(layout) if layout.is_main else None
+    if hosts:
+        print(f"[parallel] {hosts}", flush=True)
     notice = precision_notice(cfg.precision.dtype, layout.device) if layout.is_main else None
     if notice:
         print(notice, flush=True)

@@ -57,8 +57,14 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
         from launcher import slurm
 
         return slurm.launch(cfg)
+    try:
+        backends.check_network(cfg)
+    except UserError as err:
+        print(f"[launcher] error: {err}", file=sys.stderr)
+        return err.exit_code
     argv, env = backends.command(cfg, cfg.run.dir)
-    print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s), config {path}", flush=True)
+    nodes = f" on this node of {cfg.launch.nnodes}" if cfg.launch.nnodes > 1 else ""
+    print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s){nodes}, config {path}", flush=True)
     return run_forwarding_signals(argv, env, backend=cfg.launch.backend, run_dir=cfg.run.dir)
 
 

@@ -3,12 +3,14 @@
 Every `parallel_state` call of the framework lives in this package or in `gorilla_dist/model/spec.py`.
 Workers get their rank and world from the environment that torchrun, the deepspeed launcher or the
 local backend set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or, under `srun`, from
-Slurm's own variables (`rendezvous.from_slurm`).
+Slurm's own variables (`gorilla_dist.rendezvous.from_slurm`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,8 @@ class ParallelLayout:
     dp_rank: int
     device: torch.device
     ep: int = 1
+    hosts: tuple[str, ...] = ()
+    """Each rank's host name (index = rank)."""
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +51,7 @@ def init_distributed(parallel_cfg) -> ParallelLayout:
     from megatron.core import parallel_state as ps
 
     from gorilla_dist.engine.comm import init_process_group
-    from gorilla_dist.parallel.rendezvous import from_slurm
+    from gorilla_dist.rendezvous import RendezvousError, from_slurm, wait_for_master
 
     os.environ.update(from_slurm(dict(os.environ)))
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -63,13 +67,57 @@ def init_distributed(parallel_cfg) -> ParallelLayout:
     tp = parallel_cfg.tp
     if world % tp:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")
-    init_process_group(device, parallel_cfg.timeout_s)
+    use_interface(parallel_cfg.socket_ifname)
+    addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), parallel_cfg.rendezvous_timeout_s
+    if rank != 0:
+        wait_for_master(addr, port, wait, rank)
+    try:
+        init_process_group(device, parallel_cfg.timeout_s, wait)
+    except dist.DistStoreError as err:  # rank 0: the others did not all join in time
+        joined = re.search(r"(\d+)/(\d+) clients joined", str(err))
+        count = f"{joined.group(1)} of {joined.group(2)} ranks joined" if joined else str(err)
+        raise RendezvousError(f"rank {rank} on {socket.gethostname()} waited parallel.rendezvous_timeout_s={wait:g} s "
+                              f"at {addr}:{port} and {count}: the others did not start, or cannot reach this host "
+                              "(see their logs; check MASTER_ADDR and parallel.socket_ifname)") from None
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
     # megatron's groups get their own timeout (30 min by default): give them ours
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=parallel_cfg.ep,
                                  distributed_timeout_minutes=parallel_cfg.timeout_s / 60)
     return ParallelLayout(rank=rank, local_rank=local_rank, world=world, tp=tp,
                           tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
-                          dp_rank=ps.get_data_parallel_rank(), device=device, ep=parallel_cfg.ep)
+                          dp_rank=ps.get_data_parallel_rank(), device=device, ep=parallel_cfg.ep,
+                          hosts=tuple(hosts))
+
+
+def use_interface(names: str | None) -> None:
+    """parallel.socket_ifname: the interface(s) gloo and NCCL bind to, checked against this host's."""
+    from gorilla_dist.rendezvous import check_interfaces
+
+    if not names:
+        return
+    check_interfaces(names)
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = names
+
+
+def describe_hosts(layout: ParallelLayout) -> str | None:
+    """'2 ranks on 2 hosts: gd-node1 (rank 0), gd-node2 (rank 1)'; None on one host."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(layout.hosts):
+        by_host.setdefault(host, []).append(rank)
+    if len(by_host) < 2:
+        return None
+    parts = [f"{host} (rank{'s' if len(r) > 1 else ''} {_ranges(r)})" for host, r in by_host.items()]
+    return f"{layout.world} ranks on {len(by_host)} hosts: {', '.join(parts)}"
+
+
+def _ranges(ranks: list[int]) -> str:
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
 
 
 

@@ -9,7 +9,7 @@ from helpers import composed
 
 from gorilla_dist.config import validate
 from gorilla_dist.errors import ConfigError
-from gorilla_dist.parallel.rendezvous import first_host, from_slurm, port_for_job
+from gorilla_dist.rendezvous import first_host, from_slurm, port_for_job
 from launcher.slurm import render, sbatch_options
 
 

@@ -1,0 +1,134 @@
+"""Two nodes on one machine: `bash slurm/dev_cluster.sh start nodes=2` makes two network namespaces
+(gd-node1 198.18.0.2, gd-node2 198.18.0.3, their own host names, a private bridge) each running its own
+slurmd, and a controller of their own. Ranks on different nodes talk over the bridge, as on a cluster.
+This module starts that cluster and stops it when done (unless it was already up); nothing is sent to
+an address outside 198.18.0.0/24 and loopback. Needs root (namespaces), as CI has."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, check, launch, launcher_args, losses, metrics
+
+CONF2 = "/var/lib/gorilla-slurm-2node/slurm.conf"
+SLURM2 = {"SLURM_CONF": CONF2}
+COMMON = ["optim.warmup_steps=2", "optim.decay_steps=120", "train.max_steps=120", "checkpoint.interval=0",
+          "checkpoint.keep=0"]
+HOSTS = "[parallel] 2 ranks on 2 hosts: gd-node1 (rank 0), gd-node2 (rank 1)"
+
+
+def dev_cluster(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "slurm/dev_cluster.sh"), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    if os.geteuid() != 0 or not shutil.which("nsenter"):
+        pytest.fail("the two-node cluster needs root (network namespaces) and nsenter (util-linux)")
+    already = Path(CONF2).parent.joinpath("slurmctld.pid").is_file()  # someone started it: leave it running
+    proc = dev_cluster("start", "nodes=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield
+    if not already:
+        dev_cluster("stop", "nodes=2")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same training as 2 ranks of torchrun on this host."""
+    run = tmp_path_factory.mktemp("torchrun") / "run"
+    check(launch(run, *COMMON, "launch=torchrun", "launch.nproc_per_node=2"))
+    return losses(run)
+
+
+def on_node(node: str, *argv: str) -> list[str]:
+    return ["bash", str(REPO / "slurm/dev_cluster.sh"), "on", node, *argv]
+
+
+def job(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         env={**os.environ, **SLURM2}).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_until(condition, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_two_node_slurm_job_trains_exactly_like_two_ranks_on_one_host(two_nodes, reference, tmp_path):
+    run = tmp_path / "run"
+    out = check(launch(run, *COMMON, "launch=slurm", "slurm.nodes=2", "launch.nproc_per_node=1", "slurm.wait=true",
+                       env=SLURM2))
+    assert "on gd-node[1-2]: 2 workers" in out and HOSTS in out, out[-3000:]
+    assert losses(run) == reference
+
+
+def test_torchrun_on_two_nodes_trains_exactly_like_two_ranks_on_one_host(two_nodes, reference, tmp_path):
+    """One launcher per node, meeting at node 1's c10d rendezvous; the ranks talk over eth0 (the bridge)."""
+    run = tmp_path / "run"
+    args = launcher_args(run, *COMMON, "launch=torchrun", "launch.nnodes=2", "launch.nproc_per_node=1",
+                         "launch.rdzv_endpoint=gd-node1:29400", "parallel.socket_ifname=eth0")
+    # one thread per rank as in the reference (torchrun sets it only for several ranks per node): the
+    # matmuls then reduce in the same order and the losses are bitwise equal
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    second = subprocess.Popen(on_node("gd-node2", *args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    first = subprocess.run(on_node("gd-node1", *args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=600)
+    out2, _ = second.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first.stdout[-3000:] + out2[-3000:]
+    assert "1 worker(s) on this node of 2" in first.stdout and HOSTS in first.stdout, first.stdout[-3000:]
+    assert losses(run) == reference
+
+
+def test_a_preempted_two_node_job_requeues_and_resumes_with_the_same_losses(two_nodes, reference, tmp_path):
+    run = tmp_path / "run"
+    out = check(launch(run, *COMMON, "launch=slurm", "slurm.nodes=2", "launch.nproc_per_node=1", env=SLURM2))
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 4, "training to start", 120)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env={**os.environ, **SLURM2})
+    wait_until(lambda: job(job_id).get("Restarts") == "1" and job(job_id).get("JobState") == "PENDING",
+               "the job to requeue itself", 120)
+    time.sleep(2)  # not within the second of the requeue (see test_slurm.py)
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True,
+                   env={**os.environ, **SLURM2})
+    wait_until(lambda: job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 300)
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert job(job_id)["JobState"] == "COMPLETED", log[-3000:]
+    step = int(re.search(r"stopped at step (\d+) on SIGUSR1", log).group(1))
+    assert 0 < step < 120 and f"resumed from {run}/checkpoints/step_{step:08d} at step {step}" in log
+    assert log.count(HOSTS) == 2  # both starts on both nodes
+    assert losses(run) == reference
+
+
+def test_an_unreachable_rendezvous_is_one_clear_error_within_the_timeout(two_nodes, tmp_path):
+    # an address on the bridge's network that no node has: nothing answers, nothing leaves the bridge
+    run = tmp_path / "run"
+    start = time.monotonic()
+    proc = subprocess.run(on_node("gd-node2", *launcher_args(run, "launch=torchrun", "launch.nnodes=2",
+                                                              "launch.rdzv_endpoint=198.18.0.77:29400",
+                                                              "parallel.rendezvous_timeout_s=3")),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - start < 30
+    assert ("error: the launcher on gd-node2 could not reach the rendezvous at 198.18.0.77:29400 "
+            "(launch.rdzv_endpoint) within parallel.rendezvous_timeout_s=3 s") in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_missing_interface_is_refused_naming_the_ones_the_node_has(two_nodes, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(on_node("gd-node1", *launcher_args(run, "launch=torchrun", "launch.nproc_per_node=2",
+                                                              "parallel.socket_ifname=ib0")),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: parallel.socket_ifname='ib0': no interface ib0 on gd-node1 (it has: lo, eth0)" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -509,6 +509,17 @@ class SlurmConfig:
     checkpoint at the next step boundary and the job requeues itself."""
     requeue: bool = True
     """After a stop signal and a saved checkpoint, `scontrol requeue` the job so it resumes."""
+    requeue_on_failure: bool = False
+    """Also requeue when a worker was lost (killed, its node died or became unreachable: the survivors exit
+    69, or a task died of a signal), at most slurm.max_restarts times; the job resumes from the newest
+    complete checkpoint. Errors (a bad config, a bug, bad data: exit 1 or 2) are never requeued."""
+    max_restarts: int = 3
+    """requeue_on_failure: requeue at most this many times (Slurm's restart count of the job)."""
+    min_nodes: int | None = None
+    """Start (and restart after a requeue) on as few as this many nodes when no more are free: sbatch
+    --nodes=min_nodes-nodes --exclusive (whole nodes: Slurm then gives as many of the range as are free).
+    The checkpoint resumes at the world size it gets with the same global batch (more accumulation
+    steps), so train.global_batch_size must divide at every node count in the range."""
     extra: list[str] = field(default_factory=list)
     """More sbatch options, one per item, e.g. "slurm.extra=['--qos=high','--constraint=a100']" (quoted)."""
     submit: bool = True
@@ -559,9 +570,19 @@ def world_size(cfg) -> int:
     return int(cfg.launch.nproc_per_node) * int(nodes)
 
 
-def _world_source(cfg) -> str:
+def possible_world_sizes(cfg) -> list[int]:
+    """Every world size the run may start with: with slurm.min_nodes, one per node count in the range."""
+    if cfg.launch.backend != "slurm" or cfg.slurm.min_nodes is None:
+        return [world_size(cfg)]
+    return [int(cfg.launch.nproc_per_node) * n for n in range(cfg.slurm.min_nodes, cfg.slurm.nodes + 1)]
+
+
+def _world_source(cfg, world: int | None = None) -> str:
     if cfg.launch.backend == "slurm":
-        return f"slurm.nodes({cfg.slurm.nodes}) * launch.nproc_per_node({cfg.launch.nproc_per_node})"
+        nodes = world // cfg.launch.nproc_per_node if world is not None else cfg.slurm.nodes
+        count = (f"slurm.nodes({nodes})" if nodes == cfg.slurm.nodes
+                 else f"{nodes} node{'s' if nodes > 1 else ''} (slurm.min_nodes={cfg.slurm.min_nodes})")
+        return f"{count} * launch.nproc_per_node({cfg.launch.nproc_per_node})"
     if cfg.launch.backend == "torchrun" and cfg.launch.nnodes > 1:
         return f"launch.nnodes({cfg.launch.nnodes}) * launch.nproc_per_node({cfg.launch.nproc_per_node})"
     return "launch.nproc_per_node"
@@ -587,6 +608,16 @@ def grad_accum_steps(train, dp: int) -> int:
     return train.global_batch_size // (train.micro_batch_size * dp)
 
 
+def _check_min_nodes(cfg) -> None:
+    n = cfg.slurm.min_nodes
+    if n is None:
+        return
+    if cfg.launch.backend != "slurm":
+        raise ConfigError(f"slurm.min_nodes={n} is for launch=slurm, not launch={cfg.launch.backend}")
+    if not 1 <= n <= cfg.slurm.nodes:
+        raise ConfigError(f"slurm.min_nodes={n} must be between 1 and slurm.nodes({cfg.slurm.nodes})")
+
+
 def _check_nodes(launch) -> None:
     if launch.nnodes > 1 and launch.backend != "torchrun":
         hint = "use slurm.nodes" if launch.backend == "slurm" else "use launch=torchrun (or launch=slurm)"
@@ -606,7 +637,11 @@ def validate(cfg, world: int | None = None) -> None:
     process starts and wherever a run's config is read again. Raises ConfigError naming the key, the
     value and what would be valid. Looks at no file: see check_inputs."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
-    world = world_size(cfg) if world is None else world
+    if world is None:  # the launcher: every world size the run may start with (slurm.min_nodes)
+        _check_min_nodes(cfg)
+        for other in possible_world_sizes(cfg)[:-1]:
+            validate(cfg, other)
+        world = world_size(cfg)
     for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
                        ("model.num_heads", m.num_heads), ("model.seq_length", m.seq_length),
                        ("parallel.tp", p.tp), ("train.max_steps", t.max_steps),
@@ -623,7 +658,8 @@ def validate(cfg, world: int | None = None) -> None:
                        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
                        ("optim.lr", o.lr), ("optim.min_lr", o.min_lr), ("model.dropout", m.dropout),
                        ("train.sample_tokens", t.sample_tokens), ("slurm.gpus_per_node", cfg.slurm.gpus_per_node),
-                       ("slurm.signal_seconds", cfg.slurm.signal_seconds)]:
+                       ("slurm.signal_seconds", cfg.slurm.signal_seconds),
+                       ("slurm.max_restarts", cfg.slurm.max_restarts)]:
         _positive(value, key, allow_zero=True)
     _choice(cfg.precision.dtype, PRECISIONS, "precision.dtype")
     _choice(m.position_embedding, POSITIONS, "model.position_embedding")
@@ -668,7 +704,7 @@ def validate(cfg, world: int | None = None) -> None:
     if ffn % p.tp:
         raise ConfigError(f"model.ffn_hidden_size({ffn}) is not divisible by parallel.tp({p.tp})")
     if world % p.tp:
-        raise ConfigError(f"world size {world} ({_world_source(cfg)}) is not divisible by parallel.tp({p.tp})")
+        raise ConfigError(f"world size {world} ({_world_source(cfg, world)}) is not divisible by parallel.tp({p.tp})")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks, "
                           "but parallel.tp=1; set parallel.tp > 1 or parallel.sequence_parallel=false")
@@ -683,7 +719,8 @@ def validate(cfg, world: int | None = None) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size({t.global_batch_size}) is not divisible by "
-            f"train.micro_batch_size({t.micro_batch_size}) * data_parallel({dp}) = {t.micro_batch_size * dp}")
+            f"train.micro_batch_size({t.micro_batch_size}) * data_parallel({dp}) = {t.micro_batch_size * dp}"
+            + (f" (at world size {world}: {_world_source(cfg, world)})" if cfg.slurm.min_nodes is not None else ""))
 
 
 def check_inputs(cfg) -> None:

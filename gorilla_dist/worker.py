@@ -2,7 +2,7 @@
 
 Reads only `run.dir/config.yaml`; rank and world come from the environment the launch backend set.
 Exit status: 0 done, 75 stopped on a signal after saving a checkpoint (resume by starting again),
-2 config error, 1 any other error (a one-line message for user errors, a traceback for bugs).
+69 a collective failed (a peer rank died, hung or became unreachable), 2 config error, 1 any other error (a one-line message for user errors, a traceback for bugs).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ def main(argv: list[str]) -> int:
 
     quiet_libraries()
     from gorilla_dist.config import check_inputs, load_run_config
-    from gorilla_dist.errors import EXIT_PREEMPTED, UserError
+    from gorilla_dist.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, UserError
 
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    cfg = None
+    cfg, hosts = None, ()
     try:
         cfg = load_run_config(argv[0])
         check_inputs(cfg)
@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
         from gorilla_dist.train import train
 
         layout = init_distributed(cfg.parallel)
+        hosts = layout.hosts
         try:
             finished = train(cfg, layout)
         finally:
@@ -44,11 +45,11 @@ def main(argv: list[str]) -> int:
     except RuntimeError as err:
         from gorilla_dist.parallel import describe_comm_failure
 
-        message = describe_comm_failure(err, int(rank), cfg.parallel.timeout_s) if cfg is not None else None
+        message = describe_comm_failure(err, int(rank), cfg.parallel.timeout_s, hosts) if cfg is not None else None
         if message is None:
             raise
         print(message, file=sys.stderr, flush=True)
-        return 1
+        return EXIT_PEER_LOST
     return 0 if finished else EXIT_PREEMPTED
 
 

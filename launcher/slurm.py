@@ -27,21 +27,30 @@ class SlurmError(Exception):
 
 def sbatch_options(cfg) -> list[str]:
     s, run_dir = cfg.slurm, cfg.run.dir
-    opts = [f"--job-name={s.job_name or cfg.run.name}", f"--nodes={s.nodes}",
-            f"--ntasks-per-node={cfg.launch.nproc_per_node}", f"--output={run_dir}/slurm-%j.out",
+    if s.min_nodes in (None, s.nodes):
+        size = [f"--nodes={s.nodes}", f"--ntasks-per-node={cfg.launch.nproc_per_node}"]
+    else:
+        # A node range: Slurm gives the most nodes free at start only to a job that asks for whole nodes
+        # and leaves the task count open (with --ntasks-per-node it derives the tasks from the minimum and
+        # allocates the minimum); srun then starts launch.nproc_per_node tasks on each node it got.
+        size = [f"--nodes={s.min_nodes}-{s.nodes}", "--exclusive"]
+    opts = [f"--job-name={s.job_name or cfg.run.name}", *size, f"--output={run_dir}/slurm-%j.out",
             "--open-mode=append", f"--chdir={os.getcwd()}", f"--signal=USR1@{s.signal_seconds}"]
     if s.gpus_per_node:
         opts.append(f"--gpus-per-node={s.gpus_per_node}")
     for key in ("cpus_per_task", "partition", "account", "time"):
         if s[key] is not None:
             opts.append(f"--{key.replace('_', '-')}={s[key]}")
-    opts.append("--requeue" if s.requeue else "--no-requeue")
+    opts.append("--requeue" if s.requeue or s.requeue_on_failure else "--no-requeue")
     return opts + list(s.extra)
 
 
 def render(cfg, python: str = sys.executable) -> str:
     fields = {"SBATCH_OPTIONS": "\n".join(f"#SBATCH {opt}" for opt in sbatch_options(cfg)),
               "RUN_DIR": shlex.quote(cfg.run.dir), "REQUEUE": "true" if cfg.slurm.requeue else "false",
+              "REQUEUE_ON_FAILURE": "true" if cfg.slurm.requeue_on_failure else "false",
+              "MAX_RESTARTS": str(int(cfg.slurm.max_restarts)),
+              "TASKS_PER_NODE": str(int(cfg.launch.nproc_per_node)),
               "PYTHON": shlex.quote(python)}
     text = TEMPLATE.read_text()
     for key, value in fields.items():

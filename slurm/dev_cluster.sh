@@ -59,8 +59,17 @@ stop_pidfile() {  # stop_pidfile NAME FILE: TERM, then KILL a daemon stuck on a 
     rm -f "$pidfile"
 }
 
+stop_munged() {  # stop_munged MY_STATE OTHER_STATE: munged serves both clusters; the other may still run
+    if [ -f "$1/munged.pid" ] && alive "$2/slurmctld.pid"; then
+        mv "$1/munged.pid" "$2/munged.pid"  # the other cluster's stop ends it
+    else
+        stop_pidfile munged "$1/munged.pid"
+    fi
+}
+
 stop() {
-    for d in slurmd slurmctld munged; do stop_pidfile "$d" "$STATE/$d.pid"; done
+    for d in slurmd slurmctld; do stop_pidfile "$d" "$STATE/$d.pid"; done
+    stop_munged "$STATE" "$STATE2"
 }
 
 running() { timeout 5 sinfo -h >/dev/null 2>&1; }
@@ -227,7 +236,8 @@ EOF
     } > "$CONF2.tmp"
     mv "$CONF2.tmp" "$CONF2"
     start_munged "$STATE2"
-    alive "$STATE2/slurmctld.pid" || { slurmctld -f "$CONF2"; log "started slurmctld ($CONF2)"; }
+    # -c: a fresh controller forgets the jobs of an earlier start (their nodes were torn down with it)
+    alive "$STATE2/slurmctld.pid" || { slurmctld -c -f "$CONF2"; log "started slurmctld ($CONF2)"; }
     for n in $NS_NODES; do
         alive "$STATE2/slurmd.$n.pid" && continue
         mkdir -p "$STATE2/d.$n"
@@ -241,7 +251,7 @@ EOF
 stop2() {
     for n in $NS_NODES; do stop_pidfile "slurmd on $n" "$STATE2/slurmd.$n.pid"; done
     stop_pidfile slurmctld "$STATE2/slurmctld.pid"
-    stop_pidfile munged "$STATE2/munged.pid"
+    stop_munged "$STATE2" "$STATE"
     for n in $NS_NODES; do
         if ip netns list | grep -qw "$n"; then
             pids=$(ip netns pids "$n" 2>/dev/null || true)  # jobs' processes left on the node

@@ -21,6 +21,31 @@ def skip_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+_STORE = None  # the rendezvous store (rank 0 or torchrun's agent hosts it), kept for census()
+
+
+def census(rank: int, world: int, grace_s: float) -> list[int] | None:
+    """After a collective failed: the ranks that answer through the rendezvous store within grace_s (each
+    survivor writes its key; a killed or unplugged rank never does); None when the store itself does not
+    answer (its host, rank 0's, is gone or unreachable from here)."""
+    import time
+
+    if _STORE is None:
+        return None
+    key = "gorilla_dist/census/{}".format
+    try:
+        _STORE.set_timeout(datetime.timedelta(seconds=grace_s))
+        _STORE.set(key(rank), "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            alive = [r for r in range(world) if _STORE.check([key(r)])]
+            if len(alive) == world or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.2)
+    except RuntimeError:  # DistError / DistNetworkError: the store's host is gone
+        return None
+
+
 def init_process_group(device: torch.device, timeout_s: float, rendezvous_timeout_s: float) -> None:
     """torch.distributed through DeepSpeed (so its comm layer is initialised too): nccl on GPUs, gloo
     on CPUs. Every process of the framework that uses torch.distributed starts here, so the version
@@ -38,8 +63,10 @@ def init_process_group(device: torch.device, timeout_s: float, rendezvous_timeou
         skip_shm_build()
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    global _STORE
     store, rank, world = next(rendezvous("env://", timeout=datetime.timedelta(seconds=rendezvous_timeout_s)))
     store.set_timeout(timeout)
+    _STORE = store
     # as DeepSpeed does on cuda: bind the device, so NCCL starts eagerly (not in a world of one)
     device_id = {"device_id": device} if device.type == "cuda" and world > 1 else {}
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **device_id)

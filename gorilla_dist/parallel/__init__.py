@@ -199,10 +199,13 @@ _TIMEOUT = ("Timed out", "timed out", "Timeout(ms)", "timeout")
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
 
 
-def describe_comm_failure(err: BaseException, rank: int, timeout_s: float) -> str | None:
+def describe_comm_failure(err: BaseException, rank: int, timeout_s: float,
+                          hosts: tuple[str, ...] = ()) -> str | None:
     """A message for people when a collective failed (timed out, or a peer's connection closed),
-    naming this rank, the operation and where our code called it; None for any other error.
-    The operation comes from the traceback: the innermost torch.distributed function on it."""
+    naming this rank, the operation, where our code called it, and the ranks (and hosts) that no longer
+    answer; None for any other error. The operation comes from the traceback: the innermost
+    torch.distributed function on it. The lost ranks come from a census through the rendezvous store
+    (engine/comm.py census) when the ranks' hosts are known (the process group had started)."""
     text = str(err)
     timed_out = any(s in text for s in _TIMEOUT)
     peer_gone = any(s in text for s in _PEER_GONE)
@@ -217,12 +220,32 @@ def describe_comm_failure(err: BaseException, rank: int, timeout_s: float) -> st
             caller = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} {code.co_name}"
         tb = tb.tb_next
     where = f" (called from {caller})" if caller else ""
+    here = f"[rank {rank}{' on ' + hosts[rank] if hosts else ''}] error: "
+    lost = _lost(rank, hosts) if hosts else ""
     if timed_out:
-        return (f"[rank {rank}] error: {op} did not complete within parallel.timeout_s={timeout_s:g} s{where}: "
-                "another rank is stuck or far behind; its log shows where. Raise parallel.timeout_s if ranks "
-                f"are merely slow (e.g. a long first compile). [{text.strip()[:200]}]")
-    return (f"[rank {rank}] error: {op} failed{where}: a peer rank closed its connection (it crashed or was "
-            f"killed; see its log). [{text.strip()[:200]}]")
+        return (f"{here}{op} did not complete within parallel.timeout_s={timeout_s:g} s{where}: another rank is "
+                f"stuck or far behind, or gone{'; ' + lost if lost else ''}; its log shows where. Raise "
+                f"parallel.timeout_s if ranks are merely slow (e.g. a long first compile). [{text.strip()[:200]}]")
+    return (f"{here}{op} failed{where}: a peer rank closed its connection (it crashed or was killed; see its "
+            f"log){'; ' + lost if lost else ''}. [{text.strip()[:200]}]")
+
+
+def _lost(rank: int, hosts: tuple[str, ...], grace_s: float = 10.0) -> str:
+    """'not answering ...: rank 1 on gd-node2', from a census of the ranks still answering; '' when all do."""
+    from gorilla_dist.engine.comm import census
+
+    alive = census(rank, len(hosts), grace_s)
+    if alive is None:
+        return (f"the rendezvous store on {hosts[0]} (rank 0's host) does not answer either: rank 0 is gone or "
+                "its host is unreachable from here")
+    gone = [r for r in range(len(hosts)) if r not in alive]
+    if not gone:
+        return ""
+    where = {}
+    for r in gone:
+        where.setdefault(hosts[r], []).append(r)
+    named = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {_ranges(rs)} on {h}" for h, rs in where.items())
+    return f"not answering within {grace_s:g} s (dead, stuck or unreachable): {named}"
 
 
 def teardown() -> None:

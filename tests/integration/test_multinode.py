@@ -110,6 +110,66 @@ def test_a_preempted_two_node_job_requeues_and_resumes_with_the_same_losses(two_
     assert losses(run) == reference
 
 
+def worker_pids(node: str) -> list[int]:
+    """The training workers running on a node (processes in its network namespace)."""
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"gorilla_dist.worker" in argv:
+            found.append(int(pid))
+    return found
+
+
+def scontrol(*args: str) -> None:
+    subprocess.run(["scontrol", *args], check=True, env={**os.environ, **SLURM2})
+
+
+def test_a_lost_node_ends_the_step_naming_it_then_the_job_resumes_on_the_node_left(two_nodes, reference, tmp_path):
+    """SIGKILL of node 2's worker mid-run: rank 0 names rank 1 on gd-node2 and exits 69, the job script
+    requeues, and with node 2 gone (drained) the job restarts on gd-node1 alone (slurm.min_nodes=1): one
+    rank with twice the accumulation resumes the step-40 checkpoint and continues the 2-rank losses."""
+    run = tmp_path / "run"
+    out = check(launch(run, *COMMON, "launch=slurm", "slurm.nodes=2", "slurm.min_nodes=1", "launch.nproc_per_node=1",
+                       "slurm.requeue_on_failure=true", "checkpoint.interval=20", "parallel.timeout_s=60", env=SLURM2))
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    try:
+        wait_until(lambda: (run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= 45
+                   and worker_pids("gd-node2"), "training past the step-40 checkpoint", 180)
+        scontrol("update", "nodename=gd-node2", "state=drain", "reason=test_multinode: node lost")
+        start = time.monotonic()
+        for pid in worker_pids("gd-node2"):
+            os.kill(pid, 9)
+        wait_until(lambda: job(job_id).get("Restarts") == "1" and job(job_id).get("JobState") == "PENDING",
+                   "the job to requeue itself", 120)
+        detected = time.monotonic() - start
+        time.sleep(2)  # not within the second of the requeue (see test_slurm.py)
+        scontrol("update", f"jobid={job_id}", "StartTime=now")
+        wait_until(lambda: job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 300)
+    finally:
+        scontrol("update", "nodename=gd-node2", "state=resume")
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert job(job_id)["JobState"] == "COMPLETED", log[-4000:]
+    assert ("[rank 0 on gd-node1] error: " in log and "a peer rank closed its connection" in log
+            and "(dead, stuck or unreachable): rank 1 on gd-node2" in log), log[-4000:]
+    assert detected < 60  # the census' 10 s, not parallel.timeout_s
+    # srun reports the killed task (137) or the survivor's 69, whichever it saw last
+    assert re.search(rf"a worker was lost \(status (69|137)\): requeueing job {job_id} \(restart 1 of at most 3\)",
+                     log)
+    assert "(restart 1) on gd-node1: 1 workers" in log
+    step = int(re.search(r"resumed from \S+/step_(\d+) at step", log).group(1))
+    assert step >= 40 and step % 20 == 0
+    got = losses(run)
+    assert got.keys() == reference.keys()
+    assert all(got[s] == reference[s] for s in got if s <= step)  # before the loss: 2 ranks, bitwise
+    after = [s for s in got if s > step]
+    # after: 1 rank accumulating 2 micro-batches instead of 2 ranks summing theirs; float sums only
+    assert after and all(got[s] == pytest.approx(reference[s], rel=1e-5) for s in after)
+
+
 def test_an_unreachable_rendezvous_is_one_clear_error_within_the_timeout(two_nodes, tmp_path):
     # an address on the bridge's network that no node has: nothing answers, nothing leaves the bridge
     run = tmp_path / "run"

@@ -49,7 +49,7 @@ def test_the_job_script_carries_the_slurm_config():
                  "--output=/scratch/run1/slurm-%j.out", "--open-mode=append", "--job-name=run1"]:
         assert want in opts
     script = render(cfg, python="/opt/venv/bin/python")
-    assert "#SBATCH --nodes=4\n" in script and "srun /opt/venv/bin/python -m gorilla_dist.worker" in script
+    assert "#SBATCH --nodes=4\n" in script and 'srun --ntasks-per-node="$TASKS_PER_NODE" /opt/venv/bin/python -m gorilla_dist.worker' in script
     assert "RUN_DIR=/scratch/run1\n" in script and "REQUEUE=true\n" in script
     assert not re.findall(r"@[A-Z_]+@", script)  # every template field filled
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
@@ -60,3 +60,54 @@ def test_world_size_counts_all_nodes():
     with pytest.raises(ConfigError, match=r"world size 6 \(slurm.nodes\(3\) \* launch.nproc_per_node\(2\)\) "
                                           r"is not divisible by parallel.tp\(4\)"):
         config("slurm.nodes=3", "launch.nproc_per_node=2", "parallel.tp=4", "model.num_heads=4")
+
+
+def test_a_job_that_may_shrink_asks_for_a_node_range_and_requeues_on_lost_workers_only():
+    cfg = config("slurm.nodes=4", "slurm.min_nodes=2", "launch.nproc_per_node=2", "train.global_batch_size=48",
+                 "train.micro_batch_size=2",
+                 "slurm.requeue_on_failure=true", "slurm.max_restarts=5", "slurm.requeue=false")
+    opts = sbatch_options(cfg)
+    # whole nodes, the task count left open: Slurm then gives as many nodes of the range as are free
+    assert {"--nodes=2-4", "--exclusive", "--requeue"} <= set(opts) and not any("--ntasks" in o for o in opts)
+    script = render(cfg)
+    assert 'srun --ntasks-per-node="$TASKS_PER_NODE" ' in script and "TASKS_PER_NODE=2\n" in script
+    assert "REQUEUE_ON_FAILURE=true\n" in script and "MAX_RESTARTS=5\n" in script
+    assert {"--nodes=4", "--ntasks-per-node=1"} <= set(sbatch_options(config("slurm.nodes=4", "slurm.min_nodes=4",
+                                                                              "launch.nproc_per_node=1")))
+    assert "--no-requeue" in sbatch_options(config("slurm.requeue=false"))
+
+
+@pytest.mark.parametrize("rc,restarts,requeued", [(69, 0, True), (137, 2, True), (69, 3, False), (1, 0, False),
+                                                  (2, 0, False), (0, 0, False)])
+def test_the_job_script_requeues_a_lost_worker_up_to_max_restarts(tmp_path, rc, restarts, requeued):
+    """The script itself, run by bash with srun and scontrol replaced by stubs that log their calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {rc}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    script = render(config("slurm.nodes=2", "slurm.min_nodes=1", "slurm.requeue_on_failure=true"))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": str(restarts),
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == rc
+    log = tmp_path / "scontrol.log"
+    assert (log.is_file() and log.read_text() == "requeue 7\n") == requeued, proc.stdout
+    if rc == 69 and not requeued:
+        assert "(slurm.max_restarts=3): not requeueing again" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["slurm.nodes=2", "slurm.min_nodes=1", "parallel.tp=2", "launch.nproc_per_node=1"],
+     "world size 1 (1 node (slurm.min_nodes=1) * launch.nproc_per_node(1)) is not divisible by parallel.tp(2)"),
+    (["slurm.nodes=3", "slurm.min_nodes=2", "launch.nproc_per_node=1", "train.global_batch_size=4",
+      "train.micro_batch_size=2"],
+     "train.global_batch_size(4) is not divisible by train.micro_batch_size(2) * data_parallel(3) = 6 (at world "
+     "size 3: slurm.nodes(3) * launch.nproc_per_node(1))"),
+    (["slurm.nodes=2", "slurm.min_nodes=3"], "slurm.min_nodes=3 must be between 1 and slurm.nodes(2)"),
+])
+def test_every_node_count_a_job_may_get_is_checked_before_submitting(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config(*overrides)
+    assert message in str(err.value)

@@ -3,6 +3,7 @@ run; every interrupted run must end with exactly its losses (bitwise on one rank
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -45,8 +46,11 @@ def test_kill_9_of_one_rank_of_two_during_a_checkpoint(tmp_path, straight):
     crashed = launch(run, *COMMON, *two, env={"GORILLA_FAULT": "kill:checkpoint.engine_saved@200/1"})
     assert crashed.returncode != 0
     # the survivor names the failed collective and the cause at once, not after parallel.timeout_s (600 s)
-    assert "[rank 0] error: barrier failed" in crashed.stdout, crashed.stdout[-3000:]
+    host = socket.gethostname()
+    assert f"[rank 0 on {host}] error: barrier failed" in crashed.stdout, crashed.stdout[-3000:]
     assert "a peer rank closed its connection (it crashed or was killed; see its log)" in crashed.stdout
+    # the census through the rendezvous store names the rank that no longer answers
+    assert f"not answering within 10 s (dead, stuck or unreachable): rank 1 on {host}" in crashed.stdout
     assert time.monotonic() - start < 300
     out = check(launch(run, *COMMON, *two))
     assert "step_00000100 at step 100" in out
@@ -120,6 +124,8 @@ def test_a_hung_rank_ends_the_job_with_the_rank_and_operation_named(tmp_path):
     proc = launch(tmp_path / "run", "launch=torchrun", "launch.nproc_per_node=2", "parallel.timeout_s=5",
                   "train.max_steps=10", env={"GORILLA_FAULT": "hang:step@3/1"})
     assert proc.returncode != 0
-    assert "[rank 0] error: all_reduce did not complete within parallel.timeout_s=5 s" in proc.stdout
+    host = socket.gethostname()
+    assert f"[rank 0 on {host}] error: all_reduce did not complete within parallel.timeout_s=5 s" in proc.stdout
     assert "another rank is stuck or far behind" in proc.stdout
+    assert f"(dead, stuck or unreachable): rank 1 on {host}" in proc.stdout
     assert time.monotonic() - start < 90  # not the default 10 minutes

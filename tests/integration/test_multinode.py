@@ -192,3 +192,36 @@ def test_a_missing_interface_is_refused_naming_the_ones_the_node_has(two_nodes, 
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: parallel.socket_ifname='ib0': no interface ib0 on gd-node1 (it has: lo, eth0)" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_an_unplugged_node_is_named_by_the_survivor_within_the_timeout(two_nodes, tmp_path):
+    """Node 2's link goes down mid-run (two torchruns, no Slurm): rank 0's collective times out after
+    parallel.timeout_s, its census finds rank 1 silent, and it ends naming gd-node2, status 69 through
+    torchrun; the unplugged side cannot reach the store and says so."""
+    run = tmp_path / "run"
+    args = launcher_args(run, "train.max_steps=100000", "checkpoint.interval=0", "launch=torchrun", "launch.nnodes=2",
+                         "launch.nproc_per_node=1", "launch.rdzv_endpoint=gd-node1:29401", "parallel.timeout_s=8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(on_node(n, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for n in ("gd-node1", "gd-node2")]
+    try:
+        wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2, "training to start", 120)
+        subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "down"), check=True)
+        start = time.monotonic()
+        out1, _ = procs[0].communicate(timeout=120)
+        elapsed = time.monotonic() - start
+        # the unplugged side: its worker times out too and its census cannot reach the store; torchrun's
+        # agent there then waits on the unreachable rendezvous, so it is stopped once the worker has spoken
+        time.sleep(30)
+    finally:
+        subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "up"), check=True)
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    out2 = procs[1].communicate(timeout=60)[0]
+    assert procs[0].returncode != 0
+    assert "[rank 0 on gd-node1] error: " in out1 and "did not complete within parallel.timeout_s=8 s" in out1, out1[-3000:]
+    assert "(dead, stuck or unreachable): rank 1 on gd-node2" in out1
+    assert elapsed < 8 + 10 + 30  # the timeout, the census, slack for a loaded machine
+    assert "[rank 1 on gd-node2] error: " in out2, out2[-3000:]
+    assert "the rendezvous store on gd-node1 (rank 0's host) does not answer either" in out2

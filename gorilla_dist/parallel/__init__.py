@@ -102,13 +102,19 @@ def use_interface(names: str | None) -> None:
 
 def describe_hosts(layout: ParallelLayout) -> str | None:
     """'2 ranks on 2 hosts: gd-node1 (rank 0), gd-node2 (rank 1)'; None on one host."""
-    by_host: dict[str, list[int]] = {}
-    for rank, host in enumerate(layout.hosts):
-        by_host.setdefault(host, []).append(rank)
+    by_host = _by_host(range(layout.world), layout.hosts)
     if len(by_host) < 2:
         return None
-    parts = [f"{host} (rank{'s' if len(r) > 1 else ''} {_ranges(r)})" for host, r in by_host.items()]
+    parts = [f"{host} ({ranks})" for host, ranks in by_host.items()]
     return f"{layout.world} ranks on {len(by_host)} hosts: {', '.join(parts)}"
+
+
+def _by_host(ranks, hosts: tuple[str, ...]) -> dict[str, str]:
+    """{host: 'rank 3' or 'ranks 0-2,5'} for these ranks, hosts in order of first appearance."""
+    grouped: dict[str, list[int]] = {}
+    for rank in ranks:
+        grouped.setdefault(hosts[rank], []).append(rank)
+    return {host: f"rank{'s' if len(rs) > 1 else ''} {_ranges(rs)}" for host, rs in grouped.items()}
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -241,10 +247,7 @@ def _lost(rank: int, hosts: tuple[str, ...], grace_s: float = 10.0) -> str:
     gone = [r for r in range(len(hosts)) if r not in alive]
     if not gone:
         return ""
-    where = {}
-    for r in gone:
-        where.setdefault(hosts[r], []).append(r)
-    named = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {_ranges(rs)} on {h}" for h, rs in where.items())
+    named = "; ".join(f"{ranks} on {host}" for host, ranks in _by_host(gone, hosts).items())
     return f"not answering within {grace_s:g} s (dead, stuck or unreachable): {named}"
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,3 +79,17 @@ def trained_model(world1, run_dir: Path):
 
     cfg, _, model, tok = checkpoint_model(run_dir, "latest", world1.device)
     return model, tok, cfg.model
+
+
+def slurm_job(job_id: str, env: dict | None = None) -> dict:
+    """`scontrol show job` as a dict (JobState, Restarts, ...); `env`: e.g. SLURM_CONF of another cluster."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_until(condition, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)

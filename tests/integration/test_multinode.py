@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, check, launch, launcher_args, losses, metrics
+from helpers import REPO, check, launch, launcher_args, losses, metrics, slurm_job, wait_until
 
 CONF2 = "/var/lib/gorilla-slurm-2node/slurm.conf"
 SLURM2 = {"SLURM_CONF": CONF2}
@@ -52,16 +52,7 @@ def on_node(node: str, *argv: str) -> list[str]:
 
 
 def job(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                         env={**os.environ, **SLURM2}).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_until(condition, what: str, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
+    return slurm_job(job_id, SLURM2)
 
 
 def test_a_two_node_slurm_job_trains_exactly_like_two_ranks_on_one_host(two_nodes, reference, tmp_path):

@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import check, launch, losses, metrics
+from helpers import check, launch, losses, metrics, wait_until
+from helpers import slurm_job as job
 
 COMMON = ["launch.nproc_per_node=2", "optim.warmup_steps=2", "optim.decay_steps=300", "train.max_steps=300",
           "checkpoint.interval=0", "checkpoint.keep=0"]
@@ -28,18 +29,6 @@ def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("torchrun") / "run"
     check(launch(run, *COMMON, "launch=torchrun"))
     return losses(run)
-
-
-def job(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_until(condition, what: str, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_a_two_task_job_trains_exactly_like_torchrun(cluster, reference, tmp_path):

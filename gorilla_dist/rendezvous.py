@@ -9,6 +9,8 @@ An address that does not resolve or answer ends in one message naming it (`wait_
 from __future__ import annotations
 
 import re
+import socket
+import time
 
 from gorilla_dist.errors import ConfigError, UserError
 
@@ -48,9 +50,6 @@ def wait_until_reachable(addr: str, port: int, timeout_s: float, *, who: str, wh
     """Resolve addr and connect to addr:port until it answers or `timeout_s` passes; otherwise one
     RendezvousError naming the address (torch's TCPStore client retries with a C++ traceback per try,
     for up to twice as long). `who`: this process ('rank 1 on gd-node2'), `what`: the address's key."""
-    import socket
-    import time
-
     try:
         socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
@@ -74,8 +73,6 @@ def wait_until_reachable(addr: str, port: int, timeout_s: float, *, who: str, wh
 
 def wait_for_master(addr: str, port: int, timeout_s: float, rank: int) -> None:
     """A rank other than 0, before it joins: rank 0's address answers (see wait_until_reachable)."""
-    import socket
-
     wait_until_reachable(addr, port, timeout_s, who=f"rank {rank} on {socket.gethostname()}", what="MASTER_ADDR",
                          hint="rank 0 did not start there, or this host has no route to it (check the first "
                               "node's address and parallel.socket_ifname)")
@@ -83,8 +80,6 @@ def wait_for_master(addr: str, port: int, timeout_s: float, rank: int) -> None:
 
 def is_local_address(host: str) -> bool:
     """Whether `host` names an address of this machine (binding to it succeeds)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
     except socket.gaierror:
@@ -101,8 +96,6 @@ def is_local_address(host: str) -> bool:
 
 def check_interfaces(names: str) -> None:
     """parallel.socket_ifname names interfaces of this host (comma-separated); else a ConfigError."""
-    import socket
-
     have = [name for _, name in socket.if_nameindex()]
     missing = [n for n in names.split(",") if n not in have]
     if missing:

@@ -386,6 +386,10 @@ class CheckpointConfig:
     """Fine-tuning: start this run from another run's weights — a checkpoint directory, or a run
     directory (its newest complete checkpoint). Any layout; the optimizer, LR schedule and data order
     start fresh. Only used when run.dir has no checkpoint to resume (a preempted fine-tune resumes itself)."""
+    consolidated: str = "auto"
+    """Besides the per-rank shards every checkpoint holds, also write the whole model's weights as one
+    model.safetensors (rank 0, one tensor at a time, from the shards): true, false, or auto (when the
+    fp32 weights are at most 2 GiB). Readers (resume, generate, export, consolidate) take either."""
 
 
 FINETUNE_METHODS = ("full", "freeze", "lora", "prompt", "prefix")
@@ -662,6 +666,7 @@ def validate(cfg, world: int | None = None) -> None:
                        ("slurm.max_restarts", cfg.slurm.max_restarts)]:
         _positive(value, key, allow_zero=True)
     _choice(cfg.precision.dtype, PRECISIONS, "precision.dtype")
+    _choice(str(cfg.checkpoint.consolidated).lower(), ("auto", "true", "false"), "checkpoint.consolidated")
     _choice(m.position_embedding, POSITIONS, "model.position_embedding")
     _choice(m.normalization, NORMALIZATIONS, "model.normalization")
     _choice(m.activation, ACTIVATIONS, "model.activation")

@@ -373,9 +373,9 @@ def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[
 
 def export_peft(args) -> tuple[str, Path, str, int]:
     """format=peft: the adapters of run.dir's LoRA checkpoint as a PEFT adapter directory."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from gorilla_dist.checkpoint import WEIGHTS, resolve_checkpoint
+    from gorilla_dist.checkpoint import own_weights, resolve_checkpoint
     from gorilla_dist.config import load_run_config
     from gorilla_dist.files import write_text_atomic
     from gorilla_dist.finetune import is_adapter
@@ -391,7 +391,7 @@ def export_peft(args) -> tuple[str, Path, str, int]:
     if cfg.finetune.head != "none":
         raise ExportError(f"format=peft: {args.run_dir} has a classification head, which this export does not write "
                           "into a PEFT adapter; use format=merged (a transformers *ForSequenceClassification)")
-    weights = load_file(str(ckpt / WEIGHTS))  # the adapter checkpoint: its trainable parameters only
+    weights = own_weights(ckpt)  # the adapter checkpoint: its trainable parameters only
     other = sorted(k for k in weights if not is_adapter(k))
     if other:
         raise ExportError(f"format=peft: the run also trained {other[:3]} (finetune.trainable), which a PEFT adapter "

@@ -3,18 +3,24 @@
 Layout of one checkpoint (`run.dir/checkpoints/step_00000500/`); nothing in it depends on the parallel
 layout (TP size, data-parallel size, ZeRO stage, precision) that wrote it, so any layout resumes it
 (gorilla_dist.engine.state):
-    model.safetensors      fp32 master weights under single-process names and shapes (also what
-                           generate and export read)
-    optimizer.safetensors  AdamW moments, `<param>.exp_avg` / `<param>.exp_avg_sq`, same names
+    shards/model-rank*.safetensors      every rank's own parts of the fp32 master weights, and
+    shards/optimizer-rank*.safetensors  of the AdamW moments (`<param>.exp_avg` / `.exp_avg_sq`), under
+                           single-process names: written by all ranks at once, nothing gathered; readers
+                           join one whole tensor at a time (shards.py)
+    model.safetensors      optional (checkpoint.consolidated; auto: models up to 2 GiB of fp32 weights):
+                           the whole weights in one file, written by rank 0 from the shards, tensor by
+                           tensor; readers prefer it (it is exactly the joined shards)
     trainer.json           step, AdamW step count, LR schedule, DeepSpeed's counters, data position
     rng_rank*.safetensors  each rank's RNG state (restored when the world size is unchanged)
     config.yaml            the resolved config that produced it
     base.json              fine-tuning with frozen parameters only (finetune.method=freeze): the path of
-                           the base checkpoint and the sha256 of its weights; model/optimizer.safetensors
+                           the base checkpoint and the sha256 of its weights; the weights and moments
                            then hold the trainable parameters only, and readers overlay them on the base
-    manifest.json          written last: every file with its size and sha256; a checkpoint is complete
-                           iff it has a manifest whose sizes match, and usable iff the checksums match too
-                           (checked for the one a run resumes from or generate loads)
+    manifest.json          written last: every file with its size and sha256 (each rank hashes its own
+                           files as it writes them); a checkpoint is complete iff it has a manifest
+                           whose sizes match, and usable iff the checksums match too (checked for the
+                           one a run resumes from or generate loads)
+Checkpoints written before shards (model.safetensors + optimizer.safetensors, no shards/) load as ever.
 Everything is written into `.tmp-step_XXXXXXXX/` and renamed into place, so an interrupted save never
 looks like a checkpoint. Incomplete checkpoints are reported and skipped; one is deleted only when the
 run saves that same step again (the new save replaces the leftover, and says so). Loading
@@ -26,7 +32,9 @@ writes one weights file (with the config in its metadata) from a run's newest us
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -38,9 +46,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gorilla_dist import faults
+from gorilla_dist.checkpoint.shards import MODEL, OPTIMIZER, SHARDS, ShardedTensors, shard_name, write_shard
+from gorilla_dist.checkpoint.tensorfile import write_streaming, write_tensors
 from gorilla_dist.data.tokenizer import same_tokenizer
 from gorilla_dist.engine import check_fits, load_trained_buffers
 from gorilla_dist.engine.rng import rng_state, set_rng_state
@@ -58,6 +68,17 @@ WEIGHTS = "model.safetensors"
 MOMENTS = "optimizer.safetensors"
 TRAINER = "trainer.json"
 BASE = "base.json"
+CONSOLIDATE_AUTO_BYTES = 2 * 2**30
+"""checkpoint.consolidated=auto writes model.safetensors when the fp32 weights are at most this big."""
+
+
+def _all_gather(obj) -> list:
+    """Every rank's `obj` (a small JSON-like value), in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _barrier():
@@ -125,9 +146,15 @@ def complete_checkpoints(root: Path, *, report: bool = False) -> list[Path]:
 
 
 def base_identity(ckpt: Path) -> dict:
-    """What an adapter checkpoint records of its base: the base checkpoint's path and weights' sha256."""
+    """What an adapter checkpoint records of its base: the base checkpoint's path and its weights'
+    sha256 (model.safetensors' when it has one, else a sha256 over its model shards' sha256s; from the
+    manifest: nothing is read)."""
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    return {"path": str(Path(ckpt).resolve()), "sha256": files[WEIGHTS]["sha256"]}
+    if WEIGHTS in files:
+        return {"path": str(Path(ckpt).resolve()), "sha256": files[WEIGHTS]["sha256"]}
+    shards = sorted(k for k in files if k.startswith(f"{SHARDS}/{MODEL}-"))
+    digest = hashlib.sha256("".join(f"{k} {files[k]['sha256']}\n" for k in shards).encode()).hexdigest()
+    return {"path": str(Path(ckpt).resolve()), "sha256": digest}
 
 
 def base_of(ckpt: Path, *, check: bool = True) -> Path | str | None:
@@ -208,9 +235,43 @@ def open_weights(ckpt: Path | str, *, model=None, vocab_size: int | None = None,
                 model = OmegaConf.load(ckpt / "config.yaml").model
                 tokenizer = ckpt.parent.parent / "tokenizer.json"
                 vocab_size = load_tokenizer(tokenizer).vocab_size if tokenizer.is_file() else None
-            handles.append(stack.enter_context(safe_open(str(ckpt / WEIGHTS), "pt")))
+            handles.append(_open(ckpt, WEIGHTS, MODEL, stack))
             ckpt = base_of(ckpt, check=not checked)
         yield _Overlay(handles) if len(handles) > 1 else handles[0]
+
+
+def _open(ckpt: Path, whole: str, kind: str, stack: ExitStack):
+    """A checkpoint's weights or moments as a handle: the consolidated file `whole` when the checkpoint
+    has one (every checkpoint before shards, small models since), else its shards of `kind`."""
+    if (ckpt / whole).is_file():
+        return stack.enter_context(safe_open(str(ckpt / whole), "pt"))
+    return ShardedTensors(ckpt, kind)
+
+
+def weights_source(ckpt: Path) -> str:
+    """Where a checkpoint's own weights are read from, for messages."""
+    return str(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() else f"{ckpt / SHARDS}/{MODEL}-rank*.safetensors"
+
+
+@contextmanager
+def open_moments(ckpt: Path):
+    """A checkpoint's AdamW moments (`<param>.exp_avg` / `.exp_avg_sq`, single-process shapes) as a
+    safetensors handle, joined from the shards one tensor at a time."""
+    with ExitStack() as stack:
+        yield _open(ckpt, MOMENTS, OPTIMIZER, stack)
+
+
+def checkpoint_moments(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All of a checkpoint's AdamW moments (of the trainable parameters only, for an adapter checkpoint)."""
+    with open_moments(ckpt) as m:
+        return {k: m.get_tensor(k) for k in m.keys()}
+
+
+def own_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds itself (an adapter checkpoint's trainable ones only: no base)."""
+    with ExitStack() as stack:
+        w = _open(ckpt, WEIGHTS, MODEL, stack)
+        return {k: w.get_tensor(k) for k in w.keys()}
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -259,41 +320,51 @@ class Checkpointer:
                 "precision": self.cfg.precision.dtype}
 
     def save(self, step: int, engine, data_state: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory. Refuses (on every
-        rank alike, before writing anything) a model with inf/NaN weights."""
+        """Collective: every rank calls it and writes its own shards, all at once; nothing is gathered
+        (shards.py). Returns the final checkpoint directory. Refuses (on every rank alike, before
+        writing anything) a model with inf/NaN weights."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
-        weights, moments, bad = engine.full_state(keep=self.layout.is_main, trainable_only=self.adapter)
+        weights, moments, bad = engine.local_state(trainable_only=self.adapter)
+        bad = sorted({name for names in _all_gather(bad) for name in names})
         if bad:
             raise CheckpointError(f"step {step}: the model has non-finite (inf/NaN) weights in {len(bad)} tensors "
                                   f"({', '.join(bad[:3])}); not saving it, the checkpoints in {self.root} are "
                                   "unchanged")
-        fault = {"step": step, "rank": self.layout.rank}
+        fault, rank = {"step": step, "rank": self.layout.rank}, self.layout.rank
         if self.layout.is_main:
             if tmp.exists():
                 print(f"[checkpoint] removing {tmp}, left by an interrupted save of the same step", file=sys.stderr)
                 shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            (tmp / SHARDS).mkdir(parents=True)
         _barrier()
         faults.hit("checkpoint.begin", **fault)
-        save_file(rng_state(), str(tmp / f"rng_rank{self.layout.rank:05d}.safetensors"))
+        written = {f"rng_rank{rank:05d}.safetensors": write_tensors(tmp / f"rng_rank{rank:05d}.safetensors",
+                                                                    rng_state())}
+        written[shard_name(OPTIMIZER, rank)] = write_shard(tmp / shard_name(OPTIMIZER, rank), moments, step)
         if self.layout.is_main:
-            save_file(moments, str(tmp / MOMENTS), metadata={"step": str(step)})
             trainer = {"step": step, "data": data_state, **engine.schedule_state()}
             (tmp / TRAINER).write_text(json.dumps(trainer, indent=1))
         faults.hit("checkpoint.engine_saved", **fault)
+        written[shard_name(MODEL, rank)] = write_shard(tmp / shard_name(MODEL, rank), weights, step)
+        del weights, moments
         if self.layout.is_main:
-            save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
             if self.adapter:
                 (tmp / BASE).write_text(json.dumps(self.base, indent=1))
         faults.hit("checkpoint.weights_saved", **fault)
-        _barrier()
+        written = {k: v for part in _all_gather(written) for k, v in part.items()}  # (every rank has written)
         if self.layout.is_main:
-            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+            model = ShardedTensors(tmp, MODEL)
+            if self._consolidate(model):  # one whole tensor at a time, from the shards just written
+                written[WEIGHTS] = write_streaming(
+                    tmp / WEIGHTS, [(k, torch.float32, tuple(model.get_slice(k).get_shape())) for k in model.keys()],
+                    model.get_tensor, {"step": str(step)})
+            files = {rel: written.get(rel) or {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(tmp.rglob("*")) if f.is_file() for rel in [str(f.relative_to(tmp))]}
             manifest = {"step": step, "layout": self._layout(), "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            _fsync_dir(tmp / SHARDS)
             _fsync_dir(tmp)
             faults.hit("checkpoint.manifest_written", **fault)
             if final.exists():  # an earlier attempt at this step (complete or not): replace it whole
@@ -305,6 +376,15 @@ class Checkpointer:
             self._prune()
         _barrier()
         return final
+
+    def _consolidate(self, model: ShardedTensors) -> bool:
+        """Whether this save also writes model.safetensors (checkpoint.consolidated; auto: when the
+        weights are at most CONSOLIDATE_AUTO_BYTES in fp32)."""
+        mode = str(self.cfg.checkpoint.consolidated).lower()
+        if mode == "auto":
+            numel = sum(math.prod(model.get_slice(k).get_shape()) for k in model.keys())
+            return 4 * numel <= CONSOLIDATE_AUTO_BYTES
+        return mode == "true"
 
     def _prune(self) -> None:
         if self.keep <= 0:
@@ -341,8 +421,8 @@ class Checkpointer:
         if self.adapter:
             self.base = json.loads((ckpt / BASE).read_text())
         verify_bases(ckpt, self.layout)
-        with open_weights(ckpt, checked=True) as w, safe_open(str(ckpt / MOMENTS), "pt") as m:
-            _check_fits(engine, w, str(ckpt / WEIGHTS))
+        with open_weights(ckpt, checked=True) as w, open_moments(ckpt) as m:
+            _check_fits(engine, w, weights_source(ckpt))
             engine.load_full_state(w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
         if saved.get("world") == now["world"] and rng.is_file():
@@ -381,7 +461,7 @@ class Checkpointer:
         _check_same_sharing(ckpt, self.cfg.model)
         verify_bases(ckpt, self.layout)
         with open_weights(ckpt, checked=True) as w:
-            self._load_initial(w, engine, extra, f"checkpoint.init_from: {ckpt / WEIGHTS}")
+            self._load_initial(w, engine, extra, f"checkpoint.init_from: {weights_source(ckpt)}")
         self.base = base_identity(ckpt)
         return ckpt
 

@@ -5,14 +5,14 @@ tokenizer in its metadata."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from gorilla_dist.checkpoint import checkpoint_weights, resolve_checkpoint
+from gorilla_dist.checkpoint import open_weights, resolve_checkpoint
+from gorilla_dist.checkpoint.tensorfile import write_streaming
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.errors import UserError
 
@@ -44,7 +44,6 @@ def consolidate(args) -> tuple[Path, Path, int]:
     if out.exists():
         raise UserError(f"out={out} already exists; not overwriting it (remove it or choose another out=)")
     ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
-    weights = {k: v.to(TORCH_DTYPES[args.dtype]) for k, v in checkpoint_weights(ckpt).items()}
     manifest = json.loads((ckpt / "manifest.json").read_text())
     metadata = {"format": "gorilla_dist", "step": str(manifest["step"]), "dtype": args.dtype,
                 "written_by_layout": json.dumps(manifest.get("layout", {})),
@@ -54,9 +53,12 @@ def consolidate(args) -> tuple[Path, Path, int]:
         metadata["tokenizer"] = tokenizer.read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
-    save_file(weights, str(tmp), metadata=metadata)
+    dtype = TORCH_DTYPES[args.dtype]
+    with open_weights(ckpt) as w:  # one whole tensor at a time (joined from the shards, or overlaid on a base)
+        specs = [(k, dtype, tuple(w.get_slice(k).get_shape())) for k in w.keys()]
+        write_streaming(tmp, specs, lambda k: w.get_tensor(k).to(dtype), metadata)
     os.replace(tmp, out)
-    return ckpt, out, sum(v.numel() for v in weights.values())
+    return ckpt, out, sum(math.prod(shape) for _, _, shape in specs)
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ versions (versions.py):
     syncs.py             SyncCounter: the host syncs (by call site) and aten operations of a block of code
 
 The rest of the framework talks to `TrainEngine` only: `step(micro_batches, loss_fn) -> StepResult`,
-`full_state()` / `load_full_state()`, `state_bytes()`, and the model to call forward on. Megatron-core
+`full_state()` / `local_state()` / `load_full_state()`, `state_bytes()`, and the model to call forward on. Megatron-core
 *layers* (the model spec) are built in gorilla_dist/model/ from megatron's public specs.
 """
 
@@ -36,10 +36,12 @@ from gorilla_dist.config import OptimConfig, ParallelConfig, PrecisionConfig, Tr
 from gorilla_dist.engine import accounting, moe, state
 from gorilla_dist.engine.versions import check_versions
 
-__all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits", "load_trained_buffers"]
+__all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits", "load_trained_buffers",
+           "tp_join"]
 
 check_fits = state.check_fits
 load_trained_buffers = state.load_trained_buffers
+tp_join = state.tp_join
 
 
 @dataclass
@@ -128,6 +130,10 @@ class TrainEngine:
     def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""
         return state.full_state(self._ds, keep=keep, trainable_only=trainable_only)
+
+    def local_state(self, *, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
+        """This rank's own parts of the layout-free tensors (no communication); see state.local_state."""
+        return state.local_state(self._ds, trainable_only=trainable_only)
 
     def schedule_state(self) -> dict:
         """AdamW's step count, the LR schedule, the step counters, the loss scaler, as JSON."""

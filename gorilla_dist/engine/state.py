@@ -20,6 +20,7 @@ relinks their state (`_link_optimizer_state`).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -94,36 +95,51 @@ def _is_gated_fc1(module, name: str) -> bool:
     return getattr(getattr(module, "config", None), "gated_linear_unit", False) and "linear_fc1" in name
 
 
-def tp_full(module, name: str, p, local: torch.Tensor) -> torch.Tensor:
-    """The single-process tensor from this rank's tensor-parallel shard `local` of parameter `p`.
-    Collective over the TP group. Shards are concatenated along `partition_dim` (megatron-core's fused
-    QKV is grouped by query group, so the concatenation is the TP=1 layout); gated MLPs keep
-    [gate; up] per rank, so their shards are re-interleaved into the TP=1 [gate; up] order."""
-    tp = _tp_size()
-    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return local
-    from gorilla_dist.parallel import tp_all_gather
-
-    dim = p.partition_dim
-    shards = tp_all_gather(local)
-    if _is_gated_fc1(module, name):
+def tp_join(shards: list[torch.Tensor], dim: int, gated: bool) -> torch.Tensor:
+    """The single-process tensor from its tensor-parallel shards (in TP-rank order), concatenated along
+    `dim` (megatron-core's fused QKV is grouped by query group, so the concatenation is the TP=1
+    layout); a gated MLP keeps [gate; up] per rank, so its shards are re-interleaved into the TP=1
+    [gate; up] order. No communication."""
+    if gated:
         halves = [s.chunk(2, dim=dim) for s in shards]
         shards = [h[0] for h in halves] + [h[1] for h in halves]
     return torch.cat(shards, dim=dim)
 
 
-def tp_local(module, name: str, p, full: torch.Tensor) -> torch.Tensor:
-    """This rank's tensor-parallel shard of the single-process tensor `full` (the inverse of tp_full)."""
+def tp_split(full: torch.Tensor, rank: int, size: int, dim: int, gated: bool) -> torch.Tensor:
+    """TP rank `rank`'s shard of the single-process tensor `full` (the inverse of tp_join)."""
+    if gated:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def _tp_split_of(module, name: str, p) -> tuple[int, int, int, bool] | None:
+    """(TP rank, TP size, partition dim, gated) of a tensor-parallel parameter; None when p is whole
+    on every TP rank."""
     tp = _tp_size()
     if tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return full
+        return None
     from megatron.core import parallel_state as ps
 
-    rank, dim = ps.get_tensor_model_parallel_rank(), p.partition_dim
-    if _is_gated_fc1(module, name):
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[rank]
+    return ps.get_tensor_model_parallel_rank(), tp, p.partition_dim, _is_gated_fc1(module, name)
+
+
+def tp_full(module, name: str, p, local: torch.Tensor) -> torch.Tensor:
+    """The single-process tensor from this rank's tensor-parallel shard `local` of parameter `p`
+    (tp_join). Collective over the TP group."""
+    split = _tp_split_of(module, name, p)
+    if split is None:
+        return local
+    from gorilla_dist.parallel import tp_all_gather
+
+    return tp_join(tp_all_gather(local), split[2], split[3])
+
+
+def tp_local(module, name: str, p, full: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor-parallel shard of the single-process tensor `full` (the inverse of tp_full)."""
+    split = _tp_split_of(module, name, p)
+    return full if split is None else tp_split(full, *split)
 
 
 def _deepspeed_owns(p) -> bool:
@@ -195,6 +211,100 @@ def full_state(engine, *, keep: bool = True, trainable_only: bool = False) -> tu
                     moments[f"{full_name}.{key}"] = moment.cpu().contiguous()
     if keep:
         weights.update({name: b.detach().float().cpu().clone() for name, b in trained_buffers(module).items()})
+    return weights, moments, bad
+
+
+@dataclass
+class Piece:
+    """One rank's part of one layout-free tensor, as a checkpoint shard stores it: `data` (1-D fp32) is
+    elements [start, start + data.numel()) of the flattened tensor-parallel shard of shape `local` of
+    the single-process tensor of shape `shape`; tp = (TP rank, TP size, partition dim, gated) says how
+    the shards join (tp_join), None when `local` is the whole tensor."""
+
+    shape: tuple[int, ...]
+    tp: tuple[int, int, int, bool] | None
+    local: tuple[int, ...]
+    start: int
+    data: torch.Tensor
+
+
+def _writes_replica(p) -> bool:
+    """Whether this rank writes a tensor that every rank of p's data-parallel group holds whole (fp32
+    ZeRO-0, the unfused bf16/fp16 masters, frozen parameters): its data-parallel rank 0 does (for
+    experts, the expert-data-parallel group's)."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_expert_data_parallel_rank() if is_expert_parallel(p) else ps.get_data_parallel_rank()) == 0
+
+
+def _owned(engine, p, key: str | None, unfused: dict) -> tuple[int, torch.Tensor] | None:
+    """(start, 1-D fp32 data): the part of p's fp32 master (key None) or AdamW moment `key` that this
+    rank keeps and writes, as a range of p's flattened local (TP-shard) tensor; None when another rank
+    of p's data-parallel group writes it. No communication; the data are views where they can be."""
+    if hasattr(p, "ds_id"):  # ZeRO-3: the rank's partition of the flattened parameter, padded at the end
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        if p.requires_grad:
+            local = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+        else:  # frozen: no master; the model's own partition, and no moments
+            local = p.ds_tensor if key is None else torch.zeros(p.ds_tensor.numel())
+        local = local.detach().reshape(-1)
+        start = dist.get_rank(group=p.ds_process_group) * local.numel()
+        end = min(start + local.numel(), p.ds_numel)
+        return (start, local[:end - start].float()) if end > start else None
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer: a fragment, or nothing
+        mapping = p._hp_mapping
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment(key).detach().reshape(-1).float()
+    if not _writes_replica(p):
+        return None
+    if id(p) in unfused:
+        p = unfused[id(p)]  # its master: plain AdamW state from here on
+    if key is None:
+        return 0, p.detach().reshape(-1).float()
+    state = _basic_optimizer(engine).state.get(p, {}) if p.requires_grad else {}
+    return 0, (state[key].detach().reshape(-1).float() if key in state else torch.zeros(p.numel()))
+
+
+def local_state(engine, *, trainable_only: bool = False) -> tuple[dict[str, Piece], dict[str, Piece], list[str]]:
+    """(weights, moments, non-finite): this rank's share of full_state, without communication and
+    without copying: for every parameter the Pieces of its fp32 master and AdamW moments that this rank
+    keeps (its ZeRO partition, its TP shard) and no other rank writes, so that the pieces of all ranks
+    together cover every single-process tensor exactly once; moments keyed `<param>.exp_avg` /
+    `.exp_avg_sq`; trained buffers from global rank 0. The names of weights whose pieces here hold
+    inf/NaN. trainable_only as in full_state."""
+    import torch.distributed as dist
+
+    module, unfused = engine.module, unfused_masters(engine)
+    _link_optimizer_state(engine)
+    weights, moments, bad = {}, {}, []
+    for name, p in module.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        split = _tp_split_of(module, name, p)
+        if split is None and _tp_size() > 1:
+            from megatron.core import parallel_state as ps
+
+            if ps.get_tensor_model_parallel_rank() != 0:  # the same on every TP rank: TP rank 0 writes it
+                continue
+        full_name, shape = single_process_name(module, name, p), full_shape(module, name, p)
+        local = tuple(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+        for key in (None, *MOMENTS):
+            owned = _owned(engine, p, key, unfused)
+            if owned is None:
+                continue
+            piece = Piece(shape, split, local, *owned)
+            if key is None:
+                weights[full_name] = piece
+                if not torch.isfinite(piece.data).all():
+                    bad.append(full_name)
+            else:
+                moments[f"{full_name}.{key}"] = piece
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for name, b in trained_buffers(module).items():
+            weights[name] = Piece(tuple(b.shape), None, tuple(b.shape), 0, b.detach().reshape(-1).float().clone())
     return weights, moments, bad
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_nonfinite import batch, engine_for, make_engine
 
-from gorilla_dist.checkpoint import Checkpointer, complete_checkpoints
+from gorilla_dist.checkpoint import Checkpointer, checkpoint_moments, checkpoint_weights, complete_checkpoints
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.train import train_step
 
@@ -18,13 +18,21 @@ PATHS = [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 0), ("bf16
 
 
 @pytest.mark.parametrize("dtype,zero", PATHS)
-def test_state_round_trip_continues_bitwise(world1, dtype, zero):
-    """Train 2 steps, move the full state into a fresh engine: the next step is bitwise the same."""
-    trained, _ = make_engine(world1, dtype, zero)
+def test_state_round_trip_continues_bitwise(world1, tmp_path, dtype, zero):
+    """Train 2 steps, move the full state into a fresh engine: the next step is bitwise the same. The
+    checkpoint's shards (each rank's own parts, engine.local_state) join into exactly that state."""
+    trained, cfg = make_engine(world1, dtype, zero, run_dir=tmp_path)
     for i in range(2):
         train_step(trained, [batch(i)])
     weights, moments, bad = trained.full_state()
     assert not bad and trained.optimizer_step_count() == 2
+    cfg.checkpoint.consolidated = "false"
+    ckpt = Checkpointer(cfg, world1).save(2, trained, {})
+    assert not (ckpt / "model.safetensors").exists() and not (ckpt / "optimizer.safetensors").exists()
+    shard_w, shard_m = checkpoint_weights(ckpt), checkpoint_moments(ckpt)
+    assert shard_w.keys() == weights.keys() and shard_m.keys() == moments.keys()
+    assert all(torch.equal(weights[k], shard_w[k]) for k in weights)
+    assert all(torch.equal(moments[k], shard_m[k]) for k in moments)
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert all(moments[f"{name}.exp_avg_sq"].abs().sum() > 0 for name in weights)  # real moments, not zeros
 

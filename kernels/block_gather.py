@@ -1,12 +1,18 @@
 """Block-sparse attention for CPU tensors (and any device without Triton): gather, then dense math.
 
-Each (batch, head, query block) is one unit of work. For a unit, gather the key/value blocks its
-layout lists into one contiguous (max_kv * block) strip and run softmax attention against that
-strip with batched matmuls. Units are processed in chunks of a few MB so the strips and scores stay
-in cache (on 2 CPU cores this alone doubles the matmul rate over one big batch). Like
-FlashAttention-2 the forward keeps only the output and the row log-sum-exp; the backward
+Each (batch, head, query block) is one unit of work. A unit gathers the key/value blocks its layout
+lists into one contiguous strip and runs softmax attention against it with batched matmuls. Units are
+grouped by their exact number of kept blocks k (a causal layout's early rows keep fewer; a strided or
+proportional layout's rows grow with position), and each group is cut into chunks of a few MB, so a
+chunk is one (c, block, k*block) batched matmul with no padded slot: the work is the kept blocks,
+whatever the shape of the lists (`_Units.tiles` counts it). Small chunks keep the strips and scores in
+cache (on 2 CPU cores this alone doubles the matmul rate over one big batch).
+
+Like FlashAttention-2 the forward keeps only the output and the row log-sum-exp; the backward
 recomputes the scores chunk by chunk and scatter-adds the strip gradients into dK/dV with
-`index_add_`. Work and memory grow with the kept blocks, n_blocks * max_kv * block^2, not with S^2.
+`index_add_`. Masking is fused where the structure allows: a causal list ends with its diagonal block,
+so the causal mask touches only the last tile of a strip; the per-tile term is added only with ALiBi
+or a tile bias; the softmax is normalised after PV (on block x D, not on block x k*block).
 FlexAttention cannot serve here: in our torch it has no backward on CPU (../STACK_NOTES).
 
 Same arguments and semantics as the Triton kernel (gorilla_dist.kernels.block_sparse), which the
@@ -28,20 +34,39 @@ MASKED = -1.0e30
 """Added to scores above the diagonal: finite, so that 0 * MASKED stays 0 in the broadcast add."""
 
 
+class _Chunk:
+    """Units `ids` (flat (batch, head, query block) indices) that all keep the same k blocks, and the
+    per-unit terms they need, sliced once for the forward and the backward."""
+
+    def __init__(self, u: "_Units", ids: torch.Tensor, k: int):
+        self.ids, self.k = ids, k
+        self.rows = u.rows[ids, :k].reshape(-1)  # rows of k/v viewed (B*H_kv*n, bs, D)
+        self.tile = None if u.tile is None else u.tile[ids, :k].view(-1, 1, k, 1)
+        self.diag = None if u.diag is None else u.diag[ids, :k].view(-1, 1, k, 1)
+        self.slope = None if u.slope is None else u.slope[ids]
+        if u.seg is not None:
+            self.qrow, self.krow = u.qrow[ids], u.krow[ids, :k]
+
+
 class _Units:
-    """Per-unit metadata, flattened over (batch, head, query block): gather rows, tile terms."""
+    """Per-unit metadata, flattened over (batch, head, query block), and the chunks of equal count."""
 
     def __init__(self, layout: BlockLayout, B: int, H: int, H_kv: int, device, alibi_slopes, block_bias,
                  segments=None):
         bs, n, kmax = layout.block_size, layout.n_blocks, layout.max_kv
         idx = layout.kv_indices.to(device).long().expand(B, H, n, kmax)
+        num = layout.kv_num_blocks.to(device).long().expand(B, H, n).reshape(-1)
+        if int(num.min()) < 1:
+            raise ValueError("block-sparse attention: a query block lists no key block (every layout keeps "
+                             "its diagonal block)")
         m = torch.arange(n, device=device)[:, None]
-        valid = layout.valid_slots().to(device).expand(B, H, n, kmax)
         head = torch.arange(B, device=device)[:, None] * H_kv + torch.arange(H, device=device) // (H // H_kv)
-        self.rows = (head[:, :, None, None] * n + idx).reshape(-1, kmax)  # rows of k viewed (B*H_kv*n, bs, D)
-        self.diag = ((idx == m) & valid).float().reshape(-1, 1, kmax, 1)
-        # one additive term per (unit, slot): padding, ALiBi's block offset, the tile bias
-        tile = torch.zeros(B, H, n, kmax, device=device).masked_fill_(~valid, float("-inf"))
+        self.rows = (head[:, :, None, None] * n + idx).reshape(-1, kmax)
+        is_diag = (idx == m).reshape(-1, kmax)
+        # a causal list is ascending and ends with its diagonal block: then only the last tile needs the mask
+        self.diag_last = segments is None and bool(is_diag.gather(1, (num - 1)[:, None]).all())
+        self.diag = None if self.diag_last else is_diag.float()
+        tile = None  # one additive term per (unit, slot): ALiBi's block offset, the tile bias
         self.slope = self.seg = None
         if segments is not None:  # per token: ids and positions of each unit's queries and key strip
             seg = segments.to(device).view(B * n, bs)
@@ -55,46 +80,60 @@ class _Units:
             self.slope = (-alibi_slopes.float().to(device).view(1, H, 1, 1)).expand(B, H, n, 1).reshape(-1, 1, 1)
         elif alibi_slopes is not None:
             slope = alibi_slopes.float().to(device).view(1, H, 1, 1)
-            tile -= slope * ((m - idx) * bs).float()
+            tile = (-slope * ((m - idx) * bs).float()).expand(B, H, n, kmax)
             self.slope = (-slope).expand(B, H, n, 1).reshape(-1, 1, 1, 1)
         if block_bias is not None:
-            tile += block_bias.detach().float()
-        self.tile = tile.reshape(-1, 1, kmax, 1)
+            bias = block_bias.detach().float().to(device)
+            tile = bias.expand(B, H, n, kmax) if tile is None else tile + bias
+        self.tile = None if tile is None else tile.reshape(-1, kmax)
         pos = torch.arange(bs, device=device, dtype=torch.float32)
         self.offset = (pos[:, None] - pos[None, :]).view(1, bs, 1, bs)  # query - key inside a tile
         self.causal = torch.where(self.offset < 0, MASKED, 0.0)
         self.count, self.kmax, self.bs = B * H * n, kmax, bs
-        self.chunk = max(1, CHUNK_BYTES // (bs * kmax * bs * 4))
+        order = torch.argsort(num, stable=True)
+        self.chunks, start = [], 0
+        for k, c in enumerate(torch.bincount(num).tolist()):
+            group, start = order[start:start + c], start + c
+            per = max(1, CHUNK_BYTES // (bs * k * bs * 4)) if c else 1
+            self.chunks += [_Chunk(self, group[lo:lo + per], k) for lo in range(0, c, per)]
+        self.tiles = sum(ch.ids.numel() * ch.k for ch in self.chunks)
+        """(query block, key block) tiles computed per pass: the kept blocks, over batch and heads."""
 
-    def scores(self, qc, kc, lo, hi, scale):
-        """(c, bs, kmax*bs) fp32 masked scores of units [lo, hi)."""
-        s = torch.bmm(qc, kc.transpose(1, 2)).float().mul_(scale)
-        s4 = s.view(hi - lo, self.bs, self.kmax, self.bs)
-        s4.add_(self.tile[lo:hi])
+    def scores(self, ch: _Chunk, qc, kc, scale):
+        """(c, bs, k*bs) fp32 masked scores of the chunk's units (qc already scaled when scale is None)."""
+        s = torch.bmm(qc, kc.transpose(1, 2)).float()
+        if scale is not None:
+            s.mul_(scale)
+        s4 = s.view(-1, self.bs, ch.k, self.bs)
+        if ch.tile is not None:
+            s4.add_(ch.tile)
         if self.seg is not None:
-            return self._segment_scores(s, lo, hi)
-        s4.addcmul_(self.diag[lo:hi], self.causal)
+            return self._segment_scores(s, ch)
+        if self.diag_last:
+            s4[:, :, -1, :].add_(self.causal[0, :, 0, :])
+        else:
+            s4.addcmul_(ch.diag, self.causal)
         if self.slope is not None:
-            s4.addcmul_(self.slope[lo:hi], self.offset)
+            s4.addcmul_(ch.slope, self.offset)
         return s
 
-    def _segment_scores(self, s, lo, hi):
+    def _segment_scores(self, s, ch: _Chunk):
         """Token by token (segment ids given): inside the query's document (or a shared id < 0), causal
         except toward input tokens (dense.sdpa_keep_mask's rule); ALiBi on the distance either way."""
         doc, ahead, shared = self.seg
-        qr, kr = self.qrow[lo:hi], self.krow[lo:hi].reshape(-1)
-        c = hi - lo
+        qr, kr = ch.qrow, ch.krow.reshape(-1)
+        c = qr.numel()
         pq, pk = self.pos[qr][:, :, None], self.pos[kr].view(c, 1, -1)
         keep = (doc[qr][:, :, None] == doc[kr].view(c, 1, -1)) | shared[kr].view(c, 1, -1)
         keep &= (pk <= pq) | ahead[kr].view(c, 1, -1)
         s.masked_fill_(~keep, MASKED)
         if self.slope is not None:
-            s.addcmul_(self.slope[lo:hi], (pq - pk).abs().float())
+            s.addcmul_(ch.slope, (pq - pk).abs().float())
         return s
 
-    def gather(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def gather(self, t: torch.Tensor, ch: _Chunk) -> torch.Tensor:
         bs, D = self.bs, t.shape[-1]
-        return t.view(-1, bs, D).index_select(0, self.rows[lo:hi].reshape(-1)).view(hi - lo, self.kmax * bs, D)
+        return t.view(-1, bs, D).index_select(0, ch.rows).view(-1, ch.k * bs, D)
 
 
 class BlockGatherAttention(torch.autograd.Function):
@@ -107,15 +146,16 @@ class BlockGatherAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         ou = out.view(-1, bs, D)
         lse = torch.empty(u.count, bs, 1, device=q.device)
-        for lo in range(0, u.count, u.chunk):
-            hi = min(lo + u.chunk, u.count)
-            s = u.scores(qu[lo:hi], u.gather(k, lo, hi), lo, hi, scale)
+        fold = q.dtype == torch.float32  # fp32 queries take the scale (block x D, not block x k*block)
+        for ch in u.chunks:
+            qc = qu.index_select(0, ch.ids)
+            s = u.scores(ch, qc.mul_(scale) if fold else qc, u.gather(k, ch), None if fold else scale)
             mx = s.amax(-1, keepdim=True)
             s.sub_(mx).exp_()
             total = s.sum(-1, keepdim=True)
-            s.div_(total)
-            lse[lo:hi] = mx + total.log()
-            torch.bmm(s.to(v.dtype), u.gather(v, lo, hi), out=ou[lo:hi])
+            lse[ch.ids] = mx + total.log()
+            o = torch.bmm(s.to(v.dtype), u.gather(v, ch))
+            ou.index_copy_(0, ch.ids, o.div_(total) if o.dtype == torch.float32 else (o.float() / total).to(o.dtype))
         ctx.save_for_backward(q, k, v, out, lse, block_bias)
         ctx.units, ctx.scale = u, scale
         return out
@@ -131,20 +171,22 @@ class BlockGatherAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dqu = dq.view(-1, bs, D)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dtile = torch.empty(u.count, u.kmax, device=q.device) if block_bias is not None else None
-        for lo in range(0, u.count, u.chunk):
-            hi = min(lo + u.chunk, u.count)
-            kc, vc = u.gather(k, lo, hi), u.gather(v, lo, hi)
-            p = u.scores(qu[lo:hi], kc, lo, hi, scale).sub_(lse[lo:hi]).exp_()  # (c, bs, kmax*bs)
-            dv.view(-1, bs, D).index_add_(0, u.rows[lo:hi].reshape(-1),
-                                          torch.bmm(p.transpose(1, 2).to(q.dtype), dou[lo:hi]).view(-1, bs, D))
-            ds = torch.bmm(dou[lo:hi], vc.transpose(1, 2)).float().sub_(delta[lo:hi]).mul_(p)
+        dku, dvu = dk.view(-1, bs, D), dv.view(-1, bs, D)
+        dtile = torch.zeros(u.count, u.kmax, device=q.device) if block_bias is not None else None
+        fold = q.dtype == torch.float32
+        for ch in u.chunks:
+            kc, vc = u.gather(k, ch), u.gather(v, ch)
+            qc = qu.index_select(0, ch.ids)
+            p = u.scores(ch, qc * scale if fold else qc, kc, None if fold else scale)
+            p.sub_(lse[ch.ids]).exp_()  # (c, bs, k*bs)
+            doc = dou.index_select(0, ch.ids)
+            dvu.index_add_(0, ch.rows, torch.bmm(p.transpose(1, 2).to(q.dtype), doc).view(-1, bs, D))
+            ds = torch.bmm(doc, vc.transpose(1, 2)).float().sub_(delta[ch.ids]).mul_(p)
             if dtile is not None:
-                dtile[lo:hi] = ds.view(hi - lo, bs, u.kmax, bs).sum((1, 3))
+                dtile[ch.ids, :ch.k] = ds.view(-1, bs, ch.k, bs).sum((1, 3))
             ds = ds.mul_(scale).to(q.dtype)
-            torch.bmm(ds, kc, out=dqu[lo:hi])
-            dk.view(-1, bs, D).index_add_(0, u.rows[lo:hi].reshape(-1),
-                                          torch.bmm(ds.transpose(1, 2), qu[lo:hi]).view(-1, bs, D))
+            dqu.index_copy_(0, ch.ids, torch.bmm(ds, kc))
+            dku.index_add_(0, ch.rows, torch.bmm(ds.transpose(1, 2), qc).view(-1, bs, D))
         dbias = None
         if block_bias is not None:  # summed over the dimensions a broadcast bias leaves out
             dbias = dtile.view(*q.shape[:2], -1, u.kmax).sum_to_size(block_bias.shape).to(block_bias.dtype)

@@ -84,6 +84,42 @@ def test_block_gather_uses_only_listed_blocks():
     assert torch.equal(a[:, :, BS:], b[:, :, BS:]) and not torch.equal(a[:, :, :BS], b[:, :, :BS])
 
 
+RAGGED_S, RAGGED_BS = 256, 16  # 16 query blocks: rows of very different length
+RAGGED = {  # layouts whose rows differ in length, so padding every row to the longest would cost
+    "strided": lambda: L.strided(RAGGED_S, RAGGED_BS, stride=4),
+    "growing-fraction": lambda: L.from_lists(  # a third of each row's past, spread over it
+        [sorted({round(i * m / max(1, (m + 1) // 3)) for i in range((m + 1) // 3)} | {m}) for m in range(16)],
+        RAGGED_S, RAGGED_BS),
+    "one-very-long-row": lambda: L.from_lists([[m] for m in range(15)] + [list(range(16))], RAGGED_S, RAGGED_BS),
+}
+
+
+@pytest.mark.parametrize("kind", RAGGED)
+def test_block_gather_work_is_the_kept_blocks_for_ragged_lists(kind):
+    """Rows of different length: the result equals the dense reference (with ALiBi and a tile bias, the
+    terms that depend on the slot), and the tiles computed are the kept blocks, not n * max_kv."""
+    from gorilla_dist.kernels.block_gather import _Units
+
+    B, H, H_kv = 2, 4, 2
+    layout = RAGGED[kind]()
+    n, kmax = layout.n_blocks, layout.max_kv
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, RAGGED_S, 32, generator=g) for h in (H, H_kv, H_kv))
+    bias, slopes = torch.randn(B, H, n, kmax, generator=g), alibi_slopes(H)
+
+    def go(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = fn(*leaves[:3], layout, scale=0.2, alibi_slopes=slopes, block_bias=leaves[3])
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        return [out, *torch.autograd.grad((out * w).sum(), leaves)]
+
+    assert_all_close(go(block_gather_attention), go(block_sparse_reference), 1e-5)
+    kept = int(layout.kv_num_blocks.expand(B, H, n).sum())
+    units = _Units(layout, B, H, H_kv, "cpu", slopes, bias)
+    assert units.tiles == kept, f"{units.tiles} tiles computed for {kept} kept blocks"
+    assert kept < 0.75 * B * H * n * kmax  # the layout is ragged enough for padding to show
+
+
 def test_dispatch_takes_block_gather_for_cpu_tensors_and_odd_head_dims():
     from gorilla_dist.kernels.block_sparse import block_sparse_attention
 

@@ -128,6 +128,9 @@ def inference_model(run_dir: str | os.PathLike, which: str = "latest"):
     from omegaconf import OmegaConf
 
     from gorilla_dist.config import ParallelConfig
+    from gorilla_dist.engine.startup import import_megatron
+
+    import_megatron(wandb=False)  # before anything else imports it: the tools (generate, evaluate) log nothing to W&B
     from gorilla_dist.parallel import init_distributed, teardown
     from gorilla_dist.runtime import single_process_env
 

@@ -13,28 +13,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-CLUSTER = {"test_slurm.py", "test_multinode.py", "test_fault_tolerance.py"}
-"""Tests that share the Slurm clusters or measure how long a failure takes to be reported: one after
-another on one pytest-xdist worker (the `cluster` group), never beside each other."""
-
-
 def pytest_collection_modifyitems(config, items):
     """Multi-process and end-to-end tests (tests/distributed, tests/integration) are `slow`:
     `pytest -m "not slow"` is the inner loop (unit tests, a couple of minutes); CI runs everything.
 
-    pytest-xdist (pyproject's `-n 2 --dist loadgroup`) runs two tests at a time: a test mostly waits on
-    one process (a tool, a one-rank run, a scheduler), so the second CPU core is otherwise idle. The
-    CLUSTER files run in one group; every other integration file is a group of its own, so that its
-    module fixtures (a trained base model, a checkpoint) are built once, on one worker; unit and
-    distributed tests go to whichever worker is free."""
+    pytest-xdist (pyproject's `-n 2 --dist loadfile`) runs two test files at a time: a test mostly waits
+    on one process (a tool, a one-rank run, a scheduler), so the second CPU core is otherwise idle. A file
+    stays on one worker, so its module fixtures (a Slurm cluster, a trained base, a checkpoint) are built
+    once and never torn down under another test. (`--dist loadgroup` would be finer, but with pytest 9.2
+    xdist 3.8 cannot rename the grouped tests' node ids, so its groups have no effect.)"""
     for item in items:
-        folder, name = item.path.parent.name, item.path.name
-        if folder in ("distributed", "integration"):
+        if item.path.parent.name in ("distributed", "integration"):
             item.add_marker(pytest.mark.slow)
-        if name in CLUSTER:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-        elif folder == "integration":
-            item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session")

@@ -100,10 +100,12 @@ class _Units:
         """(query block, key block) tiles computed per pass: the kept blocks, over batch and heads."""
 
     def scores(self, ch: _Chunk, qc, kc, scale):
-        """(c, bs, k*bs) fp32 masked scores of the chunk's units (qc already scaled when scale is None)."""
-        s = torch.bmm(qc, kc.transpose(1, 2)).float()
-        if scale is not None:
-            s.mul_(scale)
+        """(c, bs, k*bs) fp32 masked scores of the chunk's units. fp32 queries take the scale themselves
+        (block x D multiplies instead of block x k*block); half precision scales the fp32 scores."""
+        if qc.dtype == torch.float32:
+            s = torch.bmm(qc * scale, kc.transpose(1, 2))
+        else:
+            s = torch.bmm(qc, kc.transpose(1, 2)).float().mul_(scale)
         s4 = s.view(-1, self.bs, ch.k, self.bs)
         if ch.tile is not None:
             s4.add_(ch.tile)
@@ -146,10 +148,8 @@ class BlockGatherAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         ou = out.view(-1, bs, D)
         lse = torch.empty(u.count, bs, 1, device=q.device)
-        fold = q.dtype == torch.float32  # fp32 queries take the scale (block x D, not block x k*block)
         for ch in u.chunks:
-            qc = qu.index_select(0, ch.ids)
-            s = u.scores(ch, qc.mul_(scale) if fold else qc, u.gather(k, ch), None if fold else scale)
+            s = u.scores(ch, qu.index_select(0, ch.ids), u.gather(k, ch), scale)
             mx = s.amax(-1, keepdim=True)
             s.sub_(mx).exp_()
             total = s.sum(-1, keepdim=True)
@@ -173,11 +173,10 @@ class BlockGatherAttention(torch.autograd.Function):
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dku, dvu = dk.view(-1, bs, D), dv.view(-1, bs, D)
         dtile = torch.zeros(u.count, u.kmax, device=q.device) if block_bias is not None else None
-        fold = q.dtype == torch.float32
         for ch in u.chunks:
             kc, vc = u.gather(k, ch), u.gather(v, ch)
             qc = qu.index_select(0, ch.ids)
-            p = u.scores(ch, qc * scale if fold else qc, kc, None if fold else scale)
+            p = u.scores(ch, qc, kc, scale)
             p.sub_(lse[ch.ids]).exp_()  # (c, bs, k*bs)
             doc = dou.index_select(0, ch.ids)
             dvu.index_add_(0, ch.rows, torch.bmm(p.transpose(1, 2).to(q.dtype), doc).view(-1, bs, D))

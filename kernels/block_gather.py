@@ -8,11 +8,17 @@ chunk is one (c, block, k*block) batched matmul with no padded slot: the work is
 whatever the shape of the lists (`_Units.tiles` counts it). Small chunks keep the strips and scores in
 cache (on 2 CPU cores this alone doubles the matmul rate over one big batch).
 
-Like FlashAttention-2 the forward keeps only the output and the row log-sum-exp; the backward
-recomputes the scores chunk by chunk and scatter-adds the strip gradients into dK/dV with
-`index_add_`. Masking is fused where the structure allows: a causal list ends with its diagonal block,
-so the causal mask touches only the last tile of a strip; the per-tile term is added only with ALiBi
-or a tile bias; the softmax is normalised after PV (on block x D, not on block x k*block).
+The softmax is torch's fused one (max, exp, sum and divide in one pass over each row), and its backward
+too (`torch._softmax_backward_data`: P * (dP - rowsum(P * dP))). The forward keeps each chunk's
+probabilities and key/value strips for the backward while they fit in KEEP_BYTES (a kept block costs
+block x (4 block + 2 D x element size) bytes: 32 KB at block 64, D 32, fp32), so the backward runs four
+matmuls per tile and no softmax, gathers no strip and recomputes no score. Above that, it keeps nothing
+but its inputs, like FlashAttention-2, and the backward recomputes the chunk's scores and softmax. The
+strip gradients are scatter-added into dK/dV with `index_add_`. Masking is fused where the structure
+allows: a causal list ends with its diagonal block, so the causal mask touches only the last tile of a
+strip; the per-tile term is added only with ALiBi or a tile bias; the softmax scale multiplies fp32
+queries (block x D) or, in half precision, the fp32 scores; the backward applies it to the block x D
+products.
 FlexAttention cannot serve here: in our torch it has no backward on CPU (../STACK_NOTES).
 
 Same arguments and semantics as the Triton kernel (gorilla_dist.kernels.block_sparse), which the
@@ -30,6 +36,9 @@ from gorilla_dist.kernels.limits import BIDIRECTIONAL
 
 CHUNK_BYTES = 4 << 20
 """Target size of one chunk's score tile (fp32): small enough for cache, large enough for BLAS."""
+KEEP_BYTES = 1 << 30
+"""The most the forward keeps for the backward (probabilities + key/value strips, all chunks of one call);
+above it the backward recomputes them. 1 GB: 32k kept blocks at block 64, D 64, fp32."""
 MASKED = -1.0e30
 """Added to scores above the diagonal: finite, so that 0 * MASKED stays 0 in the broadcast add."""
 
@@ -147,45 +156,43 @@ class BlockGatherAttention(torch.autograd.Function):
         qu = q.view(-1, bs, D)
         out = torch.empty_like(q)
         ou = out.view(-1, bs, D)
-        lse = torch.empty(u.count, bs, 1, device=q.device)
+        kept = [] if u.tiles * bs * (bs * 4 + 2 * D * k.element_size()) <= KEEP_BYTES else None
         for ch in u.chunks:
-            s = u.scores(ch, qu.index_select(0, ch.ids), u.gather(k, ch), scale)
-            mx = s.amax(-1, keepdim=True)
-            s.sub_(mx).exp_()
-            total = s.sum(-1, keepdim=True)
-            lse[ch.ids] = mx + total.log()
-            o = torch.bmm(s.to(v.dtype), u.gather(v, ch))
-            ou.index_copy_(0, ch.ids, o.div_(total) if o.dtype == torch.float32 else (o.float() / total).to(o.dtype))
-        ctx.save_for_backward(q, k, v, out, lse, block_bias)
-        ctx.units, ctx.scale = u, scale
+            kc, vc = u.gather(k, ch), u.gather(v, ch)
+            p = torch.softmax(u.scores(ch, qu.index_select(0, ch.ids), kc, scale), -1)  # (c, bs, k*bs) fp32
+            ou.index_copy_(0, ch.ids, torch.bmm(p.to(v.dtype), vc))
+            if kept is not None:
+                kept.append((p, kc, vc))
+        ctx.save_for_backward(q, k, v, block_bias)
+        ctx.units, ctx.scale, ctx.kept = u, scale, kept
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, block_bias = ctx.saved_tensors
-        u, scale = ctx.units, ctx.scale
+        q, k, v, block_bias = ctx.saved_tensors
+        u, scale, kept = ctx.units, ctx.scale, ctx.kept
+        ctx.kept = None
         bs, D = u.bs, q.shape[-1]
-        do = do.contiguous()
-        qu, dou = q.view(-1, bs, D), do.view(-1, bs, D)
-        delta = (do.float() * out.float()).sum(-1).view(-1, bs, 1)  # rowsum(P * dP)
+        qu, dou = q.view(-1, bs, D), do.contiguous().view(-1, bs, D)
         dq = torch.empty_like(q)
         dqu = dq.view(-1, bs, D)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dku, dvu = dk.view(-1, bs, D), dv.view(-1, bs, D)
         dtile = torch.zeros(u.count, u.kmax, device=q.device) if block_bias is not None else None
-        for ch in u.chunks:
-            kc, vc = u.gather(k, ch), u.gather(v, ch)
-            qc = qu.index_select(0, ch.ids)
-            p = u.scores(ch, qc, kc, scale)
-            p.sub_(lse[ch.ids]).exp_()  # (c, bs, k*bs)
-            doc = dou.index_select(0, ch.ids)
+        for i, ch in enumerate(u.chunks):
+            qc, doc = qu.index_select(0, ch.ids), dou.index_select(0, ch.ids)
+            if kept is not None:
+                p, kc, vc = kept[i]
+            else:  # recompute, as the forward did
+                kc, vc = u.gather(k, ch), u.gather(v, ch)
+                p = torch.softmax(u.scores(ch, qc, kc, scale), -1)
             dvu.index_add_(0, ch.rows, torch.bmm(p.transpose(1, 2).to(q.dtype), doc).view(-1, bs, D))
-            ds = torch.bmm(doc, vc.transpose(1, 2)).float().sub_(delta[ch.ids]).mul_(p)
+            ds = torch._softmax_backward_data(torch.bmm(doc, vc.transpose(1, 2)).float(), p, -1, torch.float32)
             if dtile is not None:
                 dtile[ch.ids, :ch.k] = ds.view(-1, bs, ch.k, bs).sum((1, 3))
-            ds = ds.mul_(scale).to(q.dtype)
-            dqu.index_copy_(0, ch.ids, torch.bmm(ds, kc))
-            dku.index_add_(0, ch.rows, torch.bmm(ds.transpose(1, 2), qc).view(-1, bs, D))
+            ds = ds.to(q.dtype)
+            dqu.index_copy_(0, ch.ids, torch.bmm(ds, kc).mul_(scale))
+            dku.index_add_(0, ch.rows, torch.bmm(ds.transpose(1, 2), qc).mul_(scale).view(-1, bs, D))
         dbias = None
         if block_bias is not None:  # summed over the dimensions a broadcast bias leaves out
             dbias = dtile.view(*q.shape[:2], -1, u.kmax).sum_to_size(block_bias.shape).to(block_bias.dtype)

@@ -42,6 +42,15 @@ def run(fn, q, k, v, layout, bias=None, slopes=None, device="cpu", segments=None
     return [out.float().cpu()] + [g.float().cpu() for g in grads]
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def memory(request, monkeypatch):
+    """Both backward paths of block-gather: the forward keeps its probabilities and strips (the budget
+    allows), or keeps nothing and the backward recomputes them (KEEP_BYTES = 0)."""
+    if request.param == "recomputed":
+        monkeypatch.setattr("gorilla_dist.kernels.block_gather.KEEP_BYTES", 0)
+    return request.param
+
+
 def assert_all_close(got, want, tol, *, scaled=False):
     """Elementwise within tol; `scaled` (half precision): within tol * the tensor's largest magnitude,
     since the tile-bias gradient sums hundreds of rounded terms."""
@@ -55,7 +64,7 @@ def assert_all_close(got, want, tol, *, scaled=False):
 
 @pytest.mark.parametrize("options", ["plain", "alibi+bias"])
 @pytest.mark.parametrize("kind", LAYOUTS)
-def test_block_gather_matches_reference(kind, options):
+def test_block_gather_matches_reference(kind, options, memory):
     H = 4
     layout = LAYOUTS[kind](H)
     bias_shape = (2, H, 4, layout.max_kv) if options != "plain" else None
@@ -65,7 +74,7 @@ def test_block_gather_matches_reference(kind, options):
                      run(block_sparse_reference, q, k, v, layout, bias, slopes), 1e-5)
 
 
-def test_block_gather_bf16_and_broadcast_bias():
+def test_block_gather_bf16_and_broadcast_bias(memory):
     layout = LAYOUTS["bigbird"](4)
     q, k, v, bias = inputs(dtype=torch.bfloat16, bias_shape=(1, 4, 4, layout.max_kv))
     got = run(block_gather_attention, q, k, v, layout, bias)
@@ -95,10 +104,15 @@ RAGGED = {  # layouts whose rows differ in length, so padding every row to the l
 
 
 @pytest.mark.parametrize("kind", RAGGED)
-def test_block_gather_work_is_the_kept_blocks_for_ragged_lists(kind):
+def test_block_gather_work_is_the_kept_blocks_for_ragged_lists(kind, memory, monkeypatch):
     """Rows of different length: the result equals the dense reference (with ALiBi and a tile bias, the
-    terms that depend on the slot), and the tiles computed are the kept blocks, not n * max_kv."""
+    terms that depend on the slot), and the tiles computed are the kept blocks, not n * max_kv. The
+    scores are computed once per chunk when the forward keeps its probabilities, twice when not."""
     from gorilla_dist.kernels.block_gather import _Units
+
+    calls = []
+    scores = _Units.scores
+    monkeypatch.setattr(_Units, "scores", lambda self, ch, *a: calls.append(ch.ids.numel() * ch.k) or scores(self, ch, *a))
 
     B, H, H_kv = 2, 4, 2
     layout = RAGGED[kind]()
@@ -117,6 +131,7 @@ def test_block_gather_work_is_the_kept_blocks_for_ragged_lists(kind):
     kept = int(layout.kv_num_blocks.expand(B, H, n).sum())
     units = _Units(layout, B, H, H_kv, "cpu", slopes, bias)
     assert units.tiles == kept, f"{units.tiles} tiles computed for {kept} kept blocks"
+    assert sum(calls) == kept * (1 if memory == "kept" else 2)
     assert kept < 0.75 * B * H * n * kmax  # the layout is ragged enough for padding to show
 
 
@@ -153,7 +168,7 @@ def test_with_segments_adds_mirror_blocks_where_inputs_lie_ahead():
 
 @pytest.mark.parametrize("options", ["plain", "alibi+bias"])
 @pytest.mark.parametrize("kind", ["sliding-single-block", "strided", "topk-per-head", "ragged-lists"])
-def test_block_gather_with_segments_matches_reference(kind, options):
+def test_block_gather_with_segments_matches_reference(kind, options, memory):
     H, seg = 4, segments_example()
     base = LAYOUTS[kind](H)
     bias = torch.randn(2, H, 4, base.max_kv, generator=torch.Generator().manual_seed(5)) if options != "plain" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -25,6 +26,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.parent.name in ("distributed", "integration"):
             item.add_marker(pytest.mark.slow)
+
+
+_FILE_SECONDS: collections.Counter = collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+    """Seconds per test file (setup + call + teardown; with xdist, the workers' reports reach here)."""
+    _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The files that set the suite's wall time: one xdist worker runs a whole file (see above)."""
+    if _FILE_SECONDS:
+        total = sum(_FILE_SECONDS.values())
+        terminalreporter.write_sep("=", f"slowest files (setup + call + teardown; all files: {total:.0f} s)")
+        for path, seconds in _FILE_SECONDS.most_common(15):
+            terminalreporter.write_line(f"{seconds:8.1f}s {path}")
 
 
 @pytest.fixture(scope="session")

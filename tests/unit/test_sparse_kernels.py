@@ -110,9 +110,12 @@ def test_block_gather_work_is_the_kept_blocks_for_ragged_lists(kind, memory, mon
     scores are computed once per chunk when the forward keeps its probabilities, twice when not."""
     from gorilla_dist.kernels.block_gather import _Units
 
-    calls = []
-    scores = _Units.scores
-    monkeypatch.setattr(_Units, "scores", lambda self, ch, *a: calls.append(ch.ids.numel() * ch.k) or scores(self, ch, *a))
+    calls, scores = [], _Units.scores  # tiles scored, per call
+
+    def counted(self, ch, *args):
+        calls.append(ch.ids.numel() * ch.k)
+        return scores(self, ch, *args)
+    monkeypatch.setattr(_Units, "scores", counted)
 
     B, H, H_kv = 2, 4, 2
     layout = RAGGED[kind]()

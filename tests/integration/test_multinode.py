@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -196,9 +195,6 @@ def test_an_unplugged_node_is_named_by_the_survivor_within_the_timeout(two_nodes
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(on_node(n, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True) for n in ("gd-node1", "gd-node2")]
-    lines2: list[str] = []  # node 2's output as it comes (its agent outlives the worker: see below)
-    reader = threading.Thread(target=lambda: lines2.extend(procs[1].stdout), daemon=True)
-    reader.start()
     try:
         wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2, "training to start", 120)
         subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "down"), check=True)
@@ -207,15 +203,13 @@ def test_an_unplugged_node_is_named_by_the_survivor_within_the_timeout(two_nodes
         elapsed = time.monotonic() - start
         # the unplugged side: its worker times out too and its census cannot reach the store; torchrun's
         # agent there then waits on the unreachable rendezvous, so it is stopped once the worker has spoken
-        wait_until(lambda: "does not answer either" in "".join(lines2), "node 2's worker to report", 60)
+        time.sleep(30)
     finally:
         subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "up"), check=True)
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
-    procs[1].wait(timeout=60)
-    reader.join(timeout=60)
-    out2 = "".join(lines2)
+    out2 = procs[1].communicate(timeout=60)[0]
     assert procs[0].returncode != 0
     assert "[rank 0 on gd-node1] error: " in out1 and "did not complete within parallel.timeout_s=8 s" in out1, out1[-3000:]
     assert "(dead, stuck or unreachable): rank 1 on gd-node2" in out1

@@ -10,7 +10,7 @@ cache (on 2 CPU cores this alone doubles the matmul rate over one big batch).
 
 The softmax is torch's fused one (max, exp, sum and divide in one pass over each row), and its backward
 too (`torch._softmax_backward_data`: P * (dP - rowsum(P * dP))). The forward keeps each chunk's
-probabilities and key/value strips for the backward while they fit in KEEP_BYTES (a kept block costs
+probabilities and key/value strips for the backward (when a gradient is wanted) while they fit in KEEP_BYTES (a kept block costs
 block x (4 block + 2 D x element size) bytes: 32 KB at block 64, D 32, fp32), so the backward runs four
 matmuls per tile and no softmax, gathers no strip and recomputes no score. Above that, it keeps nothing
 but its inputs, like FlashAttention-2, and the backward recomputes the chunk's scores and softmax. The
@@ -149,14 +149,14 @@ class _Units:
 
 class BlockGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes, segments):
+    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes, segments, train: bool):
         B, H, S, D = q.shape
         u = _Units(layout, B, H, k.shape[1], q.device, alibi_slopes, block_bias, segments)
         bs = layout.block_size
         qu = q.view(-1, bs, D)
         out = torch.empty_like(q)
         ou = out.view(-1, bs, D)
-        kept = [] if u.tiles * bs * (bs * 4 + 2 * D * k.element_size()) <= KEEP_BYTES else None
+        kept = [] if train and u.tiles * bs * (bs * 4 + 2 * D * k.element_size()) <= KEEP_BYTES else None
         for ch in u.chunks:
             kc, vc = u.gather(k, ch), u.gather(v, ch)
             p = torch.softmax(u.scores(ch, qu.index_select(0, ch.ids), kc, scale), -1)  # (c, bs, k*bs) fp32
@@ -196,7 +196,7 @@ class BlockGatherAttention(torch.autograd.Function):
         dbias = None
         if block_bias is not None:  # summed over the dimensions a broadcast bias leaves out
             dbias = dtile.view(*q.shape[:2], -1, u.kmax).sum_to_size(block_bias.shape).to(block_bias.dtype)
-        return dq, dk, dv, dbias, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
@@ -208,4 +208,5 @@ def block_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     per-token mask (see layouts.with_segments). Returns (B, H, S, D)."""
     check_qkv(q, k, v, layout, segments)
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return BlockGatherAttention.apply(q, k, v, block_bias, layout, scale, alibi_slopes, segments)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, block_bias))
+    return BlockGatherAttention.apply(q, k, v, block_bias, layout, scale, alibi_slopes, segments, train)

@@ -9,17 +9,16 @@ whatever the shape of the lists (`_Units.tiles` counts it). Small chunks keep th
 cache (on 2 CPU cores this alone doubles the matmul rate over one big batch).
 
 The softmax is torch's fused one (max, exp, sum and divide in one pass over each row), and its backward
-too (`torch._softmax_backward_data`: P * (dP - rowsum(P * dP))). The forward keeps each chunk's
-probabilities and key/value strips for the backward (when a gradient is wanted) while they fit in KEEP_BYTES (a kept block costs
-block x (4 block + 2 D x element size) bytes: 32 KB at block 64, D 32, fp32), so the backward runs four
-matmuls per tile and no softmax, gathers no strip and recomputes no score. Above that, it keeps nothing
-but its inputs, like FlashAttention-2, and the backward recomputes the chunk's scores and softmax. The
-strip gradients are scatter-added into dK/dV with `index_add_`. Masking is fused where the structure
-allows: a causal list ends with its diagonal block, so the causal mask touches only the last tile of a
-strip; the per-tile term is added only with ALiBi or a tile bias; the softmax scale multiplies fp32
-queries (block x D) or, in half precision, the fp32 scores; the backward applies it to the block x D
-products.
-FlexAttention cannot serve here: in our torch it has no backward on CPU (../STACK_NOTES).
+too (`torch._softmax_backward_data`: P * (dP - rowsum(P * dP))). When a gradient is wanted, the forward
+keeps each chunk's probabilities and key/value strips for the backward while they fit in KEEP_BYTES (a
+kept block costs block x (4 block + 2 D x element size) bytes: 32 KB at block 64, D 32, fp32), so the
+backward runs four matmuls per tile and no softmax, gathers no strip and recomputes no score. Above that,
+it keeps nothing but its inputs, like FlashAttention-2, and the backward recomputes the chunk's scores and
+softmax. The strip gradients are scatter-added into dK/dV with `index_add_`. Masking is fused where the
+structure allows: a causal list ends with its diagonal block, so the causal mask touches only the last
+tile of a strip; the per-tile term is added only with ALiBi or a tile bias; the softmax scale multiplies
+fp32 queries (block x D) or, in half precision, the fp32 scores; the backward applies it to the block x D
+products. FlexAttention cannot serve here: in our torch it has no backward on CPU (../STACK_NOTES).
 
 Same arguments and semantics as the Triton kernel (gorilla_dist.kernels.block_sparse), which the
 tests compare both against: causal inside the diagonal block, optional ALiBi slopes, optional
@@ -38,7 +37,7 @@ CHUNK_BYTES = 4 << 20
 """Target size of one chunk's score tile (fp32): small enough for cache, large enough for BLAS."""
 KEEP_BYTES = 1 << 30
 """The most the forward keeps for the backward (probabilities + key/value strips, all chunks of one call);
-above it the backward recomputes them. 1 GB: 32k kept blocks at block 64, D 64, fp32."""
+above it the backward recomputes them. 1 GB: ~21k kept blocks at block 64, D 64, fp32 (48 KB each)."""
 MASKED = -1.0e30
 """Added to scores above the diagonal: finite, so that 0 * MASKED stays 0 in the broadcast add."""
 

@@ -8,8 +8,10 @@ chunk is one (c, block, k*block) batched matmul with no padded slot: the work is
 whatever the shape of the lists (`_Units.tiles` counts it). Small chunks keep the strips and scores in
 cache (on 2 CPU cores this alone doubles the matmul rate over one big batch).
 
-The softmax is torch's fused one (max, exp, sum and divide in one pass over each row), and its backward
-too (`torch._softmax_backward_data`: P * (dP - rowsum(P * dP))). When a gradient is wanted, the forward
+The softmax is torch's fused one (max, exp, sum and divide in one pass over each row); its backward is
+P * (dP - rowsum(P * dP)), the row sum taken from the same P and dP (FlashAttention's rowsum(dO * O) is
+the same number mathematically, but its rounding leaves a tile-bias gradient that should be exactly 0,
+e.g. a row with one block, at ~1e-5). When a gradient is wanted, the forward
 keeps each chunk's probabilities and key/value strips for the backward while they fit in KEEP_BYTES (a
 kept block costs block x (4 block + 2 D x element size) bytes: 32 KB at block 64, D 32, fp32), so the
 backward runs four matmuls per tile and no softmax, gathers no strip and recomputes no score. Above that,
@@ -186,7 +188,8 @@ class BlockGatherAttention(torch.autograd.Function):
                 kc, vc = u.gather(k, ch), u.gather(v, ch)
                 p = torch.softmax(u.scores(ch, qc, kc, scale), -1)
             dvu.index_add_(0, ch.rows, torch.bmm(p.transpose(1, 2).to(q.dtype), doc).view(-1, bs, D))
-            ds = torch._softmax_backward_data(torch.bmm(doc, vc.transpose(1, 2)).float(), p, -1, torch.float32)
+            dp = torch.bmm(doc, vc.transpose(1, 2)).float()
+            ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # the softmax backward
             if dtile is not None:
                 dtile[ch.ids, :ch.k] = ds.view(-1, bs, ch.k, bs).sum((1, 3))
             ds = ds.to(q.dtype)

@@ -3,7 +3,7 @@
     python benchmarks/attention.py [--seqs 1024 2048 4096 8192 16384] [--density 0.1] [--reps 3]
                                    [--kinds fixed strided proportional]
 
-CPU (always): our block-gather path (kernels/block_gather.py) vs. `scaled_dot_product_attention(
+CPU (always): our block-gather path (gorilla_dist/kernels/block_gather.py) vs. `scaled_dot_product_attention(
 is_causal=True)`, fp32, batch 1, 8 heads, head dim 64, block 64. Each layout kind keeps ~`density` of the
 causal blocks:
   fixed         the learned layout's shape: the top k of per-head random scores (own block always kept),
@@ -17,7 +17,7 @@ cost follows the kept blocks, not the longest row) and GFLOP/s of useful work (t
 kept blocks, forward + backward = 3.5x forward; SDPA's over the causal blocks).
 Targets at 8192 / 10%: >= 8x SDPA for every kind; ms per 1k kept blocks within 1.2x across kinds.
 
-GPU (when CUDA is present): the Triton kernel (kernels/block_sparse.py) vs. flash-attn (or SDPA's
+GPU (when CUDA is present): the Triton kernel (gorilla_dist/kernels/block_sparse.py) vs. flash-attn (or SDPA's
 flash backend) in bf16, batch 4, 16 heads, head dim 64 and 128, reported as TFLOP/s per kept block
 (matmul FLOPs of the blocks actually computed, backward = 2.5x forward) so sparse and dense rates are
 comparable. Target: >= 0.8x of flash-attn's dense causal rate. The Triton grid is one program per

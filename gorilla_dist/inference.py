@@ -96,7 +96,7 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
 def caches(m) -> bool:
     """Whether model config `m` samples with a KV cache: dense attention and the static block-sparse
     layouts. A learned layout chooses a block's keys from all of its queries, which a cache cannot
-    reproduce (kernels/sparse_attention.py); it re-runs the context each step."""
+    reproduce (gorilla_dist/kernels/sparse_attention.py); it re-runs the context each step."""
     return m.attention != "learned"
 
 

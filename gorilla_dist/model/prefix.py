@@ -9,7 +9,7 @@ key/value head, put in front of each layer's keys and values; every query sees t
       to this rank's heads by megatron's scatter-to-TP region, whose backward all-gathers the gradient, so
       every rank computes the same full gradient for the replicated MLP.
 A pre-hook on megatron's GPTModel computes the prefixes once per forward (`prefix.current`); each layer's
-core attention (kernels/dense.py) reads its own through `prefix_kv`. Positions: the prefix takes positions
+core attention (gorilla_dist/kernels/dense.py) reads its own through `prefix_kv`. Positions: the prefix takes positions
 0..N-1 and the tokens N.., as PEFT's prefix (a key/value cache of length N) does on a transformers model:
 a pre-hook shifts megatron's rotary embedding by N; the prefix keys are used as learned (not rotated);
 ALiBi counts distances from the queries' shifted positions. Packing several examples per sample is refused

@@ -5,7 +5,7 @@ The model's forward is wrapped by a pair of hooks on megatron's GPTModel, so eve
 loss, evaluation, generation) gets it:
   before: the tokens' embeddings (megatron's own embedding module) with the prompt in front, passed as
       megatron's `decoder_input`; the labels get N leading placeholders; segment ids get -1 for the
-      virtual tokens, which every document may see (kernels/dense.py). Rotary / ALiBi positions run over
+      virtual tokens, which every document may see (gorilla_dist/kernels/dense.py). Rotary / ALiBi positions run over
       all N + s inputs, virtual tokens first, as in PEFT's prompt tuning on a transformers model. So only
       a sample's first document sees the prompt as at inference: packing several examples per sample is
       refused (train.py), as is data.reset_at_eod (config); per-row rotary positions would lift that.

@@ -261,7 +261,7 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
             vocab_size=padded_vocab_size(vocab_size),
             max_sequence_length=m.seq_length,
             share_embeddings_and_output_weights=m.tie_embeddings,
-            # ALiBi lives in core_attention (kernels/alibi.py): megatron adds no position embedding then.
+            # ALiBi lives in core_attention (gorilla_dist/kernels/alibi.py): megatron adds no position embedding then.
             position_embedding_type="none" if m.position_embedding == "alibi" else m.position_embedding,
             rotary_base=m.rotary_base,
             parallel_output=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ROOTS = {"gorilla_dist": REPO / "gorilla_dist", "gorilla_dist.kernels": REPO / "kernels", "launcher": REPO / "launcher"}
+ROOTS = {"gorilla_dist": REPO / "gorilla_dist", "launcher": REPO / "launcher"}
 CLIS = ("gorilla_dist.generate", "gorilla_dist.evaluate", "gorilla_dist.export", "gorilla_dist.checkpoint.__main__",
         "gorilla_dist.data.prepare", "gorilla_dist.worker")
 """Entry points nothing may import."""
@@ -37,8 +37,6 @@ def modules() -> dict[str, Path]:
     for package, folder in ROOTS.items():
         for f in folder.rglob("*.py"):
             parts = list(f.relative_to(folder).with_suffix("").parts)
-            if package == "gorilla_dist" and parts[0] == "kernels":
-                continue
             if parts[-1] == "__init__":
                 parts.pop()
             found[".".join([package, *parts])] = f

@@ -28,7 +28,7 @@ def per_token_loss(m, world, x, segments=None):
 
 def prefix_lm_segments():
     """(2, 64) segment ids: sample 0 = doc 0 with its input over two blocks, then doc 1 (input, target);
-    sample 1 = one document whose input is the first three blocks (kernels/limits.BIDIRECTIONAL)."""
+    sample 1 = one document whose input is the first three blocks (gorilla_dist/kernels/limits.BIDIRECTIONAL)."""
     B = BIDIRECTIONAL
     runs = [[(B, 21), (0, 9), (B + 1, 4), (1, 30)], [(B, 40), (0, 24)]]
     return torch.tensor([[i for i, n in row for _ in range(n)] for row in runs], dtype=torch.int32)

@@ -1,5 +1,8 @@
-"""Attention kernels that plug into megatron-core's `core_attention` slot (shipped as
-`gorilla_dist.kernels`; the top-level name `kernels` belongs to an unrelated PyPI package).
+"""Attention kernels that plug into megatron-core's `core_attention` slot.
+
+They live in gorilla_dist/kernels/, not in a top-level kernels/ folder: `kernels` is the name of Hugging
+Face's package (a dependency of transformers), and a top-level package of ours with that name shadowed it
+for anything run from the checkout root (pytest, `python -m launcher`), breaking transformers' imports.
 
 `core_attention_spec(m)` maps `model.attention` to a module and its keyword arguments:
   dense    flash-attn on GPU when installed, else SDPA          (dense.py)

@@ -38,7 +38,8 @@ def test_the_override_goes_on_with_a_warning(monkeypatch):
 
 
 def test_pins_agree_with_the_tested_versions():
-    constraints = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split())
+    lines = [line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    constraints = dict(line.split("==") for line in lines if line and not line.startswith("#"))
     assert {name: constraints[name] for name in TESTED} == TESTED
     pyproject = (REPO / "pyproject.toml").read_text()
     for name, version in TESTED.items():

@@ -636,6 +636,48 @@ def _check_nodes(launch) -> None:
                               f"{launch.rdzv_endpoint!r}")
 
 
+SLURM_SHAPES = {
+    "slurm.job_name": (r"[A-Za-z0-9_.+:@-]{1,200}", "letters, digits and . _ - + : @ (at most 200)"),
+    "slurm.partition": (r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", "a partition name, or several joined by commas"),
+    "slurm.account": (r"[A-Za-z0-9_.-]+", "letters, digits and . _ -"),
+    "slurm.time": (r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE|unlimited|infinite",
+                   "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (Slurm's --time)"),
+    "slurm.extra": (r"--?[A-Za-z][^\s\"'`$;\\]*", "one sbatch option per item, e.g. --qos=high, with no space, "
+                    "quote, $, backtick, ; or backslash"),
+    "run.dir": (r"[^\s\"'`$;\\]+", "a path with no space, quote, $, backtick, ; or backslash (it is written into "
+                "#SBATCH lines)"),
+}
+"""What launch=slurm renders into run.dir/train.sbatch, and the shapes it accepts (a full match)."""
+
+
+def check_slurm_value(key: str, value: str, kind: str) -> None:
+    """A value written into run.dir/train.sbatch has the shape of its kind (SLURM_SHAPES) or is refused, naming
+    the key and the first character that does not belong (a control character, a quote, $, ...)."""
+    pattern, shape = SLURM_SHAPES[kind]
+    if re.fullmatch(pattern, value):
+        return
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is None:
+        bad = next((c for c in value if not re.fullmatch(r"[A-Za-z0-9_.+:@,/=\-\[\]|&*]", c)), None)
+    what = ("it is not of that shape" if bad is None else
+            f"it contains {'a control character ' if not bad.isprintable() else ''}{bad!r}")
+    raise ConfigError(f"{key}={value!r} cannot go into run.dir/train.sbatch (launch=slurm): {what}; expected "
+                      f"{shape}")
+
+
+def _validate_slurm(cfg) -> None:
+    """Nothing from the config runs as code: every value written into the job script has a shape Slurm
+    accepts, and none carries a control character (a newline would start a new line of the script)."""
+    s = cfg.slurm
+    name_key = "slurm.job_name" if s.job_name is not None else "run.name (the job name unless slurm.job_name is set)"
+    values = [(name_key, s.job_name or cfg.run.name, "slurm.job_name"), ("slurm.partition", s.partition, None),
+              ("slurm.account", s.account, None), ("slurm.time", s.time, None), ("run.dir", cfg.run.dir, None),
+              *((f"slurm.extra[{i}]", v, "slurm.extra") for i, v in enumerate(s.extra))]
+    for key, value, kind in values:
+        if value is not None:
+            check_slurm_value(key, str(value), kind or key)
+
+
 def validate(cfg, world: int | None = None) -> None:
     """Check that the config is consistent (types, ranges, choices, how the keys fit together), before any
     process starts and wherever a run's config is read again. Raises ConfigError naming the key, the
@@ -717,6 +759,8 @@ def validate(cfg, world: int | None = None) -> None:
         raise ConfigError(f"model.seq_length({m.seq_length}) is not divisible by parallel.tp({p.tp}), which "
                           "parallel.sequence_parallel=true needs")
     _check_nodes(cfg.launch)
+    if cfg.launch.backend == "slurm":
+        _validate_slurm(cfg)
     if cfg.launch.backend == "local" and world != 1:
         raise ConfigError(f"launch.backend=local starts one process but launch.nproc_per_node={world}; "
                           "use launch=torchrun or launch=deepspeed for several")

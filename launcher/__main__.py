@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gorilla_dist import conf
-from gorilla_dist.config import check_inputs, register_configs, resolve, save_run_config, validate
+from gorilla_dist.config import check_inputs, check_slurm_value, register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import EXIT_PREEMPTED, UserError
 from gorilla_dist.summary import OVERRIDES
 from launcher import backends
@@ -48,6 +48,8 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
         resolve(cfg)
         validate(cfg)
         check_inputs(cfg)
+        if cfg.launch.backend == "slurm":  # sbatch --chdir=<it> in the job script
+            check_slurm_value("the working directory", os.getcwd(), "run.dir")
     except UserError as err:
         print(f"config error: {err}", file=sys.stderr)
         return err.exit_code

@@ -111,3 +111,50 @@ def test_every_node_count_a_job_may_get_is_checked_before_submitting(overrides, 
     with pytest.raises(ConfigError) as err:
         config(*overrides)
     assert message in str(err.value)
+
+
+PAYLOADS = {"newline": "x\necho INJECTED > pwned", "semicolon": "x;touch pwned", "substitution": "x$(touch pwned)",
+            "backticks": "x`touch pwned`", "carriage return": "x\recho INJECTED"}
+FIELDS = {"slurm.job_name": "slurm.job_name", "slurm.partition": "slurm.partition", "slurm.account": "slurm.account",
+          "slurm.time": "slurm.time", "slurm.extra": r"slurm.extra\[1\]", "run.dir": "run.dir"}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_no_config_value_becomes_a_line_or_a_command_of_the_job_script(field, payload):
+    value = PAYLOADS[payload]
+    cfg = composed("launch=slurm", "run.dir=/scratch/run1")
+    if field == "slurm.extra":
+        cfg.slurm.extra = ["--qos=high", "--comment=" + value]
+    elif field == "run.dir":
+        cfg.run.dir = "/scratch/" + value
+    else:
+        cfg.slurm[field.split(".")[1]] = value
+    bad = next(c for c in value if not c.isalnum())
+    with pytest.raises(ConfigError, match=FIELDS[field] + r"=.* cannot go into run.dir/train.sbatch .*contains "
+                       + ("a control character " if not bad.isprintable() else "") + re.escape(repr(bad))):
+        validate(cfg)
+
+
+def test_the_job_name_from_run_name_is_checked_too_and_good_values_pass():
+    cfg = composed("launch=slurm", "run.dir=/scratch/run1")
+    cfg.run.name = "a;b"
+    with pytest.raises(ConfigError, match=r"run.name \(the job name unless slurm.job_name is set\)='a;b'.*';'"):
+        validate(cfg)
+    for time in ("30", "30:00", "04:00:00", "2-00", "2-00:00", "2-00:00:00", "UNLIMITED"):
+        validate(composed("launch=slurm", f"slurm.time={time}"))
+    with pytest.raises(ConfigError, match=r"slurm.time='4h'.*it is not of that shape; expected minutes, MM:SS"):
+        validate(composed("launch=slurm", "slurm.time=4h"))
+    validate(composed("launch=slurm", "slurm.partition='gpu,gpu-long'", "slurm.account=proj_a-1",
+                      "slurm.job_name=pretrain-1.3b_v2", "slurm.extra=['--constraint=a100|h100','--qos=high']"))
+
+
+def test_a_refused_value_writes_no_script(tmp_path):
+    """Through the launcher (the issue's example): exit 2, the error names the key, nothing is written."""
+    from helpers import launch
+
+    run = tmp_path / "run"
+    proc = launch(run, "launch=slurm", "slurm.submit=false", "slurm.job_name='x\necho INJECTED > file'")
+    assert proc.returncode == 2, proc.stdout
+    assert "config error: slurm.job_name='x\\necho INJECTED > file' cannot go into run.dir/train.sbatch" in proc.stdout
+    assert "a control character '\\n'" in proc.stdout and not run.exists()

@@ -209,6 +209,9 @@ class ParallelConfig:
     timeout_s: float = 600.0
     """A collective (all-reduce, broadcast, barrier) that does not complete within this many seconds
     ends the job with a message naming the rank and the operation, instead of hanging forever."""
+    census_grace_s: float = 10.0
+    """After a collective failed, each survivor asks the others through the rendezvous store whether they are
+    alive and waits this long for answers, to name the ranks and hosts that are gone (exit 69)."""
     rendezvous_timeout_s: float = 300.0
     """At start, rank 0 waits this long for every rank to join, the others this long to reach rank 0's
     address (MASTER_ADDR, or the first node of a Slurm job); then the job ends with a message naming the
@@ -697,7 +700,8 @@ def validate(cfg, world: int | None = None) -> None:
                        ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches),
                        ("parallel.timeout_s", p.timeout_s), ("train.max_skipped_steps", t.max_skipped_steps),
                        ("slurm.nodes", cfg.slurm.nodes), ("launch.nnodes", cfg.launch.nnodes),
-                       ("parallel.rendezvous_timeout_s", p.rendezvous_timeout_s)]:
+                       ("parallel.rendezvous_timeout_s", p.rendezvous_timeout_s),
+                       ("parallel.census_grace_s", p.census_grace_s)]:
         _positive(value, key)
     for key, value in [("train.eval_interval", t.eval_interval), ("checkpoint.interval", cfg.checkpoint.interval),
                        ("checkpoint.keep", cfg.checkpoint.keep), ("optim.warmup_steps", o.warmup_steps),

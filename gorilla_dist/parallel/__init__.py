@@ -206,7 +206,7 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 
 def describe_comm_failure(err: BaseException, rank: int, timeout_s: float,
-                          hosts: tuple[str, ...] = ()) -> str | None:
+                          hosts: tuple[str, ...] = (), grace_s: float = 10.0) -> str | None:
     """A message for people when a collective failed (timed out, or a peer's connection closed),
     naming this rank, the operation, where our code called it, and the ranks (and hosts) that no longer
     answer; None for any other error. The operation comes from the traceback: the innermost
@@ -227,7 +227,7 @@ def describe_comm_failure(err: BaseException, rank: int, timeout_s: float,
         tb = tb.tb_next
     where = f" (called from {caller})" if caller else ""
     here = f"[rank {rank}{' on ' + hosts[rank] if hosts else ''}] error: "
-    lost = _lost(rank, hosts) if hosts else ""
+    lost = _lost(rank, hosts, grace_s) if hosts else ""
     if timed_out:
         return (f"{here}{op} did not complete within parallel.timeout_s={timeout_s:g} s{where}: another rank is "
                 f"stuck or far behind, or gone{'; ' + lost if lost else ''}; its log shows where. Raise "
@@ -236,7 +236,7 @@ def describe_comm_failure(err: BaseException, rank: int, timeout_s: float,
             f"log){'; ' + lost if lost else ''}. [{text.strip()[:200]}]")
 
 
-def _lost(rank: int, hosts: tuple[str, ...], grace_s: float = 10.0) -> str:
+def _lost(rank: int, hosts: tuple[str, ...], grace_s: float) -> str:
     """'not answering ...: rank 1 on gd-node2', from a census of the ranks still answering; '' when all do."""
     from gorilla_dist.engine.comm import census
 

@@ -42,17 +42,36 @@ MATRIX = {
     "dp4-zero2-accum3": [*ranks(4), "parallel.zero_stage=2", "train.micro_batch_size=1"],
     "tp4-sp-zero0-ckpt_selective": [*ranks(4), "parallel.tp=4", "parallel.sequence_parallel=true",
                                     "parallel.activation_checkpointing=selective"],
+    # also the source of the layout-change tests below: a step-10 checkpoint, shards only (no model.safetensors,
+    # as a large model's), so every reader joins them
     "dp2xtp2-sp-zero3-accum2-ckpt_full": [*ranks(4), "parallel.tp=2", "parallel.sequence_parallel=true",
                                           "parallel.zero_stage=3", "train.micro_batch_size=3",
-                                          "parallel.activation_checkpointing=full"],
+                                          "parallel.activation_checkpointing=full", "checkpoint.interval=10",
+                                          "checkpoint.consolidated=false"],
 }
 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
+    """One process, 20 steps, with a step-10 checkpoint (the one-process source of the layout changes)."""
     run = tmp_path_factory.mktemp("single")
-    check(launch(run, *STEPS))
+    check(launch(run, *STEPS, "checkpoint.interval=10"))
     return run
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory):
+    """One run per matrix row, started the first time a test asks for it and shared by every test that
+    reads it: (run dir, launcher output)."""
+    runs = {}
+
+    def run_of(layout: str) -> tuple[Path, str]:
+        if layout not in runs:
+            run = tmp_path_factory.mktemp(layout)
+            runs[layout] = run, check(launch(run, *STEPS, *MATRIX[layout]))
+        return runs[layout]
+
+    return run_of
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +117,8 @@ def test_golden_losses(single, golden):
 
 
 @pytest.mark.parametrize("layout", MATRIX)
-def test_layout_matches_single_process_and_golden(tmp_path, single_run, single, golden, layout):
-    run = tmp_path / "run"
-    out = check(launch(run, *STEPS, *MATRIX[layout]))
+def test_layout_matches_single_process_and_golden(matrix_run, single_run, single, golden, layout):
+    run, out = matrix_run(layout)
     world = setting(MATRIX[layout], "launch.nproc_per_node", 1)
     if world > 1:
         launcher = "deepspeed" if "deepspeed" in layout else "torchrun"
@@ -168,14 +186,12 @@ def assert_layout_took_effect(overrides: list[str], world: int, ranks: list[dict
         assert ranks[0]["activations_peak"] < limit, (ranks[0], one)
 
 
-def test_memory_accounting_sees_zero_partitioning(tmp_path):
+def test_memory_accounting_sees_zero_partitioning(matrix_run):
     """fp32 AdamW: ZeRO-0 keeps 8 bytes of moments per parameter on every rank; ZeRO-1 on 2 ranks keeps
-    (4 master + 8 moments) / 2 = 6 per rank; the weights (4 bytes) stay whole on both."""
-    per_rank = {}
-    for stage in (0, 1):
-        run = tmp_path / f"z{stage}"
-        check(launch(run, *STEPS, *ranks(2), f"parallel.zero_stage={stage}", "train.max_steps=1"))
-        per_rank[stage] = next(r["ranks"] for r in metrics(run, memory=True) if r.get("memory") == "first_step")
+    (4 master + 8 moments) / 2 = 6 per rank; the weights (4 bytes) stay whole on both (the matrix's 2-rank
+    ZeRO-0 and ZeRO-1 runs; the micro-batch size changes no state)."""
+    per_rank = {stage: first_step_memory(matrix_run(name)[0])
+                for stage, name in ((0, "dp2-zero0"), (1, "dp2-zero1-accum3"))}
     n = per_rank[0][0]["params"] / 4  # parameter count
     for r in per_rank[0]:
         assert r["optimizer"] == pytest.approx(8 * n, rel=0.01) and r["grads"] == pytest.approx(4 * n, rel=0.01)
@@ -187,13 +203,9 @@ def test_memory_accounting_sees_zero_partitioning(tmp_path):
 # ---- portable checkpoints: written under one layout, continued under another ----
 
 @pytest.fixture(scope="module")
-def four_rank_checkpoint(tmp_path_factory):
-    """DP=2 x TP=2, sequence parallel, ZeRO-3, checkpoint at step 10: shards only (no model.safetensors,
-    as a large model's), so every reader below joins them."""
-    run = tmp_path_factory.mktemp("dp2xtp2")
-    check(launch(run, *STEPS, "checkpoint.interval=10", "checkpoint.consolidated=false",
-                 *MATRIX["dp2xtp2-sp-zero3-accum2-ckpt_full"]))
-    ckpt = run / "checkpoints" / "step_00000010"
+def four_rank_checkpoint(matrix_run):
+    """DP=2 x TP=2, sequence parallel, ZeRO-3 (the matrix's run), its step-10 checkpoint: shards only."""
+    ckpt = matrix_run("dp2xtp2-sp-zero3-accum2-ckpt_full")[0] / "checkpoints" / "step_00000010"
     assert not (ckpt / "model.safetensors").exists() and len(list((ckpt / "shards").iterdir())) == 8
     return ckpt
 
@@ -232,17 +244,15 @@ def test_checkpoint_from_dp2xtp2_zero3_resumes_under_another_layout(tmp_path, fo
 
 
 @pytest.fixture(scope="module")
-def one_process_checkpoint(tmp_path_factory):
-    """One process, the first 10 of the 20 steps (the same LR schedule: it decays over 20)."""
-    run = tmp_path_factory.mktemp("one")
-    check(launch(run, *STEPS, "train.max_steps=10", "optim.decay_steps=20"))
-    return run / "checkpoints" / "step_00000010"
+def one_process_checkpoint(single_run):
+    """The single process's step-10 checkpoint."""
+    return single_run / "checkpoints" / "step_00000010"
 
 
 def test_checkpoint_from_one_process_resumes_on_four_ranks(tmp_path, single, one_process_checkpoint):
     four = tmp_path / "four"
     check(launch(four, *STEPS, f"checkpoint.resume={one_process_checkpoint}",
-                 *MATRIX["dp2xtp2-sp-zero3-accum2-ckpt_full"]))
+                 *MATRIX["dp2xtp2-sp-zero3-accum2-ckpt_full"], "checkpoint.interval=0"))
     assert_close(losses(four), single, 1e-5, steps=range(11, 21))
 
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from helpers import REPO, check, launch, launcher_args, losses, metrics
 
-COMMON = ["optim.warmup_steps=2", "optim.decay_steps=200", "checkpoint.keep=0", "train.max_steps=200",
-          "checkpoint.interval=100"]
+COMMON = ["optim.warmup_steps=2", "optim.decay_steps=40", "checkpoint.keep=0", "train.max_steps=40",
+          "checkpoint.interval=20"]
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +26,24 @@ def straight(tmp_path_factory):
 def test_kill_9_while_writing_a_checkpoint_then_a_restart_resumes_from_the_newest_complete_one(
         tmp_path, straight, point):
     run = tmp_path / "run"
-    crashed = launch(run, *COMMON, env={"GORILLA_FAULT": f"kill:{point}@200"})
+    crashed = launch(run, *COMMON, env={"GORILLA_FAULT": f"kill:{point}@40"})
     assert crashed.returncode == 128 + signal.SIGKILL, crashed.stdout[-3000:]
     out = check(launch(run, *COMMON))
-    if point == "checkpoint.renamed":  # the step-200 checkpoint was complete: nothing left to train
-        assert "at step 200" in out
+    if point == "checkpoint.renamed":  # the step-40 checkpoint was complete: nothing left to train
+        assert "at step 40" in out
     else:
-        assert "ignoring" in out and ".tmp-step_00000200: an interrupted save" in out
-        assert "step_00000100 at step 100" in out
+        assert "ignoring" in out and ".tmp-step_00000040: an interrupted save" in out
+        assert "step_00000020 at step 20" in out
         assert "removing" in out and "left by an interrupted save of the same step" in out
     assert losses(run) == straight
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000100", "step_00000200"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
 
 
 def test_kill_9_of_one_rank_of_two_during_a_checkpoint(tmp_path, straight):
     run = tmp_path / "run"
     two = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.zero_stage=1"]
     start = time.monotonic()
-    crashed = launch(run, *COMMON, *two, env={"GORILLA_FAULT": "kill:checkpoint.engine_saved@200/1"})
+    crashed = launch(run, *COMMON, *two, "parallel.census_grace_s=2", env={"GORILLA_FAULT": "kill:checkpoint.engine_saved@40/1"})
     assert crashed.returncode != 0
     # the survivor names the failed collective and the cause at once, not after parallel.timeout_s (600 s):
     # the next collective after the kill point is the all_gather of what each rank wrote
@@ -51,10 +51,10 @@ def test_kill_9_of_one_rank_of_two_during_a_checkpoint(tmp_path, straight):
     assert f"[rank 0 on {host}] error: all_gather failed" in crashed.stdout, crashed.stdout[-3000:]
     assert "a peer rank closed its connection (it crashed or was killed; see its log)" in crashed.stdout
     # the census through the rendezvous store names the rank that no longer answers
-    assert f"not answering within 10 s (dead, stuck or unreachable): rank 1 on {host}" in crashed.stdout
+    assert f"not answering within 2 s (dead, stuck or unreachable): rank 1 on {host}" in crashed.stdout
     assert time.monotonic() - start < 300
     out = check(launch(run, *COMMON, *two))
-    assert "step_00000100 at step 100" in out
+    assert "step_00000020 at step 20" in out
     got = losses(run)
     assert got.keys() == straight.keys()
     assert all(got[s] == pytest.approx(straight[s], rel=1e-5) for s in got)  # dp=2 vs 1 rank: float sums
@@ -65,14 +65,14 @@ def test_sigusr1_stops_at_a_step_boundary_saves_and_the_restart_continues_exactl
     proc = subprocess.Popen(launcher_args(run, *COMMON, "checkpoint.interval=0"), cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    while not (run / "metrics.jsonl").is_file() or len(metrics(run)) < 10:
+    while not (run / "metrics.jsonl").is_file() or len(metrics(run)) < 1:  # step 5 logged
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)  # a preemption warning, as Slurm's --signal=USR1@<s> sends
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
     stopped = [p.name for p in (run / "checkpoints").iterdir()]
-    assert len(stopped) == 1 and stopped[0] != "step_00000200", out[-3000:]
+    assert len(stopped) == 1 and stopped[0] != "step_00000040", out[-3000:]
     step = int(stopped[0].split("_")[1])
     assert f"stopped at step {step} on SIGUSR1" in out
     out = check(launch(run, *COMMON, "checkpoint.interval=0"))
@@ -122,7 +122,7 @@ def test_nan_every_step_stops_after_max_skipped_steps(tmp_path):
 
 def test_a_hung_rank_ends_the_job_with_the_rank_and_operation_named(tmp_path):
     start = time.monotonic()
-    proc = launch(tmp_path / "run", "launch=torchrun", "launch.nproc_per_node=2", "parallel.timeout_s=5",
+    proc = launch(tmp_path / "run", "launch=torchrun", "launch.nproc_per_node=2", "parallel.timeout_s=5", "parallel.census_grace_s=2",
                   "train.max_steps=10", env={"GORILLA_FAULT": "hang:step@3/1"})
     assert proc.returncode != 0
     host = socket.gethostname()

@@ -1,5 +1,6 @@
 """Stop + resume equals an uninterrupted run, bit for bit; a broken newest checkpoint is skipped."""
 
+import json
 import shutil
 
 import pytest
@@ -24,11 +25,34 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def local_straight(tmp_path_factory):
+    """One process, 20 steps, checkpoints at 10 and 20: the reference of the local layout and of the tests
+    below (which copy it before they change anything)."""
+    run = tmp_path_factory.mktemp("local") / "straight"
+    check(launch(run, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
+    return run
+
+
+def stopped_at_10(straight, split) -> None:
+    """`split` as the straight run was after its step-10 save: that checkpoint and the first 10 steps' rows."""
+    shutil.copytree(straight, split, ignore=shutil.ignore_patterns("step_00000020"))
+    rows = (split / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (split / "metrics.jsonl").write_text("".join(r for r in rows if json.loads(r)["step"] <= 10))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_stop_at_10_and_resume_to_20_equals_straight_20(tmp_path, layout):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    check(launch(straight, *COMMON, *LAYOUTS[layout], "train.max_steps=20", "checkpoint.interval=0"))
-    check(launch(split, *COMMON, *LAYOUTS[layout], "train.max_steps=10", "checkpoint.interval=0"))
+def test_stop_at_10_and_resume_to_20_equals_straight_20(tmp_path, layout, request):
+    """The local layout stops at max_steps=10 and starts again; the others resume from a copy of their
+    straight run as it was at step 10 (its checkpoint was saved mid-run: the same save)."""
+    split = tmp_path / "split"
+    if layout == "local":
+        straight = request.getfixturevalue("local_straight")
+        check(launch(split, *COMMON, "train.max_steps=10", "checkpoint.interval=0"))
+    else:
+        straight = tmp_path / "straight"
+        check(launch(straight, *COMMON, *LAYOUTS[layout], "train.max_steps=20", "checkpoint.interval=10"))
+        stopped_at_10(straight, split)
     out = check(launch(split, *COMMON, *LAYOUTS[layout], "train.max_steps=20", "checkpoint.interval=0"))
     assert "resumed from" in out and "step_00000010 at step 10" in out
     # memory rows are written where each process starts (step 0, and 10 for the resumed one)
@@ -39,9 +63,9 @@ def test_stop_at_10_and_resume_to_20_equals_straight_20(tmp_path, layout):
     assert [r.get("grad_norm") for r in a] == [r.get("grad_norm") for r in b]
 
 
-def test_incomplete_and_corrupted_checkpoints_are_skipped_and_training_repeats_exactly(tmp_path):
+def test_incomplete_and_corrupted_checkpoints_are_skipped_and_training_repeats_exactly(tmp_path, local_straight):
     run = tmp_path / "run"
-    check(launch(run, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
+    shutil.copytree(local_straight, run)
     first = metrics(run)
     ckpts = run / "checkpoints"
     shutil.copytree(ckpts / "step_00000020", ckpts / "step_00000030")
@@ -62,9 +86,8 @@ def test_incomplete_and_corrupted_checkpoints_are_skipped_and_training_repeats_e
     assert (ckpts / ".tmp-step_00000040").is_dir() and (ckpts / "step_00000030").is_dir()  # never deleted
 
 
-def test_resume_from_an_explicit_checkpoint_directory(tmp_path):
-    straight, branch = tmp_path / "straight", tmp_path / "branch"
-    check(launch(straight, *COMMON, "train.max_steps=20", "checkpoint.interval=10"))
+def test_resume_from_an_explicit_checkpoint_directory(tmp_path, local_straight):
+    straight, branch = local_straight, tmp_path / "branch"
     ckpt = straight / "checkpoints" / "step_00000010"
     out = check(launch(branch, *COMMON, "train.max_steps=20", f"checkpoint.resume={ckpt}"))
     assert f"resumed from {ckpt} at step 10" in out

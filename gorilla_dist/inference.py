@@ -135,7 +135,7 @@ def inference_model(run_dir: str | os.PathLike, which: str = "latest"):
     from gorilla_dist.runtime import single_process_env
 
     with mock.patch.dict(os.environ, single_process_env()):
-        layout = init_distributed(OmegaConf.structured(ParallelConfig))
+        layout = init_distributed(OmegaConf.structured(ParallelConfig), deepspeed=False)  # trains nothing
         try:
             yield checkpoint_model(run_dir, which, layout.device)
         finally:

@@ -46,21 +46,21 @@ def census(rank: int, world: int, grace_s: float) -> list[int] | None:
         return None
 
 
-def init_process_group(device: torch.device, timeout_s: float, rendezvous_timeout_s: float) -> None:
+def init_process_group(device: torch.device, timeout_s: float, rendezvous_timeout_s: float, *,
+                       deepspeed: bool = True) -> None:
     """torch.distributed through DeepSpeed (so its comm layer is initialised too): nccl on GPUs, gloo
     on CPUs. Every process of the framework that uses torch.distributed starts here, so the version
     check runs before any adaptation is applied.
 
     The rendezvous (MASTER_ADDR:MASTER_PORT; under torchrun its agent's store) has its own time limit:
     rank 0 waits that long for every rank to join, the others that long to reach rank 0's address. Then
-    the store and every collective get `timeout_s`. DeepSpeed adopts the process group started here."""
+    the store and every collective get `timeout_s`. DeepSpeed adopts the process group started here.
+    deepspeed=False (the tools that only read a checkpoint into one process: generate, evaluate, export,
+    consolidate) starts plain torch.distributed and never imports DeepSpeed (~0.5-1 s of start-up)."""
     check_versions()
-    import deepspeed
     import torch.distributed as dist
     from torch.distributed.rendezvous import rendezvous
 
-    if device.type != "cuda":
-        skip_shm_build()
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     global _STORE
@@ -70,4 +70,9 @@ def init_process_group(device: torch.device, timeout_s: float, rendezvous_timeou
     # as DeepSpeed does on cuda: bind the device, so NCCL starts eagerly (not in a world of one)
     device_id = {"device_id": device} if device.type == "cuda" and world > 1 else {}
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **device_id)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    if deepspeed:
+        import deepspeed as ds
+
+        if device.type != "cuda":
+            skip_shm_build()
+        ds.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)

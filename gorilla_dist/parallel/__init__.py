@@ -45,9 +45,9 @@ class ParallelLayout:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
 
-def init_distributed(parallel_cfg) -> ParallelLayout:
-    """Start torch.distributed (through DeepSpeed, so its comm layer is initialised too) and
-    megatron-core's tensor/data-parallel groups."""
+def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
+    """Start torch.distributed (through DeepSpeed, so its comm layer is initialised too; deepspeed=False
+    for a process that trains nothing) and megatron-core's tensor/data-parallel groups."""
     from megatron.core import parallel_state as ps
 
     from gorilla_dist.engine.comm import init_process_group
@@ -72,7 +72,7 @@ def init_distributed(parallel_cfg) -> ParallelLayout:
     if rank != 0:
         wait_for_master(addr, port, wait, rank)
     try:
-        init_process_group(device, parallel_cfg.timeout_s, wait)
+        init_process_group(device, parallel_cfg.timeout_s, wait, deepspeed=deepspeed)
     except dist.DistStoreError as err:  # rank 0: the others did not all join in time
         joined = re.search(r"(\d+)/(\d+) clients joined", str(err))
         count = f"{joined.group(1)} of {joined.group(2)} ranks joined" if joined else str(err)

@@ -338,7 +338,7 @@ class TrainConfig:
     (quoted on the command line). Each sample gets one objective (a deterministic rule: every window of
     samples follows the weights within one sample, whatever the data-parallel size); the loss is the
     weighted sum of each objective's mean over the global batch; metrics.jsonl logs each objective's loss
-    (gorilla_dist/objectives.py). The default, clm alone, is plain language-model pretraining."""
+    (gorilla_dist/objectives/). The default, clm alone, is plain language-model pretraining."""
 
 
 @dataclass

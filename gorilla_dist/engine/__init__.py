@@ -4,7 +4,9 @@ Everything that reads a private field of either library, replaces one of their f
 on how they lay out their state lives here, each adaptation named and checked against the tested
 versions (versions.py):
     versions.py          the DeepSpeed / megatron-core versions these were written for, checked at start
-    comm.py              starting torch.distributed through DeepSpeed (the version check; no shm op on CPU)
+    comm.py              starting torch.distributed, through DeepSpeed for training (the version check; no shm
+                         op on CPU); the census of live ranks after a failed collective
+    startup.py           importing megatron-core without its import-time compile and W&B costs
     deepspeed_engine.py  building the DeepSpeed engine and its adaptations (non-finite fp32 steps, the
                          unfused optimizer's init step); the `mpu`
     megatron_cpu.py      megatron-core's CUDA assumptions adapted for CPU; sequence-parallel grad sums

@@ -20,7 +20,8 @@ softmax. The strip gradients are scatter-added into dK/dV with `index_add_`. Mas
 structure allows: a causal list ends with its diagonal block, so the causal mask touches only the last
 tile of a strip; the per-tile term is added only with ALiBi or a tile bias; the softmax scale multiplies
 fp32 queries (block x D) or, in half precision, the fp32 scores; the backward applies it to the block x D
-products. FlexAttention cannot serve here: in our torch it has no backward on CPU (../STACK_NOTES).
+products. FlexAttention cannot serve here: in torch 2.13 its CPU
+backward raises NotImplementedError (eager and compiled).
 
 Same arguments and semantics as the Triton kernel (gorilla_dist.kernels.block_sparse), which the
 tests compare both against: causal inside the diagonal block, optional ALiBi slopes, optional

@@ -3,10 +3,8 @@ level: the launcher uses it without importing torch."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
-import sys
 import warnings
 
 
@@ -15,20 +13,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def exit_now(code: int | None) -> None:
-    """End this process with `code` after a clean return from its main function, without the interpreter's
-    finalization. With torch, DeepSpeed and megatron-core loaded, finalization (tearing down thousands of
-    modules and the C++ objects behind them) took 1.5-2.5 s per process on a 2-core machine (measured after
-    a 1-step run; the atexit handlers themselves take ~20 ms), paid by every worker and tool a user or the
-    test suite starts. The atexit handlers still run (logging, multiprocessing, weakref finalizers); our
-    files are closed by then (metrics, checkpoints, W&B's finish). An exception takes the normal way out,
-    with its traceback."""
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(int(code or 0))
 
 
 def single_process_env() -> dict[str, str]:

@@ -26,6 +26,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from gorilla_dist.runtime import exit_now
-
-    exit_now(main(sys.argv[1:]))  # skips the interpreter's slow finalization (runtime.exit_now)
+    sys.exit(main(sys.argv[1:]))

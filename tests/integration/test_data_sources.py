@@ -90,19 +90,31 @@ def test_generate_evaluate_and_export_need_only_the_run_after_its_data_is_delete
         moved = moved.replace(path, str(copy))
     run = tmp_path / "run"
     check(launch(run, moved, *COMMON, "train.max_steps=2"))
-    shutil.rmtree(tmp_path / "sources")
+    (tmp_path / "doc.txt").write_text("To be, or not to be, that is the question.\n" * 20)
 
     def tool(module: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                               timeout=300)
 
-    gen = tool("gorilla_dist.generate", f"run.dir={run}", "max_new_tokens=5", "temperature=0")
-    assert gen.returncode == 0, gen.stderr[-2000:]
-    exported = tool("gorilla_dist.export", f"run.dir={run}", f"out={tmp_path / 'hf'}")
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    (tmp_path / "doc.txt").write_text("To be, or not to be, that is the question.\n" * 20)
-    other = tool("gorilla_dist.evaluate", f"run.dir={run}", f"data={tmp_path / 'doc.txt'}")
-    assert other.returncode == 0, other.stderr[-2000:]
+    def outputs(tag: str) -> dict:
+        """What generate, export and evaluate (on other data) give: text, the exported files, the numbers."""
+        gen = tool("gorilla_dist.generate", f"run.dir={run}", "max_new_tokens=5", "temperature=0")
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        exported = tool("gorilla_dist.export", f"run.dir={run}", f"out={tmp_path / ('hf_' + tag)}")
+        assert exported.returncode == 0, exported.stderr[-2000:]
+        other = tool("gorilla_dist.evaluate", f"run.dir={run}", f"data={tmp_path / 'doc.txt'}",
+                     f"out={tmp_path / ('eval_' + tag + '.json')}")
+        assert other.returncode == 0, other.stderr[-2000:]
+        files = {f.name: f.read_bytes() for f in sorted((tmp_path / ("hf_" + tag)).iterdir())}
+        return {"text": gen.stdout, "files": files,
+                "eval": json.loads((tmp_path / ("eval_" + tag + ".json")).read_text())}
+
+    before = outputs("before")
+    shutil.rmtree(tmp_path / "sources")
+    after = outputs("after")
+    assert after["text"] == before["text"] and len(before["text"]) >= 5
+    assert after["files"] == before["files"] and "model.safetensors" in before["files"]
+    assert after["eval"] == before["eval"] and before["eval"]["tokens"] > 0
     own = tool("gorilla_dist.evaluate", f"run.dir={run}")
     assert own.returncode == 1
     assert "the run's data is not there any more (moved or deleted)" in own.stderr and "data=<" in own.stderr

@@ -48,8 +48,14 @@ def test_own_validation_split_reproduces_the_logged_val_loss(run, tmp_path):
     assert f"loss {result['loss']:.4f}" in proc.stdout
     again = evaluate(run, f"samples={n}", f"out={tmp_path / 'eval.json'}")
     assert again.returncode == 1 and "already exists; not overwriting it" in again.stderr
-    whole = evaluate(run)  # every validation sample: about 2,600 windows, a different (close) loss
-    assert whole.returncode == 0 and "validation split" in whole.stdout
+    # every validation sample: about 2,600 windows, every one scored in full; a different but close loss
+    whole = evaluate(run, f"out={tmp_path / 'whole.json'}")
+    assert whole.returncode == 0 and "validation split" in whole.stdout, whole.stderr[-3000:]
+    every = json.loads((tmp_path / "whole.json").read_text())
+    s = cfg.model.seq_length  # every window full but the split's last
+    assert every["samples"] > 2000 and (every["samples"] - 1) * s < every["tokens"] <= every["samples"] * s
+    assert every["loss"] != result["loss"] and abs(every["loss"] - logged) < 0.05 * logged
+    assert f"loss {every['loss']:.4f}" in whole.stdout
 
 
 def test_training_eval_equals_evaluate_when_batches_score_different_numbers_of_targets(tmp_path):

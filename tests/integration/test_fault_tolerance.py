@@ -68,6 +68,7 @@ def test_sigusr1_stops_at_a_step_boundary_saves_and_the_restart_continues_exactl
     while not (run / "metrics.jsonl").is_file() or len(metrics(run)) < 1:  # step 5 logged
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
+    logged = max(r["step"] for r in metrics(run))  # the run is at this step or up to log_interval - 1 past it
     proc.send_signal(signal.SIGUSR1)  # a preemption warning, as Slurm's --signal=USR1@<s> sends
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
@@ -75,6 +76,9 @@ def test_sigusr1_stops_at_a_step_boundary_saves_and_the_restart_continues_exactl
     assert len(stopped) == 1 and stopped[0] != "step_00000040", out[-3000:]
     step = int(stopped[0].split("_")[1])
     assert f"stopped at step {step} on SIGUSR1" in out
+    # one process stops after the step it is in: the signal came at step `logged` or up to log_interval (5)
+    # steps later (the rows are written every 5 steps)
+    assert logged < step <= logged + 5 + 1, (logged, step)
     out = check(launch(run, *COMMON, "checkpoint.interval=0"))
     assert f"at step {step}" in out
     assert losses(run) == straight

@@ -166,6 +166,13 @@ def export(run: Path, out: Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.fixture(scope="module")
+def base_hf(base) -> Path:
+    """The base run exported to transformers once, for the tests that load adapters onto it."""
+    export(base / "base", base / "base_hf")
+    return base / "base_hf"
+
+
 def check_generate(proc) -> list[str]:
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()
@@ -248,7 +255,7 @@ def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
     assert shot["exact_match"] == 1.0 and abs(shot["loss"] - result["loss"]) > 1e-5
 
 
-def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(world1, base, tmp_path):
+def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(world1, base, base_hf, tmp_path):
     """A prompt-tuning run (one example per sample) holds the virtual tokens only, and PEFT's prompt tuning
     on the exported base computes our logits (1e-4)."""
     import peft
@@ -261,16 +268,15 @@ def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(
     assert losses(run)[6] < losses(run)[1]
     saved = load_file(str(run / "checkpoints" / "step_00000006" / "model.safetensors"))
     assert list(saved) == ["soft_prompt.weight"] and saved["soft_prompt.weight"].shape == (6, 64)
-    export(base / "base", tmp_path / "base_hf")
     export(run, tmp_path / "adapter", "format=peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
     logits_equal(world1, run, peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval(), skip=6)
 
 
 PREFIX = ["finetune.method=prefix", "finetune.virtual_tokens=4", "data.pack=false", "optim.lr=1e-2"]
 
 
-def test_prefix_tuning_through_an_mlp_on_tp2_equals_one_process_and_exports_to_peft(world1, base, tmp_path):
+def test_prefix_tuning_through_an_mlp_on_tp2_equals_one_process_and_exports_to_peft(world1, base, base_hf, tmp_path):
     """The MLP-computed prefixes: TP2 + SP equals one process; PEFT's prefix tuning (a key/value cache of N
     positions: the tokens' rotary positions start at N) on the exported base computes our logits."""
     import peft
@@ -288,9 +294,8 @@ def test_prefix_tuning_through_an_mlp_on_tp2_equals_one_process_and_exports_to_p
     wb = load_file(str(two / "checkpoints" / "step_00000006" / "model.safetensors"))
     assert sorted(wa) == sorted(wb) and all(k.startswith("prefix.") for k in wa)
     assert all((wa[k] - wb[k]).abs().max() < 1e-5 for k in wa)
-    export(base / "base", tmp_path / "base_hf")
     export(one, tmp_path / "adapter", "format=peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
     logits_equal(world1, one, peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval())
 
 

@@ -194,23 +194,29 @@ def test_an_unplugged_node_is_named_by_the_survivor_within_the_timeout(two_nodes
                          "launch.nproc_per_node=1", "launch.rdzv_endpoint=gd-node1:29401", "parallel.timeout_s=8",
                          "parallel.census_grace_s=2")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(on_node(n, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for n in ("gd-node1", "gd-node2")]
+    log2 = tmp_path / "node2.log"  # node 2's output, read while its agent still runs
+    with log2.open("w") as sink:
+        procs = [subprocess.Popen(on_node(n, *args), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+                 for n, out in (("gd-node1", subprocess.PIPE), ("gd-node2", sink))]
     try:
         wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2, "training to start", 120)
         subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "down"), check=True)
         start = time.monotonic()
         out1, _ = procs[0].communicate(timeout=120)
         elapsed = time.monotonic() - start
-        # the unplugged side: its worker times out too and its census cannot reach the store; torchrun's
-        # agent there then waits on the unreachable rendezvous, so it is stopped once the worker has ended
-        wait_until(lambda: not worker_pids("gd-node2"), "node 2's worker to end", 60)
+        # the unplugged side: its worker's census waits on the store while the link is down; plugged back in,
+        # it finds the store gone (rank 0's host has ended) and reports. Its torchrun agent then waits on the
+        # rendezvous that is gone, so it is stopped once the worker has spoken.
+        subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "up"), check=True)
+        wait_until(lambda: "does not answer either" in log2.read_text(), "node 2's worker to report", 120)
     finally:
         subprocess.run(on_node("gd-node2", "ip", "link", "set", "eth0", "up"), check=True)
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
-    out2 = procs[1].communicate(timeout=60)[0]
+    procs[1].wait(timeout=60)
+    out2 = log2.read_text()
     assert procs[0].returncode != 0
     assert "[rank 0 on gd-node1] error: " in out1 and "did not complete within parallel.timeout_s=8 s" in out1, out1[-3000:]
     assert "(dead, stuck or unreachable): rank 1 on gd-node2" in out1

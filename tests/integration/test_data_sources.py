@@ -110,6 +110,17 @@ def test_generate_evaluate_and_export_need_only_the_run_after_its_data_is_delete
                 "eval": json.loads((tmp_path / ("eval_" + tag + ".json")).read_text())}
 
     before = outputs("before")
+    # while the data is there: the blend's own validation split, one line per source and a total that is
+    # their token-weighted mean
+    blend = tool("gorilla_dist.evaluate", f"run.dir={run}", f"out={tmp_path / 'blend.json'}")
+    assert blend.returncode == 0, blend.stderr[-2000:]
+    result = json.loads((tmp_path / "blend.json").read_text())
+    parts = result["sources"]
+    assert len(parts) == 2 and all(p["tokens"] > 0 for p in parts.values())
+    assert result["tokens"] == sum(p["tokens"] for p in parts.values())
+    assert result["loss"] == pytest.approx(sum(p["loss"] * p["tokens"] for p in parts.values()) / result["tokens"])
+    for name, p in [*parts.items(), ("total", result)]:
+        assert f"  {name}: loss {p['loss']:.4f}" in blend.stdout, blend.stdout
     shutil.rmtree(tmp_path / "sources")
     after = outputs("after")
     assert after["text"] == before["text"] and len(before["text"]) >= 5

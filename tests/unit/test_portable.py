@@ -110,3 +110,31 @@ def test_consolidate_refuses_to_overwrite_and_names_bad_values(tmp_path):
     assert proc.returncode == 1 and f"no complete checkpoint under {tmp_path / 'checkpoints'}" in proc.stderr
     proc = run("export")
     assert proc.returncode == 1 and "usage: python -m gorilla_dist.checkpoint consolidate" in proc.stderr
+
+
+def test_consolidate_casts_to_bf16_and_fp16_exactly_as_torch_does(world1, tmp_path):
+    """consolidate dtype=bf16|fp16 holds the fp32 masters cast by torch (round to nearest even), nothing else
+    changed: names, shapes, the step and the config in its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from gorilla_dist.checkpoint.__main__ import ConsolidateArgs, consolidate
+
+    engine, cfg = make_engine(world1, "fp32", 0, run_dir=tmp_path)
+    train_step(engine, [batch(1)])
+    ckpt = Checkpointer(cfg, world1).save(1, engine, {})
+    (ckpt.parent.parent / "config.yaml").write_text((ckpt / "config.yaml").read_text())
+    files = {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        files[dtype] = tmp_path / f"{dtype}.safetensors"
+        consolidate(ConsolidateArgs(run_dir=str(tmp_path), out=str(files[dtype]), dtype=dtype))
+    whole = load_file(str(files["fp32"]))
+    assert whole.keys() == engine.full_state()[0].keys()
+    assert all(torch.equal(whole[k], v) for k, v in engine.full_state()[0].items())
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        cast = load_file(str(files[dtype]))
+        assert cast.keys() == whole.keys()
+        assert all(cast[k].dtype == torch_dtype and torch.equal(cast[k], whole[k].to(torch_dtype)) for k in whole)
+        assert any(not torch.equal(cast[k].float(), whole[k]) for k in whole)  # it did round
+        with safe_open(str(files[dtype]), "pt") as f:
+            assert f.metadata()["dtype"] == dtype and f.metadata()["step"] == "1"

@@ -13,7 +13,7 @@ function of a sample's tokens and a seeded generator.
           (`rate` of the source tokens)
 
 The sample then holds input + target (then <eod> padding); the loss is on the target tokens only; the
-input part attends bidirectionally (prefix-LM: kernels/dense.py BIDIRECTIONAL), the target causally. The
+input part attends bidirectionally (prefix-LM: gorilla_dist/kernels/dense.py BIDIRECTIONAL), the target causally. The
 source is the sample's first tokens, as many as leave room for the sentinels (its documents are
 corrupted as one text: UL2 packs the same way).
 """

@@ -81,6 +81,13 @@ def test_compiled_model_trains_like_eager(tmp_path):
     a = [r["loss"] for r in metrics(eager)]
     b = [r["loss"] for r in metrics(compiled)]
     assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    # the compiled run's checkpoint: eager names, the eager run's weights (to the same float tolerance)
+    from safetensors.torch import load_file
+
+    w_eager, w_compiled = (load_file(str(r / "checkpoints" / "step_00000006" / "model.safetensors"))
+                           for r in (eager, compiled))
+    assert w_compiled.keys() == w_eager.keys()
+    assert all((w_compiled[k] - w_eager[k]).abs().max() < 1e-4 for k in w_eager)
     gen = generate(compiled, "max_new_tokens=5")
     assert gen.returncode == 0 and len(gen.stdout.rstrip("\n")) >= 5, gen.stderr[-2000:]
 

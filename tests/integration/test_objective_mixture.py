@@ -142,3 +142,12 @@ def test_classify_predicts_a_label_given_at_prepare_time(tmp_path):
     assert all(name.rstrip(":") in recorded for name in top)
     evals = [r for r in metrics(run) if "val_loss" in r]
     assert evals and all(0 <= r["val_classify_accuracy"] <= 1 and r["val_classify_loss"] > 0 for r in evals)
+    # the logged label numbers, computed again by the evaluate command from the step-8 checkpoint
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got, logged = json.loads(out.read_text())["objectives"], evals[-1]
+    assert logged["step"] == 8
+    assert all(got[k] == pytest.approx(logged[k], rel=1e-5) for k in ("val_classify_accuracy", "val_classify_loss")), \
+        (got, logged)

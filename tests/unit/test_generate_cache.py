@@ -85,3 +85,30 @@ def test_static_block_sparse_layouts_decode_from_the_cache_as_the_whole_sequence
     a = sample_ids(model, prompt, vocab_size=50, max_new_tokens=62, seq_length=64, temperature=0, cache=True)
     b = sample_ids(model, prompt, vocab_size=50, max_new_tokens=62, seq_length=64, temperature=0, cache=False)
     assert torch.equal(a, b) and a.shape[1] == 69
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens(world1):
+    """top_k=1 is greedy whatever the temperature; top_k=k draws only among each step's k most likely tokens
+    (checked against the full logits of every step); without top_k, sampling leaves those k."""
+    from gorilla_dist.model import build_model
+
+    m = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(name="t", num_layers=2, hidden_size=64, num_heads=4,
+                        seq_length=48))
+    model = build_model(m, vocab_size=50, dtype="fp32", device=world1.device, seed=5).eval()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(1))
+    kw = dict(vocab_size=50, max_new_tokens=40, seq_length=48, cache=False)
+    greedy = sample_ids(model, prompt, temperature=0, **kw)
+    assert torch.equal(sample_ids(model, prompt, temperature=5.0, top_k=1, seed=3, **kw), greedy)
+
+    def outside_top(ids, k) -> int:
+        """How many sampled tokens were not among their step's k most likely."""
+        with torch.no_grad():  # the whole sequence at once, causal: row t - 1 scores the token at t
+            logits = model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None], None)  # (1, t - 1, padded vocab)
+        n = 0
+        for t in range(prompt.shape[1], ids.shape[1]):
+            top = torch.topk(logits[0, t - 1, :50], k).indices
+            n += int(ids[0, t] not in top)
+        return n
+
+    assert outside_top(sample_ids(model, prompt, temperature=5.0, top_k=3, seed=3, **kw), 3) == 0
+    assert outside_top(sample_ids(model, prompt, temperature=5.0, top_k=None, seed=3, **kw), 3) > 0

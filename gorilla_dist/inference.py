@@ -48,9 +48,15 @@ class Decoder:
             self.context.sequence_len_offset = t + virtual
             return out
         window = ids[:, -self.seq:]
+        n, tp = window.shape[1], ps.get_tensor_model_parallel_world_size()
+        if getattr(getattr(self.model, "config", None), "sequence_parallel", False) and n % tp:
+            # sequence parallelism splits the sequence over the TP ranks: pad the end to a multiple of tp.
+            # Attention is causal, so the real positions' logits are unchanged (a learned sparse layout's last
+            # query block does see the padding when it picks its key blocks).
+            window = torch.nn.functional.pad(window, (0, -n % tp))
         pos = torch.arange(window.shape[1], device=device).unsqueeze(0)
-        out = self.model(window, pos, None)[:, -1, :]  # (1, vocab / tp)
-        if ps.get_tensor_model_parallel_world_size() > 1:  # vocab-parallel logits -> full vocabulary
+        out = self.model(window, pos, None)[:, n - 1, :]  # (1, vocab / tp): the last real position
+        if tp > 1:  # vocab-parallel logits -> full vocabulary
             out = torch.cat(tp_all_gather(out), dim=-1)
         return out
 

@@ -14,7 +14,10 @@ RUN = ["model=debug", "train.max_steps=20", "train.eval_interval=10", "train.eva
        "optim.warmup_steps=2", "train.sample_tokens=60", "checkpoint.interval=5", "checkpoint.keep=2",
        "logging.peak_tflops=0.174"]
 LAYOUTS = {"local": [], "torchrun-tp2": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",
-                                         "logging.wandb.mode=disabled"]}
+                                         "logging.wandb.mode=disabled"],
+           # sequence parallelism splits the sampled sequence over the ranks: it is padded to a multiple of tp
+           "torchrun-tp2-sp": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",
+                               "parallel.sequence_parallel=true", "logging.wandb.mode=disabled"]}
 
 
 def sample_from(out: str) -> str:

@@ -668,17 +668,22 @@ def check_slurm_value(key: str, value: str, kind: str) -> None:
                       f"{shape}")
 
 
+def slurm_job_name(cfg) -> str:
+    """The job's name in run.dir/train.sbatch: slurm.job_name, else run.name."""
+    return cfg.slurm.job_name or cfg.run.name
+
+
 def _validate_slurm(cfg) -> None:
     """Nothing from the config runs as code: every value written into the job script has a shape Slurm
     accepts, and none carries a control character (a newline would start a new line of the script)."""
     s = cfg.slurm
     name_key = "slurm.job_name" if s.job_name is not None else "run.name (the job name unless slurm.job_name is set)"
-    values = [(name_key, s.job_name or cfg.run.name, "slurm.job_name"), ("slurm.partition", s.partition, None),
-              ("slurm.account", s.account, None), ("slurm.time", s.time, None), ("run.dir", cfg.run.dir, None),
-              *((f"slurm.extra[{i}]", v, "slurm.extra") for i, v in enumerate(s.extra))]
+    values = [(name_key, slurm_job_name(cfg), "slurm.job_name"), ("slurm.partition", s.partition, "slurm.partition"),
+              ("slurm.account", s.account, "slurm.account"), ("slurm.time", s.time, "slurm.time"),
+              ("run.dir", cfg.run.dir, "run.dir"), *((f"slurm.extra[{i}]", v, "slurm.extra") for i, v in enumerate(s.extra))]
     for key, value, kind in values:
         if value is not None:
-            check_slurm_value(key, str(value), kind or key)
+            check_slurm_value(key, str(value), kind)
 
 
 def validate(cfg, world: int | None = None) -> None:

@@ -45,8 +45,8 @@ def main(argv: list[str]) -> int:
     except RuntimeError as err:
         from gorilla_dist.parallel import describe_comm_failure
 
-        message = (describe_comm_failure(err, int(rank), cfg.parallel.timeout_s, hosts, cfg.parallel.census_grace_s)
-                   if cfg is not None else None)
+        message = (describe_comm_failure(err, int(rank), cfg.parallel.timeout_s, hosts,
+                                         grace_s=cfg.parallel.census_grace_s) if cfg is not None else None)
         if message is None:
             raise
         print(message, file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import gorilla_dist.slurm
+from gorilla_dist.config import slurm_job_name
 from gorilla_dist.files import write_text_atomic
 
 TEMPLATE = Path(gorilla_dist.slurm.__file__).resolve().parent / "train.sbatch"  # slurm/ in a checkout
@@ -34,7 +35,7 @@ def sbatch_options(cfg) -> list[str]:
         # and leaves the task count open (with --ntasks-per-node it derives the tasks from the minimum and
         # allocates the minimum); srun then starts launch.nproc_per_node tasks on each node it got.
         size = [f"--nodes={s.min_nodes}-{s.nodes}", "--exclusive"]
-    opts = [f"--job-name={s.job_name or cfg.run.name}", *size, f"--output={run_dir}/slurm-%j.out",
+    opts = [f"--job-name={slurm_job_name(cfg)}", *size, f"--output={run_dir}/slurm-%j.out",
             "--open-mode=append", f"--chdir={os.getcwd()}", f"--signal=USR1@{s.signal_seconds}"]
     if s.gpus_per_node:
         opts.append(f"--gpus-per-node={s.gpus_per_node}")

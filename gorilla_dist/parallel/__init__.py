@@ -205,8 +205,8 @@ _TIMEOUT = ("Timed out", "timed out", "Timeout(ms)", "timeout")
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
 
 
-def describe_comm_failure(err: BaseException, rank: int, timeout_s: float,
-                          hosts: tuple[str, ...] = (), grace_s: float = 10.0) -> str | None:
+def describe_comm_failure(err: BaseException, rank: int, timeout_s: float, hosts: tuple[str, ...] = (), *,
+                          grace_s: float) -> str | None:
     """A message for people when a collective failed (timed out, or a peer's connection closed),
     naming this rank, the operation, where our code called it, and the ranks (and hosts) that no longer
     answer; None for any other error. The operation comes from the traceback: the innermost

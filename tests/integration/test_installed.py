@@ -80,10 +80,15 @@ def test_the_wheel_holds_every_module_and_data_file_of_the_tree(wheel):
 def test_the_installed_package_trains_from_another_directory(installed, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = subprocess.run([str(installed), "-c", "import sys, gorilla_dist, launcher.slurm as s, gorilla_dist.kernels as k;"
-                            "print(gorilla_dist.__file__); print(s.TEMPLATE); print(k.__file__);"
-                            "print(any(type(f).__name__ == '_EditableFinder' for f in sys.meta_path))"],
-                           cwd=elsewhere, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+    def run_installed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """The installed package's python, from a directory outside the checkout."""
+        return subprocess.run([str(installed), *args], cwd=elsewhere, env=clean_env(), capture_output=True,
+                              text=True, timeout=timeout)
+
+    probe = run_installed("-c", "import sys, gorilla_dist, launcher.slurm as s, gorilla_dist.kernels as k;"
+                          "print(gorilla_dist.__file__); print(s.TEMPLATE); print(k.__file__);"
+                          "print(any(type(f).__name__ == '_EditableFinder' for f in sys.meta_path))", timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     package, template, kernels, editable = probe.stdout.split()
     site_dir = installed.parent.parent
@@ -91,17 +96,14 @@ def test_the_installed_package_trains_from_another_directory(installed, tmp_path
     assert Path(template).is_relative_to(site_dir) and Path(template).name == "train.sbatch"
     assert editable == "False"
     base = tmp_path / "base"
-    run = subprocess.run([str(installed), "-m", "launcher", "train.max_steps=5", "checkpoint.interval=5",
-                          f"run.dir={base}", *QUICK], cwd=elsewhere, env=clean_env(), capture_output=True, text=True,
-                         timeout=600)
+    run = run_installed("-m", "launcher", "train.max_steps=5", "checkpoint.interval=5", f"run.dir={base}", *QUICK)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (base / "checkpoints" / "step_00000005" / "manifest.json").is_file()
     # a LoRA fine-tune of that run with an objective mixture (the finetune and objectives packages)
     tuned = tmp_path / "tuned"
-    run = subprocess.run([str(installed), "-m", "launcher", "train.max_steps=4", f"run.dir={tuned}", *QUICK,
-                          f"checkpoint.init_from={base}", "finetune.method=lora", "finetune.lora.rank=2",
-                          "train.objectives=[{name: clm, weight: 0.5}, {name: contrastive, weight: 0.5}]"],
-                         cwd=elsewhere, env=clean_env(), capture_output=True, text=True, timeout=600)
+    run = run_installed("-m", "launcher", "train.max_steps=4", f"run.dir={tuned}", *QUICK, f"checkpoint.init_from={base}",
+                        "finetune.method=lora", "finetune.lora.rank=2",
+                        "train.objectives=[{name: clm, weight: 0.5}, {name: contrastive, weight: 0.5}]")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "[finetune] lora: rank 2 adapters" in run.stdout
     rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]

@@ -803,6 +803,50 @@ def check_inputs(cfg) -> None:
         raise ConfigError(f"checkpoint.resume={resume!r}: expected auto, never, or an existing checkpoint directory")
 
 
+def check_before_start(cfg) -> None:
+    """What the launcher can know before it writes into run.dir or starts a process: run.dir is a directory
+    (or new), checkpoint.resume=never meets no checkpoints, checkpoint.init_from holds one (first start
+    only), and the GPU-only options meet a GPU (on this machine, or slurm.gpus_per_node for a job)."""
+    run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={cfg.run.dir!r} is a file; a run directory (new or existing) is expected")
+    started = has_checkpoints(run_dir)
+    if cfg.checkpoint.resume == "never" and started:
+        raise ConfigError(f"checkpoint.resume=never but {run_dir / 'checkpoints'} already holds checkpoints; use a "
+                          "new run.dir or checkpoint.resume=auto (nothing was changed)")
+    source = cfg.checkpoint.init_from
+    if source is not None and hf_dir(source) is None and not started:  # a restart resumes its own checkpoints
+        src = Path(source)
+        if not src.is_dir():
+            raise ConfigError(f"checkpoint.init_from={source!r}: no such directory; expected a run directory, one of "
+                              "its checkpoints (run.dir/checkpoints/step_XXXXXXXX) or hf:<transformers directory>")
+        if not (src / "manifest.json").is_file() and not has_checkpoints(src):
+            raise ConfigError(f"checkpoint.init_from={source!r} holds no complete checkpoint (no manifest.json in it "
+                              "or in checkpoints/step_*/); expected a run directory that saved one, or a checkpoint")
+    if cfg.launch.backend == "slurm":
+        gpus, where = cfg.slurm.gpus_per_node, f"the job asks for slurm.gpus_per_node={cfg.slurm.gpus_per_node}"
+    else:
+        from gorilla_dist.runtime import visible_gpus
+
+        gpus, where = visible_gpus(), "this machine has no GPU visible (no /dev/nvidiaN, or CUDA_VISIBLE_DEVICES)"
+    if not gpus and cfg.precision.dtype == "fp16":
+        raise ConfigError(f"precision.dtype=fp16 needs a GPU (DeepSpeed has fp16 training on GPUs only) and {where}; "
+                          "use precision=bf16 or precision=fp32")
+    if cfg.model.attention == "flash":
+        from gorilla_dist.runtime import has_package
+
+        if not has_package("flash_attn"):
+            raise ConfigError("model.attention=flash needs the flash-attn package (pip install -e '.[gpu]' on a CUDA "
+                              "machine); model.attention=dense uses flash-attn when it can and SDPA otherwise")
+        if not gpus:
+            raise ConfigError(f"model.attention=flash needs a GPU and {where}; model.attention=dense runs SDPA here")
+
+
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """run_dir/checkpoints holds a finished save (its manifest.json is written last)."""
+    return any(Path(run_dir).glob("checkpoints/step_*/manifest.json"))
+
+
 def _validate_sharing(m, p) -> None:
     sh = m.sharing
     _choice(sh.pattern, SHARING_PATTERNS, "model.sharing.pattern")

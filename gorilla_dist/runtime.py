@@ -34,3 +34,23 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def visible_gpus() -> int:
+    """How many NVIDIA GPUs the processes started here would see, without importing torch (the launcher's
+    checks): CUDA_VISIBLE_DEVICES when set, else the driver's device files /dev/nvidia0, /dev/nvidia1, ..."""
+    import re
+    from pathlib import Path
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        ids = [i.strip() for i in listed.split(",") if i.strip()]
+        return 0 if not ids or ids[0].startswith("-") else len(ids)
+    return sum(1 for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name))
+
+
+def has_package(name: str) -> bool:
+    """Whether `import name` would find it (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

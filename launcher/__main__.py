@@ -15,10 +15,11 @@ import hydra
 from omegaconf import DictConfig
 
 from gorilla_dist import conf
-from gorilla_dist.config import check_inputs, check_slurm_value, register_configs, resolve, save_run_config, validate
+from gorilla_dist.config import check_before_start, check_inputs, check_slurm_value, register_configs, resolve, save_run_config, validate
 from gorilla_dist.errors import EXIT_PREEMPTED, UserError
 from gorilla_dist.summary import OVERRIDES
 from launcher import backends
+from launcher.overrides import check_overrides
 
 CONF_DIR = str(Path(conf.__file__).resolve().parent)  # conf/ in a checkout, gorilla_dist/conf when installed
 
@@ -48,6 +49,7 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
         resolve(cfg)
         validate(cfg)
         check_inputs(cfg)
+        check_before_start(cfg)
         if cfg.launch.backend == "slurm":  # sbatch --chdir=<it> in the job script
             check_slurm_value("the working directory", os.getcwd(), "run.dir")
     except UserError as err:
@@ -137,5 +139,15 @@ def saved_since(run_dir: str, since: float) -> bool:
     return any(m.stat().st_mtime >= since for m in Path(run_dir).glob("checkpoints/step_*/manifest.json"))
 
 
+def check_command_line() -> None:
+    """A typo'd key or option is one line, before Hydra composes (launcher/overrides.py)."""
+    try:
+        check_overrides(sys.argv[1:], CONF_DIR)
+    except UserError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
 if __name__ == "__main__":
+    check_command_line()
     main()

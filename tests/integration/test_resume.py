@@ -99,7 +99,10 @@ def test_resume_from_an_explicit_checkpoint_directory(tmp_path, local_straight):
 def test_resume_never_refuses_to_overwrite(tmp_path):
     run = tmp_path / "run"
     check(launch(run, "train.max_steps=2"))
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = launch(run, "train.max_steps=4", "checkpoint.resume=never")
-    assert proc.returncode == 1
-    assert "checkpoint.resume=never but" in proc.stdout and "nothing was deleted" in proc.stdout
+    assert proc.returncode == 2
+    assert "checkpoint.resume=never but" in proc.stdout and "nothing was changed" in proc.stdout
+    # refused by the launcher before it wrote anything: config.yaml and overrides.json keep the run's own
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert (run / "checkpoints" / "step_00000002" / "manifest.json").is_file()

@@ -1,0 +1,114 @@
+"""What the launcher refuses before it writes into run.dir or starts a process: a typo'd key or option
+(one line, the closest valid one named), `+key` for a key the schema lacks, checkpoint.resume=never on a
+run with checkpoints, a missing checkpoint.init_from, GPU-only options on a machine without a GPU, a
+run.dir that is a file. A refused launch leaves an existing run byte-for-byte as it was. No worker starts:
+the run directories here are written by hand."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+
+def launcher(tmp_path, *overrides, env=None):
+    return subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def refused(proc, *expected):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and not proc.stdout
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("modle=debug", "the config has no key 'modle' (did you mean model?)"),
+    ("+modle=debug", "the config has no key 'modle' (did you mean model?)"),  # Hydra's own hint, followed
+    ("model.num_layrs=2", "no key 'model.num_layrs' (did you mean model.num_layers?)"),
+    ("finetune.lora.rnk=4", "(did you mean finetune.lora.rank?)"),
+    ("model=debgu", "model=debgu: no such option in conf/model/; choose one of: 1b, debug, gpt2-124m, small, tiny "
+                    "(did you mean model=debug?)"),
+    ("+model.num_layers=3", "model.num_layers is already in the config; set it without the '+'"),
+    ("train.max_steps=abc", "train.max_steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("~train.max_steps", "keys cannot be deleted"),
+    ("data.sources=[{path: a, wieght: 1}]", "Key 'wieght' not in 'SourceConfig'"),
+    # the README's objectives example once spanned two lines: the first line alone
+    ("train.objectives=[{name: clm, weight: 0.6},", "cannot read the override"),
+])
+def test_a_typo_is_one_line_naming_the_closest_key_and_nothing_is_written(tmp_path, override, expected):
+    refused(launcher(tmp_path, override, "run.dir=run"), expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_with_a_typo_in_one_value_is_refused(tmp_path):
+    refused(launcher(tmp_path, "-m", "model=tiny,smal", "run.dir=run"), "(did you mean model=small?)")
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    """A run directory as a finished 2-step run leaves it (the files the launcher and a save write)."""
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}\n")
+    (run / "config.yaml").write_text("run:\n  dir: run\n")
+    (run / "overrides.json").write_text(json.dumps(["train.max_steps=2"]) + "\n")
+    return run
+
+
+def snapshot(run):
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("overrides,env,expected", [
+    (["checkpoint.resume=never"], {}, "checkpoint.resume=never but"),
+    (["precision=fp16"], {"CUDA_VISIBLE_DEVICES": ""}, "precision.dtype=fp16 needs a GPU"),
+    (["model.attention=flash"], {}, "model.attention=flash needs"),
+    (["modle=debug"], {}, "did you mean model?"),
+    (["train.max_steps=-1"], {}, "train.max_steps"),
+])
+def test_a_refused_launch_leaves_the_run_as_it_was(tmp_path, old_run, overrides, env, expected):
+    before = snapshot(old_run)
+    refused(launcher(tmp_path, "run.dir=run", *overrides, env=env), expected)
+    assert snapshot(old_run) == before
+
+
+def test_gpu_only_options_are_refused_where_no_gpu_is_visible(tmp_path):
+    no_gpu = {"CUDA_VISIBLE_DEVICES": ""}
+    refused(launcher(tmp_path, "run.dir=run", "precision=fp16", env=no_gpu),
+            "precision.dtype=fp16 needs a GPU (DeepSpeed has fp16 training on GPUs only) and this machine has no GPU "
+            "visible", "use precision=bf16 or precision=fp32")
+    # a Slurm job: what it asks for counts, not the login node's devices
+    refused(launcher(tmp_path, "run.dir=run", "precision=fp16", "launch=slurm", env=no_gpu),
+            "the job asks for slurm.gpus_per_node=0")
+    flash = launcher(tmp_path, "run.dir=run", "model.attention=flash", env=no_gpu)
+    try:
+        import flash_attn  # noqa: F401  (not on the CPU machines)
+        refused(flash, "model.attention=flash needs a GPU")
+    except ImportError:
+        refused(flash, "model.attention=flash needs the flash-attn package")
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_must_hold_a_checkpoint_on_the_first_start(tmp_path, old_run):
+    refused(launcher(tmp_path, "run.dir=new", "checkpoint.init_from=nope"),
+            "checkpoint.init_from=", "nope': no such directory; expected a run directory")
+    (tmp_path / "empty").mkdir()
+    refused(launcher(tmp_path, "run.dir=new", "checkpoint.init_from=empty"), "holds no complete checkpoint")
+    assert not (tmp_path / "new").exists()
+    # a restart resumes its own checkpoints: the source may be gone by then
+    ok = launcher(tmp_path, "run.dir=run", "checkpoint.init_from=nope", "--cfg", "job")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("keep me\n")
+    refused(launcher(tmp_path, "run.dir=afile"), "run.dir=", "afile' is a file; a run directory")
+    assert (tmp_path / "afile").read_text() == "keep me\n"

@@ -842,6 +842,24 @@ def check_before_start(cfg) -> None:
             raise ConfigError(f"model.attention=flash needs a GPU and {where}; model.attention=dense runs SDPA here")
 
 
+def check_checkpoint_source(run_dir: str | os.PathLike | None, which: str = "latest") -> None:
+    """What generate / evaluate / export / consolidate read exists: a run directory (its config.yaml) and,
+    for checkpoint=<dir>, that directory; torch-free, so the tools check it before importing torch.
+    Whether a checkpoint is complete and intact is checkpoint.resolve_checkpoint's."""
+    if which != "latest":
+        if not Path(which).is_dir():
+            raise ConfigError(f"checkpoint={which}: no such directory; expected one of a run's checkpoints "
+                              "(run.dir/checkpoints/step_XXXXXXXX), or checkpoint=latest (the default)")
+        return
+    if run_dir is None:
+        raise ConfigError("run.dir=<run directory> is required")
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run.dir={run_dir}: no such directory")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"run.dir={run_dir} is not a run directory (no config.yaml; runs are started with "
+                          f"python -m launcher run.dir={run_dir})")
+
+
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
     """run_dir/checkpoints holds a finished save (its manifest.json is written last)."""
     return any(Path(run_dir).glob("checkpoints/step_*/manifest.json"))

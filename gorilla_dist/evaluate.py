@@ -32,6 +32,7 @@ tokenizers.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -70,7 +71,7 @@ class EvaluateArgs:
     """Instruction data: k-shot prompting: k whole examples (prompt, output, <eod>) of the training split
     (the dataset's other examples with split=all), drawn deterministically per example, go before each
     evaluated example's prompt; only its own output is scored. Shots that do not fit model.seq_length
-    are left out (counted)."""
+    are left out (counted and printed; when none fits, an error)."""
     out: str | None = None
     """Also write the results as JSON to this file."""
 
@@ -138,6 +139,25 @@ def evaluate_classes(model, span, *, batch_size: int, samples: int | None, devic
     return out
 
 
+def refuse_empty(name: str, part: dict, args, cfg) -> None:
+    """No loss over zero tokens (or zero labelled examples) is reported as a number, nor k-shot numbers
+    where no shot fit: each is an error naming why."""
+    seq = cfg.model.seq_length
+    if part.get("shots") and not part["shots_used"]:
+        raise DataError(f"{name}: shots={args.shots}: no shot fits: every example's own tokens leave too little of "
+                        f"model.seq_length={seq} for a whole example before it ({part['shots_left_out']:,} shots left "
+                        "out); use fewer or shorter shots, or shots=0")
+    if "examples" in part:
+        if not part["examples"]:
+            raise DataError(f"{name}: none of its {part['samples']:,} samples has a labelled example whose last "
+                            f"prompt token lies within model.seq_length={seq}")
+    elif not part["tokens"]:
+        raise DataError(f"{name}: no scored token in its {part['samples']:,} samples: "
+                        + (f"every example's prompt is longer than model.seq_length={seq}, so its output is cut off "
+                           "(shorter examples, or a model with a longer seq_length)" if "generated" in part else
+                           "the loss mask leaves nothing to score"))
+
+
 def summary(part: dict) -> dict:
     if "examples" in part:  # a classifier
         return {"samples": part["samples"], "examples": part["examples"],
@@ -149,7 +169,7 @@ def summary(part: dict) -> dict:
     if part.get("generated"):
         out.update(exact_match=part["exact"] / part["generated"], generated=part["generated"])
     if part.get("shots"):
-        out.update(shots=part["shots"], shots_left_out=part["shots_left_out"])
+        out.update(shots=part["shots"], shots_used=part["shots_used"], shots_left_out=part["shots_left_out"])
     return out
 
 
@@ -163,7 +183,7 @@ def _shots(ds, example: int, k: int, pool: tuple[int, int], room: int) -> tuple[
     parts = [ds.read(int(ds.offsets[i]), int(ds.offsets[i + 1])) for i in chosen]
     while parts and sum(len(x) for x in parts) > room:
         parts.pop(0)
-    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)), len(chosen) - len(parts)
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)), k - len(parts)
 
 
 def evaluate_examples(model, ds, start: int, stop: int, *, cfg, samples: int | None, bytes_of: np.ndarray,
@@ -181,7 +201,7 @@ def evaluate_examples(model, ds, start: int, stop: int, *, cfg, samples: int | N
     n = span.samples if samples is None else min(samples, span.samples)
     out = {"samples": n, "tokens": 0, "bytes": 0, "loss_sum": 0.0, "generated": 0, "exact": 0}
     if shots:
-        out.update(shots=shots, shots_left_out=0)
+        out.update(shots=shots, shots_used=0, shots_left_out=0)
     window, seg, tgt = (np.empty(seq + 1, dtype=np.int64), np.empty(seq + 1, dtype=np.int32),
                         np.empty(seq + 1, dtype=np.uint8))
     for j in range(n):
@@ -189,6 +209,7 @@ def evaluate_examples(model, ds, start: int, stop: int, *, cfg, samples: int | N
         if shots:  # k whole examples before this one's prompt: context, not scored
             context, left_out = _shots(ds, int(span.first[j]), shots, pool, seq + 1 - valid)
             out["shots_left_out"] += left_out
+            out["shots_used"] += shots - left_out
             c = len(context)
             window[c:c + valid], tgt[c:c + valid] = window[:valid].copy(), tgt[:valid].copy()
             window[:c], tgt[:c], seg[:] = context, 0, 0
@@ -231,6 +252,10 @@ def _datasets(args, cfg, run_dir: Path, tmp: Path):
                                 "files>")
         return [(str(p), TokenDataset(p, verify="size")) for p in paths], args.split or "validation"
     path = Path(args.data)
+    for item in args.data.split(","):
+        if not glob.glob(item):
+            raise DataError(f"data={args.data}: {item} does not exist; expected a prepared dataset directory (with "
+                            "meta.json) or text / jsonl / parquet files (comma-separated, globs allowed)")
     if path.is_dir() and (path / "meta.json").is_file():
         ds = TokenDataset(path, verify="checksum")
     else:  # raw files: prepare them with the run's tokenizer
@@ -295,6 +320,8 @@ def evaluate(args) -> dict:
             parts[name] = evaluate_span(model, span, eod=tok.eod, reset_at_eod=cfg.data.reset_at_eod,
                                         batch_size=args.batch_size, samples=args.samples, bytes_of=bytes_of,
                                         device=device)
+        for name, p in parts.items():
+            refuse_empty(name, p, args, cfg)
         keys = {k for p in parts.values() for k in p} - {"shots"}
         total = {k: sum(p.get(k, 0) for p in parts.values()) for k in keys}
         total["shots"] = args.shots
@@ -339,6 +366,9 @@ def report(result: dict) -> str:
                          f"examples)")
             continue
         em = f"  exact match {r['exact_match']:.3f} of {r['generated']:,}" if "exact_match" in r else ""
+        if r.get("shots"):
+            em += (f"  {r['shots']}-shot: {r['shots_used']:,} shots used, {r['shots_left_out']:,} left out (too long "
+                   "for model.seq_length)" if r["shots_left_out"] else f"  {r['shots']}-shot: {r['shots_used']:,} shots")
         lines.append(f"  {name}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
                      f"bits/byte {r['bits_per_byte']:.4f}{em}  ({r['tokens']:,} tokens, {r['samples']:,} samples)")
     if "objectives" in result:

@@ -29,27 +29,34 @@ class GenerateArgs:
 
 
 def parse_args(argv: list[str]):
+    """The arguments, checked (values, the run directory and checkpoint exist) before torch is imported."""
     from gorilla_dist.cli import parse_key_values
+    from gorilla_dist.config import check_checkpoint_source
+    from gorilla_dist.errors import ConfigError
 
     args = parse_key_values(argv, GenerateArgs, aliases={"run.dir": "run_dir"})
+    if args.temperature < 0:
+        raise ConfigError(f"temperature={args.temperature} must be >= 0 (0: greedy)")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={args.max_new_tokens} must be >= 0")
+    if args.top_k is not None and args.top_k < 0:
+        raise ConfigError(f"top_k={args.top_k} must be >= 0 (0 or none: no top-k filter)")
     if args.top_k == 0:
         args.top_k = None
+    check_checkpoint_source(args.run_dir, args.checkpoint)
     return args
 
 
 def main(argv: list[str]) -> int:
     from gorilla_dist.cli import run_tool
-    from gorilla_dist.errors import UserError
     from gorilla_dist.runtime import quiet_libraries
 
     def body() -> int:
         args = parse_args(argv)
-        if not args.run_dir:
-            raise UserError("run.dir=<run directory> is required")
+        quiet_libraries()  # (imports torch)
         print(generate(args), flush=True)
         return 0
 
-    quiet_libraries()
     return run_tool(body)
 
 
@@ -80,6 +87,9 @@ def classify(model, tokenizer, prompt: str, labels: list[str], top: int = 5) -> 
 
 
 if __name__ == "__main__":
+    status = main(sys.argv[1:])
+    if "torch" not in sys.modules:  # refused before loading anything
+        sys.exit(status)
     from gorilla_dist.engine.startup import exit_now
 
-    exit_now(main(sys.argv[1:]))  # skips the interpreter's slow finalization (engine/startup.exit_now)
+    exit_now(status)  # skips the interpreter's slow finalization (engine/startup.exit_now)

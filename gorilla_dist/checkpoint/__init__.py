@@ -51,6 +51,7 @@ from safetensors.torch import load_file
 from gorilla_dist import faults
 from gorilla_dist.checkpoint.shards import MODEL, OPTIMIZER, SHARDS, ShardedTensors, shard_name, write_shard
 from gorilla_dist.checkpoint.tensorfile import write_streaming, write_tensors
+from gorilla_dist.config import check_checkpoint_source
 from gorilla_dist.data.tokenizer import same_tokenizer
 from gorilla_dist.engine import check_fits, load_trained_buffers
 from gorilla_dist.engine.rng import rng_state, set_rng_state
@@ -292,6 +293,7 @@ def load_consolidated(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "latest") -> Path:
     """`latest` (newest complete checkpoint of a run) or an explicit checkpoint directory."""
+    check_checkpoint_source(run_dir, which)
     if which != "latest":
         ckpt = Path(which)
         problem = verify(ckpt, checksums=True)
@@ -300,7 +302,8 @@ def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "latest") -> Pat
         return ckpt
     found = newest_usable(Path(run_dir) / "checkpoints", report=True)
     if found is None:
-        raise CheckpointError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
+        raise CheckpointError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'} (the run has not "
+                              "finished a save yet)")
     return found
 
 

@@ -252,7 +252,29 @@ def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
     result, shot = results[0], results[2]
     assert result["split"] == "validation" and result["exact_match"] == 1.0 and result["loss"] < 0.2
     assert shot["tokens"] == result["tokens"] and shot["shots"] == 2 and shot["shots_left_out"] == 0
+    assert shot["shots_used"] == 2 * 10  # every evaluated example got its 2 shots: the prompts changed
     assert shot["exact_match"] == 1.0 and abs(shot["loss"] - result["loss"]) > 1e-5
+
+
+def test_evaluate_never_reports_a_number_over_nothing(base, tmp_path):
+    """The base (model.seq_length=128) on its instruction rows: 3 shots cannot fit beside an example of ~100
+    tokens, so 3-shot numbers would equal 0-shot's: an error. Examples whose prompts alone are longer than
+    seq_length leave no scored token: an error, not `loss 0.0000 (0 tokens)`."""
+    def evaluate(data, *args):
+        return subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={base / 'base'}", f"data={data}",
+                               "samples=4", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    proc = evaluate(base / "inst", "shots=3")
+    assert proc.returncode == 1 and "shots=3: no shot fits" in proc.stderr, proc.stderr
+    assert "12 shots left out" in proc.stderr and "Traceback" not in proc.stderr
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({**r, "input": r["input"].ljust(300)}) + "\n" for r in speaker_rows(8)))
+    proc = evaluate(rows, "format=instruction")
+    assert proc.returncode == 1 and "no scored token in its 4 samples: every example's prompt is longer than " \
+        "model.seq_length=128" in proc.stderr, proc.stderr
+    proc = evaluate(tmp_path / "nope")
+    assert proc.returncode == 1 and f"data={tmp_path / 'nope'}: {tmp_path / 'nope'} does not exist" in proc.stderr
+    assert "input=" not in proc.stderr
 
 
 def test_prompt_tuning_trains_the_virtual_tokens_only_and_exports_a_peft_prompt(world1, base, base_hf, tmp_path):

@@ -112,3 +112,35 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("keep me\n")
     refused(launcher(tmp_path, "run.dir=afile"), "run.dir=", "afile' is a file; a run directory")
     assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
+def tool(tmp_path, module, *args):
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def tool_refused(proc, expected):
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and lines == [f"error: {expected}"], proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported  # refused before the ~1 s import
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["run.dir=nope"], "run.dir=nope: no such directory"),
+    (["run.dir=."], "run.dir=. is not a run directory (no config.yaml; runs are started with python -m launcher "
+                    "run.dir=.)"),
+    (["run.dir=.", "checkpoint=gone"], "checkpoint=gone: no such directory; expected one of a run's checkpoints "
+                                       "(run.dir/checkpoints/step_XXXXXXXX), or checkpoint=latest (the default)"),
+    (["run.dir=.", "temperature=-1"], "temperature=-1.0 must be >= 0 (0: greedy)"),
+    (["run.dir=.", "top_k=-5"], "top_k=-5 must be >= 0 (0 or none: no top-k filter)"),
+    ([], "run.dir=<run directory> is required"),
+])
+def test_generate_checks_its_arguments_before_importing_torch(tmp_path, args, expected):
+    tool_refused(tool(tmp_path, "gorilla_dist.generate", *args), expected)
+
+
+def test_evaluate_and_export_name_a_missing_run(tmp_path):
+    for module in ("gorilla_dist.evaluate", "gorilla_dist.export"):
+        proc = tool(tmp_path, module, "run.dir=runs/nope", "out=x")
+        assert proc.returncode == 2 and "error: run.dir=runs/nope: no such directory" in proc.stderr, proc.stderr[-2000:]

@@ -47,7 +47,7 @@ def kept_blocks(seq: int, topk: int | None) -> int:
 
 def run(name: str, overrides: list[str], seq: int, steps: int, batch: int, eval_interval: int, workdir: Path) -> dict:
     rows, wall = train(name, [f"model.seq_length={seq}", f"model.sparse.block_size={BLOCK}",
-                              f"train.global_batch_size={batch}", "train.eval_batches=10", "optim.warmup_steps=50",
+                              f"train.global_batch_size={batch}", f"train.eval_samples={10 * batch}", "optim.warmup_steps=50",
                               *overrides], steps=steps, eval_interval=eval_interval, workdir=workdir)
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]

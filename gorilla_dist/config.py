@@ -318,8 +318,9 @@ class TrainConfig:
     gradient-accumulation count."""
     eval_interval: int = 250
     """Evaluate validation loss every this many steps (and at the end); 0 disables."""
-    eval_batches: int = 20
-    """Micro-batches per evaluation."""
+    eval_samples: int = 240
+    """Validation samples per evaluation: the same ones (the first of the validation blend) for every
+    layout, micro-batch size and accumulation, so val_loss compares across them."""
     log_interval: int = 10
     """Steps between host syncs that flush metrics and refresh the progress bar."""
     compile: bool = False
@@ -702,7 +703,7 @@ def validate(cfg, world: int | None = None) -> None:
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("train.global_batch_size", t.global_batch_size),
                        ("launch.nproc_per_node", cfg.launch.nproc_per_node),
-                       ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches),
+                       ("train.log_interval", t.log_interval), ("train.eval_samples", t.eval_samples),
                        ("parallel.timeout_s", p.timeout_s), ("train.max_skipped_steps", t.max_skipped_steps),
                        ("slurm.nodes", cfg.slurm.nodes), ("launch.nnodes", cfg.launch.nnodes),
                        ("parallel.rendezvous_timeout_s", p.rendezvous_timeout_s),
@@ -1152,6 +1153,8 @@ def parse_run_config(text: str, where: str) -> Config:
         raw = OmegaConf.create(text)
         if "vocab_size" in raw.get("model", {}):  # written by runs before the vocabulary came from the tokenizer
             del raw.model["vocab_size"]
+        if "eval_batches" in raw.get("train", {}):  # written by runs before evaluation counted samples
+            del raw.train["eval_batches"]
         cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     except (OmegaConfBaseException, ValueError) as err:  # a hand-edited file: unknown key, wrong type, bad YAML
         raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None

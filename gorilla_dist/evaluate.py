@@ -338,23 +338,23 @@ def evaluate(args) -> dict:
 def evaluate_objectives(model, cfg, datasets, tok, *, samples: int | None, device) -> dict:
     """Every objective of the run's train.objectives on its validation samples, scored as training's
     evaluation scores them (objectives.evaluation_sums): by default on the samples of training's
-    evaluation (train.eval_batches micro-batches of every data-parallel rank, contrastive negatives grouped
-    as there: one group per micro-batch index over the ranks), so the numbers equal the val_* values
-    training logged at this checkpoint's step; `samples=N`: the first N rounded up to whole groups."""
+    evaluation (train.eval_samples, contrastive negatives grouped as there: one group per micro-batch index
+    over the ranks), so the numbers equal the val_* values training logged at this checkpoint's step;
+    `samples=N`: the first N."""
     from gorilla_dist.config import data_parallel_size
     from gorilla_dist.data.loader import ShardData
     from gorilla_dist.objectives import Objectives, evaluation_sums, evaluation_values
 
     t, d = cfg.train, cfg.data
     group = t.micro_batch_size * data_parallel_size(cfg)
-    n = t.eval_batches if samples is None else -(-samples // group)
+    n = t.eval_samples if samples is None else samples
     weights = [s.weight for s in d.sources] if d.sources else [1.0]
     data = ShardData(datasets, weights, tok, seq_length=cfg.model.seq_length, micro_batch_size=group,
                      global_batch_size=group, dp=1, dp_rank=0, seed=cfg.run.seed, val_fraction=d.val_fraction,
                      reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, objectives=list(t.objectives),
                      device=device)
     keys, sums = evaluation_sums(model, data, n, Objectives(list(t.objectives)))
-    return {"samples": n * group, **evaluation_values(keys, sums.tolist())}
+    return {"samples": n, **evaluation_values(keys, sums.tolist())}
 
 
 def report(result: dict) -> str:

@@ -73,13 +73,13 @@ def train_step(engine: TrainEngine, micro_batches, layout=None, *, objectives: O
 
 
 @torch.no_grad()
-def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None = None) -> dict[str, float]:
-    """Held-out loss over the fixed validation batches of every data-parallel rank (per target, as
+def evaluate(engine, data, n_samples: int, layout, objectives: Objectives | None = None) -> dict[str, float]:
+    """Held-out loss over the same n_samples validation samples for every layout (per target, as
     `python -m gorilla_dist.evaluate` computes it); a classifier's per example, and its accuracy. With
     several objectives, every objective scores every validation sample: val_loss stays the language-model
     loss, the others add val_<name>_loss (and val_<name>_accuracy). One host sync."""
     engine.eval()
-    batches = data.val_batches(n_batches)
+    batches = data.val_batches(n_samples)
     if is_classifier(engine.module):
         totals = torch.stack([torch.stack(class_loss_sum(engine, b)) for b in batches]).sum(0)
         engine.train()
@@ -90,7 +90,7 @@ def evaluate(engine, data, n_batches: int, layout, objectives: Objectives | None
         engine.train()
         loss_sum, count = dp_sum(totals, layout).tolist()
         return {"val_loss": loss_sum / max(count, 1.0)}
-    keys, sums = evaluation_sums(engine, data, n_batches, objectives)
+    keys, sums = evaluation_sums(engine, data, n_samples, objectives)
     engine.train()
     return evaluation_values(keys, dp_sum(sums, layout).tolist())
 
@@ -233,7 +233,7 @@ def train(cfg, layout) -> bool:
             stopping = signals.agreed(step, last)  # asks the other ranks every log_interval steps
         if eval_due(step):
             with metrics.paused("eval"):
-                values = evaluate(engine, data, t.eval_batches, layout, objectives)
+                values = evaluate(engine, data, t.eval_samples, layout, objectives)
             metrics.eval(step, values)
         if ckpt.due(step, last) or stopping:
             with metrics.paused("checkpoint"):

@@ -52,6 +52,9 @@ class Batch:
     objective: torch.Tensor | None = None
     spans: torch.Tensor | None = None
     """(b, s) int8: the contrastive objective's two halves of a sample, 1 and 2 (objectives.contrastive_view)."""
+    scored: torch.Tensor | None = None
+    """(b,) bool on validation batches: False for the padding rows that fill the last micro-batches up to
+    equal sizes on every rank (their loss mask is 0 and they count for no objective); None: every row."""
 
     def to(self, device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self.__dict__.values()))
@@ -208,7 +211,9 @@ class ShardData:
         return objective[mine] == k if objective is not None else np.full(per_rank, True)
 
     def _rank_batches(self, spans, sources, index, *, shuffle: bool, objective: np.ndarray | None = None,
-                      view=None) -> list[Batch]:
+                      view=None, n_real: int | None = None) -> list[Batch]:
+        """This rank's micro-batches of the samples (sources, index). n_real: only the first n_real samples
+        (in global order) count; the rest pad the batch (Batch.scored)."""
         per_rank = len(index) // self.dp
         mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         if self.contrastive is not None:  # micro-batch i of all ranks = the i-th consecutive part of the batch,
@@ -224,6 +229,12 @@ class ShardData:
                 from gorilla_dist.objectives import contrastive_view
 
                 batch = contrastive_view(batch, rows, self.eod)
+        if n_real is not None:
+            scored = np.arange(len(index))[mine] < n_real
+            batch.loss_mask[~scored] = 0
+            if batch.classes is not None:
+                batch.classes[~scored] = -1
+            batch.scored = torch.from_numpy(scored)
         batch = batch.to(self.device)
         return [batch[i:i + self.micro] for i in range(0, per_rank, self.micro)]
 
@@ -233,14 +244,18 @@ class ShardData:
         objective = self.objectives.take(self.global_batch)[0] if self.objectives is not None else None
         return self._rank_batches(self.train, sources, index, shuffle=True, objective=objective, view="train")
 
-    def val_batches(self, n_micro: int, view: int | None = None) -> list[Batch]:
-        """The same validation samples at every evaluation (the blend from its start, unshuffled);
-        view=k: every sample prepared for objective k (its index in train.objectives): contrastive
-        halves, denoiser corruption."""
-        if (n_micro, view) not in self._val_cache:
-            sources, index = Blend(self.weights).take(n_micro * self.micro * self.dp)
-            self._val_cache[(n_micro, view)] = self._rank_batches(self.val, sources, index, shuffle=False, view=view)
-        return self._val_cache[(n_micro, view)]
+    def val_batches(self, n_samples: int, view: int | None = None) -> list[Batch]:
+        """The same n_samples validation samples at every evaluation (the blend from its start, unshuffled),
+        whatever the layout: split over the data-parallel ranks in micro-batches, the last ones padded with
+        rows that count for nothing (Batch.scored), so every rank runs the same number of forwards (ZeRO-3
+        and expert parallelism communicate inside them). view=k: every sample prepared for objective k (its
+        index in train.objectives): contrastive halves, denoiser corruption."""
+        if (n_samples, view) not in self._val_cache:
+            per = self.micro * self.dp
+            sources, index = Blend(self.weights).take(-(-n_samples // per) * per)
+            self._val_cache[(n_samples, view)] = self._rank_batches(self.val, sources, index, shuffle=False, view=view,
+                                                                    n_real=n_samples)
+        return self._val_cache[(n_samples, view)]
 
     def state_dict(self) -> dict:
         state = {"blend": self.blend.state_dict(), "seed": self.seed, "sources": self.sources_fingerprint()}

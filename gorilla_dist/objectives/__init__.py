@@ -77,8 +77,10 @@ class Objectives:
         self.plain = self.names == ["clm"]  # the language-model loss alone, exactly as before objectives
 
     def rows(self, batch, o: Objective) -> torch.Tensor:
-        """(b,) bool: the micro-batch's samples with objective o."""
+        """(b,) bool: the micro-batch's samples with objective o (validation: every scored sample)."""
         if batch.objective is None:
+            if batch.scored is not None:
+                return batch.scored
             return torch.ones(batch.tokens.shape[0], dtype=torch.bool, device=batch.tokens.device)
         return batch.objective == o.index
 
@@ -226,7 +228,7 @@ def contrastive_view(batch, rows: np.ndarray, eod: int):
     return batch
 
 
-def evaluation_sums(model, data, n_batches: int, objectives: Objectives) -> tuple[list[str], torch.Tensor]:
+def evaluation_sums(model, data, n_samples: int, objectives: Objectives) -> tuple[list[str], torch.Tensor]:
     """Every objective on the same validation samples: (keys, (len(keys), 3) float64 [summed loss, correct,
     units]) of this process's share. clm (key "clm": the language-model loss) and classify score the
     samples as they are; each transforming objective (denoise, permute, contrastive) its own view of them
@@ -235,8 +237,8 @@ def evaluation_sums(model, data, n_batches: int, objectives: Objectives) -> tupl
 
     group, configs = objectives.dp_group, objectives.configs
     plain = Objectives([ObjectiveConfig(name="clm")] + [c for c in configs if c.name == "classify"], group)
-    parts = [(plain, data.val_batches(n_batches))]
-    parts += [(Objectives([c], group), data.val_batches(n_batches, k)) for k, c in enumerate(configs)
+    parts = [(plain, data.val_batches(n_samples))]
+    parts += [(Objectives([c], group), data.val_batches(n_samples, k)) for k, c in enumerate(configs)
               if c.name in ("contrastive", "denoise", "permute")]
     keys = [key for part, _ in parts for key in part.keys]
     sums = [torch.stack([torch.cat([part.sums(model, b), part.units(b)[:, None]], 1) for b in batches]).sum(0)

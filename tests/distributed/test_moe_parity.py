@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 from helpers import check, launch, losses, metrics
-from test_parity import assert_close, first_step_memory, grad_norms, ranks
+from test_parity import OUTPUT, assert_close, first_step_memory, grad_norms, printed_sample, ranks, val_loss
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "losses_debug_moe_20.json"
-STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0"]
+STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0", "train.eval_interval=20",
+         "train.eval_samples=20", "train.sample_tokens=24"]  # (the end-of-run sample on: every rank samples)
 MOE = ["model.moe.num_experts=4", "model.moe.topk=2"]
 NO_AUX = ["model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"]
 # 2 layers x 4 experts x (fc1 64x256 + fc2 256x64) fp32 weights
@@ -30,7 +31,7 @@ def aux(run) -> dict[int, float]:
 def reference(tmp_path_factory):
     """One process, micro-batches of 6 (two per step): the micro-batch each rank of a DP=2 layout sees."""
     run = tmp_path_factory.mktemp("moe_single")
-    check(launch(run, *STEPS, *MOE, "train.micro_batch_size=6"))
+    (run / OUTPUT).write_text(check(launch(run, *STEPS, *MOE, "train.micro_batch_size=6")))
     return run
 
 
@@ -72,8 +73,11 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_expert_parallel_layout_matches_single_process(tmp_path, reference, layout):
     run = tmp_path / "run"
-    check(launch(run, *STEPS, *MOE, *LAYOUTS[layout]))
+    out = check(launch(run, *STEPS, *MOE, *LAYOUTS[layout]))
     assert_same_trajectory(run, reference)
+    # routing is per token (dropless): the held-out loss and the sample do not depend on the layout
+    assert abs(val_loss(run) - val_loss(reference)) <= 1e-5
+    assert printed_sample(out) == printed_sample((reference / OUTPUT).read_text())
     if layout.startswith("dp2-ep2-zero0"):  # ZeRO-0: whole parameters; each rank holds half the experts
         one, per_rank = first_step_memory(reference)[0], first_step_memory(run)
         assert len(per_rank) == 2
@@ -86,7 +90,8 @@ def test_ep2_zero3_checkpoint_continues_in_one_process(tmp_path, reference):
     process from its checkpoint: the reference trajectory throughout."""
     run = tmp_path / "run"
     ep2 = [*ranks(2), "parallel.ep=2", "parallel.zero_stage=3", "model.moe.dispatcher=allgather"]
-    check(launch(run, *STEPS, *MOE, *ep2, "train.max_steps=10", "optim.decay_steps=20"))
+    first = check(launch(run, *STEPS, *MOE, *ep2, "train.max_steps=10", "optim.decay_steps=20"))
+    printed_sample(first)  # ZeRO-3 x EP=2 sampled at its end (every rank in step)
     out = check(launch(run, *STEPS, *MOE, "train.micro_batch_size=6"))
     assert "step_00000010 at step 10" in out
     assert_same_trajectory(run, reference)

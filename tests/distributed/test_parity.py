@@ -18,7 +18,11 @@ from gorilla_dist.checkpoint.shards import ShardedTensors
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "losses_debug_20.json"
 
-STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0", "logging.count_syncs=true"]
+# with the end-of-run sample on, and a held-out loss over 20 samples at step 20 (not a multiple of most
+# layouts' micro-batch x data-parallel size: the last micro-batches are padded)
+STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0", "logging.count_syncs=true",
+         "train.eval_interval=20", "train.eval_samples=20", "train.sample_tokens=24"]
+OUTPUT = "launcher.out"  # what the launcher printed, kept beside the run
 
 
 def ranks(n: int, launcher: str = "torchrun") -> list[str]:
@@ -55,7 +59,7 @@ MATRIX = {
 def single_run(tmp_path_factory):
     """One process, 20 steps, with a step-10 checkpoint (the one-process source of the layout changes)."""
     run = tmp_path_factory.mktemp("single")
-    check(launch(run, *STEPS, "checkpoint.interval=10"))
+    (run / OUTPUT).write_text(check(launch(run, *STEPS, "checkpoint.interval=10")))
     return run
 
 
@@ -77,6 +81,18 @@ def matrix_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(single_run):
     return losses(single_run)
+
+
+def printed_sample(out: str) -> str:
+    """The end-of-run sample a run printed (every rank samples in step; rank 0 prints)."""
+    assert out.count("--- sample (24 tokens) ---") == 1, out[-3000:]
+    return out.split("--- sample (24 tokens) ---\n", 1)[1].rsplit("\n---", 1)[0]
+
+
+def val_loss(run) -> float:
+    (row,) = [r for r in metrics(run) if "val_loss" in r]
+    assert row["step"] == 20
+    return row["val_loss"]
 
 
 def grad_norms(run) -> dict[int, float]:
@@ -128,6 +144,9 @@ def test_layout_matches_single_process_and_golden(matrix_run, single_run, single
     assert_no_host_syncs(run)
     # the gradient norm before clipping too: clipped at 1.0, a wrong TP norm would not show in the losses
     assert_close(grad_norms(run), grad_norms(single_run), 1e-4)
+    # the same 20 validation samples whatever the layout, and the same sampled text
+    assert abs(val_loss(run) - val_loss(single_run)) <= 1e-5, (val_loss(run), val_loss(single_run))
+    assert printed_sample(out) == printed_sample((single_run / OUTPUT).read_text())
     # every rank reported its memory at start and after the first step
     memory = {r["memory"]: r["ranks"] for r in metrics(run, memory=True) if "memory" in r}
     assert sorted(memory) == ["first_step", "start"] and all(len(v) == world for v in memory.values())

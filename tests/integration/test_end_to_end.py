@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import REPO, check, generate, launch, metrics
 
-RUN = ["model=debug", "train.max_steps=20", "train.eval_interval=10", "train.eval_batches=2", "train.log_interval=5",
+RUN = ["model=debug", "train.max_steps=20", "train.eval_interval=10", "train.eval_samples=24", "train.log_interval=5",
        "optim.warmup_steps=2", "train.sample_tokens=60", "checkpoint.interval=5", "checkpoint.keep=2",
        "logging.peak_tflops=0.174"]
 LAYOUTS = {"local": [], "torchrun-tp2": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from gorilla_dist.data.loader import bundled_corpus
 
 TRAIN = ["model=debug", "train.max_steps=20", "checkpoint.interval=20", "train.eval_interval=20",
-         "train.eval_batches=3"]
+         "train.eval_samples=36"]
 
 
 def evaluate(run, *args: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,7 @@ def test_training_eval_equals_evaluate_when_batches_score_different_numbers_of_t
     targets. The loop's val_loss and `evaluate` both weigh every target the same (summed loss / count);
     a mean of per-batch means would differ here by more than the tolerance (checked below)."""
     run = tmp_path / "run"
-    check(launch(run, "model=debug", "train.max_steps=2", "train.eval_interval=2", "train.eval_batches=2",
+    check(launch(run, "model=debug", "train.max_steps=2", "train.eval_interval=2", "train.eval_samples=24",
                  "data.reset_at_eod=true", "checkpoint.interval=2"))
     mbs, seq = (lambda c: (c.train.micro_batch_size, c.model.seq_length))(OmegaConf.load(run / "config.yaml"))
     logged = next(r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

@@ -357,7 +357,7 @@ def test_a_hugging_face_llama_fine_tuned_with_lora_and_prefix_exports_back_to_pe
 
 
 HEAD = ["finetune.head=classification", "finetune.method=freeze", f"finetune.trainable=[{TRAINABLE}]", "optim.lr=1e-2",
-        "train.eval_interval=4", "train.eval_batches=2"]
+        "train.eval_interval=4", "train.eval_samples=24"]
 
 
 def test_a_classification_head_learns_on_tp2_dp2_equals_one_process_evaluates_and_exports(world1, base, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from helpers import check, launch, losses, metrics
 
 BASE = ["model=debug", "checkpoint.interval=10"]
-FROZEN = ["optim.lr=0", "optim.min_lr=0", "train.max_steps=1", "train.eval_interval=1", "train.eval_batches=2"]
+FROZEN = ["optim.lr=0", "optim.min_lr=0", "train.max_steps=1", "train.eval_interval=1", "train.eval_samples=24"]
 LAYOUTS = {"local": [], "torchrun-tp2-zero1": ["launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2",
                                                "parallel.zero_stage=1"]}
 
@@ -19,7 +19,7 @@ def val_losses(run) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     run = tmp_path_factory.mktemp("init_from") / "source"
-    check(launch(run, *BASE, "train.max_steps=10", "train.eval_interval=10", "train.eval_batches=2"))
+    check(launch(run, *BASE, "train.max_steps=10", "train.eval_interval=10", "train.eval_samples=24"))
     return run
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from helpers import REPO, check, launch, losses, metrics
 
-COMMON = ["optim.warmup_steps=2", "optim.decay_steps=20", "train.eval_interval=5", "train.eval_batches=2",
+COMMON = ["optim.warmup_steps=2", "optim.decay_steps=20", "train.eval_interval=5", "train.eval_samples=16",
           "checkpoint.keep=0", "checkpoint.interval=0", "model.seq_length=32", "train.global_batch_size=8",
           "train.log_interval=5", "train.objectives=[{name: clm, weight: 0.125}, {name: classify, weight: 0.25}, {name: contrastive, weight: 0.25}, "
           "{name: denoise, mode: R, weight: 0.125}, {name: denoise, mode: S, rate: 0.25, weight: 0.125}, "

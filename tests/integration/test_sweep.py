@@ -13,7 +13,7 @@ from helpers import REPO, check, metrics
 from omegaconf import OmegaConf
 
 RUN = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false", "train.sample_tokens=0",
-       "train.max_steps=6", "train.log_interval=2", "train.eval_interval=3", "train.eval_batches=1"]
+       "train.max_steps=6", "train.log_interval=2", "train.eval_interval=3", "train.eval_samples=12"]
 
 
 def test_a_two_job_sweep_records_runs_pictures_and_summaries(tmp_path):

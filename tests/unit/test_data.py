@@ -127,6 +127,28 @@ def test_batches_carry_their_source_and_validation_is_fixed(two_sources):
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("n", [5, 8, 1])
+def test_validation_scores_the_same_samples_for_every_layout(two_sources, n):
+    """train.eval_samples: the first n samples of the validation blend, whatever the data-parallel size and
+    micro-batch; the rows that fill the last micro-batches (equal forwards on every rank) score nothing."""
+    def scored(dp, micro):
+        rows, forwards = [], set()
+        for rank in range(dp):
+            batches = loader(two_sources, [0.75, 0.25], dp=dp, rank=rank, micro=micro).val_batches(n)
+            forwards.add(len(batches))
+            for b in batches:
+                assert b.tokens.shape[0] == micro
+                assert not b.loss_mask[~b.scored].any() and b.loss_mask[b.scored].sum(1).gt(0).all()
+                rows += [(r.tolist(), s) for r, s in zip(b.tokens[b.scored], b.source[b.scored].tolist())]
+        assert len(forwards) == 1  # every rank runs the same number of forwards
+        return sorted(map(str, rows))
+
+    one = scored(1, 2)
+    assert len(one) == n
+    for dp, micro in [(1, 3), (2, 1), (2, 2), (4, 1)]:
+        assert scored(dp, micro) == one, (dp, micro)
+
+
 def test_state_dict_refuses_another_seed_or_other_sources(two_sources):
     a = loader(two_sources, [0.5, 0.5])
     a.next_train_batches()

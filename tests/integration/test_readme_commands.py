@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -18,7 +19,7 @@ from helpers import REPO
 
 from gorilla_dist.data.loader import bundled_corpus
 
-SIZE = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.max_steps=2",
+SIZE = ["model.hidden_size=64", "model.num_heads=4", "train.max_steps=2",
         "train.global_batch_size=4", "train.eval_interval=2", "train.eval_samples=4", "train.sample_tokens=8",
         "logging.wandb.mode=disabled", "logging.progress=false", "logging.plot=false", "data.verify=size"]
 """Appended to every `python -m launcher` command, each only where the command does not set its key."""
@@ -44,9 +45,9 @@ WRAPPER = textwrap.dedent("""\
           for a in "$@"; do case "$a" in "$key="*) found=1;; esac; done
           [ $found = 0 ] && extra+=("$kv")
         done
-        command python "$@" "${extra[@]}"
+        "$GD_PYTHON" "$@" "${extra[@]}"
       else
-        command python "$@"
+        "$GD_PYTHON" "$@"
       fi
     }
     """)
@@ -93,7 +94,7 @@ def inputs(root) -> None:
 
 def test_every_readme_command_runs_as_printed(tmp_path):
     inputs(tmp_path)
-    env = {**os.environ, "GD_SIZE": " ".join(SIZE), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "GD_SIZE": " ".join(SIZE), "GD_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     assignments, ran, skipped = [], [], []
     for block in readme_blocks():
         for command in commands(block):

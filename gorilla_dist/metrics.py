@@ -102,9 +102,12 @@ class Metrics:
         id_file.write_text(run_id)
         from omegaconf import OmegaConf
 
+        # silent: W&B's own ~30 lines at the end (history sparklines, summary) repeat what the run printed;
+        # close() names where the run's files are instead
         return wandb.init(mode=mode, project=self.cfg.logging.wandb.project, entity=self.cfg.logging.wandb.entity,
                           name=self.cfg.run.name, id=run_id, resume="allow", dir=self.cfg.run.dir,
-                          config=OmegaConf.to_container(OmegaConf.create(self.cfg), resolve=True))
+                          config=OmegaConf.to_container(OmegaConf.create(self.cfg), resolve=True),
+                          settings=wandb.Settings(silent=True))
 
     def step(self, step: int, loss: torch.Tensor, lr, grad_norm, *, skipped=False,
              moe: torch.Tensor | None = None, objectives: torch.Tensor | None = None) -> None:
@@ -241,4 +244,8 @@ class Metrics:
             self.bar.close()
         self.file.close()
         if self.wandb is not None:
+            where, offline = self.wandb.dir, self.cfg.logging.wandb.mode == "offline"
             self.wandb.finish()
+            run_files = Path(where).parent
+            print(f"[wandb] {'offline ' if offline else ''}run {run_files}" +
+                  (f"; upload it with: wandb sync {run_files}" if offline else ""), flush=True)

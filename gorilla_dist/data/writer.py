@@ -376,7 +376,11 @@ def _build_tokenizer(args: PrepareArgs, files: list[Path], say):
                     return
 
         say(f"[prepare] training a byte-level BPE of {vocab} ids on up to {args.bpe_train_mb:g} MB", flush=True)
-        return toks.train_bpe(sample(), vocab, args.eod_token or "<|endoftext|>")
+        tok = toks.train_bpe(sample(), vocab, args.eod_token or "<|endoftext|>")
+        if tok.vocab_size < vocab:  # the trainer stops when no pair is left to merge
+            print(f"[prepare] note: the BPE has {tok.vocab_size:,} ids, not {vocab:,}: the training text has no more "
+                "pairs to merge (a larger corpus, or a smaller vocabulary, fits the request)", flush=True)
+        return tok
     return toks.load_hf_tokenizer(spec, args.eod_token)
 
 
@@ -515,17 +519,19 @@ def _tokenize(reader: DocumentReader, docs, writer: ShardWriter, tok, dtype: str
         bar.update(reader.bytes_done - bar.n)
         bar.set_postfix(docs=f"{writer.documents:,}", refresh=False)
 
-    if workers == 1:
-        _init_worker(tok.to_json(), dtype, on_bad_row)
-        for texts, where in _chunks(docs, reader):
-            written(_encode_chunk(texts, where))
-    else:
-        with mp.get_context("spawn").Pool(workers, _init_worker, (tok.to_json(), dtype, on_bad_row)) as pool:
-            pending: deque = deque()
+    try:  # the bar ends its line even when a document fails, so the error starts on its own line
+        if workers == 1:
+            _init_worker(tok.to_json(), dtype, on_bad_row)
             for texts, where in _chunks(docs, reader):
-                pending.append(pool.apply_async(_encode_chunk, (texts, where)))
-                if len(pending) >= 2 * workers:  # bounded: never more than this many chunks in memory
+                written(_encode_chunk(texts, where))
+        else:
+            with mp.get_context("spawn").Pool(workers, _init_worker, (tok.to_json(), dtype, on_bad_row)) as pool:
+                pending: deque = deque()
+                for texts, where in _chunks(docs, reader):
+                    pending.append(pool.apply_async(_encode_chunk, (texts, where)))
+                    if len(pending) >= 2 * workers:  # bounded: never more than this many chunks in memory
+                        written(pending.popleft().get())
+                while pending:
                     written(pending.popleft().get())
-            while pending:
-                written(pending.popleft().get())
-    bar.close()
+    finally:
+        bar.close()

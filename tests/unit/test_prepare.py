@@ -276,3 +276,23 @@ def test_cli_exit_codes_and_messages(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["tokens"] == len("a tiny corpus\n") + 1
+
+
+def test_an_error_starts_on_its_own_line_after_the_progress_bar(tmp_path):
+    """The bar (on stderr, redrawn with carriage returns) ends its line before the error is printed."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.data.prepare", f"input={bad}", f"output={tmp_path / 'o'}",
+                           "workers=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "prepare:" in proc.stderr  # the bar was drawn
+    assert proc.stderr.splitlines()[-1] == f"error: {bad}:2: field 'text' is a int, expected a string", proc.stderr
+
+
+def test_a_bpe_smaller_than_asked_says_so(tmp_path, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("the cat sat on the mat\n" * 50)
+    prepare(PrepareArgs(input=[str(corpus)], output=str(tmp_path / "o"), tokenizer="bpe:5000", workers=1,
+                        progress=False))
+    size = load_tokenizer(tmp_path / "o").vocab_size
+    assert size < 5000
+    assert f"the BPE has {size:,} ids, not 5,000" in capsys.readouterr().out

@@ -205,3 +205,9 @@ def test_triton_path_in_the_model_matches_the_cpu_path(world1, attention):
         results.append((loss.item(), grad.cpu()))
     assert abs(results[0][0] - results[1][0]) < 1e-4
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sliding", "strided", "bigbird", "learned"])
+def test_the_debug_model_runs_every_sparse_layout(attention):
+    """model=debug (sequence 32) uses blocks of 16, so `model=debug model.attention=<any>` validates."""
+    validate(composed("model=debug", f"model.attention={attention}"))

@@ -55,6 +55,10 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
     except UserError as err:
         print(f"config error: {err}", file=sys.stderr)
         return err.exit_code
+    if cfg.finetune.trainable or cfg.finetune.frozen:  # regexes over the model's parameter names
+        refused = check_selection(cfg)
+        if refused:
+            return refused
     path = save_run_config(cfg, cfg.run.dir)
     (Path(cfg.run.dir) / OVERRIDES).write_text(json.dumps(overrides) + "\n")
     if cfg.launch.backend == "slurm":
@@ -70,6 +74,19 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
     nodes = f" on this node of {cfg.launch.nnodes}" if cfg.launch.nnodes > 1 else ""
     print(f"[launcher] {cfg.launch.backend}: {cfg.launch.nproc_per_node} worker(s){nodes}, config {path}", flush=True)
     return run_forwarding_signals(argv, env, backend=cfg.launch.backend, run_dir=cfg.run.dir)
+
+
+def check_selection(cfg: DictConfig) -> int:
+    """finetune.trainable / frozen checked against the run's model in a subprocess (gorilla_dist/finetune/
+    check.py: the launcher itself never imports torch); its exit status, 0 when fine."""
+    from omegaconf import OmegaConf
+
+    proc = subprocess.run([sys.executable, "-m", "gorilla_dist.finetune.check"], input=OmegaConf.to_yaml(cfg),
+                          text=True, capture_output=True)
+    if proc.returncode:
+        error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        print(f"config error: {error[-1][len('error: '):]}" if error else proc.stderr, file=sys.stderr, end="\n")
+    return proc.returncode
 
 
 def run_forwarding_signals(argv: list[str], env: dict, *, backend: str, run_dir: str) -> int:

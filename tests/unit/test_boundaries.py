@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"gorilla_dist": REPO / "gorilla_dist", "launcher": REPO / "launcher"}
 CLIS = ("gorilla_dist.generate", "gorilla_dist.evaluate", "gorilla_dist.export", "gorilla_dist.checkpoint.__main__",
-        "gorilla_dist.data.prepare", "gorilla_dist.worker")
+        "gorilla_dist.data.prepare", "gorilla_dist.worker", "gorilla_dist.finetune.check")
 """Entry points nothing may import."""
 LIBRARIES = ("deepspeed", "megatron")
 DEEPSPEED_FIELDS = {

@@ -1,7 +1,7 @@
 """What the launcher refuses before it writes into run.dir or starts a process: a typo'd key or option
 (one line, the closest valid one named), `+key` for a key the schema lacks, checkpoint.resume=never on a
 run with checkpoints, a missing checkpoint.init_from, GPU-only options on a machine without a GPU, a
-run.dir that is a file. A refused launch leaves an existing run byte-for-byte as it was. No worker starts:
+run.dir that is a file, a finetune.trainable / frozen regex that matches no parameter. A refused launch leaves an existing run byte-for-byte as it was. No worker starts:
 the run directories here are written by hand."""
 
 import json
@@ -73,6 +73,10 @@ def snapshot(run):
     (["model.attention=flash"], {}, "model.attention=flash needs"),
     (["modle=debug"], {}, "did you mean model?"),
     (["train.max_steps=-1"], {}, "train.max_steps"),
+    # a regex over the model's parameter names: checked on the model built on the meta device (in a
+    # subprocess: the launcher never imports torch)
+    (["model=debug", "finetune.method=freeze", "finetune.trainable=['decoder\\.layers\\.[67]\\.']",
+      "checkpoint.init_from=run"], {}, "finetune.trainable: 'decoder\\\\.layers\\\\.[67]\\\\.' matches no parameter"),
 ])
 def test_a_refused_launch_leaves_the_run_as_it_was(tmp_path, old_run, overrides, env, expected):
     before = snapshot(old_run)

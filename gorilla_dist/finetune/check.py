@@ -1,0 +1,58 @@
+"""`python -m gorilla_dist.finetune.check < <resolved config YAML>`: the launcher's check that
+finetune.trainable / finetune.frozen select parameters of the run's model, before it writes anything into
+run.dir. The model is built in this one process on the meta device (names and shapes, no memory: ~0.5 s
+for model=1b after the imports), and finetune.apply_finetune runs its own checks on it, so the launcher and
+the workers apply the same rule. Exit 2 with the error on stderr; 0 when the selection is fine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from unittest import mock
+
+
+def check(text: str) -> None:
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import ParallelConfig, parse_run_config
+    from gorilla_dist.engine.startup import import_megatron
+
+    cfg = parse_run_config(text, "the launcher's config")
+    import_megatron(wandb=False)
+    import torch
+
+    from gorilla_dist.finetune import apply_finetune
+    from gorilla_dist.model import build_model
+    from gorilla_dist.objectives import head_sizes
+    from gorilla_dist.parallel import init_distributed, teardown
+    from gorilla_dist.runtime import single_process_env
+
+    heads = head_sizes(cfg.train.objectives, max(1, len(cfg.data.sources)))
+    with mock.patch.dict(os.environ, single_process_env()):
+        init_distributed(OmegaConf.structured(ParallelConfig), deepspeed=False)
+        try:
+            with torch.device("meta"):  # (the vocabulary's size does not change any name)
+                model = build_model(cfg.model, vocab_size=128, dtype="fp32", device=torch.device("meta"),
+                                    seed=cfg.run.seed, finetune=cfg.finetune, heads=heads)
+            apply_finetune(model, cfg.finetune)
+        finally:
+            teardown()
+
+
+def main() -> int:
+    from gorilla_dist.cli import run_tool
+    from gorilla_dist.runtime import quiet_libraries
+
+    def body() -> int:
+        quiet_libraries()
+        check(sys.stdin.read())
+        return 0
+
+    return run_tool(body)
+
+
+if __name__ == "__main__":
+    status = main()
+    from gorilla_dist.engine.startup import exit_now
+
+    exit_now(status)

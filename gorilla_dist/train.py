@@ -8,7 +8,7 @@ import torch
 
 from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
-from gorilla_dist.config import ObjectiveConfig
+from gorilla_dist.config import ObjectiveConfig, save_run_config
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.dtypes import precision_notice
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine
@@ -167,8 +167,11 @@ def train(cfg, layout) -> bool:
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
     check_finetune_data(cfg.finetune, cfg.data, data.datasets)
+    before = (list(cfg.finetune.labels), [list(o.labels) for o in t.objectives])
     resolve_labels(cfg.finetune, data.label_names)  # (checkpoints record the classes)
     resolve_objective_labels(t.objectives, data.label_names)
+    if layout.is_main and before != (list(cfg.finetune.labels), [list(o.labels) for o in t.objectives]):
+        save_run_config(cfg, cfg.run.dir)  # run.dir/config.yaml names the classes too, as the checkpoints do
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
     hosts = describe_hosts(layout) if layout.is_main else None

@@ -27,6 +27,12 @@ def check(text: str) -> None:
     from gorilla_dist.parallel import init_distributed, teardown
     from gorilla_dist.runtime import single_process_env
 
+    # classes come from the data when the run starts; their number changes no parameter's name
+    if cfg.finetune.head != "none" and not cfg.finetune.num_labels:
+        cfg.finetune.num_labels = 2
+    for o in cfg.train.objectives:
+        if o.name == "classify" and o.target == "label" and not o.labels:
+            o.labels = ["a", "b"]
     heads = head_sizes(cfg.train.objectives, max(1, len(cfg.data.sources)))
     with mock.patch.dict(os.environ, single_process_env()):
         init_distributed(OmegaConf.structured(ParallelConfig), deepspeed=False)

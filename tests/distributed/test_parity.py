@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "losses_debug_20.json"
 # with the end-of-run sample on, and a held-out loss over 20 samples at step 20 (not a multiple of most
 # layouts' micro-batch x data-parallel size: the last micro-batches are padded)
 STEPS = ["train.max_steps=20", "optim.warmup_steps=2", "checkpoint.interval=0", "logging.count_syncs=true",
-         "train.eval_interval=20", "train.eval_samples=20", "train.sample_tokens=24"]
+         "train.eval_interval=20", "train.eval_samples=20", "train.sample_tokens=8"]
 OUTPUT = "launcher.out"  # what the launcher printed, kept beside the run
 
 
@@ -85,8 +85,8 @@ def single(single_run):
 
 def printed_sample(out: str) -> str:
     """The end-of-run sample a run printed (every rank samples in step; rank 0 prints)."""
-    assert out.count("--- sample (24 tokens) ---") == 1, out[-3000:]
-    return out.split("--- sample (24 tokens) ---\n", 1)[1].rsplit("\n---", 1)[0]
+    assert out.count("--- sample (8 tokens) ---") == 1, out[-3000:]
+    return out.split("--- sample (8 tokens) ---\n", 1)[1].rsplit("\n---", 1)[0]
 
 
 def val_loss(run) -> float:

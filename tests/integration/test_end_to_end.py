@@ -69,9 +69,15 @@ def test_train_then_generate(tmp_path, layout):
 
 
 def test_generate_reports_missing_checkpoint(tmp_path):
+    gen = generate(tmp_path, "prompt=ROMEO:")  # not a run at all
+    assert gen.returncode == 2
+    assert gen.stderr.strip().endswith(f"error: run.dir={tmp_path} is not a run directory (no config.yaml; runs are "
+                                       f"started with python -m launcher run.dir={tmp_path})")
+    (tmp_path / "config.yaml").write_text("run:\n  dir: x\n")  # a run that has not saved yet
     gen = generate(tmp_path, "prompt=ROMEO:")
     assert gen.returncode == 1
-    assert gen.stderr.strip().endswith(f"error: no complete checkpoint under {tmp_path / 'checkpoints'}")
+    assert gen.stderr.strip().endswith(f"error: no complete checkpoint under {tmp_path / 'checkpoints'} (the run "
+                                       "has not finished a save yet)")
 
 
 def test_compiled_model_trains_like_eager(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, assert_no_host_syncs, check, launch, losses, metrics
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from gorilla_dist.data.loader import bundled_corpus
@@ -417,6 +418,9 @@ def test_a_classification_head_learns_on_tp2_dp2_equals_one_process_evaluates_an
     export(one, tmp_path / "hf")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert [hf.config.id2label[i] for i in range(len(names))] == names
+    # run.dir/config.yaml names the classes as the checkpoint's config does (the launcher wrote labels: [])
+    for run in (one, four):
+        assert OmegaConf.load(run / "config.yaml").finetune.labels == names
     ids = torch.as_tensor(ds.read(int(ds.offsets[first]), int(ds.offsets[first + 1])).astype(np.int64))[None]
     with torch.no_grad():  # the whole example, <eod> included: transformers reads the last token before it
         ours = model(ids, torch.arange(ids.shape[1])[None], None)[0, int(ds.labels[first][1])]

@@ -107,6 +107,9 @@ def test_consolidate_refuses_to_overwrite_and_names_bad_values(tmp_path):
     proc = run("consolidate", f"run.dir={tmp_path}", f"out={tmp_path / 'x.safetensors'}", "dtype=int8")
     assert proc.returncode == 1 and "dtype='int8' is not valid; choose one of: fp32, bf16, fp16" in proc.stderr
     proc = run("consolidate", f"run.dir={tmp_path}", f"out={tmp_path / 'x.safetensors'}")
+    assert proc.returncode == 2 and f"run.dir={tmp_path} is not a run directory (no config.yaml" in proc.stderr
+    (tmp_path / "config.yaml").write_text("run:\n  dir: x\n")
+    proc = run("consolidate", f"run.dir={tmp_path}", f"out={tmp_path / 'x.safetensors'}")
     assert proc.returncode == 1 and f"no complete checkpoint under {tmp_path / 'checkpoints'}" in proc.stderr
     proc = run("export")
     assert proc.returncode == 1 and "usage: python -m gorilla_dist.checkpoint consolidate" in proc.stderr

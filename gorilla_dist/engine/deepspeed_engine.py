@@ -74,6 +74,9 @@ def deepspeed_config(*, optim, train, zero_stage: int, precision, dp: int) -> di
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the device in every forward and step
+        # (runtime/engine.py: tput_timer.start/stop -> accelerator.synchronize()); we measure tokens/s ourselves
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 

@@ -53,3 +53,4 @@ def test_deepspeed_config_accumulation_and_precision():
                           precision=cfg.precision, dp=2)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 32
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}  # no device sync per step

@@ -202,7 +202,12 @@ def dp_mean(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
 
 
 _TIMEOUT = ("Timed out", "timed out", "Timeout(ms)", "timeout")
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+# gloo's texts, then NCCL's: a DistBackendError "NCCL error in: ...ProcessGroupNCCL.cpp:N, remote process exited
+# or there was a network error, NCCL version ... ncclRemoteError: ...", or its socket layer's "Connection closed
+# by remote peer" inside an ncclInternalError
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "remote process exited or there was a network error", "ncclRemoteError",
+              "Connection closed by remote peer")
 
 
 def describe_comm_failure(err: BaseException, rank: int, timeout_s: float, hosts: tuple[str, ...] = (), *,

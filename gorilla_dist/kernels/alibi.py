@@ -42,12 +42,13 @@ def tp_rank_size(pg_collection=None) -> tuple[int, int]:
     return group.rank(), group.size()
 
 
-def alibi_mask(slopes: torch.Tensor, s: int, t: int, allowed: torch.Tensor | None) -> torch.Tensor:
-    """SDPA's float mask for queries at the last s of t key positions: -slope * |query - key| where
-    `allowed` (bool, True = may attend; None: causal), -inf elsewhere. (h,) slopes -> (1, h, s, t). The
-    distance counts either way: a prefix-LM's input tokens ahead of a query are penalised as far as
-    those behind it (as bidirectional ALiBi does), never rewarded."""
+def alibi_mask(slopes: torch.Tensor, s: int, t: int, allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's float mask (in `dtype`, the attention's) for queries at the last s of t key positions:
+    -slope * |query - key| where `allowed` (bool, True = may attend; None: causal), -inf elsewhere. (h,)
+    slopes -> (1, h, s, t). Computed in fp32 and cast once, as flash-attn and the block-sparse kernels compute
+    it (bf16 distances would round above 256). The distance counts either way: a prefix-LM's input tokens
+    ahead of a query are penalised as far as those behind it (as bidirectional ALiBi does), never rewarded."""
     device = slopes.device
-    dist = (torch.arange(t - s, t, device=device)[:, None] - torch.arange(t, device=device)).to(slopes.dtype)
+    dist = (torch.arange(t - s, t, device=device)[:, None] - torch.arange(t, device=device)).float()
     keep = dist >= 0 if allowed is None else allowed
-    return (-slopes.view(1, -1, 1, 1) * dist.abs()).masked_fill(~keep, float("-inf"))
+    return (-slopes.float().view(1, -1, 1, 1) * dist.abs()).to(dtype).masked_fill(~keep, float("-inf"))

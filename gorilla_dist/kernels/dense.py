@@ -141,7 +141,7 @@ class DenseAttention(MegatronModule):
             sdpa_mask = torch.cat([own.new_ones(*own.shape[:-1], n_prefix), own], dim=-1)
         if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty (more keys
             # than queries when decoding with a KV cache: the queries are the last ones)
-            sdpa_mask = alibi_mask(self.alibi_slopes.to(q.dtype), s, k.shape[2], sdpa_mask)
+            sdpa_mask = alibi_mask(self.alibi_slopes, s, k.shape[2], sdpa_mask, q.dtype)
         causal = mask_type == AttnMaskType.causal and sdpa_mask is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout,
                                              is_causal=causal, scale=self.softmax_scale)

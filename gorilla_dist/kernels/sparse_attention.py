@@ -144,7 +144,7 @@ class StaticSparseAttention(_BlockSparseBase):
         if k.shape[1] != np_:  # grouped-query attention
             k, v = k.repeat_interleave(np_ // k.shape[1], dim=1), v.repeat_interleave(np_ // k.shape[1], dim=1)
         if self.alibi_slopes is not None:  # keys: prefix included; the queries are the last s
-            allowed = alibi_mask(self.alibi_slopes.to(q.dtype), s, k.shape[2], allowed)
+            allowed = alibi_mask(self.alibi_slopes, s, k.shape[2], allowed, q.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
 

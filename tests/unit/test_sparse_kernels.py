@@ -193,7 +193,7 @@ def test_full_layout_with_segments_is_dense_prefix_lm(path):
 
     def sdpa(q, k, v, layout, *, scale, block_bias, alibi_slopes, segments):
         rep = q.shape[1] // k.shape[1]
-        mask = alibi_mask(alibi_slopes, S, S, sdpa_keep_mask(segments, S))
+        mask = alibi_mask(alibi_slopes, S, S, sdpa_keep_mask(segments, S), q.dtype)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, scale=scale)
 

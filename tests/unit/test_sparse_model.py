@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from gorilla_dist.config import ModelConfig, validate
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels import DenseAttention, LearnedSparseAttention, StaticSparseAttention
-from gorilla_dist.kernels.alibi import alibi_slopes
+from gorilla_dist.kernels.alibi import alibi_mask, alibi_slopes
 from gorilla_dist.kernels.limits import BIDIRECTIONAL
 from gorilla_dist.model import build_model
 
@@ -101,6 +101,20 @@ def test_alibi_slopes():
     assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
     # not a power of two: the 4-head sequence, then every other slope of the 8-head one
     assert alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_alibi_distances_are_fp32_and_cast_once(dtype):
+    """The SDPA paths' ALiBi mask equals the fp32 penalty rounded once to the attention's dtype, as flash-attn
+    (fp32 slopes) and the block-sparse kernels compute it; bf16 distances would already round above 256
+    (257 -> 256), so a 600-token window would differ from the flash path on the same batch."""
+    slopes = alibi_slopes(12)  # (not a power of two: slopes 2^-0.5, 2^-1.5, ... that round)
+    mask = alibi_mask(slopes, 2, 600, None, dtype)
+    dist = (torch.arange(598, 600)[:, None] - torch.arange(600)).float()
+    reference = (-slopes.view(1, -1, 1, 1) * dist).to(dtype).masked_fill(dist < 0, float("-inf"))
+    assert mask.dtype == dtype and torch.equal(mask, reference)
+    assert dtype == torch.float16 or not torch.equal(mask, (-slopes.to(dtype).view(1, -1, 1, 1) * dist.to(dtype)).masked_fill(dist < 0,
+                                                                                                    float("-inf")))
 
 
 def test_alibi_changes_the_model_and_has_no_position_embedding(world1):

@@ -320,6 +320,7 @@ class Checkpointer:
 
     def _layout(self) -> dict:
         return {"world": self.layout.world, "tp": self.layout.tp, "zero_stage": self.cfg.parallel.zero_stage,
+                "device": self.layout.device.type,
                 "precision": self.cfg.precision.dtype}
 
     def save(self, step: int, engine, data_state: dict) -> Path:
@@ -412,7 +413,7 @@ class Checkpointer:
         returns the trainer state (step, data position). Collective."""
         manifest = json.loads((ckpt / "manifest.json").read_text())
         saved, now = manifest.get("layout", {}), self._layout()
-        if saved != now and self.layout.is_main:
+        if {"device": "cpu", **saved} != now and self.layout.is_main:
             print(f"[checkpoint] {ckpt.name} was written with {_describe(saved)}; continuing it with "
                   f"{_describe(now)}", flush=True)
         trainer = json.loads((ckpt / TRAINER).read_text())
@@ -428,7 +429,12 @@ class Checkpointer:
             _check_fits(engine, w, weights_source(ckpt))
             engine.load_full_state(w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
-        if saved.get("world") == now["world"] and rng.is_file():
+        saved_device = saved.get("device", "cpu")  # (checkpoints from before it was recorded: all CPU runs)
+        if saved_device != now["device"]:  # generator states are device-specific (sizes differ): fresh ones
+            if self.layout.is_main:
+                print(f"[checkpoint] {ckpt.name} was written on {saved_device}; its random-number states are not "
+                      f"restored on {now['device']} (dropout and sampling draw new numbers from here on)", flush=True)
+        elif saved.get("world") == now["world"] and rng.is_file():
             set_rng_state(load_file(str(rng)))
         return trainer
 
@@ -540,4 +546,4 @@ class _ZeroMoments:
 
 
 def _describe(layout: dict) -> str:
-    return " ".join(f"{k}={layout.get(k, '?')}" for k in ("world", "tp", "zero_stage", "precision"))
+    return " ".join(f"{k}={layout.get(k, '?')}" for k in ("world", "tp", "zero_stage", "precision", "device"))

@@ -106,3 +106,19 @@ def test_resume_never_refuses_to_overwrite(tmp_path):
     # refused by the launcher before it wrote anything: config.yaml and overrides.json keep the run's own
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert (run / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+
+
+def test_a_checkpoint_from_another_device_type_resumes_with_fresh_random_states(tmp_path):
+    """Checkpoints record the device type; generator states are device-specific (a CPU state restored on
+    CUDA fails at megatron's first fork), so a checkpoint written on another device resumes its weights,
+    optimizer and data position, and says that its random-number states were not restored."""
+    run = tmp_path / "run"
+    check(launch(run, "train.max_steps=2"))
+    manifest = run / "checkpoints" / "step_00000002" / "manifest.json"
+    written = json.loads(manifest.read_text())
+    assert written["layout"]["device"] == "cpu"
+    written["layout"]["device"] = "cuda"  # as a GPU run writes it
+    manifest.write_text(json.dumps(written))
+    out = check(launch(run, "train.max_steps=4"))
+    assert "step_00000002 was written on cuda; its random-number states are not restored on cpu" in out
+    assert "resumed from" in out and [r["step"] for r in metrics(run) if "loss" in r][-2:] == [3, 4]

@@ -35,6 +35,7 @@ MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")
 SAMPLE_BY = ("document", "paragraph", "line")
 BACKENDS = ("local", "torchrun", "deepspeed", "slurm")
+DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("skip", "stop")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULES = ("cosine", "constant")
@@ -190,6 +191,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
+    device: str = "auto"
+    """auto (a GPU per rank when torch sees one, else the CPU) | cpu (even on a GPU machine) | cuda (refused
+    where there is none). With a GPU, rank i of a node uses GPU i: at most as many ranks per node as GPUs."""
     tp: int = 1
     """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp."""
     ep: int = 1
@@ -725,6 +729,7 @@ def validate(cfg, world: int | None = None) -> None:
     _choice(m.attention, ATTENTIONS, "model.attention")
     _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
     _choice(p.activation_checkpointing, RECOMPUTE, "parallel.activation_checkpointing")
+    _choice(p.device, DEVICES, "parallel.device")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
     _choice(cfg.data.sample_by, SAMPLE_BY, "data.sample_by")
     _choice(cfg.data.verify, VERIFY, "data.verify")
@@ -830,6 +835,17 @@ def check_before_start(cfg) -> None:
         from gorilla_dist.runtime import visible_gpus
 
         gpus, where = visible_gpus(), "this machine has no GPU visible (no /dev/nvidiaN, or CUDA_VISIBLE_DEVICES)"
+    device = cfg.parallel.device
+    if device == "cpu":
+        gpus, where = 0, "parallel.device=cpu"
+    elif device == "cuda" and not gpus:
+        raise ConfigError(f"parallel.device=cuda but {where}; use parallel.device=cpu or auto")
+    per_node = cfg.launch.nproc_per_node
+    if gpus and per_node > gpus:  # rank i of a node takes GPU i
+        raise ConfigError(f"launch.nproc_per_node={per_node} ranks per node, but "
+                          + (f"slurm.gpus_per_node={gpus}" if cfg.launch.backend == "slurm" else
+                             f"this machine has {gpus} GPU{'s' if gpus > 1 else ''} visible")
+                          + f": each rank needs its own GPU; set launch.nproc_per_node<={gpus}, or parallel.device=cpu")
     if not gpus and cfg.precision.dtype == "fp16":
         raise ConfigError(f"precision.dtype=fp16 needs a GPU (DeepSpeed has fp16 training on GPUs only) and {where}; "
                           "use precision=bf16 or precision=fp32")

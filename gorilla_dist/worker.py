@@ -25,6 +25,8 @@ def main(argv: list[str]) -> int:
     cfg, hosts = None, ()
     try:
         cfg = load_run_config(argv[0])
+        if cfg.parallel.device == "cpu":  # DeepSpeed's accelerator too, also on a machine with GPUs
+            os.environ["DS_ACCELERATOR"] = "cpu"
         check_inputs(cfg)
         from gorilla_dist.engine.startup import import_megatron
 

@@ -45,6 +45,21 @@ class ParallelLayout:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
 
+def pick_device(setting: str, local_rank: int, cuda: bool, gpus: int) -> torch.device:
+    """parallel.device for the rank with this LOCAL_RANK, given whether torch sees CUDA and how many GPUs:
+    rank i of a node takes GPU i; one clear error where that cannot be."""
+    if setting == "cpu" or (setting == "auto" and not cuda):
+        return torch.device("cpu")
+    if not cuda:
+        raise ConfigError("parallel.device=cuda but torch finds no usable GPU here (torch.cuda.is_available() is "
+                          "False); use parallel.device=cpu or auto")
+    if local_rank >= gpus:
+        raise ConfigError(f"LOCAL_RANK={local_rank}, but this node has {gpus} GPU{'s' if gpus != 1 else ''} visible: each "
+                          f"rank needs its own GPU, so at most {gpus} ranks per node (launch.nproc_per_node; under Slurm "
+                          "the tasks per node); use fewer ranks per node, or parallel.device=cpu")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
     """Start torch.distributed (through DeepSpeed, so its comm layer is initialised too; deepspeed=False
     for a process that trains nothing) and megatron-core's tensor/data-parallel groups."""
@@ -59,11 +74,10 @@ def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
             raise ConfigError(f"environment variable {var} is not set: start workers with `python -m launcher`")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = pick_device(getattr(parallel_cfg, "device", "auto"), local_rank, cuda, torch.cuda.device_count() if cuda else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
     tp = parallel_cfg.tp
     if world % tp:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")

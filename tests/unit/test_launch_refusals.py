@@ -148,3 +148,37 @@ def test_evaluate_and_export_name_a_missing_run(tmp_path):
     for module in ("gorilla_dist.evaluate", "gorilla_dist.export"):
         proc = tool(tmp_path, module, "run.dir=runs/nope", "out=x")
         assert proc.returncode == 2 and "error: run.dir=runs/nope: no such directory" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_ranks_per_node_need_a_gpu_each(tmp_path):
+    """The launcher counts the GPUs the workers would see (CUDA_VISIBLE_DEVICES here) or the job asks for."""
+    refused(launcher(tmp_path, "run.dir=run", "launch=torchrun", "launch.nproc_per_node=2",
+                     env={"CUDA_VISIBLE_DEVICES": "0"}),
+            "launch.nproc_per_node=2 ranks per node, but this machine has 1 GPU visible: each rank needs its own GPU; "
+            "set launch.nproc_per_node<=1, or parallel.device=cpu")
+    refused(launcher(tmp_path, "run.dir=run", "launch=slurm", "launch.nproc_per_node=4", "slurm.gpus_per_node=2"),
+            "launch.nproc_per_node=4 ranks per node, but slurm.gpus_per_node=2")
+    refused(launcher(tmp_path, "run.dir=run", "parallel.device=cuda", env={"CUDA_VISIBLE_DEVICES": ""}),
+            "parallel.device=cuda but this machine has no GPU visible")
+    refused(launcher(tmp_path, "run.dir=run", "parallel.device=gpu"), "parallel.device='gpu' is not valid; choose one "
+                                                                       "of: auto, cpu, cuda")
+    refused(launcher(tmp_path, "run.dir=run", "parallel.device=cpu", "precision=fp16", env={"CUDA_VISIBLE_DEVICES": "0"}),
+            "precision.dtype=fp16 needs a GPU (DeepSpeed has fp16 training on GPUs only) and parallel.device=cpu")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting,local_rank,cuda,gpus,expected", [
+    ("auto", 0, False, 0, "cpu"), ("auto", 1, True, 2, "cuda:1"), ("cpu", 0, True, 8, "cpu"),
+    ("cuda", 0, False, 0, "torch finds no usable GPU here"),
+    ("auto", 1, True, 1, "LOCAL_RANK=1, but this node has 1 GPU visible: each rank needs its own GPU, so at most 1 "
+                         "ranks per node"),
+])
+def test_each_rank_picks_its_device(setting, local_rank, cuda, gpus, expected):
+    from gorilla_dist.errors import ConfigError
+    from gorilla_dist.parallel import pick_device
+
+    if expected in ("cpu", "cuda:1"):
+        assert str(pick_device(setting, local_rank, cuda, gpus)) == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            pick_device(setting, local_rank, cuda, gpus)

@@ -44,7 +44,7 @@ class StopSignals:
             return self.received is not None
         if step % self.every and not last:
             return False
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.layout.device)
+        flag = torch.full((1,), 0.0 if self.received is None else 1.0, device=self.layout.device)  # (no host copy)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -46,7 +46,7 @@ def set_aux_loss_scale(scale: float, device: torch.device) -> None:
     """1 above: the factor on the aux losses' gradients (the language-model loss's backward factor)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(float(scale), device=device))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.full((), float(scale), device=device))  # (a fill: no host copy)
 
 
 class RouterStats:

@@ -82,6 +82,20 @@ def _to_host(func, args, kwargs) -> bool:
     return False
 
 
+def _from_host(func, args, kwargs) -> bool:
+    """A blocking copy of host data to another device: a CPU tensor copied without non_blocking=True (from
+    pageable memory the host waits for the copy, and the copy for the stream's queued work), or a tensor made
+    from Python numbers on a GPU (torch.tensor(..., device=cuda) reaches aten::lift_fresh already on the
+    device). Never seen on a CPU-only run, where there is no other device."""
+    if func is _aten.lift_fresh.default:
+        return args[0].device.type not in ("cpu", "meta")
+    if func is _aten._to_copy.default:
+        device = kwargs.get("device")
+        return (device is not None and torch.device(device).type != "cpu" and args[0].device.type == "cpu"
+                and not kwargs.get("non_blocking", False))
+    return False
+
+
 def _bool_index(func, args) -> bool:
     return func is _aten.index.Tensor and any(
         i is not None and i.dtype == torch.bool for i in args[1])
@@ -98,6 +112,8 @@ class _Dispatch(TorchDispatchMode):
         kind = SYNC_OPS.get(func)
         if kind is None and _to_host(func, args, kwargs):
             kind = "to_host"
+        if kind is None and _from_host(func, args, kwargs):
+            kind = "to_device"
         if kind is None and _bool_index(func, args):
             kind = "bool_index"
         if kind is not None:

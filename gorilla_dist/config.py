@@ -234,6 +234,9 @@ class PrecisionConfig:
     """fp16 only: the dynamic loss scale starts at 2**initial_scale_power."""
     loss_scale_window: int = 1000
     """fp16 only: steps without overflow before the loss scale is raised."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions use TF32 tensor cores (inputs rounded to 10 mantissa bits,
+    fp32 accumulation), as Megatron and most trainers do; false: full fp32. Nothing changes on a CPU."""
 
 
 @dataclass

@@ -31,3 +31,21 @@ def precision_notice(dtype: str, device: torch.device, ratio=matmul_speed_ratio)
         return None
     return (f"[precision] precision={dtype}: {dtype} matmuls run at {speed:.2f}x the speed of fp32 on this CPU "
             f"(it has no native {dtype} instructions, so they are emulated); precision=fp32 will train faster")
+
+
+def device_settings(precision, parallel, device: torch.device) -> dict[str, str]:
+    """Per-process settings for a CUDA device, applied before the first kernel: TF32 for fp32 matmuls
+    (precision.tf32), and the environment megatron's tensor / sequence parallelism wants
+    (CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue, so a layer's communication is issued before the
+    next layer's compute, which its overlap relies on). Returns the environment variables it set; on a CPU
+    nothing happens."""
+    import os
+
+    if device.type != "cuda":
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = bool(precision.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(precision.tf32)
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if parallel.tp > 1 else {}
+    env = {k: v for k, v in env.items() if k not in os.environ}  # the user's own setting wins
+    os.environ.update(env)
+    return env

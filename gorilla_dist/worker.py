@@ -31,9 +31,14 @@ def main(argv: list[str]) -> int:
         from gorilla_dist.engine.startup import import_megatron
 
         import_megatron(wandb=cfg.logging.wandb.mode != "disabled")  # before anything else imports it
+        import torch
+
+        from gorilla_dist.dtypes import device_settings
         from gorilla_dist.parallel import init_distributed, teardown
         from gorilla_dist.train import train
 
+        cuda = cfg.parallel.device != "cpu" and torch.cuda.is_available()  # (no CUDA context yet)
+        device_settings(cfg.precision, cfg.parallel, torch.device("cuda" if cuda else "cpu"))
         layout = init_distributed(cfg.parallel)
         hosts = layout.hosts
         try:

@@ -86,3 +86,26 @@ def test_the_loop_counts_only_quiet_steps_after_warm_up():
     with off.counting(5, True):
         x.sum().item()
     assert off.report() is None
+
+
+def test_cuda_processes_get_tf32_and_megatrons_queue_setting(monkeypatch):
+    """precision.tf32 sets torch's TF32 flags on CUDA; tensor parallelism asks for CUDA_DEVICE_MAX_CONNECTIONS=1
+    (unless the user set it); a CPU process is left as it is. (Applied before the first kernel; checked on
+    torch's flags and the environment, which need no GPU.)"""
+    from types import SimpleNamespace
+
+    from gorilla_dist.dtypes import device_settings
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    try:
+        assert device_settings(SimpleNamespace(tf32=True), SimpleNamespace(tp=2), torch.device("cpu")) == {}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+        env = device_settings(SimpleNamespace(tf32=True), SimpleNamespace(tp=2), torch.device("cuda", 0))
+        assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+        assert device_settings(SimpleNamespace(tf32=False), SimpleNamespace(tp=2), torch.device("cuda", 0)) == {}
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert device_settings(SimpleNamespace(tf32=True), SimpleNamespace(tp=1), torch.device("cuda", 0)) == {}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

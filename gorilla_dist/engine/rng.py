@@ -25,8 +25,10 @@ def seed_rng_tracker(seed: int, device: torch.device) -> None:
     tracker = mrandom.get_cuda_rng_tracker()
     tracker.reset()
     if device.type == "cuda":
+        undo_cpu_patches()  # (a CPU model built earlier in this process, e.g. by a test)
         mrandom.model_parallel_cuda_manual_seed(seed)
         return
+    _MEGATRON.setdefault("states", (mrandom._get_all_rng_states, mrandom._set_all_rng_states))
     stream = torch.Generator().manual_seed(seed + 2718 + ps.get_tensor_model_parallel_rank())
     tracker.states_[mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME] = stream.get_state()
     tracker.fork = types.MethodType(_fork_cpu, tracker)
@@ -37,6 +39,21 @@ def seed_rng_tracker(seed: int, device: torch.device) -> None:
         tracker.set_states(tracker_states)
 
     mrandom._set_all_rng_states = set_all
+
+
+_MEGATRON: dict = {}
+"""megatron's own _get_all_rng_states / _set_all_rng_states, kept while the CPU versions stand in."""
+
+
+def undo_cpu_patches() -> None:
+    """Put back what seed_rng_tracker replaced for a CPU process: the CPU patches live only while CPU models
+    are built in this process."""
+    import megatron.core.tensor_parallel.random as mrandom
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.__dict__.pop("fork", None)  # the instance's CPU fork; the class's CUDA one again
+    if "states" in _MEGATRON:
+        mrandom._get_all_rng_states, mrandom._set_all_rng_states = _MEGATRON.pop("states")
 
 
 @contextlib.contextmanager

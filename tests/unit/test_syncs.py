@@ -109,3 +109,23 @@ def test_cuda_processes_get_tf32_and_megatrons_queue_setting(monkeypatch):
         assert device_settings(SimpleNamespace(tf32=True), SimpleNamespace(tp=1), torch.device("cuda", 0)) == {}
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_the_cpu_rng_patches_are_undone_for_a_cuda_model(world1):
+    """seed_rng_tracker on CPU replaces megatron's tracker fork and its get/set-all-states functions; a CUDA
+    model built later in the same process gets megatron's own back (undo_cpu_patches, run first on CUDA)."""
+    import megatron.core.tensor_parallel.random as mrandom
+
+    from gorilla_dist.engine.rng import seed_rng_tracker, undo_cpu_patches
+
+    def megatrons():
+        return all(f.__module__ == mrandom.__name__ and f.__name__ == name for f, name in (
+            (mrandom._get_all_rng_states, "_get_all_rng_states"), (mrandom._set_all_rng_states, "_set_all_rng_states")))
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    seed_rng_tracker(1, torch.device("cpu"))
+    seed_rng_tracker(2, torch.device("cpu"))  # (twice: what is kept is still megatron's)
+    assert "fork" in tracker.__dict__ and not megatrons()
+    undo_cpu_patches()
+    assert "fork" not in tracker.__dict__ and megatrons()
+    seed_rng_tracker(1, torch.device("cpu"))  # the other tests' CPU models

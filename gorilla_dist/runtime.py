@@ -24,7 +24,8 @@ def single_process_env() -> dict[str, str]:
 def quiet_libraries() -> None:
     """Silence the import-time notices megatron-core and DeepSpeed print about optional packages we
     deliberately run without (Transformer Engine, Apex) and DeepSpeed's INFO logging; name DeepSpeed's
-    accelerator (cuda or cpu) instead of letting it guess and warn (the user's DS_ACCELERATOR wins)."""
+    accelerator (cuda or cpu) instead of letting it guess and warn (the user's DS_ACCELERATOR wins here; a
+    training worker sets it from parallel.device)."""
     import logging
 
     import torch

@@ -25,19 +25,18 @@ def main(argv: list[str]) -> int:
     cfg, hosts = None, ()
     try:
         cfg = load_run_config(argv[0])
-        if cfg.parallel.device == "cpu":  # DeepSpeed's accelerator too, also on a machine with GPUs
-            os.environ["DS_ACCELERATOR"] = "cpu"
+        import torch
+
+        cuda = cfg.parallel.device != "cpu" and torch.cuda.is_available()  # (no CUDA context yet)
+        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"  # DeepSpeed's accelerator follows the device
         check_inputs(cfg)
         from gorilla_dist.engine.startup import import_megatron
 
         import_megatron(wandb=cfg.logging.wandb.mode != "disabled")  # before anything else imports it
-        import torch
-
         from gorilla_dist.dtypes import device_settings
         from gorilla_dist.parallel import init_distributed, teardown
         from gorilla_dist.train import train
 
-        cuda = cfg.parallel.device != "cpu" and torch.cuda.is_available()  # (no CUDA context yet)
         device_settings(cfg.precision, cfg.parallel, torch.device("cuda" if cuda else "cpu"))
         layout = init_distributed(cfg.parallel)
         hosts = layout.hosts

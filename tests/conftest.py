@@ -47,13 +47,15 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def world1():
-    """torch.distributed (gloo, world 1) + megatron parallel_state with TP=1, for in-process tests."""
+    """torch.distributed (gloo, world 1) + megatron parallel_state with TP=1, for in-process tests: on the CPU
+    (and DeepSpeed's CPU accelerator) also on a machine with a GPU; the GPU-marked tests use CUDA."""
     from gorilla_dist.parallel import init_single_process, teardown
     from gorilla_dist.runtime import quiet_libraries
 
+    os.environ["DS_ACCELERATOR"] = "cpu"  # (a worker sets its own from its device: gorilla_dist/worker.py)
     quiet_libraries()
     # Scoped: subprocesses started by later tests (launchers, torchrun, sbatch) must not inherit RANK or
     # MASTER_PORT (init_single_process sets them only while it starts).
-    layout = init_single_process()
+    layout = init_single_process(device="cpu")
     yield layout
     teardown()

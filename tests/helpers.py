@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Small, quiet runs: the `debug` model, no W&B, no progress bar, no end-of-run picture or sample.
-QUICK = ["model=debug", "logging.wandb.mode=disabled", "logging.progress=false", "logging.plot=false",
+# Small, quiet runs on the CPU (also on a machine with a GPU): the `debug` model, no W&B, no progress bar, no
+# end-of-run picture or sample.
+QUICK = ["parallel.device=cpu", "model=debug", "logging.wandb.mode=disabled", "logging.progress=false", "logging.plot=false",
          "train.sample_tokens=0", "train.eval_interval=0", "train.log_interval=5"]
 
 

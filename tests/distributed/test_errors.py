@@ -21,7 +21,8 @@ def test_fp16_on_a_cpu_is_refused_with_its_reason(tmp_path):
     """The README's claim: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): exit 2, one message."""
     # the launcher refuses it on a machine with no GPU (tests/unit/test_launch_refusals.py); told there is
     # one, it lets the workers start, and they refuse it on the device they find
-    proc = launch(tmp_path / "run", "precision=fp16", "train.max_steps=1", env={"CUDA_VISIBLE_DEVICES": "0"})
+    proc = launch(tmp_path / "run", "precision=fp16", "train.max_steps=1", "parallel.device=auto",
+                  env={"CUDA_VISIBLE_DEVICES": "0"})
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert ("[rank 0] error: precision.dtype=fp16 is not supported on this device (cpu): DeepSpeed has fp16 "
             "training on GPUs only; use precision=bf16 or precision=fp32") in proc.stdout

@@ -825,13 +825,7 @@ def check_before_start(cfg) -> None:
                           "new run.dir or checkpoint.resume=auto (nothing was changed)")
     source = cfg.checkpoint.init_from
     if source is not None and hf_dir(source) is None and not started:  # a restart resumes its own checkpoints
-        src = Path(source)
-        if not src.is_dir():
-            raise ConfigError(f"checkpoint.init_from={source!r}: no such directory; expected a run directory, one of "
-                              "its checkpoints (run.dir/checkpoints/step_XXXXXXXX) or hf:<transformers directory>")
-        if not (src / "manifest.json").is_file() and not has_checkpoints(src):
-            raise ConfigError(f"checkpoint.init_from={source!r} holds no complete checkpoint (no manifest.json in it "
-                              "or in checkpoints/step_*/); expected a run directory that saved one, or a checkpoint")
+        check_init_source(source)
     if cfg.launch.backend == "slurm":
         gpus, where = cfg.slurm.gpus_per_node, f"the job asks for slurm.gpus_per_node={cfg.slurm.gpus_per_node}"
     else:
@@ -860,6 +854,18 @@ def check_before_start(cfg) -> None:
                               "machine); model.attention=dense uses flash-attn when it can and SDPA otherwise")
         if not gpus:
             raise ConfigError(f"model.attention=flash needs a GPU and {where}; model.attention=dense runs SDPA here")
+
+
+def check_init_source(source: str) -> None:
+    """checkpoint.init_from=<dir> (not hf:) holds a checkpoint: it is one (its manifest.json) or a run directory
+    that saved one. The launcher checks it before start, the worker again when it loads it."""
+    src = Path(source)
+    if not src.is_dir():
+        raise ConfigError(f"checkpoint.init_from={source!r}: no such directory; expected a run directory, one of "
+                          "its checkpoints (run.dir/checkpoints/step_XXXXXXXX) or hf:<transformers directory>")
+    if not (src / "manifest.json").is_file() and not has_checkpoints(src):
+        raise ConfigError(f"checkpoint.init_from={source!r} holds no complete checkpoint (no manifest.json in it "
+                          "or in checkpoints/step_*/); expected a run directory that saved one, or a checkpoint")
 
 
 def check_checkpoint_source(run_dir: str | os.PathLike | None, which: str = "latest") -> None:

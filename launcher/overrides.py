@@ -61,11 +61,11 @@ def check_overrides(argv: list[str], conf_dir: str | Path) -> None:
                     raise ConfigError(f"{key}={value}: no such option in conf/{key}/; choose one of: "
                                       f"{', '.join(groups[key])}{_closest(str(value), groups[key], key + '=')}")
             continue
-        where = _field(key)
-        if override.type == OverrideType.ADD and where is not None:
+        known, hint = _lookup(key)
+        if override.type == OverrideType.ADD and known:
             raise ConfigError(f"{word}: {key} is already in the config; set it without the '+' ({word[1:]})")
-        if where is None:
-            raise ConfigError(f"{word}: the config has no key {key!r}{_suggest(key)}; {_LIST_KEYS}"
+        if not known:
+            raise ConfigError(f"{word}: the config has no key {key!r}{hint}; {_LIST_KEYS}"
                               + (" ('+' cannot add keys: the config has a fixed schema)"
                                  if override.type in (OverrideType.ADD, OverrideType.FORCE_ADD) else ""))
         if override.type == OverrideType.DEL:
@@ -78,36 +78,20 @@ def check_overrides(argv: list[str], conf_dir: str | Path) -> None:
                 raise ConfigError(f"{shown}: {str(err).splitlines()[0]}") from None
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _field(key: str):
-    """The schema's type at a dotted key (a dataclass or a leaf type), or None when it has no such key.
-    Below a list or a dict (data.sources, train.objectives) the walk stops: OmegaConf checks those."""
-    node = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(node):
-            return node
-        hints = _hints(node)
-        if part not in hints:
-            return None
-        node = hints[part]
-    return node
-
-
-def _suggest(key: str) -> str:
-    """' (did you mean model.num_layers?)' for the closest existing key, by its last wrong part."""
+def _lookup(key: str) -> tuple[bool, str]:
+    """(whether the schema has the dotted key, and when not ' (did you mean model.num_layers?)' for the
+    closest key at its first wrong part). Below a list or a dict (data.sources, train.objectives) the walk
+    stops: OmegaConf checks those."""
     node, done = Config, []
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             break
-        hints = _hints(node)
+        hints = typing.get_type_hints(node)
         if part not in hints:
-            return _closest(part, list(hints), ".".join(done) + "." if done else "")
+            return False, _closest(part, list(hints), "".join(f"{d}." for d in done))
         done.append(part)
         node = hints[part]
-    return ""
+    return True, ""
 
 
 def _closest(word: str, choices: list[str], prefix: str) -> str:

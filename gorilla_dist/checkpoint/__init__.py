@@ -51,11 +51,11 @@ from safetensors.torch import load_file
 from gorilla_dist import faults
 from gorilla_dist.checkpoint.shards import MODEL, OPTIMIZER, SHARDS, ShardedTensors, shard_name, write_shard
 from gorilla_dist.checkpoint.tensorfile import write_streaming, write_tensors
-from gorilla_dist.config import check_checkpoint_source
+from gorilla_dist.config import check_checkpoint_source, check_init_source
 from gorilla_dist.data.tokenizer import same_tokenizer
 from gorilla_dist.engine import check_fits, load_trained_buffers
 from gorilla_dist.engine.rng import rng_state, set_rng_state
-from gorilla_dist.errors import CheckpointError, ConfigError
+from gorilla_dist.errors import CheckpointError
 from gorilla_dist.files import sha256_file
 from gorilla_dist.finetune import is_adapter
 from gorilla_dist.model.head import HEADS
@@ -412,8 +412,9 @@ class Checkpointer:
         """Restore the model, optimizer, schedule and RNG from `ckpt`, whatever layout wrote it;
         returns the trainer state (step, data position). Collective."""
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        saved, now = manifest.get("layout", {}), self._layout()
-        if {"device": "cpu", **saved} != now and self.layout.is_main:
+        # (checkpoints from before the device was recorded: all written by CPU runs)
+        saved, now = {"device": "cpu", **manifest.get("layout", {})}, self._layout()
+        if saved != now and self.layout.is_main:
             print(f"[checkpoint] {ckpt.name} was written with {_describe(saved)}; continuing it with "
                   f"{_describe(now)}", flush=True)
         trainer = json.loads((ckpt / TRAINER).read_text())
@@ -429,10 +430,9 @@ class Checkpointer:
             _check_fits(engine, w, weights_source(ckpt))
             engine.load_full_state(w, m, trainer)
         rng = ckpt / f"rng_rank{self.layout.rank:05d}.safetensors"
-        saved_device = saved.get("device", "cpu")  # (checkpoints from before it was recorded: all CPU runs)
-        if saved_device != now["device"]:  # generator states are device-specific (sizes differ): fresh ones
+        if saved["device"] != now["device"]:  # generator states are device-specific (sizes differ): fresh ones
             if self.layout.is_main:
-                print(f"[checkpoint] {ckpt.name} was written on {saved_device}; its random-number states are not "
+                print(f"[checkpoint] {ckpt.name} was written on {saved['device']}; its random-number states are not "
                       f"restored on {now['device']} (dropout and sampling draw new numbers from here on)", flush=True)
         elif saved.get("world") == now["world"] and rng.is_file():
             set_rng_state(load_file(str(rng)))
@@ -455,10 +455,8 @@ class Checkpointer:
             return source
 
         def find() -> Path:
+            check_init_source(source)
             src = Path(source)
-            if not src.is_dir():
-                raise ConfigError(f"checkpoint.init_from={source!r}: no such directory; expected a checkpoint "
-                                  "directory (run.dir/checkpoints/step_XXXXXXXX) or a run directory")
             ckpt = resolve_checkpoint(None, str(src)) if (src / "manifest.json").is_file() else resolve_checkpoint(src)
             theirs, ours = ckpt.parent.parent / "tokenizer.json", Path(self.cfg.run.dir) / "tokenizer.json"
             if theirs.is_file() and not same_tokenizer(theirs, ours):

@@ -6,15 +6,11 @@ the workers apply the same rule. Exit 2 with the error on stderr; 0 when the sel
 
 from __future__ import annotations
 
-import os
 import sys
-from unittest import mock
 
 
 def check(text: str) -> None:
-    from omegaconf import OmegaConf
-
-    from gorilla_dist.config import ParallelConfig, parse_run_config
+    from gorilla_dist.config import parse_run_config
     from gorilla_dist.engine.startup import import_megatron
 
     cfg = parse_run_config(text, "the launcher's config")
@@ -24,8 +20,7 @@ def check(text: str) -> None:
     from gorilla_dist.finetune import apply_finetune
     from gorilla_dist.model import build_model
     from gorilla_dist.objectives import head_sizes
-    from gorilla_dist.parallel import init_distributed, teardown
-    from gorilla_dist.runtime import single_process_env
+    from gorilla_dist.parallel import init_single_process, teardown
 
     # classes come from the data when the run starts; their number changes no parameter's name
     if cfg.finetune.head != "none" and not cfg.finetune.num_labels:
@@ -34,15 +29,14 @@ def check(text: str) -> None:
         if o.name == "classify" and o.target == "label" and not o.labels:
             o.labels = ["a", "b"]
     heads = head_sizes(cfg.train.objectives, max(1, len(cfg.data.sources)))
-    with mock.patch.dict(os.environ, single_process_env()):
-        init_distributed(OmegaConf.structured(ParallelConfig), deepspeed=False)
-        try:
-            with torch.device("meta"):  # (the vocabulary's size does not change any name)
-                model = build_model(cfg.model, vocab_size=128, dtype="fp32", device=torch.device("meta"),
-                                    seed=cfg.run.seed, finetune=cfg.finetune, heads=heads)
-            apply_finetune(model, cfg.finetune)
-        finally:
-            teardown()
+    init_single_process(device="cpu", deepspeed=False)  # (names only: no GPU, no DeepSpeed)
+    try:
+        with torch.device("meta"):  # (the vocabulary's size does not change any name)
+            model = build_model(cfg.model, vocab_size=128, dtype="fp32", device=torch.device("meta"),
+                                seed=cfg.run.seed, finetune=cfg.finetune, heads=heads)
+        apply_finetune(model, cfg.finetune)
+    finally:
+        teardown()
 
 
 def main() -> int:

@@ -141,11 +141,12 @@ def _ranges(ranks: list[int]) -> str:
 
 
 
-def init_single_process(device: str = "auto") -> ParallelLayout:
+def init_single_process(device: str = "auto", *, deepspeed: bool = True) -> ParallelLayout:
     """torch.distributed (gloo or nccl, world of one) + megatron parallel_state with the default layout, in
     this process: in-process tests and benchmarks. RANK, WORLD_SIZE and MASTER_* are set only while it
     starts (processes started later must not inherit them); LOCAL_RANK stays, because DeepSpeed's
-    accelerator reads it at every device lookup. `device`: parallel.device (the CPU suite pins cpu)."""
+    accelerator reads it at every device lookup. `device`: parallel.device (the CPU suite pins cpu);
+    `deepspeed`: init_distributed's (False for a process that trains nothing)."""
     from unittest import mock
 
     from omegaconf import OmegaConf
@@ -155,7 +156,7 @@ def init_single_process(device: str = "auto") -> ParallelLayout:
 
     env = single_process_env()
     with mock.patch.dict(os.environ, env):
-        layout = init_distributed(OmegaConf.structured(ParallelConfig(device=device)))
+        layout = init_distributed(OmegaConf.structured(ParallelConfig(device=device)), deepspeed=deepspeed)
     os.environ["LOCAL_RANK"] = env["LOCAL_RANK"]
     return layout
 

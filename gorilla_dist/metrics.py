@@ -9,6 +9,7 @@ the numbers first (the non-finite policy, train.NonFiniteGuard).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from contextlib import contextmanager
@@ -21,6 +22,9 @@ from gorilla_dist.parallel import dp_mean, dp_sum
 
 # Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
 # logging.peak_tflops (e.g. measured with benchmarks/) to get MFU there.
+MIN_LOSS_SCALE = 1.0
+"""DeepSpeed's floor for the dynamic fp16 loss scale (min_loss_scale, default 1): an overflow there is the
+model's, not the scale's."""
 PEAK_TFLOPS = {
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
@@ -110,15 +114,18 @@ class Metrics:
                           settings=wandb.Settings(silent=True))
 
     def step(self, step: int, loss: torch.Tensor, lr, grad_norm, *, skipped=False,
-             moe: torch.Tensor | None = None, objectives: torch.Tensor | None = None) -> None:
+             moe: torch.Tensor | None = None, objectives: torch.Tensor | None = None,
+             loss_scale: float | None = None) -> None:
         """Record a step; none of the tensors is read here. `loss`: this rank's mean loss; `lr`, `grad_norm`
         (None: not measured), `skipped` (the update was not applied: non-finite loss or gradient norm):
         tensors or numbers; `moe`: the routers' numbers (StepResult.moe); `objectives`: each objective's
-        (loss sum, units, correct) on this rank (StepResult.objectives)."""
+        (loss sum, units, correct) on this rank (StepResult.objectives); `loss_scale`: fp16's (a host number).
+        A skipped fp16 step whose loss is finite is a loss-scale overflow (the row says `overflow`): the scaled
+        gradients overflowed and DeepSpeed lowered the scale, the model is fine (train.NonFiniteGuard)."""
         device = loss.device
         as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).detach().reshape(())  # noqa: E731
         norm = None if grad_norm is None else as_tensor(grad_norm)
-        self.pending.append((step, loss.detach().float(), as_tensor(lr), norm, as_tensor(skipped)))
+        self.pending.append((step, loss.detach().float(), as_tensor(lr), norm, as_tensor(skipped), loss_scale))
         if moe is not None:
             self.moe_pending.append(moe)
         if objectives is not None:
@@ -148,10 +155,14 @@ class Metrics:
         for pending, (loss, lr, grad_norm, skipped) in zip(self.pending, table):
             row = {"step": pending[0], "loss": loss, "lr": lr,
                    "grad_norm": None if pending[3] is None else grad_norm, "tokens_per_s": tokens_per_s}
+            if pending[5] is not None:
+                row["loss_scale"] = pending[5]
             if skipped:
                 row["skipped"] = True
                 if grad_norm < 0:  # DeepSpeed's ZeRO norms report a non-finite group as -1
                     row["grad_norm"] = float("inf")
+                if pending[5] is not None and pending[5] > MIN_LOSS_SCALE and math.isfinite(loss):
+                    row["overflow"] = True
             if self.peak:
                 row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.layout.world)
             rows.append(row)

@@ -63,6 +63,9 @@ def summarize(rows: list[dict], *, tokens_per_step: int, max_steps: int) -> dict
     out["mean_tokens_per_s"] = sum(speeds) / len(speeds) if speeds else None
     mfu = [r["mfu"] for r in steps if isinstance(r.get("mfu"), (int, float))]
     out["mean_mfu"] = sum(mfu) / len(mfu) if mfu else None
+    # skipped updates: fp16 loss-scale overflows apart from the rest (non-finite loss or gradients)
+    out["skipped_steps"] = sum(1 for r in steps if r.get("skipped") and not r.get("overflow"))
+    out["overflow_steps"] = sum(1 for r in steps if r.get("overflow"))
     reports = [r for r in rows if r.get("memory") == "first_step"]
     out["peak_memory"] = ([{**rank, "total": sum(rank.values())} for rank in reports[-1]["ranks"]]
                           if reports else None)

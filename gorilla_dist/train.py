@@ -114,13 +114,25 @@ class NonFiniteGuard:
     reading train from the same state as if they had been checked at once, and no checkpoint is
     written before the verdicts of its steps are applied (train.nonfinite=stop leaves the last good
     checkpoint, as before). A diverging run stops at most log_interval - 1 steps later than it would
-    have."""
+    have.
+
+    fp16: a skipped step whose loss is finite is a loss-scale overflow (the row's `overflow`): the loss-scaled
+    gradients overflowed fp16 and DeepSpeed halved the scale, as it does while the scale settles from
+    2**precision.initial_scale_power. Those are counted apart (`overflows`) and never stop the run; at the
+    scale's floor an overflow counts as any other skip."""
 
     def __init__(self, t, layout):
         self.policy, self.limit, self.layout = t.nonfinite, t.max_skipped_steps, layout
         self.in_a_row = 0
+        self.overflows = 0
 
-    def check(self, step: int, skipped: bool) -> None:
+    def check(self, step: int, skipped: bool, overflow: bool = False, loss_scale: float | None = None) -> None:
+        if overflow:
+            self.overflows += 1
+            if self.layout.is_main:
+                print(f"[train] step {step}: fp16 gradient overflow at loss scale {loss_scale:g}: update skipped, "
+                      "the scale is halved (not counted toward train.max_skipped_steps)", flush=True)
+            return
         if not skipped:
             self.in_a_row = 0
             return
@@ -139,7 +151,7 @@ class NonFiniteGuard:
     def check_rows(self, rows: list[dict]) -> None:
         """Metrics.on_flush: the verdicts of the flushed steps, in order."""
         for row in rows:
-            self.check(row["step"], bool(row.get("skipped")))
+            self.check(row["step"], bool(row.get("skipped")), bool(row.get("overflow")), row.get("loss_scale"))
 
 
 def finish(cfg, metrics: Metrics, layout, *, picture: bool = True, host_syncs: dict | None = None) -> None:
@@ -229,8 +241,9 @@ def train(cfg, layout) -> bool:
             if probe is not None:
                 metrics.memory("first_step", step, gather_ranks(probe.result(), layout))
                 probe = None
+            # read every log_interval steps (and then the guard)
             metrics.step(step, result.loss, lr, result.grad_norm, skipped=result.skipped, moe=result.moe,
-                         objectives=result.objectives)  # reads them every log_interval steps (and the guard)
+                         objectives=result.objectives, loss_scale=result.loss_scale)
             faults.hit("step", step=step, rank=layout.rank)
             last = step == t.max_steps
             stopping = signals.agreed(step, last)  # asks the other ranks every log_interval steps

@@ -62,6 +62,9 @@ class StepResult:
     objectives: torch.Tensor | None = None
     """Several pretraining objectives: this rank's (summed loss, units, correct) of each, (objectives, 3)
     (train.train_step; None for one)."""
+    loss_scale: float | None = None
+    """fp16: the dynamic loss scale this step's backward used (a host number: DeepSpeed's scaler lives on
+    the host); None for fp32/bf16."""
 
 
 class TrainEngine:
@@ -109,9 +112,9 @@ class TrainEngine:
         applied_before = self._ds.lr_scheduler.applied.clone()
         device = micro_batches[0].tokens.device
         total = torch.zeros((), device=device)
+        scale = state.loss_scale(self._ds)
         if self.router_stats is not None:  # the aux losses' backward factor: the LM loss's (moe.py 1)
-            scale = self._ds.optimizer.loss_scale if self._ds.fp16_enabled() else 1.0
-            moe.set_aux_loss_scale(scale / self._ds.gradient_accumulation_steps(), device)
+            moe.set_aux_loss_scale((scale or 1.0) / self._ds.gradient_accumulation_steps(), device)
         for i, batch in enumerate(micro_batches):
             with probe.micro_batch() if probe else nullcontext():
                 loss = loss_fn(self, batch)
@@ -126,8 +129,8 @@ class TrainEngine:
         if self.router_stats is not None:
             moe.update_expert_bias(self._ds.module)
             stats = self.router_stats.take(len(micro_batches))
-        return StepResult(loss=total / len(micro_batches), grad_norm=self._ds.get_global_grad_norm(),
-                          skipped=self._ds.lr_scheduler.applied == applied_before, moe=stats)
+        return StepResult(loss=total / len(micro_batches), grad_norm=state.unscaled_grad_norm(self._ds, scale),
+                          skipped=self._ds.lr_scheduler.applied == applied_before, moe=stats, loss_scale=scale)
 
     def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""

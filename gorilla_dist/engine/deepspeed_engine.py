@@ -9,6 +9,8 @@ against DeepSpeed 0.19.8, see versions.py), each named:
    (bf16/fp16 at ZeRO-0) takes at start.
 3. bf16 at ZeRO-1 accumulates gradients in fp32 (`data_types.grad_accum_dtype`; a config choice).
 4. One data-parallel rank at ZeRO-0: no gradient all-reduce over a group of one.
+6. `_scale_fp16_zero0_loss`: fp16 at ZeRO-0 multiplies the loss by the loss scale before backward
+   (DeepSpeed 0.19.8 scales it for ZeRO optimizers only; DeepSpeed PR #8393).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, pr
     decide_on_device(engine, schedule)
     _measure_fp32_norm(engine)
     _undo_unfused_init_step(engine)
+    _scale_fp16_zero0_loss(engine)
     if layout.dp == 1 and zero_stage == 0:
         # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
         # all-reduce it over a group of one and copy it back (~2 ms/step for the tiny model on CPU).
@@ -142,6 +145,25 @@ def _measure_fp32_norm(engine) -> None:
 
     engine.clip_fp32_gradients = lambda: record_norm(engine.gradient_clipping())
     optimizer.step = step
+
+
+def _scale_fp16_zero0_loss(engine) -> None:
+    """fp16 at ZeRO-0 (DeepSpeed's FP16_UnfusedOptimizer around our torch AdamW): DeepSpeed 0.19.8's
+    `engine.backward` scales the loss only when the optimizer is a ZeRO optimizer (runtime/engine.py,
+    "TODO: handle these scaling"), but FP16_UnfusedOptimizer.step divides the gradients by the loss scale
+    all the same (`unscale_and_clip_grads`) and never sees an overflow: updates ~65,536x too small and no
+    protection from fp16 underflow (measured on CPU: the gradients after backward had the unscaled norm).
+    Here backward multiplies the loss by the scale, as `FP16_UnfusedOptimizer.backward` would; the
+    optimizer's norm is then of the scaled gradients (state.unscaled_grad_norm divides it back)."""
+    if not (engine.fp16_enabled() and unfused_masters(engine)):
+        return
+    scaler = engine.optimizer.loss_scale_config
+    deepspeed_backward = engine.backward
+
+    def backward(loss, *args, **kwargs):
+        return deepspeed_backward(loss * scaler.cur_scale, *args, **kwargs)
+
+    engine.backward = backward
 
 
 def _undo_unfused_init_step(engine) -> None:

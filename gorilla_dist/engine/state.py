@@ -311,12 +311,11 @@ def local_state(engine, *, trainable_only: bool = False) -> tuple[dict[str, Piec
 def schedule_state(engine) -> dict:
     """Everything besides tensors that the next step depends on, as JSON: AdamW's step count, the LR
     schedule, DeepSpeed's step counters and (fp16) its loss scaler."""
-    scaler = _loss_scaler(engine)
     return {"optimizer_step": optimizer_step_count(engine),
             "lr_schedule": engine.lr_scheduler.state_dict(),  # as LambdaLR's numbers (on_device.DeviceSchedule)
             "engine": {k: skipped_steps(engine) if k == "skipped_steps" else int(getattr(engine, k))
                        for k in ENGINE_COUNTERS},
-            "loss_scaler": {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)} if scaler else None}
+            "loss_scaler": scaler_state(engine)}
 
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
@@ -334,6 +333,39 @@ def _loss_scaler(engine):
     if not engine.fp16_enabled():
         return None
     return getattr(engine.optimizer, "loss_scaler", None) or getattr(engine.optimizer, "loss_scale_config", None)
+
+
+def loss_scale(engine) -> float | None:
+    """fp16: the loss scale the next backward multiplies by; None for fp32/bf16."""
+    scaler = _loss_scaler(engine)
+    return None if scaler is None else float(scaler.cur_scale)
+
+
+def scaler_state(engine) -> dict | None:
+    """fp16's loss-scaler state (the scale, its iteration and last overflow), for checkpoints."""
+    scaler = _loss_scaler(engine)
+    return {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)} if scaler else None
+
+
+def load_scaler_state(engine, saved: dict | None) -> None:
+    scaler = _loss_scaler(engine)
+    for key, value in (saved or {}).items():
+        if scaler is None or not hasattr(scaler, key):
+            continue  # a checkpoint of another precision (or of ZeRO vs ZeRO-0, whose scalers differ)
+        setattr(scaler, key, value)
+
+
+def unscaled_grad_norm(engine, scale: float | None):
+    """The step's global gradient norm of the true (unscaled) gradients. DeepSpeed's FP16_UnfusedOptimizer
+    (fp16 at ZeRO-0 with a torch optimizer) keeps the norm of the loss-scaled gradients
+    (fp16/unfused_optimizer.py `step`: `get_global_norm` of the fp16 gradients, divided by the scale only
+    inside its clipping), ~65,536x the real one at the default scale; its ZeRO optimizers and
+    FP16_Optimizer divide by the scale themselves. `scale`: the one the step's backward used (the scaler may
+    have changed it at the update)."""
+    norm = engine.get_global_grad_norm()
+    if scale is not None and norm is not None and unfused_masters(engine):
+        return norm / scale
+    return norm
 
 
 def _set_model_weight(p, value: torch.Tensor) -> None:
@@ -416,9 +448,7 @@ def load_full_state(engine, weights, moments, schedule: dict, *, fresh=frozenset
     engine.lr_scheduler.load_state_dict(schedule["lr_schedule"])  # the applied steps, so the next step's LR
     for key, value in schedule["engine"].items():
         setattr(engine, key, value)
-    scaler = _loss_scaler(engine)
-    for key, value in (schedule.get("loss_scaler") or {}).items():
-        setattr(scaler, key, value)
+    load_scaler_state(engine, schedule.get("loss_scaler"))
 
 
 def load_trained_buffers(module, get) -> None:

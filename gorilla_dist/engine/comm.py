@@ -4,7 +4,10 @@ installed library versions. Adaptation: on CPU, DeepSpeed's shared-memory allred
 from __future__ import annotations
 
 import datetime
+import itertools
+import pickle
 import sys
+import time
 
 import torch
 
@@ -28,8 +31,6 @@ def census(rank: int, world: int, grace_s: float) -> list[int] | None:
     """After a collective failed: the ranks that answer through the rendezvous store within grace_s (each
     survivor writes its key; a killed or unplugged rank never does); None when the store itself does not
     answer (its host, rank 0's, is gone or unreachable from here)."""
-    import time
-
     if _STORE is None:
         return None
     key = "gorilla_dist/census/{}".format
@@ -44,6 +45,24 @@ def census(rank: int, world: int, grace_s: float) -> list[int] | None:
             time.sleep(0.2)
     except RuntimeError:  # DistError / DistNetworkError: the store's host is gone
         return None
+
+
+_SHARED = itertools.count()
+
+
+def share_from_main(value, is_main: bool, poll_s: float = 0.2):
+    """Rank 0's `value` on every rank, through the rendezvous store rather than a collective: the other ranks
+    wait for as long as rank 0 works (preparing data can take hours). A collective would wait at most
+    parallel.timeout_s, and under NCCL its watchdog then aborts the process (SIGABRT, no message); the
+    store answers while its host lives (rank 0's, or torchrun's agent, which ends the job if rank 0 dies).
+    Call on every rank, in the same order (the keys are numbered)."""
+    key = f"gorilla_dist/on_main/{next(_SHARED)}"
+    if is_main:
+        _STORE.set(key, pickle.dumps(value))
+        return value
+    while not _STORE.check([key]):
+        time.sleep(poll_s)
+    return pickle.loads(_STORE.get(key))  # (our own rank 0's bytes, through our own store)
 
 
 def init_process_group(device: torch.device, timeout_s: float, rendezvous_timeout_s: float, *,

@@ -164,7 +164,9 @@ def on_main(fn, layout: ParallelLayout):
     """Run `fn` on rank 0 only (work that writes or reads shared files once), then make every rank
     agree on how it went: every rank returns rank 0's result (so keep it small and picklable), and a
     UserError on rank 0 is raised on all ranks (printed once, by rank 0), so a bad input stops the whole
-    job with its own message instead of peers dying on a broken collective."""
+    job with its own message instead of peers dying on a broken collective. The others wait through the
+    rendezvous store, as long as rank 0 takes (engine/comm.share_from_main: no collective timeout, no NCCL
+    watchdog)."""
     result, error = None, None
     if layout.is_main:
         try:
@@ -172,9 +174,10 @@ def on_main(fn, layout: ParallelLayout):
         except UserError as err:
             error = err
     if dist.is_initialized() and layout.world > 1:
-        box = [(result, None if error is None else (type(error), str(error)))]
-        dist.broadcast_object_list(box, src=0)
-        result, shared = box[0]
+        from gorilla_dist.engine.comm import share_from_main
+
+        result, shared = share_from_main((result, None if error is None else (type(error), str(error))),
+                                         layout.is_main)
         if shared is not None and error is None:
             error = shared[0](shared[1])
             error.printed_elsewhere = True

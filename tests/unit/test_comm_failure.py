@@ -47,3 +47,49 @@ def test_a_timeout_names_parallel_timeout_s_for_nccl_and_gloo(text):
 def test_other_errors_are_not_communication_failures():
     assert describe_comm_failure(raised(RuntimeError("CUDA out of memory")), 0, 600, grace_s=1) is None
     assert describe_comm_failure(raised(ValueError("Connection closed by peer")), 0, 600, grace_s=1) is None
+
+
+RANK_SCRIPT = """
+import os, sys, time
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from gorilla_dist.engine.comm import init_process_group
+from gorilla_dist.errors import DataError
+from gorilla_dist.parallel import on_main
+
+init_process_group(torch.device("cpu"), timeout_s=2, rendezvous_timeout_s=60, deepspeed=False)
+layout = SimpleNamespace(is_main=dist.get_rank() == 0, world=2)
+# rank 0 works 3x longer than a collective may wait (parallel.timeout_s=2 here)
+print("result", on_main(lambda: time.sleep(6) or {"vocab": 7}, layout), flush=True)
+def refuse():
+    raise DataError("the corpus is empty")
+try:
+    on_main(refuse, layout)
+except DataError as err:
+    print("error", err, getattr(err, "printed_elsewhere", False), flush=True)
+t = torch.ones(1)
+dist.all_reduce(t)  # the group still works
+print("sum", int(t.item()), flush=True)
+"""
+
+
+def test_rank0_work_longer_than_the_collective_timeout_does_not_fail_the_others(tmp_path):
+    """on_main's other ranks wait through the rendezvous store, not a collective (under NCCL its watchdog would
+    abort them after parallel.timeout_s): rank 0 works 6 s with a 2 s collective timeout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                              "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0, out
+        assert "result {'vocab': 7}" in out and "sum 2" in out, out
+        assert f"error the corpus is empty {rank == 1}" in out, out  # printed once: by rank 0

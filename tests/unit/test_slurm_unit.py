@@ -77,8 +77,8 @@ def test_a_job_that_may_shrink_asks_for_a_node_range_and_requeues_on_lost_worker
     assert "--no-requeue" in sbatch_options(config("slurm.requeue=false"))
 
 
-@pytest.mark.parametrize("rc,restarts,requeued", [(69, 0, True), (137, 2, True), (69, 3, False), (1, 0, False),
-                                                  (2, 0, False), (0, 0, False)])
+@pytest.mark.parametrize("rc,restarts,requeued", [(69, 0, True), (137, 2, True), (134, 0, True), (69, 3, False),
+                                                  (1, 0, False), (2, 0, False), (0, 0, False)])
 def test_the_job_script_requeues_a_lost_worker_up_to_max_restarts(tmp_path, rc, restarts, requeued):
     """The script itself, run by bash with srun and scontrol replaced by stubs that log their calls."""
     bin_dir = tmp_path / "bin"
@@ -96,6 +96,8 @@ def test_the_job_script_requeues_a_lost_worker_up_to_max_restarts(tmp_path, rc, 
     assert (log.is_file() and log.read_text() == "requeue 7\n") == requeued, proc.stdout
     if rc == 69 and not requeued:
         assert "(slurm.max_restarts=3): not requeueing again" in proc.stdout
+    # NCCL's watchdog aborts the worker (SIGABRT): said as such, and requeued as a lost peer
+    assert ("under NCCL, a worker's watchdog ended it" in proc.stdout) == (rc == 134)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -57,7 +57,11 @@ class Batch:
     equal sizes on every rank (their loss mask is 0 and they count for no objective); None: every row."""
 
     def to(self, device) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self.__dict__.values()))
+        """On the device. To a GPU from pinned (page-locked) host memory, so the copy is asynchronous: from
+        pageable memory CUDA stages it and the host waits for the copy, behind the work queued before it."""
+        pin = torch.device(device).type == "cuda"
+        return Batch(*(None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=True)
+                       for t in self.__dict__.values()))
 
     def __getitem__(self, rows: slice) -> Batch:
         return Batch(*(None if t is None else t[rows] for t in self.__dict__.values()))
@@ -114,6 +118,7 @@ class ShardData:
         self.seq, self.micro, self.global_batch = seq_length, micro_batch_size, global_batch_size
         self.dp, self.dp_rank, self.seed, self.reset, self.device = dp, dp_rank, seed, reset_at_eod, device
         self.one_per_sample = not pack
+        self._pool, self._ahead, self._handed_out = None, None, None  # next_train_batches' batch built ahead
         self.train, self.val = [], []
         self.notes: list[str] = []  # what the loader did that a user should know (printed once by the loop)
         for d in datasets:
@@ -239,10 +244,30 @@ class ShardData:
         return [batch[i:i + self.micro] for i in range(0, per_rank, self.micro)]
 
     def next_train_batches(self) -> list[Batch]:
-        """This rank's micro-batches of the next global batch."""
+        """This rank's micro-batches of the next global batch. The one after it is built meanwhile, in a
+        thread (reading the shards, packing, copying to the device), while the step runs; the loader's
+        state (state_dict) stays that of the batches handed out."""
+        if self._ahead is None:
+            batches = self._build_train()
+        else:
+            batches = self._ahead.result()  # (a DataError raised while building it is raised here)
+        self._handed_out = self.state_dict(live=True)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gorilla_dist-prefetch")
+        self._ahead = self._pool.submit(self._build_train)
+        return batches
+
+    def _build_train(self) -> list[Batch]:
         sources, index = self.blend.take(self.global_batch)
         objective = self.objectives.take(self.global_batch)[0] if self.objectives is not None else None
         return self._rank_batches(self.train, sources, index, shuffle=True, objective=objective, view="train")
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel() or self._ahead.exception()  # (let a running build finish, ignore its outcome)
+        self._ahead, self._handed_out = None, None
 
     def val_batches(self, n_samples: int, view: int | None = None) -> list[Batch]:
         """The same n_samples validation samples at every evaluation (the blend from its start, unshuffled),
@@ -257,13 +282,18 @@ class ShardData:
                                                                     n_real=n_samples)
         return self._val_cache[(n_samples, view)]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, live: bool = False) -> dict:
+        """Where the training sample sequence is: after the batches handed out (a batch built ahead is not
+        counted; `live`: the blend's own position, for next_train_batches)."""
+        if self._handed_out is not None and not live:
+            return self._handed_out
         state = {"blend": self.blend.state_dict(), "seed": self.seed, "sources": self.sources_fingerprint()}
         if self.objectives is not None:
             state["objectives"] = {"weights": self.objectives.weights, **self.objectives.state_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._drop_ahead()
         if "blend" not in state:
             raise DataError("the checkpoint's data position comes from an older data loader; start a new run.dir")
         if int(state["seed"]) != self.seed:

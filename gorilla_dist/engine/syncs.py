@@ -83,8 +83,9 @@ def _to_host(func, args, kwargs) -> bool:
 
 
 def _from_host(func, args, kwargs) -> bool:
-    """A blocking copy of host data to another device: a CPU tensor copied without non_blocking=True (from
-    pageable memory the host waits for the copy, and the copy for the stream's queued work), or a tensor made
+    """A blocking copy of host data to another device: a CPU tensor copied without non_blocking=True, or with it
+    from pageable memory (CUDA stages such a copy and the host waits for it, and the copy for the stream's
+    queued work; only a pinned source is asynchronous: data.loader.Batch.to pins), or a tensor made
     from Python numbers on a GPU (torch.tensor(..., device=cuda) reaches aten::lift_fresh already on the
     device). Never seen on a CPU-only run, where there is no other device."""
     if func is _aten.lift_fresh.default:
@@ -92,7 +93,7 @@ def _from_host(func, args, kwargs) -> bool:
     if func is _aten._to_copy.default:
         device = kwargs.get("device")
         return (device is not None and torch.device(device).type != "cpu" and args[0].device.type == "cpu"
-                and not kwargs.get("non_blocking", False))
+                and not (kwargs.get("non_blocking", False) and args[0].is_pinned()))
     return False
 
 

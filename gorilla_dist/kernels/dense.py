@@ -18,10 +18,13 @@ from megatron.core.transformer.module import MegatronModule
 from gorilla_dist.kernels.alibi import alibi_mask, local_alibi_slopes
 from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
+_FLASH_IMPORT_ERROR = None
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
+except ImportError as err:  # pragma: no cover - depends on the machine
     flash_attn_func = None
+    if getattr(err, "name", None) != "flash_attn":  # installed, but it does not load (e.g. built for another torch)
+        _FLASH_IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
 
 def _use_flash(q: torch.Tensor) -> bool:
@@ -30,6 +33,9 @@ def _use_flash(q: torch.Tensor) -> bool:
 
 def flash_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why flash-attn cannot run here (None: it can, given no per-sample mask)."""
+    if flash_attn_func is None and _FLASH_IMPORT_ERROR:
+        return (f"flash-attn is installed but does not import ({_FLASH_IMPORT_ERROR[:300]}); it is usually built "
+                "against another torch or CUDA: reinstall it with pip install --no-build-isolation flash-attn")
     if flash_attn_func is None:
         return "needs the flash-attn package (pip install -e '.[gpu]' on a CUDA machine)"
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
@@ -98,6 +104,9 @@ class DenseAttention(MegatronModule):
         self.require_flash = require_flash
         if require_flash and flash_attn_func is None:
             raise UnsupportedAttention(flash_unusable(torch.device("cuda"), torch.bfloat16))
+        if _FLASH_IMPORT_ERROR and torch.cuda.is_available():  # model.attention=dense: SDPA, said once
+            _say_once(f"[attention] {flash_unusable(torch.device('cuda'), torch.bfloat16)}; attention runs on "
+                      "PyTorch SDPA")
         slopes = local_alibi_slopes(config.num_attention_heads, pg_collection) if alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.prefix_kv = None  # prefix tuning: () -> (keys, values), each (N, groups / tp, head_dim)

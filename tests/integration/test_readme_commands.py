@@ -27,6 +27,8 @@ SIZE = ["model.hidden_size=64", "model.num_heads=4", "train.max_steps=2",
 train.max_steps always (the README's `train.max_steps=200` runs 2)."""
 
 NOT_HERE = {
+    "pytest -m gpu": "the GPU-marked tests need a CUDA GPU (here they are collected and skipped by the suite)",
+    "benchmarks/gpu_check.py": "needs a CUDA GPU (it refuses to run without one: tests/unit/test_gpu_check.py)",
     "python -m pytest": "the test command itself (CI runs it: .ci/run, tests/unit/test_readme.py)",
     "tokenizer=llama/": "needs a Hugging Face Llama model directory (llama/), downloaded",
     "checkpoint.init_from=hf:llama/": "needs a Hugging Face Llama model directory (llama/), downloaded",

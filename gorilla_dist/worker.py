@@ -27,8 +27,10 @@ def main(argv: list[str]) -> int:
         cfg = load_run_config(argv[0])
         import torch
 
-        cuda = cfg.parallel.device != "cpu" and torch.cuda.is_available()  # (no CUDA context yet)
-        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"  # DeepSpeed's accelerator follows the device
+        from gorilla_dist.parallel import device_type
+
+        kind = device_type(cfg.parallel.device)
+        os.environ["DS_ACCELERATOR"] = kind  # DeepSpeed's accelerator follows the device
         check_inputs(cfg)
         from gorilla_dist.engine.startup import import_megatron
 
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> int:
         from gorilla_dist.parallel import init_distributed, teardown
         from gorilla_dist.train import train
 
-        device_settings(cfg.precision, cfg.parallel, torch.device("cuda" if cuda else "cpu"))
+        device_settings(cfg.precision, cfg.parallel, torch.device(kind))
         layout = init_distributed(cfg.parallel)
         hosts = layout.hosts
         try:

@@ -45,6 +45,12 @@ class ParallelLayout:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
 
+def device_type(setting: str) -> str:
+    """"cuda" or "cpu": what parallel.device (auto | cpu | cuda) asks for on this machine (no CUDA context is
+    made); the worker sets DeepSpeed's accelerator from it before DeepSpeed loads, pick_device the rank's GPU."""
+    return "cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def pick_device(setting: str, local_rank: int, cuda: bool, gpus: int) -> torch.device:
     """parallel.device for the rank with this LOCAL_RANK, given whether torch sees CUDA and how many GPUs:
     rank i of a node takes GPU i; one clear error where that cannot be."""

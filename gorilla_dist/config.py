@@ -510,7 +510,10 @@ class SlurmConfig:
     nodes: int = 1
     """Nodes to allocate; world size = nodes * launch.nproc_per_node."""
     gpus_per_node: int = 0
-    """GPUs per node (--gpus-per-node); 0 for CPU-only nodes."""
+    """GPUs per node (--gpus-per-node); 0 for CPU-only nodes. launch.nproc_per_node ranks use GPUs 0..n-1."""
+    idle_gpus: bool = False
+    """Allow launch.nproc_per_node below slurm.gpus_per_node (GPUs allocated that no rank uses); refused by
+    default, as a job that holds GPUs it does not use is usually a typo."""
     cpus_per_task: int | None = None
     """CPU cores per worker; None leaves it to the cluster's default."""
     partition: str | None = None
@@ -843,6 +846,10 @@ def check_before_start(cfg) -> None:
                           + (f"slurm.gpus_per_node={gpus}" if cfg.launch.backend == "slurm" else
                              f"this machine has {gpus} GPU{'s' if gpus > 1 else ''} visible")
                           + f": each rank needs its own GPU; set launch.nproc_per_node<={gpus}, or parallel.device=cpu")
+    if cfg.launch.backend == "slurm" and gpus and per_node < gpus and not cfg.slurm.idle_gpus:
+        raise ConfigError(f"launch.nproc_per_node={per_node} ranks per node, but slurm.gpus_per_node={gpus}: "
+                          f"{gpus - per_node} allocated GPU{'s' if gpus - per_node > 1 else ''} per node would stay "
+                          f"idle; set launch.nproc_per_node={gpus} (one rank per GPU), or slurm.idle_gpus=true")
     if not gpus and cfg.precision.dtype == "fp16":
         raise ConfigError(f"precision.dtype=fp16 needs a GPU (DeepSpeed has fp16 training on GPUs only) and {where}; "
                           "use precision=bf16 or precision=fp32")

@@ -6,6 +6,7 @@ the run directories here are written by hand."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -158,6 +159,13 @@ def test_ranks_per_node_need_a_gpu_each(tmp_path):
             "set launch.nproc_per_node<=1, or parallel.device=cpu")
     refused(launcher(tmp_path, "run.dir=run", "launch=slurm", "launch.nproc_per_node=4", "slurm.gpus_per_node=2"),
             "launch.nproc_per_node=4 ranks per node, but slurm.gpus_per_node=2")
+    refused(launcher(tmp_path, "run.dir=run", "launch=slurm", "launch.nproc_per_node=2", "slurm.gpus_per_node=8"),
+            "launch.nproc_per_node=2 ranks per node, but slurm.gpus_per_node=8: 6 allocated GPUs per node would stay "
+            "idle; set launch.nproc_per_node=8 (one rank per GPU), or slurm.idle_gpus=true")
+    asked = launcher(tmp_path, "run.dir=run", "launch=slurm", "launch.nproc_per_node=2", "slurm.gpus_per_node=8",
+                     "slurm.idle_gpus=true", "slurm.submit=false")
+    assert asked.returncode == 0 and (tmp_path / "run" / "train.sbatch").is_file(), asked.stderr
+    shutil.rmtree(tmp_path / "run")
     refused(launcher(tmp_path, "run.dir=run", "parallel.device=cuda", env={"CUDA_VISIBLE_DEVICES": ""}),
             "parallel.device=cuda but this machine has no GPU visible")
     refused(launcher(tmp_path, "run.dir=run", "parallel.device=gpu"), "parallel.device='gpu' is not valid; choose one "

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 def per_token_loss(model, batch) -> torch.Tensor:
     """(b, s) next-token cross entropy at every position (see data.loader.Batch)."""
-    return model(batch.tokens, batch.position_ids, batch.segments, labels=batch.labels)
+    return model(batch.tokens, batch.position_ids, batch.segments, labels=batch.labels, **packed(batch))
+
+
+def packed(batch) -> dict:
+    """The model's keyword for packed plain documents on a GPU with flash-attn (kernels/dense.packed_documents)."""
+    from gorilla_dist.kernels.dense import packed_documents
+
+    return packed_documents(batch.tokens, getattr(batch, "doc_lengths", None))
 
 
 def lm_loss(model, batch, denominator: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,7 +51,7 @@ def class_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """A model with a classification head (model/head.py): (summed cross entropy over the batch's
     labelled examples (fp32, with gradient), their count, how many the argmax gets right)."""
     at = classified(batch)  # (b, s)
-    scores = model(batch.tokens, batch.position_ids, batch.segments).float()  # (b, s, num_labels)
+    scores = model(batch.tokens, batch.position_ids, batch.segments, **packed(batch)).float()  # (b, s, labels)
     # every position, the unlabelled ones ignored: selecting the labelled ones (scores[at]) would make
     # the host wait for their number
     labels = torch.where(at, batch.classes, -100)

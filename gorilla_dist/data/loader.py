@@ -55,6 +55,10 @@ class Batch:
     scored: torch.Tensor | None = None
     """(b,) bool on validation batches: False for the padding rows that fill the last micro-batches up to
     equal sizes on every rank (their loss mask is 0 and they count for no objective); None: every row."""
+    doc_lengths: torch.Tensor | None = None
+    """(b, D) int32 with segments that are plain documents (each a contiguous run of tokens, no prefix-LM
+    input, no shared prefix): each row's document lengths in order, 0-padded to the batch's most documents;
+    flash-attn's varlen kernel runs them without an s x s mask (kernels/dense.packed_documents). None otherwise."""
 
     def to(self, device) -> Batch:
         """On the device. To a GPU from pinned (page-locked) host memory, so the copy is asynchronous: from
@@ -73,6 +77,15 @@ def eod_segments(windows: np.ndarray, eod: int) -> np.ndarray:
     seg = np.zeros(windows.shape, dtype=np.int32)
     np.cumsum(windows[:, :-1] == eod, axis=1, out=seg[:, 1:])
     return seg
+
+
+def doc_lengths(seg: np.ndarray | None) -> torch.Tensor | None:
+    """Batch.doc_lengths of (b, s) segment ids, or None when they are not plain documents in order."""
+    if (seg is None or seg.size == 0 or seg.min() < 0 or seg.max() >= BIDIRECTIONAL
+            or (np.diff(seg, axis=1) < 0).any()):
+        return None
+    lengths = np.stack([np.bincount(row, minlength=int(seg.max()) + 1) for row in seg])  # (b, D); empty ids: 0
+    return torch.from_numpy(lengths.astype(np.int32))
 
 
 def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: int, reset_at_eod: bool,
@@ -103,7 +116,8 @@ def pack(windows: np.ndarray, valid: np.ndarray, sources: np.ndarray, *, eod: in
     return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)),
                  torch.from_numpy(loss_mask.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(pos)),
                  None if seg is None else torch.from_numpy(seg), torch.from_numpy(sources),
-                 None if classes is None else torch.from_numpy(np.ascontiguousarray(classes[:, :-1])))
+                 None if classes is None else torch.from_numpy(np.ascontiguousarray(classes[:, :-1])),
+                 doc_lengths=doc_lengths(seg))
 
 
 class ShardData:

@@ -20,9 +20,9 @@ from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
 _FLASH_IMPORT_ERROR = None
 try:  # optional GPU extra
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError as err:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
     if getattr(err, "name", None) != "flash_attn":  # installed, but it does not load (e.g. built for another torch)
         _FLASH_IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
@@ -41,6 +41,30 @@ def flash_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return f"needs CUDA fp16/bf16 tensors for flash-attn; got {device.type} {str(dtype).replace('torch.', '')}"
     return None
+
+
+def packed_documents(tokens: torch.Tensor, doc_lengths: torch.Tensor | None) -> dict:
+    """The model call's extra keyword for a batch of packed plain documents (data.loader.Batch.doc_lengths)
+    where flash-attn can run them (document_params); {} elsewhere, so nothing changes on a CPU."""
+    if doc_lengths is None or flash_attn_varlen_func is None or not _on_gpu(tokens):
+        return {}
+    return {"packed_seq_params": document_params(doc_lengths, tokens.shape[1])}
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def document_params(doc_lengths: torch.Tensor, s: int):
+    """megatron's PackedSeqParams carrying the documents' cumulative lengths over the flattened (b * s) tokens,
+    in megatron's sbhd layout, so megatron changes nothing else (rotary positions over s, as without it);
+    DenseAttention then calls flash-attn's varlen kernel instead of SDPA with a (b, 1, s, s) mask. Each row
+    has D slots (zero-length ones where it has fewer documents: the kernel returns at once for them), so the
+    lengths are never read back to the host."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = F.pad(doc_lengths.flatten().cumsum(0, dtype=torch.int32), (1, 0))  # (b * D + 1,)
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s)
 
 
 _SAID: set[str] = set()
@@ -114,11 +138,20 @@ class DenseAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         # query [s, b, np, hn]; key, value [s, b, ng, hn] (ng < np with grouped-query attention)
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("DenseAttention: attention_bias / packed sequences are not supported yet")
+        if attention_bias is not None:
+            raise NotImplementedError("DenseAttention: attention_bias is not supported")
         mask_type = attn_mask_type or self.attn_mask_type
         s, b, np_, hn = query.shape
         dropout = self.dropout_p if self.training else 0.0
+        if (packed_seq_params is not None and self.prefix_kv is None and _use_flash(query)
+                and attention_mask is not None and attention_mask.shape[-1] == s == packed_seq_params.max_seqlen_q):
+            # packed plain documents (packed_documents): flash-attn's varlen kernel over the (b * s) tokens
+            q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], hn) for t in (query, key, value))
+            slopes = None if self.alibi_slopes is None else self.alibi_slopes.float()
+            cu = packed_seq_params.cu_seqlens_q
+            out = flash_attn_varlen_func(q, k, v, cu, cu, s, s, dropout_p=dropout, softmax_scale=self.softmax_scale,
+                                         causal=mask_type == AttnMaskType.causal, alibi_slopes=slopes)
+            return out.view(b, s, np_ * hn).transpose(0, 1)  # [s, b, np*hn]
         n_prefix = 0
         if self.prefix_kv is not None:  # learned keys / values in front, seen by every query (model/prefix.py)
             pk, pv = self.prefix_kv()
@@ -133,8 +166,8 @@ class DenseAttention(MegatronModule):
             return out.transpose(0, 1).reshape(s, b, np_ * hn)
         if self.require_flash and attention_mask is not None and attention_mask.dtype != torch.bool \
                 and _use_flash(query):
-            _say_once("model.attention=flash: flash-attn has no mask for packed documents or prefix-LM inputs "
-                      "(segment ids); those batches run on PyTorch SDPA")
+            _say_once("model.attention=flash: flash-attn has no mask for prefix-LM inputs or shared prefixes "
+                      "(segment ids other than plain packed documents); those batches run on PyTorch SDPA")
         elif self.require_flash:
             raise UnsupportedAttention(f"flash-attn runs on CUDA fp16/bf16 tensors without a per-sample mask; got "
                                        f"{query.device.type} {query.dtype}"

@@ -78,11 +78,13 @@ class _BlockSparseBase(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        # packed_seq_params (kernels/dense.packed_documents, for flash-attn's varlen kernel) says what the segment
+        # ids say, which these kernels read
         segments = attention_mask
         if (segments is not None and (segments.dtype == torch.bool or segments.dim() != 2)) \
-                or attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError(f"{type(self).__name__}: boolean attention masks, attention_bias and packed "
-                                      "sequences are not supported (segment ids are)")
+                or attention_bias is not None:
+            raise NotImplementedError(f"{type(self).__name__}: boolean attention masks and attention_bias are not "
+                                      "supported (segment ids are)")
         s, b, np_, hn = query.shape
         if key.shape[0] != s:  # decoding with a KV cache: the queries are the last s of the keys' positions
             if segments is not None:

@@ -31,6 +31,7 @@ class SoftPrompt(torch.nn.Module):
 def _before(model, args, kwargs):
     input_ids, position_ids = args[0], args[1]
     attention_mask = args[2] if len(args) > 2 else kwargs.pop("attention_mask", None)
+    kwargs.pop("packed_seq_params", None)  # (the virtual tokens lengthen every row: no packed documents)
     context = kwargs.get("inference_context")
     model.prompt_dropped = 0
     if input_ids is None or (context is not None and context.sequence_len_offset > 0):

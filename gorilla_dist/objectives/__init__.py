@@ -225,6 +225,7 @@ def contrastive_view(batch, rows: np.ndarray, eod: int):
         loss[r] = 0.0
     batch.segments, batch.position_ids = torch.from_numpy(seg), torch.from_numpy(pos)
     batch.loss_mask, batch.spans = torch.from_numpy(loss), torch.from_numpy(spans)
+    batch.doc_lengths = None  # the halves' segment ids are out of order: not plain documents
     return batch
 
 

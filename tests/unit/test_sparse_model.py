@@ -198,7 +198,7 @@ def test_flash_falls_back_to_sdpa_for_segment_ids_and_says_so_once(world1, monke
     flash = [per_token_loss(model_cfg(attention="flash"), world1, x, seg)[1] for _ in range(2)]
     _, want = per_token_loss(model_cfg(), world1, x, seg)
     torch.testing.assert_close(flash[0], want, rtol=1e-6, atol=1e-6)
-    assert capsys.readouterr().err.count("flash-attn has no mask for packed documents or prefix-LM") == 1
+    assert capsys.readouterr().err.count("flash-attn has no mask for prefix-LM inputs or shared prefixes") == 1
 
 
 @pytest.mark.gpu

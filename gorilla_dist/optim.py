@@ -27,7 +27,10 @@ def lr_at(step: int, o, max_steps: int) -> float:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices of linear layers; none on norms, biases, embeddings (incl. tied output).
     A parameter carrying its own `delta_weight_decay` (the per-layer sharing deltas, model/deltas.py) goes
-    to a group with that decay."""
+    to a group with that decay. (A ZeRO-3 model built partitioned: each parameter's own shape, not its
+    placeholder's.)"""
+    from gorilla_dist.engine.state import logical_shape
+
     decay, no_decay, own = [], [], {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -35,7 +38,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if hasattr(p, "delta_weight_decay"):
             own.setdefault(p.delta_weight_decay, []).append(p)
         else:
-            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+            (no_decay if len(logical_shape(p)) < 2 or "embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups += [{"params": ps, "weight_decay": wd} for wd, ps in own.items()]
     return [g for g in groups if g["params"]]  # (fine-tuning may leave a kind empty)

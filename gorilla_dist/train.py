@@ -11,7 +11,7 @@ from gorilla_dist.checkpoint import Checkpointer
 from gorilla_dist.config import ObjectiveConfig, save_run_config
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.dtypes import precision_notice
-from gorilla_dist.engine import StepResult, TrainEngine, build_engine
+from gorilla_dist.engine import StepResult, TrainEngine, build_engine, partitioned_construction
 from gorilla_dist.engine.syncs import LoopSyncs
 from gorilla_dist.errors import UserError
 from gorilla_dist.finetune import adapter_checkpoints, apply_finetune, check_finetune_data, prompt_init, resolve_labels
@@ -195,7 +195,8 @@ def train(cfg, layout) -> bool:
     objectives = build_objectives(t.objectives, dp_group(layout))
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
                         seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune,
-                        heads=head_sizes(t.objectives, len(data.datasets)))
+                        heads=head_sizes(t.objectives, len(data.datasets)),
+                        construct=partitioned_construction(cfg.model, cfg.parallel, cfg.precision))
     tuned = apply_finetune(model, cfg.finetune)
     if tuned and layout.is_main:
         print(f"[finetune] {tuned}", flush=True)

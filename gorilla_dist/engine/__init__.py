@@ -8,7 +8,8 @@ versions (versions.py):
                          op on CPU); the census of live ranks after a failed collective
     startup.py           importing megatron-core without its import-time compile and W&B costs
     deepspeed_engine.py  building the DeepSpeed engine and its adaptations (non-finite fp32 steps, the
-                         unfused optimizer's init step); the `mpu`
+                         unfused optimizer's init step, fp16's loss scale at ZeRO-0); the `mpu`; ZeRO-3's
+                         partitioned construction (deepspeed.zero.Init)
     megatron_cpu.py      megatron-core's CUDA assumptions adapted for CPU; sequence-parallel grad sums
     moe.py               mixture of experts: aux-loss scaling, router statistics, the expert bias, expert
                          parallelism inside DeepSpeed
@@ -39,7 +40,7 @@ from gorilla_dist.engine import accounting, moe, state
 from gorilla_dist.engine.versions import check_versions
 
 __all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits", "load_trained_buffers",
-           "tp_join"]
+           "partitioned_construction", "tp_join"]
 
 check_fits = state.check_fits
 load_trained_buffers = state.load_trained_buffers
@@ -159,6 +160,14 @@ class TrainEngine:
     def state_bytes(self) -> dict[str, int]:
         """This rank's bytes of params, grads and optimizer state (see gorilla_dist/memory.py)."""
         return accounting.state_bytes(self._ds)
+
+
+def partitioned_construction(model, parallel, precision):
+    """ZeRO-3: the context build_model makes the model in, parameters partitioned as they are created
+    (deepspeed_engine.partitioned_construction); None otherwise."""
+    from gorilla_dist.engine.deepspeed_engine import partitioned_construction as construction
+
+    return construction(model, parallel, precision)
 
 
 def build_engine(model: torch.nn.Module, *, optim: OptimConfig, train: TrainConfig, parallel: ParallelConfig,

@@ -82,6 +82,28 @@ def deepspeed_config(*, optim, train, zero_stage: int, precision, dp: int) -> di
     }
 
 
+def partitioned_construction(model, parallel, precision):
+    """ZeRO-3: the context build_model creates the megatron model in, `deepspeed.zero.Init`: each module's
+    parameters are partitioned over the data-parallel group as soon as the module is made (after megatron
+    has initialised them, so the initial weights are today's: tests/unit/test_zero3_init.py), so no rank
+    ever holds the whole model; None otherwise. Not for models whose weights build_model rewrites after
+    construction (experts seeded per expert, layers shared between depths): those are built whole and
+    partitioned by deepspeed.initialize, as before."""
+    if parallel.zero_stage != 3 or model.moe.num_experts or model.sharing.unique_layers not in (None, model.num_layers):
+        return None
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    # the dtype goes through the config: Init's own `dtype` argument is overridden on machines without fp16
+    # (DeepSpeed 0.19.8 partition_parameters.py _set_dtype: `dtype or fp16 if ... else bf16 if ...`); the batch
+    # size only satisfies DeepSpeed's config parser. mem_efficient_linear=False: Init would otherwise replace
+    # torch.nn.functional.linear process-wide.
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
+              "bf16": {"enabled": precision.dtype == "bf16"}, "fp16": {"enabled": precision.dtype == "fp16"}}
+    return deepspeed.zero.Init(config_dict_or_path=config, mpu=MegatronMPU(), mem_efficient_linear=False,
+                               data_parallel_group=ps.get_data_parallel_group())
+
+
 def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, precision, layout):
     """deepspeed.initialize: AdamW (decay on matrices only), warmup + cosine schedule over
     train.max_steps, ZeRO, precision, clipping, accumulation; with the adaptations above applied."""

@@ -152,6 +152,12 @@ def _basic_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's own shape (this TP rank's), also when ZeRO-3 has partitioned it (its .shape is then that
+    of an empty placeholder)."""
+    return tuple(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+
+
 def unfused_masters(engine) -> dict[int, torch.Tensor]:
     """{id(model parameter): its fp32 master} for DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at
     ZeRO-0), which keeps one unpartitioned fp32 copy per parameter; empty for every other optimizer."""
@@ -173,7 +179,7 @@ def _rank_master(engine, p, key: str | None, unfused: dict) -> torch.Tensor:
         p = unfused[id(p)]  # its master: plain AdamW state from here on
     elif _deepspeed_owns(p):
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        return value.detach().float().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+        return value.detach().float().reshape(logical_shape(p))
     if key is None:
         return p.detach().float()
     state = _basic_optimizer(engine).state.get(p, {})
@@ -290,7 +296,7 @@ def local_state(engine, *, trainable_only: bool = False) -> tuple[dict[str, Piec
             if ps.get_tensor_model_parallel_rank() != 0:  # the same on every TP rank: TP rank 0 writes it
                 continue
         full_name, shape = single_process_name(module, name, p), full_shape(module, name, p)
-        local = tuple(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+        local = logical_shape(p)
         for key in (None, *MOMENTS):
             owned = _owned(engine, p, key, unfused)
             if owned is None:
@@ -480,7 +486,7 @@ def check_fits(module, shapes: dict[str, tuple], source: str, *, fresh=frozenset
 
 def full_shape(module, name: str, p) -> tuple[int, ...]:
     """The single-process shape of parameter (or trained buffer) p (no communication)."""
-    shape = list(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+    shape = list(logical_shape(p))
     if _tp_size() > 1 and getattr(p, "tensor_model_parallel", False):
         shape[p.partition_dim] *= _tp_size()
     return tuple(shape)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from gorilla_dist.engine.state import logical_shape
+
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 """The linears of a layer that get a delta (the dense MLP's; experts have none)."""
 
@@ -91,7 +93,7 @@ def attach_low_rank(model: torch.nn.Module, rank: int, *, prefix: str, linears, 
             assert column or isinstance(lin, RowParallelLinear), type(lin)
             w = lin.weight
             tp = lin.tp_group.size()
-            out_local, in_local = w.shape
+            out_local, in_local = logical_shape(w)  # (also when ZeRO-3 built it partitioned)
             full_in = in_local if column else in_local * tp
             g = torch.Generator().manual_seed(delta_seed(seed, i, k + salt))
             a_full = torch.randn(rank, full_in, generator=g) / full_in ** 0.5

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from gorilla_dist.engine.state import logical_shape
+
 HEAD = "classifier"
 """The head's module name; its parameter is `classifier.weight`, (num_labels, hidden)."""
 
@@ -48,7 +50,7 @@ def _linear(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Linear:
     """A bias-free (hidden -> classes) linear, normal init with the model's init std, seeded: the same on
     every rank and layout."""
     w = model.embedding.word_embeddings.weight
-    head = torch.nn.Linear(w.shape[1], classes, bias=False, dtype=w.dtype, device=w.device)
+    head = torch.nn.Linear(logical_shape(w)[1], classes, bias=False, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         init = torch.empty(head.weight.shape, dtype=torch.float32)
         init.normal_(0.0, model.config.init_method_std, generator=torch.Generator().manual_seed(seed))

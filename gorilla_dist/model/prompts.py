@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from gorilla_dist.engine.state import logical_shape
+
 PROMPT = "soft_prompt"
 """The prompt's module name; its parameter is `soft_prompt.weight`, (N, hidden)."""
 
@@ -59,7 +61,7 @@ def _after(model, _args, _kwargs, output):
 def attach_soft_prompt(model: torch.nn.Module, n: int) -> None:
     """Add N virtual tokens (zeros until initialised: finetune.prompt_init) and the hooks above."""
     w = model.embedding.word_embeddings.weight
-    model.add_module(PROMPT, SoftPrompt(n, w.shape[1], w.dtype, w.device))
+    model.add_module(PROMPT, SoftPrompt(n, logical_shape(w)[1], w.dtype, w.device))
     model.virtual_tokens = n
     model.register_forward_pre_hook(_before, with_kwargs=True)
     model.register_forward_hook(_after, with_kwargs=True)

@@ -8,6 +8,8 @@ parallel_state, initialised by gorilla_dist.parallel before this runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import torch
@@ -225,13 +227,15 @@ def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None
 
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
                 parallel: ParallelConfig | None = None, finetune: FinetuneConfig | None = None,
-                heads: dict[str, int] | None = None) -> GPTModel:
+                heads: dict[str, int] | None = None, construct=None) -> GPTModel:
     """A GPTModel on `device` for a tokenizer of `vocab_size` ids. The initial weights depend only on
     (m, vocab_size, seed), never on the tensor-parallel layout. `parallel` (a ParallelConfig):
     sequence parallelism and activation checkpointing; None: neither. `finetune`: its adapters (LoRA)
     are added here, with the model's other modules (which parameters train is finetune.apply_finetune's),
     and its classification head (the model then returns (b, s, num_labels) class scores: model/head.py).
-    `heads`: the pretraining objectives' auxiliary heads, {objective: classes} (objectives.head_sizes)."""
+    `heads`: the pretraining objectives' auxiliary heads, {objective: classes} (objectives.head_sizes).
+    `construct`: a context the megatron model is created in (engine.partitioned_construction: ZeRO-3's
+    parameters partitioned as they are made); the modules added after it are partitioned by DeepSpeed later."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -250,22 +254,24 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
     torch.manual_seed(seed)
     seed_rng_tracker(seed, device)
     try:
-        model = GPTModel(
-            # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
-            # RowParallelLinear still passes tp_group=None internally; engine/megatron_cpu.py covers that.
-            pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-            config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
-                                      sequence_parallel=sp, activation_checkpointing=recompute,
-                                      ep=ps.get_expert_model_parallel_world_size()),
-            transformer_layer_spec=block_spec(m),
-            vocab_size=padded_vocab_size(vocab_size),
-            max_sequence_length=m.seq_length,
-            share_embeddings_and_output_weights=m.tie_embeddings,
-            # ALiBi lives in core_attention (gorilla_dist/kernels/alibi.py): megatron adds no position embedding then.
-            position_embedding_type="none" if m.position_embedding == "alibi" else m.position_embedding,
-            rotary_base=m.rotary_base,
-            parallel_output=True,
-        )
+        with construct if construct is not None else contextlib.nullcontext():
+            model = GPTModel(
+                # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
+                # RowParallelLinear still passes tp_group=None internally; engine/megatron_cpu.py covers that.
+                pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
+                                          sequence_parallel=sp, activation_checkpointing=recompute,
+                                          ep=ps.get_expert_model_parallel_world_size()),
+                transformer_layer_spec=block_spec(m),
+                vocab_size=padded_vocab_size(vocab_size),
+                max_sequence_length=m.seq_length,
+                share_embeddings_and_output_weights=m.tie_embeddings,
+                # ALiBi lives in core_attention (gorilla_dist/kernels/alibi.py): megatron adds no position
+                # embedding then.
+                position_embedding_type="none" if m.position_embedding == "alibi" else m.position_embedding,
+                rotary_base=m.rotary_base,
+                parallel_output=True,
+            )
     except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
         raise ConfigError(f"model.attention={m.attention}: {err}") from None
     if m.moe.num_experts:

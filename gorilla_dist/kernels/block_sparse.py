@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
+from gorilla_dist.kernels import shared_memory
 from gorilla_dist.kernels.dense import attention_reference, sdpa_keep_mask
 from gorilla_dist.kernels.layouts import BlockLayout, bias_by_block, check_qkv
 from gorilla_dist.kernels.limits import BIDIRECTIONAL, TRITON_HEAD_DIMS
@@ -199,16 +201,48 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch_options(head_dim: int) -> dict:
+def _precision() -> str:
     # fp32 inputs: full-precision dots unless the user allowed TF32 for matmuls (as torch does);
     # ignored for fp16/bf16 inputs
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2, "PRECISION": precision}
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return "fp32-tf32" if name == "fp32" and _precision() == "tf32" else name
+
+
+def _default_options(head_dim: int) -> dict:
+    """Launch options where no plan was made (the interpreter): the deepest pipelining."""
+    opts = {"num_warps": shared_memory.num_warps(head_dim), "num_stages": shared_memory.STAGES[0]}
+    return {kernel: opts for kernel in shared_memory.KERNELS}
+
+
+_PLANS: dict = {}
+
+
+def launch_plan(device: torch.device, block: int, head_dim: int, dtype: torch.dtype) -> shared_memory.LaunchPlan:
+    """The shipped table's plan for this GPU (shared_memory.launch_plan), once per shape; a plan that falls
+    back to the block-gather path says so once."""
+    name = _dtype_name(dtype)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cache_key = (index, block, head_dim, name)
+    if cache_key not in _PLANS:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", 0) or shared_memory.SHARED_MEMORY.get(
+            props.major * 10 + props.minor, shared_memory.SHARED_MEMORY[80])
+        arch = shared_memory.table_arch(props.major, props.minor)
+        plan = shared_memory.launch_plan(block, head_dim, name, arch, limit)
+        if plan.options is None:
+            warnings.warn(f"{plan.reason} ({props.name}): block-sparse attention runs the block-gather path "
+                          "instead (same result, slower); a smaller model.sparse.block_size fits", stacklevel=3)
+        _PLANS[cache_key] = plan
+    return _PLANS[cache_key]
 
 
 class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes, segments):
+    def forward(ctx, q, k, v, block_bias, layout: BlockLayout, scale: float, alibi_slopes, segments, options):
         check_qkv(q, k, v, layout, segments)
         B, H, S, D = q.shape
         bs, n = layout.block_size, layout.n_blocks
@@ -230,10 +264,10 @@ class BlockSparseAttention(torch.autograd.Function):
             *_strides(num), *_strides(idx), *_strides(bias), *_strides(seg, 1),
             H, H // k.shape[1], n, scale,
             BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, HAS_BIAS=block_bias is not None,
-            HAS_SEG=segments is not None, UPCAST=_upcast(q.dtype), **_launch_options(D))
+            HAS_SEG=segments is not None, UPCAST=_upcast(q.dtype), PRECISION=_precision(), **options["fwd"])
         ctx.save_for_backward(q, k, v, o, lse, slopes, bias, seg)
         ctx.has_seg = segments is not None
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.options = layout, scale, options
         ctx.has_alibi = alibi_slopes is not None
         ctx.bias_shape = None if block_bias is None else block_bias.shape
         ctx.bias_dtype = None if block_bias is None else block_bias.dtype
@@ -252,11 +286,11 @@ class BlockSparseAttention(torch.autograd.Function):
         dbias = torch.zeros(B, H, n, layout.max_kv, device=q.device, dtype=torch.float32) if has_bias else bias
         num, idx = layout.kv_num_blocks, layout.kv_indices.contiguous()
         common = dict(BLOCK=bs, HEAD_DIM=D, HAS_ALIBI=ctx.has_alibi, HAS_BIAS=has_bias, HAS_SEG=ctx.has_seg,
-                      UPCAST=_upcast(q.dtype), **_launch_options(D))
+                      UPCAST=_upcast(q.dtype), PRECISION=_precision())
         _bwd_dq_kernel[(n, B * H)](
             q, k, v, do, lse, delta, dq, dbias, num, idx, slopes, bias, seg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(num), *_strides(idx), *_strides(bias),
-            *_strides(seg, 1), layout.max_kv, H, H // H_kv, n, scale, **common)
+            *_strides(seg, 1), layout.max_kv, H, H // H_kv, n, scale, **common, **ctx.options["bwd_dq"])
         q_num, q_idx, q_slot = layout.transposed  # cached on the layout: once per static layout
         q_num = q_num.contiguous()
         q_idx, q_slot = q_idx.expand(*q_num.shape, -1).contiguous(), q_slot.expand(*q_num.shape, -1).contiguous()
@@ -265,20 +299,22 @@ class BlockSparseAttention(torch.autograd.Function):
         _bwd_dkv_kernel[(n, B * H)](
             q, k, v, do, lse, delta, dk, dv, q_num, q_idx, q_slot, slopes, bias, seg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(q_num), *_strides(bias), *_strides(seg, 1),
-            H, H // H_kv, n, q_idx.shape[-1], scale, **common)
+            H, H // H_kv, n, q_idx.shape[-1], scale, **common, **ctx.options["bwd_dkv"])
         dk = dk.view(B, H_kv, H // H_kv, S, D).sum(2).to(k.dtype)
         dv = dv.view(B, H_kv, H // H_kv, S, D).sum(2).to(v.dtype)
         dbias = dbias.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype) if has_bias else None  # a broadcast bias
-        return dq, dk, dv, dbias, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def triton_block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
                                   alibi_slopes: torch.Tensor | None = None, block_bias: torch.Tensor | None = None,
-                                  segments: torch.Tensor | None = None) -> torch.Tensor:
+                                  segments: torch.Tensor | None = None, options: dict | None = None) -> torch.Tensor:
+    """The Triton kernels; `options` per kernel (a LaunchPlan's), by default the deepest pipelining."""
     if triton is None:
         raise RuntimeError("triton is not installed; use the block-gather path (gorilla_dist.kernels.block_gather)")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return BlockSparseAttention.apply(q, k, v, block_bias, layout.to(q.device), scale, alibi_slopes, segments)
+    return BlockSparseAttention.apply(q, k, v, block_bias, layout.to(q.device), scale, alibi_slopes, segments,
+                                      options or _default_options(q.shape[-1]))
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None = None,
@@ -288,11 +324,14 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale: float | None 
     layout over H query heads (or broadcast); alibi_slopes (H,); block_bias (B|1, H|1, n_blocks,
     layout.max_kv); segments (B, S) int (documents and prefix-LM inputs: dense.sdpa_keep_mask's meaning,
     the layout from layouts.with_segments). Triton on CUDA tensors whose head dim it supports (powers of
-    two, 16-256); the block-gather path otherwise (any device, any head dim)."""
+    two, 16-256) and whose tiles fit the GPU's shared memory (launch_plan); the block-gather path otherwise
+    (any device, any head dim)."""
     d = q.shape[-1]
     if q.is_cuda and triton is not None and d in TRITON_HEAD_DIMS:
-        return triton_block_sparse_attention(q, k, v, layout, scale=scale, alibi_slopes=alibi_slopes,
-                                             block_bias=block_bias, segments=segments)
+        plan = launch_plan(q.device, layout.block_size, d, q.dtype)
+        if plan.options is not None:
+            return triton_block_sparse_attention(q, k, v, layout, scale=scale, alibi_slopes=alibi_slopes,
+                                                 block_bias=block_bias, segments=segments, options=plan.options)
     from gorilla_dist.kernels.block_gather import block_gather_attention
 
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

@@ -22,8 +22,10 @@ pytestmark = [pytest.mark.gpu,
 CUDA = ["parallel.device=cuda"]
 
 
-SHAPES = [(16, 64), (32, 128), (64, 64), (64, 128), (128, 128), (128, 256)]
-"""(block size, head dim): small to the largest kernels/limits.py allows, on both sides of the shared memory."""
+SHAPES = [(16, 64), (64, 64), (64, 128), (128, 256)]
+"""(block size, head dim): small to the largest kernels/limits.py allows (128 x 256 falls back to the block-gather
+path on an A100 and an H100); benchmarks/gpu_check.py launches the tightest fits. Kept few: every Triton shape
+compiles at its first launch, and fp32 ones at block 128 take minutes."""
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -20,11 +20,11 @@ import torch
 from gorilla_dist.files import write_text_atomic
 from gorilla_dist.parallel import dp_mean, dp_sum
 
-# Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
-# logging.peak_tflops (e.g. measured with benchmarks/) to get MFU there.
 MIN_LOSS_SCALE = 1.0
 """DeepSpeed's floor for the dynamic fp16 loss scale (min_loss_scale, default 1): an overflow there is the
 model's, not the scale's."""
+# Dense peak TFLOP/s per device, by precision, for MFU. CPU peaks differ per machine: pass
+# logging.peak_tflops (e.g. measured with benchmarks/) to get MFU there.
 PEAK_TFLOPS = {
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},

@@ -117,7 +117,8 @@ class NonFiniteGuard:
     have.
 
     fp16: a skipped step whose loss is finite is a loss-scale overflow (the row's `overflow`): the loss-scaled
-    gradients overflowed fp16 and DeepSpeed halved the scale, as it does while the scale settles from
+    gradients overflowed fp16 and DeepSpeed lowers the scale (halves it; ZeRO's scaler at the second overflow
+    in a row), as it does while the scale settles from
     2**precision.initial_scale_power. Those are counted apart (`overflows`) and never stop the run; at the
     scale's floor an overflow counts as any other skip."""
 
@@ -131,7 +132,7 @@ class NonFiniteGuard:
             self.overflows += 1
             if self.layout.is_main:
                 print(f"[train] step {step}: fp16 gradient overflow at loss scale {loss_scale:g}: update skipped, "
-                      "the scale is halved (not counted toward train.max_skipped_steps)", flush=True)
+                      "the scale is lowered (not counted toward train.max_skipped_steps)", flush=True)
             return
         if not skipped:
             self.in_a_row = 0

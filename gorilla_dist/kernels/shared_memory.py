@@ -42,6 +42,12 @@ def key(kernel: str, block: int, head_dim: int, dtype: str, arch: int, stages: i
     return f"{kernel}/b{block}/d{head_dim}/{dtype}/sm{arch}/s{stages}"
 
 
+def parse_key(k: str) -> tuple[str, int, int, str, int, int]:
+    """key's inverse: (kernel, block, head dim, dtype, arch, num_stages)."""
+    kernel, block, head_dim, dtype, arch, stages = k.split("/")
+    return kernel, int(block[1:]), int(head_dim[1:]), dtype, int(arch[2:]), int(stages[1:])
+
+
 def load_table() -> dict:
     return json.loads(TABLE.read_text())
 

@@ -9,7 +9,6 @@ parallel_state, initialised by gorilla_dist.parallel before this runs.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 
 import torch

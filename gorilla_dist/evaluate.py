@@ -341,12 +341,12 @@ def evaluate_objectives(model, cfg, datasets, tok, *, samples: int | None, devic
     evaluation (train.eval_samples, contrastive negatives grouped as there: one group per micro-batch index
     over the ranks), so the numbers equal the val_* values training logged at this checkpoint's step;
     `samples=N`: the first N."""
-    from gorilla_dist.config import data_parallel_size
+    from gorilla_dist.config import ParallelDims
     from gorilla_dist.data.loader import ShardData
     from gorilla_dist.objectives import Objectives, evaluation_sums, evaluation_values
 
     t, d = cfg.train, cfg.data
-    group = t.micro_batch_size * data_parallel_size(cfg)
+    group = t.micro_batch_size * ParallelDims.from_config(cfg).dp
     n = t.eval_samples if samples is None else samples
     weights = [s.weight for s in d.sources] if d.sources else [1.0]
     data = ShardData(datasets, weights, tok, seq_length=cfg.model.seq_length, micro_batch_size=group,

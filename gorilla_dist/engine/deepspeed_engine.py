@@ -15,13 +15,110 @@ against DeepSpeed 0.19.8, see versions.py), each named:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from gorilla_dist.config import grad_accum_steps
+from gorilla_dist.engine import accounting, moe, state
 from gorilla_dist.engine.on_device import DeviceSchedule, decide_on_device, global_grad_norm
+from gorilla_dist.engine.protocol import StepResult
 from gorilla_dist.engine.state import unfused_masters
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.optim import lr_at, param_groups
+
+
+class DeepSpeedEngine:
+    """The TrainEngine of a model inside DeepSpeed (ZeRO 0-3, fp32/bf16/fp16, accumulation, clipping)."""
+
+    def __init__(self, ds_engine, router_stats: moe.RouterStats | None = None):
+        self._ds = ds_engine
+        self.router_stats = router_stats
+        """Mixture of experts: turns StepResult.moe into metrics (None for a dense model)."""
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (single-process code: sampling, inspection)."""
+        return self._ds.module
+
+    def __call__(self, *args, **kwargs):
+        """Forward through the engine (ZeRO-3 gathers the parameters it needs)."""
+        return self._ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    @property
+    def lr(self) -> torch.Tensor:
+        """The learning rate the next step uses, 0-d on the device (the schedule advances inside a step)."""
+        return self._ds.lr_scheduler.lr.clone()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was not applied (reads the device)."""
+        return state.skipped_steps(self._ds)
+
+    @property
+    def global_steps(self) -> int:
+        return self._ds.global_steps
+
+    def step(self, micro_batches, loss_fn, *, probe=None) -> StepResult:
+        """One optimizer step over this rank's micro-batches: `loss_fn(self, batch)` -> 0-d loss for each,
+        backward, and the update at the accumulation boundary (DeepSpeed divides by the accumulation
+        count). `probe` (memory.FirstStepProbe) measures the first step's memory."""
+        applied_before = self._ds.lr_scheduler.applied.clone()
+        device = micro_batches[0].tokens.device
+        total = torch.zeros((), device=device)
+        scale = state.loss_scale(self._ds)
+        if self.router_stats is not None:  # the aux losses' backward factor: the LM loss's (moe.py 1)
+            moe.set_aux_loss_scale((scale or 1.0) / self._ds.gradient_accumulation_steps(), device)
+        for i, batch in enumerate(micro_batches):
+            with probe.micro_batch() if probe else nullcontext():
+                loss = loss_fn(self, batch)
+                self._ds.backward(loss)
+            if probe and i == len(micro_batches) - 1:
+                probe.before_update()
+            self._ds.step()  # updates only at the accumulation boundary
+            total += loss.detach().float()
+        if probe:
+            probe.after_update()
+        stats = None
+        if self.router_stats is not None:
+            moe.update_expert_bias(self._ds.module)
+            stats = self.router_stats.take(len(micro_batches))
+        return StepResult(loss=total / len(micro_batches), grad_norm=state.unscaled_grad_norm(self._ds, scale),
+                          skipped=self._ds.lr_scheduler.applied == applied_before, moe=stats, loss_scale=scale)
+
+    def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
+        """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""
+        return state.full_state(self._ds, keep=keep, trainable_only=trainable_only)
+
+    def local_state(self, *, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
+        """This rank's own parts of the layout-free tensors (no communication); see state.local_state."""
+        return state.local_state(self._ds, trainable_only=trainable_only)
+
+    def schedule_state(self) -> dict:
+        """AdamW's step count, the LR schedule, the step counters, the loss scaler, as JSON."""
+        return state.schedule_state(self._ds)
+
+    def load_full_state(self, weights, moments, schedule: dict, *, fresh=frozenset()) -> None:
+        """`fresh`: single-process names the source does not have, left as built (new adapters)."""
+        state.load_full_state(self._ds, weights, moments, schedule, fresh=fresh)
+
+    def optimizer_step_count(self) -> int:
+        return state.optimizer_step_count(self._ds)
+
+    def check_fits(self, shapes: dict[str, tuple], source: str, *, fresh=frozenset()) -> None:
+        """A CheckpointError unless `shapes` are exactly this model's single-process names and shapes
+        (but the names in `fresh`)."""
+        state.check_fits(self._ds.module, shapes, source, fresh=fresh)
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of params, grads and optimizer state (see gorilla_dist/memory.py)."""
+        return accounting.state_bytes(self._ds)
 
 
 class MegatronMPU:

@@ -16,25 +16,39 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gorilla_dist.config.parallel import ParallelDims
 from gorilla_dist.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Where this rank sits. world = tp * dp (no pipeline parallelism yet); experts: ep ranks of a
-    data-parallel group split each MoE layer's experts (ep = 1 for a dense model)."""
+    """Where this rank sits: its ranks in each parallel dimension, and the sizes (`dims`, the run's
+    ParallelDims: world = dp * tp, experts over ep ranks of a data-parallel group)."""
 
     rank: int
     local_rank: int
-    world: int
-    tp: int
+    dims: ParallelDims
     tp_rank: int
-    dp: int
     dp_rank: int
     device: torch.device
-    ep: int = 1
     hosts: tuple[str, ...] = ()
     """Each rank's host name (index = rank)."""
+
+    @property
+    def world(self) -> int:
+        return self.dims.world
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def ep(self) -> int:
+        return self.dims.ep
 
     @property
     def is_main(self) -> bool:
@@ -84,9 +98,7 @@ def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
     device = pick_device(getattr(parallel_cfg, "device", "auto"), local_rank, cuda, torch.cuda.device_count() if cuda else 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
-    tp = parallel_cfg.tp
-    if world % tp:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp({tp})")
+    dims = ParallelDims.build(world, tp=parallel_cfg.tp, ep=parallel_cfg.ep, source="WORLD_SIZE")
     use_interface(parallel_cfg.socket_ifname)
     addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), parallel_cfg.rendezvous_timeout_s
     if rank != 0:
@@ -102,12 +114,14 @@ def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
     # megatron's groups get their own timeout (30 min by default): give them ours
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=parallel_cfg.ep,
+    ps.initialize_model_parallel(tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
+                                 context_parallel_size=dims.cp, expert_model_parallel_size=dims.ep,
                                  distributed_timeout_minutes=parallel_cfg.timeout_s / 60)
-    return ParallelLayout(rank=rank, local_rank=local_rank, world=world, tp=tp,
-                          tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
-                          dp_rank=ps.get_data_parallel_rank(), device=device, ep=parallel_cfg.ep,
-                          hosts=tuple(hosts))
+    if ps.get_data_parallel_world_size() != dims.dp:  # megatron's rank order is ours (tp innermost)
+        raise RuntimeError(f"megatron-core made a data-parallel group of {ps.get_data_parallel_world_size()} ranks "
+                           f"for {dims.describe()}")
+    return ParallelLayout(rank=rank, local_rank=local_rank, dims=dims, tp_rank=ps.get_tensor_model_parallel_rank(),
+                          dp_rank=ps.get_data_parallel_rank(), device=device, hosts=tuple(hosts))
 
 
 def use_interface(names: str | None) -> None:

@@ -235,3 +235,38 @@ def test_the_internals_scan_finds_each_kind_of_access():
                      "assigns rope.__class__", "hasattr(..., 'ds_id')", "getattr(..., '_hp_optimizer_states_linked')",
                      "DeepSpeed's .ds_shape", "DeepSpeed's .skipped_steps"]:
         assert expected in text, f"{expected!r} not in:\n{text}"
+
+
+# ---- sizes, names: each decided in one place ----
+
+PARALLEL_DIMS = "gorilla_dist.config.parallel"
+"""The one module that derives a parallel size from the world size (ParallelDims)."""
+
+
+def sizes_from_world(source: str) -> list[str]:
+    """Divisions of a world size (world, world_size, WORLD_SIZE, nproc...) by a model-parallel size (tp, pp,
+    cp, tensor/model-parallel sizes): a data-parallel size computed outside ParallelDims."""
+    import re
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.FloorDiv, ast.Div)):
+            left, right = ast.unparse(node.left), ast.unparse(node.right)
+            if (re.search(r"world|nproc", left, re.IGNORECASE)
+                    and re.search(r"\b[tpc]p\b|tensor|model_parallel", right, re.IGNORECASE)):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_parallel_dims_computes_a_data_parallel_size():
+    mods = modules()
+    assert PARALLEL_DIMS in mods and "ParallelDims" in mods[PARALLEL_DIMS].read_text()
+    found = {n: sizes_from_world(p.read_text()) for n, p in mods.items() if n != PARALLEL_DIMS}
+    assert {n: f for n, f in found.items() if f} == {}
+    broken = textwrap.dedent("""
+        dp = world // p.tp
+        n = (world if world is not None else world_size(cfg)) // cfg.parallel.tp
+        k = torch.distributed.get_world_size() / ps.get_tensor_model_parallel_world_size()
+        fine = tokens // micro_batch
+    """)
+    assert len(sizes_from_world(broken)) == 3

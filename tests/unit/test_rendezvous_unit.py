@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import REPO, composed
 
-from gorilla_dist.config import validate, world_size
+from gorilla_dist.config import ParallelDims, validate, world_size
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.parallel import ParallelLayout, describe_hosts
 from gorilla_dist.rendezvous import RendezvousError, check_interfaces, is_local_address, wait_until_reachable
@@ -71,7 +71,7 @@ def test_reachability_and_local_addresses():
 
 def test_the_host_summary_groups_ranks_by_host():
     def layout(hosts):
-        return ParallelLayout(rank=0, local_rank=0, world=len(hosts), tp=1, tp_rank=0, dp=len(hosts), dp_rank=0,
+        return ParallelLayout(rank=0, local_rank=0, dims=ParallelDims.build(len(hosts)), tp_rank=0, dp_rank=0,
                               device=torch.device("cpu"), hosts=tuple(hosts))
 
     assert describe_hosts(layout(["a", "a"])) is None

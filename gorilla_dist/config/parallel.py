@@ -1,0 +1,160 @@
+"""parallel: how the ranks split the work (tensor, expert, data parallel; ZeRO; recompute; devices) and the
+process-group timeouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gorilla_dist.config.checks import choice, positive
+from gorilla_dist.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+RECOMPUTE = {"none": {},
+             # megatron-core's selective recompute: the core attention (scores, softmax) of every layer
+             "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+             # every layer: only its input is kept; the layer runs again in the backward
+             "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+"""parallel.activation_checkpointing: each choice and the megatron-core TransformerConfig fields it sets."""
+
+
+@dataclass
+class ParallelConfig:
+    device: str = "auto"
+    """auto (a GPU per rank when torch sees one, else the CPU) | cpu (even on a GPU machine) | cuda (refused
+    where there is none). With a GPU, rank i of a node uses GPU i: at most as many ranks per node as GPUs."""
+    tp: int = 1
+    """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp
+    (ParallelDims.dp)."""
+    ep: int = 1
+    """Expert-parallel size (model.moe): each MoE layer's experts are split over `ep` ranks of a
+    data-parallel group, which exchange tokens; expert weights are then reduced and partitioned over the
+    world / (tp * ep) ranks holding the same experts. Must divide the data-parallel size and
+    model.moe.num_experts."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 over the data-parallel group: 1 partitions the optimizer state (and
+    the fp32 master weights), 2 also the gradients, 3 also the parameters."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1): norms, dropout and residuals run on 1/tp of the
+    sequence per rank, dividing their activation memory by tp."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in the backward instead of keeping them: none | selective (each layer's
+    core attention) | full (each layer keeps only its input)."""
+    timeout_s: float = 600.0
+    """A collective (all-reduce, broadcast, barrier) that does not complete within this many seconds
+    ends the job with a message naming the rank and the operation, instead of hanging forever."""
+    census_grace_s: float = 10.0
+    """After a collective failed, each survivor asks the others through the rendezvous store whether they are
+    alive and waits this long for answers, to name the ranks and hosts that are gone (exit 69)."""
+    rendezvous_timeout_s: float = 300.0
+    """At start, rank 0 waits this long for every rank to join, the others this long to reach rank 0's
+    address (MASTER_ADDR, or the first node of a Slurm job); then the job ends with a message naming the
+    address and the ranks missing."""
+    socket_ifname: str | None = None
+    """Network interface the ranks talk over (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), e.g. ib0 or eth0,
+    when the host name resolves to the wrong one; a comma-separated list is allowed. None: the address
+    the host name resolves to (gloo), NCCL's own choice."""
+
+
+def world_size(cfg) -> int:
+    """Ranks the launch starts (all nodes)."""
+    nodes = {"slurm": cfg.slurm.nodes, "torchrun": cfg.launch.nnodes}.get(cfg.launch.backend, 1)
+    return int(cfg.launch.nproc_per_node) * int(nodes)
+
+
+def possible_world_sizes(cfg) -> list[int]:
+    """Every world size the run may start with: with slurm.min_nodes, one per node count in the range."""
+    if cfg.launch.backend != "slurm" or cfg.slurm.min_nodes is None:
+        return [world_size(cfg)]
+    return [int(cfg.launch.nproc_per_node) * n for n in range(cfg.slurm.min_nodes, cfg.slurm.nodes + 1)]
+
+
+def world_source(cfg, world: int | None = None) -> str:
+    """Where a world size comes from, for messages: 'slurm.nodes(2) * launch.nproc_per_node(4)'."""
+    if cfg.launch.backend == "slurm":
+        nodes = world // cfg.launch.nproc_per_node if world is not None else cfg.slurm.nodes
+        count = (f"slurm.nodes({nodes})" if nodes == cfg.slurm.nodes
+                 else f"{nodes} node{'s' if nodes > 1 else ''} (slurm.min_nodes={cfg.slurm.min_nodes})")
+        return f"{count} * launch.nproc_per_node({cfg.launch.nproc_per_node})"
+    if cfg.launch.backend == "torchrun" and cfg.launch.nnodes > 1:
+        return f"launch.nnodes({cfg.launch.nnodes}) * launch.nproc_per_node({cfg.launch.nproc_per_node})"
+    return "launch.nproc_per_node"
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Every parallel size of a run, computed once from the world size and the parallel section and checked
+    once (torchtitan's ParallelDims); config validation, the launcher, process-group set-up, the engine, the
+    data sharding and the checkpoints read it, and no other code derives a size from the world size.
+
+    The ranks are laid out world = dp * pp * cp * tp, tensor parallel innermost (a node's ranks share its
+    fast links). Experts: each MoE layer's experts are split over `ep` ranks of a data-parallel group, and
+    the `expert_dp` = dp / ep ranks that hold the same experts reduce (and ZeRO-partition) their gradients
+    together. pp (pipeline stages) and cp (context parallel) are 1 until they are built: a larger value is
+    refused here, with the reason."""
+
+    world: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    @classmethod
+    def build(cls, world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
+              source: str | None = None) -> ParallelDims:
+        """The sizes for `world` ranks, or one ConfigError naming the sizes that do not fit; `source`: where
+        the world size came from ('launch.nproc_per_node'), named in that error."""
+        for key, value in (("parallel.tp", tp), ("parallel.ep", ep), ("world size", world)):
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be > 0")
+        for key, value, what in (("pp", pp, "pipeline"), ("cp", cp, "context")):
+            if value != 1:
+                raise ConfigError(f"{key}={value}: {what} parallelism is not built yet; only {key}=1 runs")
+        where = f"world size {world}" + (f" ({source})" if source else "")
+        if world % (tp * pp * cp):
+            raise ConfigError(f"{where} is not divisible by parallel.tp({tp})")
+        dims = cls(world=world, tp=tp, pp=pp, cp=cp, ep=ep)
+        if dims.dp % ep:
+            raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dims.dp} (world {world} / "
+                              f"parallel.tp {tp}): each expert-parallel group is ep ranks of one tensor-parallel "
+                              "position")
+        return dims
+
+    @classmethod
+    def from_config(cls, cfg, world: int | None = None) -> ParallelDims:
+        """The run's sizes at `world` ranks (None: the ranks the launch starts, world_size)."""
+        world = world_size(cfg) if world is None else world
+        p = cfg.parallel
+        return cls.build(world, tp=p.tp, ep=p.ep, source=world_source(cfg, world))
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size: the copies of the model, each fed its own share of the global batch."""
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (their data-parallel group)."""
+        return self.dp // self.ep
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one copy of the model between them (tp * pp * cp)."""
+        return self.tp * self.pp * self.cp
+
+    def describe(self) -> str:
+        """'world 4 = dp 2 x tp 2' (sizes above 1 only; ep as 'ep 2 of dp')."""
+        parts = [f"{k} {v}" for k, v in (("dp", self.dp), ("pp", self.pp), ("cp", self.cp), ("tp", self.tp)) if v > 1]
+        ep = f", experts over ep {self.ep} of dp" if self.ep > 1 else ""
+        return f"world {self.world} = {' x '.join(parts) or '1'}{ep}"
+
+
+def check_parallel(p) -> None:
+    """parallel: sizes, choices and timeouts (how the sizes fit the world: ParallelDims)."""
+    for key in ("tp", "timeout_s", "rendezvous_timeout_s", "census_grace_s"):
+        positive(getattr(p, key), f"parallel.{key}")
+    choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
+    choice(p.activation_checkpointing, RECOMPUTE, "parallel.activation_checkpointing")
+    choice(p.device, DEVICES, "parallel.device")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks, "
+                          "but parallel.tp=1; set parallel.tp > 1 or parallel.sequence_parallel=false")

@@ -45,11 +45,10 @@ from pathlib import Path
 
 import torch
 
-from gorilla_dist.config import moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES as DTYPES
 from gorilla_dist.errors import UserError
+from gorilla_dist.hf import adapters, split_qkv
 
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 EOD_TOKEN = "<|endoftext|>"  # the name char/byte tokenizers' end-of-document id gets in transformers
 SUPPORTED = ("rope + RMSNorm + swiglu (Llama; with model.moe: Mixtral), rope + LayerNorm + gelu (GPT-NeoX), "
              "learned_absolute + LayerNorm + gelu (GPT-2)")
@@ -115,162 +114,13 @@ def _moe_architecture(m, combo) -> str:
 
 
 def hf_config(m, arch: str, *, vocab_size: int, eod: int, dtype: str) -> dict:
-    h, nh = m.hidden_size, m.num_heads
-    common = {"vocab_size": vocab_size, "tie_word_embeddings": bool(m.tie_embeddings), "eos_token_id": eod,
-              "bos_token_id": eod, "torch_dtype": TORCH_DTYPE_NAMES[dtype], "use_cache": True}
-    ffn = m.ffn_hidden_size or 4 * h
-    if arch == "qwen2_moe":
-        e = m.moe
-        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": h,
-                "intermediate_size": ffn, "moe_intermediate_size": e.ffn_hidden_size or ffn,
-                "shared_expert_intermediate_size": e.shared_expert_size, "num_hidden_layers": m.num_layers,
-                "num_attention_heads": nh, "num_key_value_heads": m.num_query_groups or nh, "hidden_act": "silu",
-                "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps, "rope_theta": float(m.rotary_base),
-                "use_sliding_window": False, "attention_dropout": 0.0, "qkv_bias": False,
-                "num_experts": e.num_experts, "num_experts_per_tok": e.topk, "norm_topk_prob": e.topk > 1,
-                "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(m.num_layers) if i not in moe_layers(m)],
-                "output_router_logits": False, "router_aux_loss_coef": e.aux_loss_coeff, **common}
-    if arch == "mixtral":
-        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": h,
-                "intermediate_size": m.moe.ffn_hidden_size or ffn, "num_hidden_layers": m.num_layers,
-                "num_attention_heads": nh, "num_key_value_heads": m.num_query_groups or nh, "head_dim": h // nh,
-                "hidden_act": "silu", "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps,
-                "rope_theta": float(m.rotary_base), "sliding_window": None, "attention_dropout": 0.0,
-                "num_local_experts": m.moe.num_experts, "num_experts_per_tok": m.moe.topk,
-                "output_router_logits": False, "router_aux_loss_coef": m.moe.aux_loss_coeff,
-                "router_jitter_noise": 0.0, **common}
-    if arch == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-                "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
-                "num_key_value_heads": m.num_query_groups or nh, "head_dim": h // nh, "hidden_act": "silu",
-                "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps, "rope_theta": float(m.rotary_base),
-                "rope_scaling": None, "attention_bias": bool(m.bias), "mlp_bias": bool(m.bias),
-                "attention_dropout": 0.0, **common}
-    if arch == "gpt_neox":
-        # Biases always present in GPT-NeoX's linears: a model trained without them exports zeros.
-        return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": h,
-                "intermediate_size": ffn, "num_hidden_layers": m.num_layers, "num_attention_heads": nh,
-                "hidden_act": "gelu", "rotary_pct": 1.0, "rotary_emb_base": m.rotary_base,
-                "rope_theta": float(m.rotary_base), "max_position_embeddings": m.seq_length,
-                "layer_norm_eps": m.norm_eps, "use_parallel_residual": False, "attention_bias": True,
-                "attention_dropout": 0.0, "hidden_dropout": 0.0, **common}
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": h, "n_inner": ffn,
-            "n_layer": m.num_layers, "n_head": nh, "n_positions": m.seq_length, "activation_function": "gelu",
-            "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "scale_attn_weights": True, **common}
-
-
-def split_qkv(t: torch.Tensor, nh: int, ng: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Megatron's fused QKV rows (per query group: its nh/ng query heads, then one key and one value
-    head) -> the q, k, v rows of `t` (a weight, bias or LoRA B), each head's rows in order."""
-    hd = t.shape[0] // (nh + 2 * ng)
-    t = t.reshape(ng, nh // ng + 2, hd, *t.shape[1:])
-    q, k, v = t[:, :-2], t[:, -2], t[:, -1]
-    return tuple(x.reshape(-1, *t.shape[3:]) for x in (q, k, v))
+    """config.json of architecture `arch` for our model config `m` (its adapter, gorilla_dist/hf/)."""
+    return adapters()[arch].config(m, vocab_size=vocab_size, eod=eod, dtype=dtype)
 
 
 def hf_weights(m, arch: str, w: dict[str, torch.Tensor], *, vocab_size: int) -> dict[str, torch.Tensor]:
     """Our consolidated (TP=1, megatron-core names) weights -> the transformers architecture's names."""
-    h, nh = m.hidden_size, m.num_heads
-    ng, hd = m.num_query_groups or nh, h // nh
-    ffn = m.ffn_hidden_size or 4 * h
-    out: dict[str, torch.Tensor] = {}
-
-    def get(name, shape=None):
-        t = w.get(name)
-        if t is None:  # no bias parameters when model.bias=false: the architecture's biases are zero
-            return torch.zeros(shape) if shape is not None else None
-        return t
-
-    def qkv_split(t):
-        return split_qkv(t, nh, ng)
-
-    emb = w["embedding.word_embeddings.weight"][:vocab_size]
-    head = emb if m.tie_embeddings else w["output_layer.weight"][:vocab_size]
-    for i in range(m.num_layers):
-        src = f"decoder.layers.{i}."
-        ln1 = (w[src + "input_layernorm.weight"], w.get(src + "input_layernorm.bias"))
-        ln2 = (w[src + "pre_mlp_layernorm.weight"], w.get(src + "pre_mlp_layernorm.bias"))
-        qkv_w, qkv_b = w[src + "self_attention.linear_qkv.weight"], get(src + "self_attention.linear_qkv.bias", [h + 2 * ng * hd])
-        proj_w, proj_b = w[src + "self_attention.linear_proj.weight"], get(src + "self_attention.linear_proj.bias", [h])
-        dense_mlp = src + "mlp.linear_fc1.weight" in w
-        if dense_mlp:
-            fc1_w, fc1_b = w[src + "mlp.linear_fc1.weight"], get(src + "mlp.linear_fc1.bias", [ffn])
-            fc2_w, fc2_b = w[src + "mlp.linear_fc2.weight"], get(src + "mlp.linear_fc2.bias", [h])
-        if arch in ("llama", "mixtral", "qwen2_moe"):  # Llama's attention and norms in all three
-            dst = f"model.layers.{i}."
-            out[dst + "input_layernorm.weight"], out[dst + "post_attention_layernorm.weight"] = ln1[0], ln2[0]
-            for proj, t in zip("qkv", qkv_split(qkv_w)):
-                out[dst + f"self_attn.{proj}_proj.weight"] = t
-            out[dst + "self_attn.o_proj.weight"] = proj_w
-            if m.bias:  # refused for the MoE architectures
-                for proj, t in zip("qkv", qkv_split(qkv_b)):
-                    out[dst + f"self_attn.{proj}_proj.bias"] = t
-                out[dst + "self_attn.o_proj.bias"] = proj_b
-                out[dst + "mlp.gate_proj.bias"], out[dst + "mlp.up_proj.bias"] = fc1_b.chunk(2, dim=0)
-                out[dst + "mlp.down_proj.bias"] = fc2_b
-        if arch == "qwen2_moe":
-            # the names of Qwen1.5-MoE's published checkpoints (transformers fuses the experts on load)
-            mlps = {dst + "mlp.": src + "mlp."} if dense_mlp else {
-                **{f"{dst}mlp.experts.{j}.": f"{src}mlp.experts.local_experts.{j}." for j in range(m.moe.num_experts)},
-                dst + "mlp.shared_expert.": src + "mlp.shared_experts."}
-            for to, frm in mlps.items():
-                out[to + "gate_proj.weight"], out[to + "up_proj.weight"] = w[frm + "linear_fc1.weight"].chunk(2, dim=0)
-                out[to + "down_proj.weight"] = w[frm + "linear_fc2.weight"]
-            if not dense_mlp:
-                out[dst + "mlp.gate.weight"] = w[src + "mlp.router.weight"]
-                out[dst + "mlp.shared_expert_gate.weight"] = w[src + "mlp.shared_experts.gate_weight"]
-        elif arch == "mixtral":
-            # the names of Mixtral's published checkpoints (transformers fuses the experts on load)
-            moe = dst + "block_sparse_moe."
-            out[moe + "gate.weight"] = w[src + "mlp.router.weight"]
-            for j in range(m.moe.num_experts):
-                expert = f"{src}mlp.experts.local_experts.{j}."
-                # w1: gate, w3: up (megatron's fc1 is [gate; up]), w2: down
-                out[moe + f"experts.{j}.w1.weight"], out[moe + f"experts.{j}.w3.weight"] = \
-                    w[expert + "linear_fc1.weight"].chunk(2, dim=0)
-                out[moe + f"experts.{j}.w2.weight"] = w[expert + "linear_fc2.weight"]
-        elif arch == "llama":
-            # megatron's gated fc1 is [gate; up]: act(first half) * second half
-            out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = fc1_w.chunk(2, dim=0)
-            out[dst + "mlp.down_proj.weight"] = fc2_w
-        elif arch == "gpt_neox":
-            # GPT-NeoX's query_key_value is laid out per head as [q, k, v]: megatron's MHA layout as it is
-            dst = f"gpt_neox.layers.{i}."
-            out.update({dst + "input_layernorm.weight": ln1[0], dst + "input_layernorm.bias": ln1[1],
-                        dst + "post_attention_layernorm.weight": ln2[0], dst + "post_attention_layernorm.bias": ln2[1],
-                        dst + "attention.query_key_value.weight": qkv_w, dst + "attention.query_key_value.bias": qkv_b,
-                        dst + "attention.dense.weight": proj_w, dst + "attention.dense.bias": proj_b,
-                        dst + "mlp.dense_h_to_4h.weight": fc1_w, dst + "mlp.dense_h_to_4h.bias": fc1_b,
-                        dst + "mlp.dense_4h_to_h.weight": fc2_w, dst + "mlp.dense_4h_to_h.bias": fc2_b})
-        else:
-            # GPT-2: c_attn is [all q; all k; all v], and its Conv1D weights are stored (in, out)
-            dst = f"transformer.h.{i}."
-            q, k, v = qkv_split(qkv_w)
-            qb, kb, vb = qkv_split(qkv_b)
-            out.update({dst + "ln_1.weight": ln1[0], dst + "ln_1.bias": ln1[1],
-                        dst + "ln_2.weight": ln2[0], dst + "ln_2.bias": ln2[1],
-                        dst + "attn.c_attn.weight": torch.cat([q, k, v]).T, dst + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
-                        dst + "attn.c_proj.weight": proj_w.T, dst + "attn.c_proj.bias": proj_b,
-                        dst + "mlp.c_fc.weight": fc1_w.T, dst + "mlp.c_fc.bias": fc1_b,
-                        dst + "mlp.c_proj.weight": fc2_w.T, dst + "mlp.c_proj.bias": fc2_b})
-    final = (w["decoder.final_layernorm.weight"], w.get("decoder.final_layernorm.bias"))
-    if arch in ("llama", "mixtral", "qwen2_moe"):
-        out.update({"model.embed_tokens.weight": emb, "model.norm.weight": final[0]})
-        head_name = "lm_head.weight"
-    elif arch == "gpt_neox":
-        out.update({"gpt_neox.embed_in.weight": emb, "gpt_neox.final_layer_norm.weight": final[0],
-                    "gpt_neox.final_layer_norm.bias": final[1]})
-        head_name = "embed_out.weight"
-    else:
-        out.update({"transformer.wte.weight": emb, "transformer.wpe.weight": w["embedding.position_embeddings.weight"],
-                    "transformer.ln_f.weight": final[0], "transformer.ln_f.bias": final[1]})
-        head_name = "lm_head.weight"
-    if "classifier.weight" in w:  # a classification head: *ForSequenceClassification's score, no LM head
-        out["score.weight"] = w["classifier.weight"]
-    elif not m.tie_embeddings:  # tied: transformers ties the head to the input embedding on load
-        out[head_name] = head
-    return out
+    return adapters()[arch].to_hf(m, w, vocab_size=vocab_size)
 
 
 def classification_config(config: dict, labels: list[str], eod: int) -> dict:
@@ -327,24 +177,12 @@ class ExportArgs:
 
 
 EXPORT_FORMATS = ("merged", "peft")
-# megatron linear -> the transformers modules its rows become, per architecture (format=peft)
-PEFT_MODULES = {
-    "llama": {"self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "self_attention.linear_proj": ("self_attn.o_proj",),
-              "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"), "mlp.linear_fc2": ("mlp.down_proj",)},
-    "gpt_neox": {"self_attention.linear_qkv": ("attention.query_key_value",),
-                 "self_attention.linear_proj": ("attention.dense",),
-                 "mlp.linear_fc1": ("mlp.dense_h_to_4h",), "mlp.linear_fc2": ("mlp.dense_4h_to_h",)},
-}
-PEFT_MODULES["mixtral"] = PEFT_MODULES["llama"]  # attention only: experts get no adapters
-PEFT_LAYERS = {"llama": "model.layers", "mixtral": "model.layers", "gpt_neox": "gpt_neox.layers"}
-
-
 def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA run's adapter tensors (our names) -> (PEFT's adapter_model tensors, adapter_config.json)."""
-    if arch not in PEFT_MODULES:
+    adapter = adapters()[arch]
+    if not adapter.peft:
         raise ExportError(f"format=peft: {arch} models are not supported (PEFT adapters are written for "
-                          f"{sorted(PEFT_MODULES)}); use format=merged")
+                          f"{sorted(a for a, x in adapters().items() if x.peft)}); use format=merged")
     nh, ng = m.num_heads, m.num_query_groups or m.num_heads
     out, targets = {}, set()
     for name, a in weights.items():
@@ -353,7 +191,7 @@ def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[
         linear = name[:-len(".lora_A")]
         layer, path = linear.split(".", 3)[2], linear.split(".", 3)[3]
         b = weights[linear + ".lora_B"]
-        modules = PEFT_MODULES[arch][path]
+        modules = adapter.peft[path]
         if len(modules) == 3:  # B's rows are the fused QKV's
             parts = list(split_qkv(b, nh, ng))
         elif len(modules) == 2:  # gated fc1: [gate; up]
@@ -361,7 +199,7 @@ def peft_adapter(m, arch: str, weights: dict[str, torch.Tensor], lora) -> tuple[
         else:
             parts = [b]
         for module, part in zip(modules, parts):
-            key = f"base_model.model.{PEFT_LAYERS[arch]}.{layer}.{module}"
+            key = f"base_model.model.{adapter.layers}.{layer}.{module}"
             out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = a.clone(), part.contiguous().clone()
             targets.add(module.rsplit(".", 1)[1])
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,

@@ -120,3 +120,47 @@ def _random_weights(m, vocab: int) -> dict:
 def test_models_without_an_exact_transformers_twin_are_refused(overrides, message):
     with pytest.raises(UserError, match=message if "\\" in message else message.replace("(", r"\(")):
         architecture(model_cfg(**overrides))
+
+
+ROUND_TRIP = {  # one model per architecture adapter (gorilla_dist/hf/), biases where the architecture has them
+    "llama": dict(normalization="RMSNorm", activation="swiglu", num_query_groups=2, tie_embeddings=False, bias=True),
+    "gpt_neox": dict(bias=True, tie_embeddings=False),
+    "gpt2": dict(position_embedding="learned_absolute", bias=True),
+    "mixtral": dict(normalization="RMSNorm", activation="swiglu", num_query_groups=2, tie_embeddings=False,
+                    moe=dict(num_experts=4, topk=2, ffn_hidden_size=48)),
+    "qwen2_moe": dict(normalization="RMSNorm", activation="swiglu", num_layers=4, num_query_groups=2,
+                      moe=dict(num_experts=4, topk=2, every=2, ffn_hidden_size=48, shared_expert_size=40,
+                               shared_expert_gate=True)),
+}
+
+
+@pytest.mark.parametrize("arch", ROUND_TRIP)
+def test_import_of_the_export_is_the_model(world1, tmp_path, arch):
+    """export, then checkpoint.init_from=hf: of what it wrote: the same architecture fields and every weight
+    equal (the embedding rows of the tokenizer's ids; padding rows come back as zeros), through one adapter."""
+    from gorilla_dist.hf_import import converted, model_fields, read_config
+    from gorilla_dist.model.spec import padded_vocab_size
+
+    m = model_cfg(**ROUND_TRIP[arch])
+    tok = CharTokenizer(CHARS)
+    model = build_model(m, vocab_size=tok.vocab_size, dtype="fp32", device=world1.device, seed=3)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert write_hf(tmp_path / "hf", m, tok, weights)[0] == arch
+    fields = model_fields(read_config(tmp_path / "hf"), "export")
+    again = OmegaConf.merge(m, fields)
+    expected = OmegaConf.merge(m, {"ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size})
+    if arch == "mixtral":  # no dense MLP: its width is unused (the import gives it the experts')
+        expected.ffn_hidden_size = again.ffn_hidden_size
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(expected)  # our architecture read back
+    back = converted(tmp_path / "hf", again, tok.vocab_size, padded_vocab_size(tok.vocab_size))
+    assert set(back) == set(weights)
+    for name, tensor in weights.items():
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            torch.testing.assert_close(back[name][:tok.vocab_size], tensor[:tok.vocab_size], rtol=0, atol=0)
+            assert not back[name][tok.vocab_size:].any()
+        else:
+            torch.testing.assert_close(back[name], tensor, rtol=0, atol=0, msg=name)

@@ -1,5 +1,5 @@
 """checkpoint.init_from=hf:<dir>, the inverse of export: locally created random-weight transformers models
-(no download) of each importable architecture become our model with the same logits (1e-4); configurations
+(no download) of each importable architecture (each through its adapter, gorilla_dist/hf/) become our model with the same logits (1e-4); configurations
 our model does not compute are refused with the reason."""
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ ARCHS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                 tie_word_embeddings=False, router_jitter_noise=0.0)),
+    # layer 0 experts (top-2 renormalised) + a gated shared expert, layer 1 a dense MLP (model.moe.every=2)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                  moe_intermediate_size=48, shared_expert_intermediate_size=40, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  norm_topk_prob=True, qkv_bias=False, mlp_only_layers=[1], tie_word_embeddings=False)),
 }
 
 
@@ -79,6 +84,11 @@ def test_imported_model_computes_the_transformers_logits(world1, tmp_path, arch)
     ({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling"),
     ({"model_type": "gpt2", "activation_function": "gelu_new"}, "activation_function=gelu_new"),
     ({"model_type": "t5"}, "model_type='t5'; importable: llama"),
+    ({"model_type": "qwen2_moe", "qkv_bias": True}, "qkv_bias=true"),
+    ({"model_type": "qwen2_moe", "qkv_bias": False, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False},
+     "norm_topk_prob=False with num_experts_per_tok=2"),
+    ({"model_type": "qwen2_moe", "qkv_bias": False, "num_experts": 4, "num_experts_per_tok": 1, "mlp_only_layers": [0]},
+     r"experts in layers \[1\]"),
 ])
 def test_what_our_model_does_not_compute_is_refused(change, message):
     config = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64, **change}

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from gorilla_dist.errors import DataError, UserError
+from gorilla_dist.objectives import is_plain
 
 
 @dataclass
@@ -327,7 +328,7 @@ def evaluate(args) -> dict:
         total["shots"] = args.shots
         step = json.loads((ckpt / "manifest.json").read_text())["step"]
         objectives = cfg.train.objectives
-        mixed = not head and [o.name for o in objectives] != ["clm"] and args.data is None and split == "validation"
+        mixed = not head and not is_plain(objectives) and args.data is None and split == "validation"
         extra = {"objectives": evaluate_objectives(model, cfg, [ds for _, ds in sets], tok, samples=args.samples,
                                                    device=device)} if mixed else {}
     return {"checkpoint": str(ckpt), "step": step, "split": split, **summary(total),
@@ -343,7 +344,7 @@ def evaluate_objectives(model, cfg, datasets, tok, *, samples: int | None, devic
     `samples=N`: the first N."""
     from gorilla_dist.config import ParallelDims
     from gorilla_dist.data.loader import ShardData
-    from gorilla_dist.objectives import Objectives, evaluation_sums, evaluation_values
+    from gorilla_dist.objectives.mixture import Objectives, evaluation_sums, evaluation_values
 
     t, d = cfg.train, cfg.data
     group = t.micro_batch_size * ParallelDims.from_config(cfg).dp
@@ -353,8 +354,9 @@ def evaluate_objectives(model, cfg, datasets, tok, *, samples: int | None, devic
                      global_batch_size=group, dp=1, dp_rank=0, seed=cfg.run.seed, val_fraction=d.val_fraction,
                      reset_at_eod=d.reset_at_eod, pack=d.pack, truncate=d.truncate, objectives=list(t.objectives),
                      device=device)
-    keys, sums = evaluation_sums(model, data, n, Objectives(list(t.objectives)))
-    return {"samples": n, **evaluation_values(keys, sums.tolist())}
+    objectives = Objectives(list(t.objectives))
+    keys, sums = evaluation_sums(model, data, n, objectives)
+    return {"samples": n, **evaluation_values(keys, sums.tolist(), objectives.accuracy_keys)}
 
 
 def report(result: dict) -> str:

@@ -60,9 +60,13 @@ class ExportError(UserError):
 
 def architecture(m) -> str:
     """The transformers model_type computing exactly what our model `m` (a ModelConfig) computes."""
-    if m.attention not in ("dense", "flash"):
-        raise ExportError(f"model.attention={m.attention}: transformers has no block-sparse attention, so the "
-                          "exported model would compute something else; only dense attention exports")
+    from gorilla_dist.kernels.registry import attention_kernel
+
+    kernel = attention_kernel(m.attention)
+    if not kernel.supports.hf_twin:
+        what = "block-sparse attention" if kernel.supports.blocks else "such attention (the kernel declares no hf_twin)"
+        raise ExportError(f"model.attention={m.attention}: transformers has no {what}, so the exported model would "
+                          "compute something else; only dense attention exports")
     mha = m.num_query_groups in (None, m.num_heads)
     combo = (m.position_embedding, m.normalization, m.activation)
     if m.moe.num_experts:

@@ -23,9 +23,11 @@ class GenerateArgs:
     """0 means greedy."""
     top_k: int | None = 200
     seed: int = 1337
-    cache: bool = True
-    """Keep keys and values between steps (dense attention; block-sparse models re-run the context). The
-    tokens are the same either way; false is the slow reference."""
+    cache: bool | None = None
+    """Keep keys and values between steps. Unset: wherever the model's attention kernel decodes with a KV
+    cache (dense and the static block-sparse layouts; learned re-runs the context); true: a cache, or a
+    refusal naming what the kernel lacks; false: re-run the context each step (the slow reference). The
+    tokens are the same either way."""
 
 
 def parse_args(argv: list[str]):
@@ -61,14 +63,19 @@ def main(argv: list[str]) -> int:
 
 
 def generate(args) -> str:
+    from gorilla_dist.errors import ConfigError
     from gorilla_dist.inference import caches, inference_model, sample
+    from gorilla_dist.kernels.registry import attention_kernel, missing
 
     with inference_model(args.run_dir, args.checkpoint) as (cfg, _, model, tokenizer):
         if cfg.finetune.head != "none":
             return classify(model, tokenizer, args.prompt, cfg.finetune.labels)
+        if args.cache and not caches(cfg.model):
+            raise ConfigError(f"cache=true: {missing(attention_kernel(cfg.model.attention), 'kv_cache', cfg.model)}; "
+                              "use cache=false, or leave cache unset (the context is then re-run each step)")
         return sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                       seq_length=cfg.model.seq_length, temperature=args.temperature, top_k=args.top_k,
-                      seed=args.seed, cache=args.cache and caches(cfg.model))
+                      seed=args.seed, cache=caches(cfg.model) if args.cache is None else args.cache)
 
 
 def classify(model, tokenizer, prompt: str, labels: list[str], top: int = 5) -> str:

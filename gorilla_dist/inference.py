@@ -100,10 +100,12 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, seq_length: in
 
 
 def caches(m) -> bool:
-    """Whether model config `m` samples with a KV cache: dense attention and the static block-sparse
-    layouts. A learned layout chooses a block's keys from all of its queries, which a cache cannot
-    reproduce (gorilla_dist/kernels/sparse_attention.py); it re-runs the context each step."""
-    return m.attention != "learned"
+    """Whether model config `m` samples with a KV cache: its attention kernel declares kv_cache (dense and
+    the static block-sparse layouts do; a learned layout chooses a block's keys from all of its queries, which
+    a cache cannot reproduce). Without, the context is re-run each step."""
+    from gorilla_dist.kernels.registry import attention_kernel
+
+    return attention_kernel(m.attention).supports.kv_cache
 
 
 def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
@@ -118,7 +120,7 @@ def checkpoint_model(run_dir: str | os.PathLike, which: str, device):
     ckpt = resolve_checkpoint(run_dir, which)
     cfg = load_run_config(ckpt)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
-    from gorilla_dist.objectives import head_sizes
+    from gorilla_dist.objectives.mixture import head_sizes
 
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, dtype="fp32", device=device, seed=cfg.run.seed,
                         finetune=cfg.finetune, heads=head_sizes(cfg.train.objectives, len(cfg.data.sources)))

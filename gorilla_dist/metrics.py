@@ -66,9 +66,11 @@ class Metrics:
         self.on_flush = on_flush  # called with every flushed step's row, on every rank
         self.router_stats = router_stats  # engine.moe.RouterStats of an MoE model, else None
         self.moe_pending: list[torch.Tensor] = []
-        from gorilla_dist.objectives import objective_key
+        from gorilla_dist.objectives import bind
 
-        self.objective_names = [objective_key(o) for o in cfg.train.objectives]
+        bound = bind(cfg.train.objectives)
+        self.objective_names = [o.key for o in bound]
+        self.objective_accuracy = {o.key for o in bound if o.accuracy}
         self.objective_pending: list[torch.Tensor] = []
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(cfg, layout.device)
@@ -171,7 +173,7 @@ class Metrics:
                 for name, (loss_sum, units, right) in zip(self.objective_names, per_objective):
                     row[f"loss_{name}"] = loss_sum / max(units, 1.0)
                     row[f"units_{name}"] = int(units)
-                    if name in ("classify", "contrastive"):
+                    if name in self.objective_accuracy:
                         row[f"accuracy_{name}"] = right / max(units, 1.0)
         if moe is not None:
             for i, row in enumerate(rows):

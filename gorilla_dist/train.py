@@ -8,7 +8,7 @@ import torch
 
 from gorilla_dist import faults
 from gorilla_dist.checkpoint import Checkpointer
-from gorilla_dist.config import ObjectiveConfig, save_run_config
+from gorilla_dist.config import save_run_config
 from gorilla_dist.data.loader import build_data
 from gorilla_dist.dtypes import precision_notice
 from gorilla_dist.engine import StepResult, TrainEngine, build_engine, partitioned_construction
@@ -21,8 +21,8 @@ from gorilla_dist.memory import FirstStepProbe, gather_ranks
 from gorilla_dist.metrics import Metrics
 from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
-from gorilla_dist.objectives import Objectives, build_objectives, evaluation_sums, evaluation_values, head_sizes
-from gorilla_dist.objectives import resolve_labels as resolve_objective_labels
+from gorilla_dist.objectives import objective_options
+from gorilla_dist.objectives.mixture import Objectives, build_objectives, evaluation_sums, evaluation_values, head_sizes
 from gorilla_dist.parallel import describe_hosts, dp_group, dp_sum
 from gorilla_dist.stopping import StopSignals
 
@@ -92,10 +92,10 @@ def evaluate(engine, data, n_samples: int, layout, objectives: Objectives | None
         return {"val_loss": loss_sum / max(count, 1.0)}
     keys, sums = evaluation_sums(engine, data, n_samples, objectives)
     engine.train()
-    return evaluation_values(keys, dp_sum(sums, layout).tolist())
+    return evaluation_values(keys, dp_sum(sums, layout).tolist(), objectives.accuracy_keys)
 
 
-PLAIN = Objectives([ObjectiveConfig(name="clm")])
+PLAIN = Objectives([objective_options("clm")])
 
 
 class DivergenceError(UserError):
@@ -180,10 +180,12 @@ def train(cfg, layout) -> bool:
     t = cfg.train
     data = build_data(cfg.data, run=cfg.run, train=cfg.train, seq_length=cfg.model.seq_length, layout=layout)
     check_finetune_data(cfg.finetune, cfg.data, data.datasets)
-    before = (list(cfg.finetune.labels), [list(o.labels) for o in t.objectives])
+    before = (list(cfg.finetune.labels), repr(t.objectives))
     resolve_labels(cfg.finetune, data.label_names)  # (checkpoints record the classes)
-    resolve_objective_labels(t.objectives, data.label_names)
-    if layout.is_main and before != (list(cfg.finetune.labels), [list(o.labels) for o in t.objectives]):
+    objectives = build_objectives(t.objectives, dp_group(layout))
+    objectives.resolve(data.label_names)  # options the data gives (classify's classes)
+    t.objectives = objectives.configs
+    if layout.is_main and before != (list(cfg.finetune.labels), repr(t.objectives)):
         save_run_config(cfg, cfg.run.dir)  # run.dir/config.yaml names the classes too, as the checkpoints do
     for note in data.notes if layout.is_main else ():
         print(f"[data] {note}", flush=True)
@@ -193,7 +195,6 @@ def train(cfg, layout) -> bool:
     notice = precision_notice(cfg.precision.dtype, layout.device) if layout.is_main else None
     if notice:
         print(notice, flush=True)
-    objectives = build_objectives(t.objectives, dp_group(layout))
     model = build_model(cfg.model, vocab_size=data.vocab_size, dtype=cfg.precision.dtype, device=layout.device,
                         seed=cfg.run.seed, parallel=cfg.parallel, finetune=cfg.finetune,
                         heads=head_sizes(t.objectives, len(data.datasets)),

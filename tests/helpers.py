@@ -43,10 +43,11 @@ def launch(run_dir: Path, *overrides: str, quick: bool = True, timeout: float = 
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-def generate(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m gorilla_dist.generate run.dir=<run_dir> ...` (stdout and stderr kept apart)."""
+def generate(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m gorilla_dist.generate run.dir=<run_dir> ...` (stdout and stderr kept apart); `env`: extra
+    environment variables."""
     return subprocess.run([sys.executable, "-m", "gorilla_dist.generate", f"run.dir={run_dir}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
 
 
 def check(proc: subprocess.CompletedProcess) -> str:

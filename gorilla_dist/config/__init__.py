@@ -10,7 +10,7 @@ uses it without importing torch or model code.
     model.py      ModelConfig (SparseConfig, SharingConfig, MoEConfig), layer_weight_sets, moe_layers
     parallel.py   ParallelConfig and ParallelDims: every parallel size, computed once from the world size
     precision.py  PrecisionConfig          optim.py    OptimConfig
-    train.py      TrainConfig, ObjectiveConfig, grad_accum_steps
+    train.py      TrainConfig, grad_accum_steps (each objective's options: gorilla_dist/objectives/)
     data.py       DataConfig, SourceConfig checkpoint.py  CheckpointConfig and the checks of what tools read
     finetune.py   FinetuneConfig, LoraConfig
     logging.py    LoggingConfig, WandbConfig
@@ -23,7 +23,7 @@ ConfigError that names the key, the value and what would be valid), a field of C
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -37,20 +37,22 @@ from gorilla_dist.config.finetune import (FINETUNE_HEADS, FINETUNE_METHODS, LORA
 from gorilla_dist.config.launch import (BACKENDS, SLURM_SHAPES, LaunchConfig, SlurmConfig, check_launch,
                                         check_min_nodes, check_slurm_value, slurm_job_name)
 from gorilla_dist.config.logging import WANDB_MODES, LoggingConfig, WandbConfig, check_logging
-from gorilla_dist.config.model import (ACTIVATIONS, ATTENTIONS, MOE_DISPATCHERS, MOE_ROUTERS, NORMALIZATIONS, POSITIONS,
-                                       SHARING_PATTERNS, SPARSE_ATTENTIONS, ModelConfig, MoEConfig, SharingConfig,
+from gorilla_dist.config.model import (ACTIVATIONS, MOE_DISPATCHERS, MOE_ROUTERS, NORMALIZATIONS, POSITIONS,
+                                       SHARING_PATTERNS, ModelConfig, MoEConfig, SharingConfig,
                                        SparseConfig, check_model, layer_weight_sets, moe_layers)
 from gorilla_dist.config.optim import SCHEDULES, OptimConfig, check_optim
 from gorilla_dist.config.parallel import (DEVICES, RECOMPUTE, ParallelConfig, ParallelDims, check_parallel,
                                           possible_world_sizes, world_size, world_source)
 from gorilla_dist.config.precision import PRECISIONS, PrecisionConfig, check_precision
 from gorilla_dist.config.run import RunConfig
-from gorilla_dist.config.train import (CLASSIFY_TARGETS, DENOISE_MODES, NONFINITE, OBJECTIVES, ObjectiveConfig,
-                                       TrainConfig, check_batch, check_train, grad_accum_steps)
+from gorilla_dist.config.train import NONFINITE, TrainConfig, check_batch, check_train, grad_accum_steps
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.files import write_text_atomic
 from gorilla_dist.hf_import import PREFIX as HF_PREFIX
+from gorilla_dist.kernels.limits import UnsupportedAttention
+from gorilla_dist.kernels.registry import attention_kernel
 from gorilla_dist.hf_import import hf_dir, max_positions, model_fields, read_config
+from gorilla_dist.objectives import check_objectives, objective_class, parse_objective
 
 
 @dataclass
@@ -163,14 +165,10 @@ def check_before_start(cfg) -> None:
     if not gpus and cfg.precision.dtype == "fp16":
         raise ConfigError(f"precision.dtype=fp16 needs a GPU (DeepSpeed has fp16 training on GPUs only) and {where}; "
                           "use precision=bf16 or precision=fp32")
-    if cfg.model.attention == "flash":
-        from gorilla_dist.runtime import has_package
-
-        if not has_package("flash_attn"):
-            raise ConfigError("model.attention=flash needs the flash-attn package (pip install -e '.[gpu]' on a CUDA "
-                              "machine); model.attention=dense uses flash-attn when it can and SDPA otherwise")
-        if not gpus:
-            raise ConfigError(f"model.attention=flash needs a GPU and {where}; model.attention=dense runs SDPA here")
+    try:  # what the attention kernel needs of the machine (flash: flash-attn and a GPU)
+        attention_kernel(cfg.model.attention).check_start(gpus, where)
+    except UnsupportedAttention as err:
+        raise ConfigError(str(err)) from None
 
 
 def resolve(cfg) -> None:
@@ -182,6 +180,11 @@ def resolve(cfg) -> None:
         except ConfigError:  # sizes that do not fit: validate names them (after the checks that come first)
             dp = 1
         cfg.train.micro_batch_size = max(1, cfg.train.global_batch_size // dp)
+    try:  # each objective's options in full (its defaults too), as its own dataclass has them
+        cfg.train.objectives = [OmegaConf.structured(o) for o in check_objectives(cfg.train.objectives, cfg.data,
+                                                                                   cfg.finetune)]
+    except ConfigError:  # validate names it
+        pass
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     if cfg.data.path is not None:
         cfg.data.path = os.path.abspath(cfg.data.path)
@@ -222,6 +225,12 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
     return parse_run_config(path.read_text(), str(path))
 
 
+OLD_OBJECTIVE_FIELDS = ("target", "labels", "temperature", "projection", "mode", "mean_span", "rate", "mask", "replace",
+                        "delete")
+"""The options every train.objectives entry carried before each objective had its own (ignored where they did
+not apply): dropped from an older run's config where they are not the objective's."""
+
+
 def parse_run_config(text: str, where: str) -> Config:
     """A resolved config's YAML (run.dir/config.yaml, a checkpoint's, a consolidated file's metadata),
     checked against the schema (an unknown key or a wrong type is an error), validated, and returned as
@@ -235,19 +244,25 @@ def parse_run_config(text: str, where: str) -> Config:
             del raw.model["vocab_size"]
         if "eval_batches" in raw.get("train", {}):  # written by runs before evaluation counted samples
             del raw.train["eval_batches"]
+        for o in raw.get("train", {}).get("objectives", []):  # written by runs before each objective had its own
+            own = {f.name for f in fields(objective_class(o.name).Options)} if o.get("name") else set()  # options
+            for key in [k for k in OLD_OBJECTIVE_FIELDS if k in o and k not in own]:
+                del o[key]
         cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     except (OmegaConfBaseException, ValueError) as err:  # a hand-edited file: unknown key, wrong type, bad YAML
         raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
     validate(cfg)
-    return OmegaConf.to_object(cfg)
+    out = OmegaConf.to_object(cfg)
+    out.train.objectives = [parse_objective(o, f"train.objectives[{i}]") for i, o in enumerate(out.train.objectives)]
+    return out
 
 
-__all__ = ["ACTIVATIONS", "ATTENTIONS", "BACKENDS", "CLASSIFY_TARGETS", "CheckpointConfig", "Config", "ConfigError",
-           "DENOISE_MODES", "DEVICES", "DataConfig", "FINETUNE_HEADS", "FINETUNE_METHODS", "FinetuneConfig",
+__all__ = ["ACTIVATIONS", "BACKENDS", "CheckpointConfig", "Config", "ConfigError",
+           "DEVICES", "DataConfig", "FINETUNE_HEADS", "FINETUNE_METHODS", "FinetuneConfig",
            "LORA_TARGETS", "LaunchConfig", "LoggingConfig", "LoraConfig", "MOE_DISPATCHERS", "MOE_ROUTERS",
-           "MoEConfig", "ModelConfig", "NONFINITE", "NORMALIZATIONS", "OBJECTIVES", "ObjectiveConfig", "OptimConfig",
+           "MoEConfig", "ModelConfig", "NONFINITE", "NORMALIZATIONS", "OptimConfig",
            "POSITIONS", "PRECISIONS", "ParallelConfig", "ParallelDims", "PrecisionConfig", "RECOMPUTE", "RunConfig",
-           "SAMPLE_BY", "SCHEDULES", "SHARING_PATTERNS", "SLURM_SHAPES", "SPARSE_ATTENTIONS", "SharingConfig",
+           "SAMPLE_BY", "SCHEDULES", "SHARING_PATTERNS", "SLURM_SHAPES", "SharingConfig",
            "SlurmConfig", "SourceConfig", "SparseConfig", "TrainConfig", "WANDB_MODES", "WandbConfig", "check_batch",
            "check_before_start", "check_checkpoint", "check_checkpoint_source", "check_data", "check_finetune",
            "check_init_source", "check_inputs", "check_launch", "check_logging", "check_min_nodes", "check_model",

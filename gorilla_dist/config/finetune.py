@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from gorilla_dist.config.checks import choice, positive
 from gorilla_dist.errors import ConfigError
+from gorilla_dist.kernels.registry import attention_kernel, missing
 
 FINETUNE_METHODS = ("full", "freeze", "lora", "prompt", "prefix")
 FINETUNE_HEADS = ("none", "classification")
@@ -68,7 +69,7 @@ class FinetuneConfig:
 
 def _validate_virtual_tokens(method: str, n: int, m, p, d) -> None:
     """Prompt and prefix tuning put N positions before the tokens (what they cannot be combined with)."""
-    why = None
+    kernel, why = attention_kernel(m.attention), None
     if m.position_embedding == "learned_absolute":
         why = ("model.position_embedding=learned_absolute has no positions for the virtual tokens (the positions grow "
                "by finetune.virtual_tokens); use rope or alibi")
@@ -77,10 +78,12 @@ def _validate_virtual_tokens(method: str, n: int, m, p, d) -> None:
     elif d.reset_at_eod:
         why = ("data.reset_at_eod=true: the documents after the first of a sample would see the virtual tokens from "
                "further away than the first does (rotary / ALiBi positions)")
-    elif method == "prompt" and m.attention not in ("dense", "flash"):
+    elif method == "prompt" and not kernel.supports.prompt_tuning:
         why = (f"model.attention={m.attention}: the virtual tokens are inputs in front of the sequence, which a "
                "block-sparse layout would hide from later tokens; use model.attention=dense")
-    elif method == "prefix" and m.attention not in ("dense", "flash") and n % m.sparse.block_size:
+    elif method == "prefix" and not kernel.supports.prefix_tuning:
+        why = f"{missing(kernel, 'prefix_tuning', m)}; use model.attention=dense"
+    elif method == "prefix" and kernel.supports.blocks and n % m.sparse.block_size:
         why = (f"finetune.virtual_tokens={n} with model.attention={m.attention}: the prefix keys are whole key blocks "
                f"every query block visits; use a multiple of model.sparse.block_size={m.sparse.block_size}")
     if why:

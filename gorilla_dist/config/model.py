@@ -8,13 +8,12 @@ from omegaconf import MISSING
 
 from gorilla_dist.config.checks import choice, positive
 from gorilla_dist.errors import ConfigError
-from gorilla_dist.kernels.limits import BLOCK_SIZES
+from gorilla_dist.kernels.limits import UnsupportedAttention
+from gorilla_dist.kernels.registry import attention_kernel, missing
 
 POSITIONS = ("rope", "learned_absolute", "alibi")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
-SPARSE_ATTENTIONS = ("sliding", "strided", "bigbird", "learned")
-ATTENTIONS = ("dense", "flash", *SPARSE_ATTENTIONS)
 SHARING_PATTERNS = ("sequence", "cycle", "cycle_rev")
 MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("alltoall", "allgather")
@@ -253,25 +252,19 @@ def _validate_moe(m, p, dtype: str = "fp32") -> None:
                               "pattern whose shared layers are of one kind")
 
 
-def _validate_sparse(m, d) -> None:
-    if m.attention not in SPARSE_ATTENTIONS:
-        return
-    sp = m.sparse
-    bs = sp.block_size
-    choice(bs, BLOCK_SIZES, "model.sparse.block_size")
-    if m.seq_length % bs:
-        raise ConfigError(f"model.seq_length({m.seq_length}) is not a multiple of model.sparse.block_size({bs}), "
-                          f"which model.attention={m.attention} needs")
-    for key in ("window", "stride"):
-        positive(getattr(sp, key), f"model.sparse.{key}")
-    for key in ("global_blocks", "random_blocks"):
-        positive(getattr(sp, key), f"model.sparse.{key}", allow_zero=True)
-    forced = 2 if sp.keep_first else 1  # own block (+ first block): topk must leave room for them
-    if sp.topk < forced:
-        raise ConfigError(f"model.sparse.topk={sp.topk} must be >= {forced} (model.sparse.keep_first={sp.keep_first})")
-    if m.dropout:
+def _validate_attention(m) -> None:
+    """model.attention: a registered kernel (kernels/registry.py), its own checks, and what the model asks of it
+    that it declares it does not support."""
+    try:
+        kernel = attention_kernel(m.attention)
+        kernel.check(m)
+    except UnsupportedAttention as err:
+        raise ConfigError(str(err)) from None
+    if m.dropout and not kernel.supports.dropout:
         raise ConfigError(f"model.dropout={m.dropout}: model.attention={m.attention} has no attention dropout; "
                           "set model.dropout=0 or use model.attention=dense")
+    if m.position_embedding == "alibi" and not kernel.supports.alibi:
+        raise ConfigError(f"model.position_embedding=alibi: {missing(kernel, 'alibi', m)}")
 
 
 def check_model(m, p, d, dtype: str) -> None:
@@ -283,8 +276,7 @@ def check_model(m, p, d, dtype: str) -> None:
     choice(m.position_embedding, POSITIONS, "model.position_embedding")
     choice(m.normalization, NORMALIZATIONS, "model.normalization")
     choice(m.activation, ACTIVATIONS, "model.activation")
-    choice(m.attention, ATTENTIONS, "model.attention")
-    _validate_sparse(m, d)
+    _validate_attention(m)
     _validate_sharing(m, p)
     _validate_moe(m, p, dtype)
     if m.dropout >= 1.0:

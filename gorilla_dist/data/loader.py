@@ -156,21 +156,23 @@ class ShardData:
         self.label_names = list(names.pop()) if names else None
         """The class names (in id order) of the labelled datasets; None when there are none."""
         self.blend = Blend(self.weights)
-        self.objective_configs = list(objectives or [])
-        weights = [o.weight for o in self.objective_configs]
+        from gorilla_dist.objectives import bind
+
+        self.objective_items = bind(objectives or [])
+        """The run's objectives (gorilla_dist/objectives): the loader asks each what it does to its samples."""
+        weights = [o.options.weight for o in self.objective_items]
         self.objectives = Blend(weights) if len(weights) > 1 else None
-        """Which objective each training sample serves (gorilla_dist/objectives), or None for one."""
-        names = [o.name for o in self.objective_configs]
-        self.contrastive = names.index("contrastive") if "contrastive" in names else None
-        self.denoisers = [i for i, n in enumerate(names) if n in ("denoise", "permute")]  # input -> target
-        self.sentence_ends = None  # permute's table of sentence-ending tokens, built on first use
-        if self.denoisers:
+        """Which objective each training sample serves, or None for one."""
+        self.corrupting = [o for o in self.objective_items if o.input_to_target]  # input -> target, token level
+        self.paired = any(o.pairs_across_ranks for o in self.objective_items)
+        if self.corrupting:
             from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS
 
             if tuple(getattr(tokenizer, "specials", ())) != OBJECTIVE_TOKENS:  # (one tokenizer for all sources)
-                raise DataError(f"train.objectives: denoise and permute need the objectives' special tokens "
-                                f"(sentinels, mode tokens, separator), which {datasets[0].path} was prepared "
-                                "without; prepare it again with python -m gorilla_dist.data.prepare ... "
+                names = " and ".join(sorted({o.name for o in self.corrupting}))
+                raise DataError(f"train.objectives: {names} need{'s' if ' ' not in names else ''} the objectives' "
+                                f"special tokens (sentinels, mode tokens, separator), which {datasets[0].path} was "
+                                "prepared without; prepare it again with python -m gorilla_dist.data.prepare ... "
                                 "special_tokens=objectives")
         self._val_cache: dict[tuple, list[Batch]] = {}
 
@@ -180,8 +182,9 @@ class ShardData:
     def samples(self, spans: list[Span], sources: np.ndarray, index: np.ndarray, *, shuffle: bool,
                 denoise: dict[int, np.ndarray] | None = None) -> Batch:
         """The samples `index` of each sample's source (epochs wrap; shuffled per epoch) as one Batch.
-        denoise: {objective index: rows (bool)}: those rows corrupted by that denoiser (objectives/denoise.py),
-        seeded by (run.seed, source, index): the same tokens whatever the layout or the resume point."""
+        denoise: {objective index: rows (bool)}: those rows rewritten into input + target by that objective
+        (its `corrupt`; objectives/denoise.py), seeded by (run.seed, source, index): the same tokens whatever
+        the layout or the resume point."""
         picks = np.empty(len(index), dtype=np.int64)
         for s in np.unique(sources):
             rows = np.flatnonzero(sources == s)
@@ -208,15 +211,9 @@ class ShardData:
         if self.reset and not examples.all():
             segments[~examples] = eod_segments(windows[~examples], self.eod)
         if noisy:
-            from gorilla_dist.objectives.denoise import corrupt_rows, sentence_ends
-
+            keys = [(self.seed, int(s), int(i)) for s, i in zip(sources, index)]
             for k, rows in denoise.items():
-                cfg = self.objective_configs[k]
-                if cfg.name == "permute" and self.sentence_ends is None:
-                    self.sentence_ends = sentence_ends(self.tokenizer)
-                corrupt_rows(windows, valid, segments, targets, rows, [(self.seed, int(s), int(i)) for s, i in
-                                                                        zip(sources, index)],
-                             cfg, self.tokenizer, self.sentence_ends)
+                self.objective_items[k].corrupt(self, windows, valid, segments, targets, rows, keys)
         elif self.one_per_sample and not self.reset:  # one example, then padding: causal attention keeps them apart
             segments = None
         return pack(windows, valid, sources, eod=self.eod, reset_at_eod=False, segments=segments, targets=targets,
@@ -235,19 +232,15 @@ class ShardData:
         (in global order) count; the rest pad the batch (Batch.scored)."""
         per_rank = len(index) // self.dp
         mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
-        if self.contrastive is not None:  # micro-batch i of all ranks = the i-th consecutive part of the batch,
-            # whatever dp is: the contrastive negatives (gathered per micro-batch) are the same samples
+        if self.paired:  # micro-batch i of all ranks = the i-th consecutive part of the batch, whatever dp is:
+            # the pairs across ranks (contrastive negatives, gathered per micro-batch) are the same samples
             mine = np.arange(len(index)).reshape(-1, self.dp, self.micro)[:, self.dp_rank].reshape(-1)
-        denoise = {k: self._rows(k, objective, mine, view, per_rank) for k in self.denoisers}
+        denoise = {o.index: self._rows(o.index, objective, mine, view, per_rank) for o in self.corrupting}
         batch = self.samples(spans, sources[mine], index[mine], shuffle=shuffle, denoise=denoise)
         if objective is not None:
             batch.objective = torch.from_numpy(objective[mine])
-        if self.contrastive is not None:  # training: the contrastive samples; validation: its view, all
-            rows = self._rows(self.contrastive, objective, mine, view, per_rank)
-            if rows.any():
-                from gorilla_dist.objectives import contrastive_view
-
-                batch = contrastive_view(batch, rows, self.eod)
+        for o in self.objective_items:  # training: the objective's samples; validation: its view, all of them
+            batch = o.view(batch, self._rows(o.index, objective, mine, view, per_rank), self.eod)
         if n_real is not None:
             scored = np.arange(len(index))[mine] < n_real
             batch.loss_mask[~scored] = 0
@@ -365,7 +358,9 @@ def build_data(d: DataConfig, *, run: RunConfig, train: TrainConfig, seq_length:
     from gorilla_dist.parallel import on_main
 
     run_dir = Path(run.dir)
-    specials = "objectives" if any(o.name in ("denoise", "permute") for o in train.objectives) else "none"
+    from gorilla_dist.objectives import bind
+
+    specials = "objectives" if any(o.input_to_target for o in bind(train.objectives)) else "none"
     datasets = _open_sources(d, layout) if d.sources else _prepare_in_run(d, run_dir, layout, special_tokens=specials)
     digests = {ds.meta["tokenizer"]["sha256"] for ds in datasets}
     if len(digests) > 1:

@@ -19,15 +19,17 @@ def check(text: str) -> None:
 
     from gorilla_dist.finetune import apply_finetune
     from gorilla_dist.model import build_model
-    from gorilla_dist.objectives import head_sizes
+    from gorilla_dist.objectives import bind
+    from gorilla_dist.objectives.mixture import head_sizes
     from gorilla_dist.parallel import init_single_process, teardown
 
     # classes come from the data when the run starts; their number changes no parameter's name
     if cfg.finetune.head != "none" and not cfg.finetune.num_labels:
         cfg.finetune.num_labels = 2
-    for o in cfg.train.objectives:
-        if o.name == "classify" and o.target == "label" and not o.labels:
-            o.labels = ["a", "b"]
+    bound = bind(cfg.train.objectives)
+    for o in bound:
+        o.sample_options()  # e.g. classes that come from the data: any number names the same parameters
+    cfg.train.objectives = [o.options for o in bound]
     heads = head_sizes(cfg.train.objectives, max(1, len(cfg.data.sources)))
     init_single_process(device="cpu", deepspeed=False)  # (names only: no GPU, no DeepSpeed)
     try:

@@ -4,11 +4,14 @@ They live in gorilla_dist/kernels/, not in a top-level kernels/ folder: `kernels
 Face's package (a dependency of transformers), and a top-level package of ours with that name shadowed it
 for anything run from the checkout root (pytest, `python -m launcher`), breaking transformers' imports.
 
-`core_attention_spec(m)` maps `model.attention` to a module and its keyword arguments:
+`model.attention` names a kernel of registry.py, which declares what it supports (Capabilities) and gives
+the module for megatron's slot (`core_attention_spec(m)`):
   dense    flash-attn on GPU when installed, else SDPA          (dense.py)
   flash    flash-attn, and an error instead of a fallback       (dense.py)
   sliding | strided | bigbird   static block-sparse layouts      (sparse_attention.py, layouts.py)
   learned  learned top-k block selection                        (sparse_attention.py)
+A new kernel: an AttentionKernel subclass registered by name (registry.py says how); nothing outside this
+package tests a kernel's name.
 The block-sparse kernels: Triton on CUDA (block_sparse.py), block-gather on CPU (block_gather.py).
 The kernels know torch, Triton and megatron's attention signature only; their limits are plain
 constants in limits.py (the config imports them), and they raise ValueError (limits.UnsupportedAttention).
@@ -18,21 +21,9 @@ Importing this package loads no kernel: the modules are imported on first use.
 
 def core_attention_spec(m) -> tuple[type, dict]:
     """(module class, constructor keyword arguments) for a ModelConfig's attention choice."""
-    from gorilla_dist.kernels.dense import DenseAttention
-    from gorilla_dist.kernels.sparse_attention import LearnedSparseAttention, StaticSparseAttention
+    from gorilla_dist.kernels.registry import attention_kernel
 
-    alibi = m.position_embedding == "alibi"
-    if m.attention in ("dense", "flash"):
-        return DenseAttention, {"require_flash": m.attention == "flash", "alibi": alibi}
-    sp = m.sparse
-    common = {"block_size": sp.block_size, "alibi": alibi}
-    if m.attention == "learned":
-        return LearnedSparseAttention, {**common, "topk": sp.topk, "keep_first": sp.keep_first}
-    sizes = {"sliding": {"window": sp.window},
-             "strided": {"stride": sp.stride, "window": sp.window},
-             "bigbird": {"global_blocks": sp.global_blocks, "window": sp.window,
-                         "random_blocks": sp.random_blocks, "seed": sp.seed}}[m.attention]
-    return StaticSparseAttention, {**common, "kind": m.attention, **sizes}
+    return attention_kernel(m.attention).module(m)
 
 
 def __getattr__(name: str):

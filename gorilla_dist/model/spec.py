@@ -33,6 +33,7 @@ from gorilla_dist.model.head import attach_classifier, attach_objective_heads
 from gorilla_dist.model.prefix import attach_prefix
 from gorilla_dist.model.prompts import attach_soft_prompt
 from gorilla_dist.kernels.limits import UnsupportedAttention
+from gorilla_dist.kernels.registry import attention_kernel
 
 VOCAB_MULTIPLE = 128
 
@@ -240,13 +241,10 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
 
     sp = bool(parallel is not None and parallel.sequence_parallel)
     recompute = parallel.activation_checkpointing if parallel is not None else "none"
-    if m.attention == "flash":  # fail at build, not at the first step
-        from gorilla_dist.kernels.dense import flash_unusable
-
-        reason = flash_unusable(device, TORCH_DTYPES[dtype])
-        if reason:
-            raise ConfigError(f"model.attention=flash {reason}; model.attention=dense uses flash-attn when "
-                              "it can and SDPA otherwise")
+    reason = attention_kernel(m.attention).check_build(device, TORCH_DTYPES[dtype])  # at build, not at the first step
+    if reason:
+        raise ConfigError(f"model.attention={m.attention} {reason}; model.attention=dense uses flash-attn when "
+                          "it can and SDPA otherwise")
     if m.moe.num_experts:
         cpu_moe()
         reset_aux_loss_tracker()

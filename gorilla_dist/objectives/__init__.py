@@ -1,4 +1,4 @@
-"""Pretraining objectives mixed by ratio (train.objectives).
+"""Pretraining objectives mixed by ratio (train.objectives), each a plug-in.
 
 Every training sample gets one objective: the loader assigns them per global batch with the data blend's
 rule (data/order.py Blend: every window of samples follows the weights within one sample, independent of
@@ -10,268 +10,162 @@ samples); the step's loss is
 
 with count_o the global batch's count (all micro-batches, all data-parallel ranks) — the same
 normalisation the language-model loss has always had (train.train_step), so clm alone is exactly the
-loss it was before objectives existed.
+loss it was before objectives existed (mixture.py).
 
-    clm       next-token cross entropy on the sample's targets (loss.per_token_loss)
-    classify  which data.sources entry the sample comes from: the mean of its final-normed hidden states
-              over its scored positions, through a bias-free linear head (`objective_heads.classify`,
-              an auxiliary parameter: checkpointed like any other, left out by export); or (target=label)
-              each example's prepare-time `label`, from the head's score at its last prompt token
-              (Batch.classes, the position finetune.head=classification reads), per labelled example
-    contrastive  the loader splits the longest document of the sample into two halves (`contrastive_view`:
-              segment ids keep each half attending to itself only; Batch.spans marks them); each half's
-              mean hidden state goes through a linear projection (`objective_heads.contrastive`) and is
-              normalised; InfoNCE with temperature tau matches every first half with its own second half
-              among the second halves of all contrastive samples of the micro-batch on every data-parallel
-              rank (gathered with their gradients, so 2 ranks compute what 1 process does)
-    denoise   the loader corrupts the sample with UL2's denoiser `mode` (objectives/denoise.py: input
-              bidirectional, target causal); the loss is the next-token loss on the target
-    permute   likewise, BART's sentence permutation: the shuffled sentences and <|sep|> as input, the
-              original as target
+    clm.py          next-token cross entropy on the sample's targets
+    classify.py     which data.sources entry the sample comes from, or each example's prepare-time label
+    contrastive.py  InfoNCE between the two halves of a sample's longest document
+    denoise.py      UL2's denoisers (input bidirectional, loss on the target)
+    permute.py      BART's sentence permutation
 
 Evaluation scores every objective on every validation sample: `val_loss` stays the language-model loss
 (comparable with a clm-only run), and each other objective adds its own numbers.
+
+**A new objective** is a subclass of `base.Objective` with its own options dataclass (base.py says what each
+hook does), registered by name: `register_objective(MyObjective)` in the process that trains, or, for runs
+started by the launcher, an entry point of an installed package in the group `gorilla_dist.objectives`
+(`[project.entry-points."gorilla_dist.objectives"] mine = "mypackage.objectives:MyObjective"`): the
+launcher and every worker find it by its name in train.objectives. No config value names code to run.
+The loader, the loss, evaluation, metrics and the heads ask the objective (base.Objective's flags and
+hooks) and never test its name.
+
+This module imports no torch (the launcher checks the objectives' options with it); mixture.py does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+import dataclasses
 
 from gorilla_dist.errors import ConfigError
-from gorilla_dist.loss import per_token_loss
-from gorilla_dist.model.head import HEADS, pooled_scores
+from gorilla_dist.objectives.base import Objective, ObjectiveOptions
+
+ENTRY_POINTS = "gorilla_dist.objectives"
+"""The entry point group installed packages register objectives in."""
+
+BUILT_IN = {"clm": ("gorilla_dist.objectives.clm", "CLM"), "classify": ("gorilla_dist.objectives.classify", "Classify"),
+            "contrastive": ("gorilla_dist.objectives.contrastive", "Contrastive"),
+            "denoise": ("gorilla_dist.objectives.denoise", "Denoise"),
+            "permute": ("gorilla_dist.objectives.permute", "Permute")}
+
+_registered: dict[str, type[Objective]] = {}
 
 
-LM = ("clm", "denoise", "permute")
-"""Objectives whose loss is the next-token loss on the sample's targets (loss_mask)."""
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Make `cls` available as train.objectives' `name: <cls.name>` in this process (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Objective)) or not cls.name:
+        raise TypeError(f"{cls!r}: an objective is a subclass of gorilla_dist.objectives.base.Objective with a name")
+    _registered[cls.name] = cls
+    return cls
 
 
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    weight: float  # normalised over the objectives
-    index: int     # its id in Batch.objective
-    key: str       # its name in metrics: the name, or denoise_<mode>
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
 
 
-def objective_key(c) -> str:
-    return f"denoise_{c.mode}" if c.name == "denoise" else c.name
+def objective_names() -> list[str]:
+    """Every objective this process can train: the built-in ones, then the registered and installed ones."""
+    return list(dict.fromkeys([*BUILT_IN, *_registered, *_entry_points()]))
 
 
-class Objectives:
-    """The run's objectives (from train.objectives) and how a micro-batch's loss is made of them."""
+def objective_class(name: str, where: str = "train.objectives[0]") -> type[Objective]:
+    """The objective called `name`, or a ConfigError naming `where` and the valid names."""
+    if name in _registered:
+        return _registered[name]
+    if name in BUILT_IN:
+        import importlib
 
-    def __init__(self, configs, dp_group=None):
-        """dp_group: the data-parallel process group contrastive negatives are gathered over (None: this
-        process only)."""
-        total = sum(c.weight for c in configs)
-        self.configs = list(configs)
-        self.items = [Objective(c.name, c.weight / total, i, objective_key(c)) for i, c in enumerate(configs)]
-        self.dp_group = dp_group
-        self.names = [o.name for o in self.items]
-        self.keys = [o.key for o in self.items]
-        self.plain = self.names == ["clm"]  # the language-model loss alone, exactly as before objectives
-
-    def rows(self, batch, o: Objective) -> torch.Tensor:
-        """(b,) bool: the micro-batch's samples with objective o (validation: every scored sample)."""
-        if batch.objective is None:
-            if batch.scored is not None:
-                return batch.scored
-            return torch.ones(batch.tokens.shape[0], dtype=torch.bool, device=batch.tokens.device)
-        return batch.objective == o.index
-
-    def by_label(self, o: Objective) -> bool:
-        return o.name == "classify" and self.configs[o.index].target == "label"
-
-    def units(self, batch) -> torch.Tensor:
-        """(objectives,) float: what each objective's loss averages over, in this micro-batch: target
-        tokens, samples, or (classify target=label) labelled examples."""
-        out = []
-        for o in self.items:
-            rows = self.rows(batch, o)
-            if o.name in LM:
-                out.append((batch.loss_mask * rows[:, None]).sum())  # (a boolean index would read the device)
-            elif self.by_label(o):
-                out.append(labelled(batch, rows).sum().float())
-            else:
-                out.append(rows.sum().float())
-        return torch.stack(out)
-
-    def sums(self, model, batch) -> torch.Tensor:
-        """(objectives, 2) float32: each objective's summed loss (with gradient) and its correct
-        predictions (classify, contrastive; 0 for the others), over its samples in this micro-batch. One
-        forward."""
-        losses = per_token_loss(model, batch).float()  # (b, s)
-        out = []
-        for o in self.items:
-            rows = self.rows(batch, o)
-            if o.name in LM:  # next-token loss on the targets (denoise: its target part)
-                mask = batch.loss_mask if self.plain else batch.loss_mask * rows[:, None].float()
-                out.append(torch.stack([(losses * mask).sum(), losses.new_zeros(())]))
-            elif o.name == "contrastive":
-                ce, right = contrastive_sums(model, batch, rows, self.configs[o.index].temperature, self.dp_group)
-                out.append(torch.stack([ce, right]))
-            elif self.by_label(o):  # classify: each labelled example's class, at its last prompt token
-                at = labelled(batch, rows)
-                scores = _module(model).objective_scores["classify"].float()
-                scores = scores[:, scores.shape[1] - at.shape[1]:][at]  # (n, classes)
-                labels = batch.classes[at]
-                out.append(torch.stack([F.cross_entropy(scores, labels, reduction="sum"),
-                                        (scores.argmax(-1) == labels).sum().float().detach()]))
-            else:  # classify: the sample's source
-                scores = classify_scores(model, batch)  # (b, sources)
-                ce = F.cross_entropy(scores, batch.source, reduction="none")
-                right = (scores.argmax(-1) == batch.source).float()
-                w = rows.float()
-                out.append(torch.stack([(ce * w).sum(), (right * w).sum().detach()]))
-        return torch.stack(out)
-
-    def loss(self, sums: torch.Tensor, per_micro: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's share of the step loss: sum_o weight_o * sums_o / per_micro_o, where
-        per_micro_o = global count_o / (dp * micro-batches) (DeepSpeed averages the gradients)."""
-        if self.plain:
-            return sums[0, 0] / per_micro[0]
-        return sum(o.weight * sums[o.index, 0] / per_micro[o.index] for o in self.items)
+        module, attr = BUILT_IN[name]
+        return register_objective(getattr(importlib.import_module(module), attr))
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise ConfigError(f"{where}.name={name!r} is not valid; choose one of: {', '.join(objective_names())}")
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Objective)) or cls.name != name:
+        raise ConfigError(f"{where}.name={name}: the entry point {ep.value} ({ENTRY_POINTS}) is not an Objective "
+                          f"subclass named {name!r}")
+    return register_objective(cls)
 
 
-def labelled(batch, rows: torch.Tensor) -> torch.Tensor:
-    """(b, s) bool: the positions of `rows` where a labelled example's class is read (Batch.classes)."""
-    if batch.classes is None:
-        return torch.zeros_like(batch.loss_mask, dtype=torch.bool)
-    return (batch.classes >= 0) & rows[:, None]
+def parse_objective(raw, where: str = "train.objectives[0]"):
+    """One train.objectives entry (a dict, an OmegaConf node or an options object) as its objective's options
+    dataclass, every field filled and typed; an unknown key or a wrong type is a ConfigError naming `where`."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        return raw
+    data = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
+    if not isinstance(data, dict) or data.get("name") is None:
+        raise ConfigError(f"{where}: each objective needs a name, one of: {', '.join(objective_names())} (e.g. "
+                          "'[{name: clm}]')")
+    cls = objective_class(str(data["name"]), where)
+    fields = [f.name for f in dataclasses.fields(cls.Options)]
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{where}: {cls.name} has no option {unknown[0]!r}; its options: {', '.join(fields)}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), data))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
 
 
-def resolve_labels(configs, label_names: list[str] | None) -> None:
-    """classify target=label: fill its `labels` from the data's classes (checkpoints record them), or refuse
-    data without labels, or with other classes than the config names."""
-    for i, c in enumerate(configs):
-        if c.name != "classify" or c.target != "label":
-            continue
-        if label_names is None:
-            raise ConfigError(f"train.objectives[{i}]: classify with target: label needs labelled data: rows with a "
-                              "'label' field, prepared with python -m gorilla_dist.data.prepare ... format=instruction "
-                              "(train_on_inputs=true to keep the language-model loss on the text)")
-        if c.labels and list(c.labels) != label_names:
-            raise ConfigError(f"train.objectives[{i}].labels={list(c.labels)} but the data's classes are {label_names} "
-                              "(in id order)")
-        c.labels = list(label_names)
+def objective_options(name: str, **options):
+    """The options of objective `name` (defaults for the rest): `objective_options("denoise", mode="X")`."""
+    return parse_objective({"name": name, **options}, f"objective {name}")
 
 
-def _module(model) -> torch.nn.Module:
-    """The model itself, under train.TrainEngine or not."""
-    return model.module if hasattr(model, "module") else model
+def bind(configs) -> list[Objective]:
+    """The run's objectives (train.objectives) as objective instances, in order, weights normalised."""
+    parsed = [parse_objective(c, f"train.objectives[{i}]") for i, c in enumerate(configs)]
+    total = sum(o.weight for o in parsed)
+    return [objective_class(o.name)(o, i, o.weight / total) for i, o in enumerate(parsed)]
 
 
-def classify_scores(model, batch) -> torch.Tensor:
-    """(b, sources) scores of the classify head, pooled over each sample's scored positions (after the
-    forward: model/head.py keeps the per-position scores)."""
-    return pooled_scores(_module(model), "classify", batch.loss_mask)
+def check_objectives(objectives, data, finetune) -> list:
+    """train.objectives: each entry parsed and checked by its objective; returns the parsed options."""
+    import math
+
+    if not objectives:
+        raise ConfigError(f"train.objectives is empty; give at least one of {objective_names()}, e.g. '[{{name: clm}}]'")
+    parsed, labels = [], []
+    for i, raw in enumerate(objectives):
+        where = f"train.objectives[{i}]"
+        o = parse_objective(raw, where)
+        if not (o.weight > 0 and math.isfinite(o.weight)):
+            raise ConfigError(f"{where}.weight={o.weight} ({o.name}) must be positive")
+        cls = objective_class(o.name, where)
+        cls.check(o, where, data, finetune)
+        parsed.append(o)
+        labels.append(cls.label(o))
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    if twice:
+        raise ConfigError(f"train.objectives names {twice[0]} twice; give each objective once with its weight")
+    if labels != ["clm"] and finetune.head != "none":
+        raise ConfigError(f"train.objectives={labels} with finetune.head={finetune.head}: a classification run has its "
+                          "own loss; use the default train.objectives")
+    return parsed
 
 
-def contrastive_sums(model, batch, rows: torch.Tensor, temperature: float, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed InfoNCE loss over this rank's contrastive samples `rows`, how many rank their own second
-    half first), the negatives gathered over `group` with their gradients."""
-    module = _module(model)
-    spans = batch.spans if batch.spans is not None else torch.zeros_like(batch.tokens, dtype=torch.int8)  # (none here:
-    # the gather below still runs, every rank takes part in it)
-    first = F.normalize(pooled_scores(module, "contrastive", (spans == 1).float())[rows], dim=-1)
-    second = F.normalize(pooled_scores(module, "contrastive", (spans == 2).float())[rows], dim=-1)
-    offset, every = 0, second
-    if group is not None and torch.distributed.get_world_size(group) > 1:
-        from torch.distributed.nn.functional import all_gather
-
-        n = torch.tensor([second.shape[0]], device=second.device)
-        counts = [torch.zeros_like(n) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(counts, n, group=group)
-        counts = [int(c) for c in counts]
-        padded = F.pad(second, (0, 0, 0, max(counts) - second.shape[0]))
-        parts = all_gather(padded, group=group)  # differentiable: each rank's gradient goes back to its owner
-        every = torch.cat([p[:c] for p, c in zip(parts, counts)])
-        offset = sum(counts[:torch.distributed.get_rank(group)])
-    if not first.shape[0] or not every.shape[0]:  # no pair here: 0, still through the gather (its backward is
-        zero = (first.sum() + every.sum()) * 0.0  # collective too: every rank must run it)
-        return zero, zero.detach()
-    logits = first @ every.T / temperature  # (mine, all)
-    target = torch.arange(first.shape[0], device=first.device) + offset
-    return F.cross_entropy(logits, target, reduction="sum"), (logits.argmax(-1) == target).sum().float().detach()
+def is_plain(configs) -> bool:
+    """The language-model loss alone (train.objectives is clm alone): exactly the loss before objectives."""
+    return len(configs) == 1 and parse_objective(configs[0]).name == "clm"
 
 
-def contrastive_view(batch, rows: np.ndarray, eod: int):
-    """The batch with each row in `rows` (bool (b,)) prepared for the contrastive objective: its longest
-    document (tokens between <eod>s, or its longest segment) split into two halves, first half segment
-    0, second half 1, everything else 2 (attention stays inside each); positions restart in each half;
-    no language-model targets; Batch.spans 1 / 2 on the halves. Other rows keep their attention (one
-    segment, or their own segments) and everything else. A document of one token is both halves."""
-    tokens = batch.tokens.numpy()
-    b, s = tokens.shape
-    has = batch.segments is not None
-    seg = batch.segments.numpy().copy() if has else np.zeros((b, s), dtype=np.int32)
-    pos, loss = batch.position_ids.numpy().copy(), batch.loss_mask.numpy().copy()
-    spans = np.zeros((b, s), dtype=np.int8)
-    for r in np.flatnonzero(rows):
-        doc = seg[r] if has else np.concatenate([[0], np.cumsum(tokens[r, :-1] == eod)])
-        real = tokens[r] != eod
-        ids, counts = np.unique(doc[real], return_counts=True)
-        at = np.flatnonzero(real & (doc == ids[np.argmax(counts)])) if len(ids) else np.array([0])
-        half = max(1, len(at) // 2)
-        first, second = (at[:half], at[half:]) if len(at) > 1 else (at, at)
-        seg[r], spans[r, first], spans[r, second] = 2, 1, 2
-        seg[r, first], seg[r, second] = 0, 1 if len(at) > 1 else 0
-        pos[r, first], pos[r, second] = np.arange(len(first)), np.arange(len(second))
-        loss[r] = 0.0
-    batch.segments, batch.position_ids = torch.from_numpy(seg), torch.from_numpy(pos)
-    batch.loss_mask, batch.spans = torch.from_numpy(loss), torch.from_numpy(spans)
-    batch.doc_lengths = None  # the halves' segment ids are out of order: not plain documents
-    return batch
+_RUNTIME = {"Objectives": "mixture", "build_objectives": "mixture", "evaluation_sums": "mixture",
+            "evaluation_values": "mixture", "head_sizes": "mixture", "resolve_labels": "mixture",
+            "contrastive_view": "contrastive", "labelled": "classify"}
 
 
-def evaluation_sums(model, data, n_samples: int, objectives: Objectives) -> tuple[list[str], torch.Tensor]:
-    """Every objective on the same validation samples: (keys, (len(keys), 3) float64 [summed loss, correct,
-    units]) of this process's share. clm (key "clm": the language-model loss) and classify score the
-    samples as they are; each transforming objective (denoise, permute, contrastive) its own view of them
-    (data.val_batches(n, view=k)). The caller sums over data-parallel ranks and calls evaluation_values."""
-    from gorilla_dist.config import ObjectiveConfig
+def __getattr__(name: str):
+    """The torch parts (mixture.py, the objectives' hooks), imported when first asked for."""
+    if name in _RUNTIME:
+        import importlib
 
-    group, configs = objectives.dp_group, objectives.configs
-    plain = Objectives([ObjectiveConfig(name="clm")] + [c for c in configs if c.name == "classify"], group)
-    parts = [(plain, data.val_batches(n_samples))]
-    parts += [(Objectives([c], group), data.val_batches(n_samples, k)) for k, c in enumerate(configs)
-              if c.name in ("contrastive", "denoise", "permute")]
-    keys = [key for part, _ in parts for key in part.keys]
-    sums = [torch.stack([torch.cat([part.sums(model, b), part.units(b)[:, None]], 1) for b in batches]).sum(0)
-            for part, batches in parts]
-    return keys, torch.cat(sums).double()
+        return getattr(importlib.import_module(f"gorilla_dist.objectives.{_RUNTIME[name]}"), name)
+    raise AttributeError(f"module 'gorilla_dist.objectives' has no attribute {name!r}")
 
 
-def evaluation_values(keys: list[str], values: list[list[float]]) -> dict[str, float]:
-    """{val_loss (the language-model loss), val_<key>_loss, val_<key>_accuracy (classify, contrastive)} from
-    evaluation_sums' rows summed over ranks."""
-    out = {"val_loss": values[0][0] / max(values[0][2], 1.0)}
-    for key, (loss_sum, right, units) in zip(keys[1:], values[1:]):
-        out[f"val_{key}_loss"] = loss_sum / max(units, 1.0)
-        if key in ("classify", "contrastive"):
-            out[f"val_{key}_accuracy"] = right / max(units, 1.0)
-    return out
-
-
-def build_objectives(configs, dp_group=None) -> Objectives:
-    return Objectives(configs, dp_group)
-
-
-def head_sizes(configs, n_sources: int) -> dict[str, int]:
-    """The auxiliary heads the objectives need ({name: classes or width}) for a run with n_sources sources."""
-    out = {}
-    for c in configs:
-        if c.name == "classify":
-            out["classify"] = len(c.labels) if c.target == "label" else n_sources
-        elif c.name == "contrastive":
-            out["contrastive"] = c.projection
-    return out
-
-
-__all__ = ["HEADS", "Objective", "Objectives", "build_objectives", "classify_scores", "contrastive_view",
-           "evaluation_sums", "evaluation_values", "head_sizes", "labelled", "resolve_labels"]
+__all__ = ["ENTRY_POINTS", "Objective", "ObjectiveOptions", "bind", "check_objectives", "is_plain", "objective_class",
+           "objective_names", "objective_options", "parse_objective", "register_objective", *_RUNTIME]

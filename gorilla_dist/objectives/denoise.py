@@ -20,10 +20,17 @@ corrupted as one text: UL2 packs the same way).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from gorilla_dist.data.tokenizer import N_SENTINELS
+from gorilla_dist.config.checks import choice
+from gorilla_dist.errors import ConfigError
 from gorilla_dist.kernels.limits import BIDIRECTIONAL
+from gorilla_dist.objectives.base import ObjectiveOptions
+from gorilla_dist.objectives.clm import CLM
 
 
 def _segment(rng: np.random.Generator, total: int, parts: int) -> np.ndarray:
@@ -74,27 +81,11 @@ def corrupt(tokens: np.ndarray, room: int, rng: np.random.Generator, *, mode: st
 
 
 def corrupt_rows(windows: np.ndarray, valid: np.ndarray, segments: np.ndarray, targets: np.ndarray, rows: np.ndarray,
-                 keys: list[tuple[int, ...]], cfg, tokenizer, ends: np.ndarray | None = None) -> None:
-    """In place, for each row in `rows` (bool): its window (valid tokens) becomes input + target of
-    objective `cfg` (an ObjectiveConfig: denoise with its mode, mean_span, rate; or permute), then <eod>
-    padding; segments mark the input bidirectional (BIDIRECTIONAL) and the padding apart; targets (loss
-    mask) the target tokens. `keys`: each row's seed (run seed, source, sample index). `ends`: permute's
-    sentence_ends(tokenizer), when the caller keeps it."""
-    width, eod = windows.shape[1], tokenizer.eod
-    if cfg.name == "permute":
-        ends, sep = (sentence_ends(tokenizer) if ends is None else ends), tokenizer.special_id("<|sep|>")
-
-        def make(tokens, rng):
-            return permute_sentences(tokens, width, rng, ends=ends, sep=sep)
-    else:
-        mode_token = tokenizer.special_id(f"<|mode:{cfg.mode}|>")
-        sentinels = [tokenizer.special_id(f"<|sentinel:{i}|>") for i in range(N_SENTINELS)]
-        weights = np.array([cfg.mask, cfg.replace, cfg.delete], dtype=np.float64)
-        kinds = None if weights[MASK] == weights.sum() else weights / weights.sum()
-
-        def make(tokens, rng):
-            return corrupt(tokens, width, rng, mode=cfg.mode, mean_span=cfg.mean_span, rate=cfg.rate,
-                           mode_token=mode_token, sentinels=sentinels, kinds=kinds)
+                 keys: list[tuple[int, ...]], make, eod: int) -> None:
+    """In place, for each row in `rows` (bool): its window (valid tokens) becomes `make(tokens, rng)`'s input +
+    target (a denoiser's `corrupt`, permute's `permute_sentences`), then <eod> padding; segments mark the input
+    bidirectional (BIDIRECTIONAL) and the padding apart; targets (loss mask) the target tokens. `keys`: each
+    row's seed (run seed, source, sample index)."""
     for r in np.flatnonzero(rows):
         rng = np.random.default_rng([*keys[r], 0xD0])
         seq, n_in = make(windows[r, :valid[r]].copy(), rng)
@@ -137,3 +128,71 @@ def permute_sentences(tokens: np.ndarray, room: int, rng: np.random.Generator, *
     order = rng.permutation(len(sentences))
     shuffled = np.concatenate([sentences[i] for i in order]) if n else source
     return np.concatenate([shuffled, [sep], source]).astype(np.int64), n + 1
+
+
+DENOISE_MODES = ("R", "X", "S")
+
+
+@dataclass
+class DenoiseOptions(ObjectiveOptions):
+    mode: str = "R"
+    """R | X (span corruption: spans of mean length `mean_span` covering `rate` of the source, each masked by a
+    sentinel (or replaced / deleted: `mask`, `replace`, `delete`); the target: each sentinel and its span) |
+    S (prefix -> continuation: the last `rate` of the source is the target). UL2's settings: R mean_span 3
+    rate 0.15; X mean_span 32 rate 0.15 or mean_span 3 rate 0.5; S rate 0.25. mean_span 1 is BERT-style
+    single-token masking. Give several denoise objectives with different modes for UL2's mixture."""
+    mean_span: float = 3.0
+    """R, X: the mean length of a corrupted span, in tokens (>= 1)."""
+    rate: float = 0.15
+    """The share of the source tokens that become the target (0 < rate < 1)."""
+    mask: float = 1.0
+    """R, X: weight of masking a corrupted span (the input holds its sentinel). With `replace` and `delete`,
+    each span draws one of the three in proportion to the weights."""
+    replace: float = 0.0
+    """R, X: weight of replacing a span by as many random tokens (drawn from the sample's own source), with no
+    sentinel: the model finds the span and restores it."""
+    delete: float = 0.0
+    """R, X: weight of deleting a span from the input (no sentinel): the model finds where."""
+
+
+class Denoise(CLM):
+    """UL2's denoiser `mode`: input bidirectional, the next-token loss on the target."""
+
+    name = "denoise"
+    Options = DenoiseOptions
+    input_to_target = True
+    own_view = True
+
+    @classmethod
+    def check(cls, o, where: str, data, finetune) -> None:
+        choice(o.mode, DENOISE_MODES, f"{where}.mode")
+        if not o.mean_span >= 1:
+            raise ConfigError(f"{where}.mean_span={o.mean_span} must be >= 1 (tokens)")
+        if not 0 < o.rate < 1:
+            raise ConfigError(f"{where}.rate={o.rate} must be in (0, 1)")
+        kinds = {k: getattr(o, k) for k in ("mask", "replace", "delete")}
+        if not all(v >= 0 and math.isfinite(v) for v in kinds.values()) or not sum(kinds.values()) > 0:
+            raise ConfigError(f"{where}: mask={o.mask}, replace={o.replace}, delete={o.delete} are the weights of "
+                              "each span's corruption: give non-negative numbers, not all 0")
+
+    @classmethod
+    def label(cls, o) -> str:
+        return f"denoise {o.mode}"
+
+    @classmethod
+    def key_of(cls, o) -> str:
+        return f"denoise_{o.mode}"
+
+    def corrupt(self, loader, windows, valid, segments, targets, rows, keys) -> None:
+        o, tok = self.options, loader.tokenizer
+        mode_token = tok.special_id(f"<|mode:{o.mode}|>")
+        sentinels = [tok.special_id(f"<|sentinel:{i}|>") for i in range(N_SENTINELS)]
+        weights = np.array([o.mask, o.replace, o.delete], dtype=np.float64)
+        kinds = None if weights[MASK] == weights.sum() else weights / weights.sum()
+        width = windows.shape[1]
+
+        def make(tokens, rng):
+            return corrupt(tokens, width, rng, mode=o.mode, mean_span=o.mean_span, rate=o.rate, mode_token=mode_token,
+                           sentinels=sentinels, kinds=kinds)
+
+        corrupt_rows(windows, valid, segments, targets, rows, keys, make, tok.eod)

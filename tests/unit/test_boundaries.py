@@ -270,3 +270,39 @@ def test_only_parallel_dims_computes_a_data_parallel_size():
         fine = tokens // micro_batch
     """)
     assert len(sizes_from_world(broken)) == 3
+
+
+OBJECTIVE_NAMES = {"clm", "classify", "contrastive", "denoise", "permute"}
+ATTENTION_NAMES = {"dense", "flash", "sliding", "strided", "bigbird", "learned"}
+
+
+def names_compared(source: str, names: set[str]) -> list[str]:
+    """Comparisons (==, !=, in, not in) with one of `names` as a string constant, alone or in a tuple, list,
+    set or dict: code that tests a plug-in's name instead of asking the plug-in."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                consts = [side] if isinstance(side, ast.Constant) else (
+                    side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else
+                    side.keys if isinstance(side, ast.Dict) else [])
+                if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
+                    found.append(f"line {node.lineno}: {ast.unparse(node)}")
+                    break
+    return found
+
+
+@pytest.mark.parametrize("names, home", [(OBJECTIVE_NAMES, "gorilla_dist.objectives"),
+                                         (ATTENTION_NAMES, "gorilla_dist.kernels")])
+def test_only_a_plugins_package_tests_its_names(names, home):
+    mods = modules()
+    assert any(n.startswith(home) for n in mods)
+    found = {n: names_compared(p.read_text(), names) for n, p in mods.items() if not n.startswith(home)}
+    assert {n: f for n, f in found.items() if f} == {}
+    broken = textwrap.dedent("""
+        if o.name == "classify" and c.target == "label": pass
+        if m.attention not in ("dense", "flash"): pass
+        x = name in {"permute": 1}
+        fine = kind == "other"
+    """)
+    assert len(names_compared(broken, names)) == 1 + (names is OBJECTIVE_NAMES)

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from gorilla_dist.config import Config, ObjectiveConfig, validate
+from gorilla_dist.config import Config, validate
+from gorilla_dist.objectives import objective_options
 from gorilla_dist.data.loader import pack
 from gorilla_dist.data.order import Blend
 from gorilla_dist.errors import ConfigError, DataError
@@ -73,8 +74,8 @@ def loader_ids(tmp_path, dp: int) -> list[np.ndarray]:
     ds = TokenDataset(tmp_path / "a")
     ranks = [ShardData([ds], [1.0], load_tokenizer(ds.path), seq_length=32, micro_batch_size=8 // dp // 2,
                        global_batch_size=8, dp=dp, dp_rank=r, seed=0, val_fraction=0,
-                       objectives=[ObjectiveConfig(name="clm", weight=0.75),
-                                   ObjectiveConfig(name="classify", weight=0.25)]) for r in range(dp)]
+                       objectives=[objective_options(name="clm", weight=0.75),
+                                   objective_options(name="classify", weight=0.25)]) for r in range(dp)]
     out = []
     for _ in range(6):
         out.append(np.concatenate([torch.cat([b.objective for b in data.next_train_batches()]).numpy()
@@ -95,8 +96,8 @@ def test_a_checkpoint_of_other_objective_weights_is_refused(tmp_path):
     def data(clm_weight):
         return ShardData([ds], [1.0], load_tokenizer(ds.path), seq_length=32, micro_batch_size=4, global_batch_size=8,
                          dp=1, dp_rank=0, seed=0, val_fraction=0,
-                         objectives=[ObjectiveConfig(name="clm", weight=clm_weight),
-                                     ObjectiveConfig(name="classify", weight=0.25)])
+                         objectives=[objective_options(name="clm", weight=clm_weight),
+                                     objective_options(name="classify", weight=0.25)])
 
     saved = data(0.75)
     saved.next_train_batches()
@@ -125,7 +126,7 @@ def test_a_mixed_step_is_the_weighted_sum_of_each_objectives_mean(world1):
     tokens = np.random.default_rng(0).integers(0, 15, (4, 33))
     batch = pack(tokens, np.array([33, 33, 20, 33]), np.array([0, 2, 1, 1]), eod=15, reset_at_eod=False)
     batch.objective = torch.tensor([0, 0, 1, 0])
-    objectives = Objectives([ObjectiveConfig(name="clm", weight=3.0), ObjectiveConfig(name="classify", weight=1.0)])
+    objectives = Objectives([objective_options(name="clm", weight=3.0), objective_options(name="classify", weight=1.0)])
     units = objectives.units(batch)
     assert units.tolist() == [32.0 * 3, 1.0]
     with torch.no_grad():
@@ -144,7 +145,7 @@ def test_a_mixed_step_is_the_weighted_sum_of_each_objectives_mean(world1):
     ce = F.cross_entropy((model.objective_heads["classify"].weight @ pooled)[None], torch.tensor([1]))
     torch.testing.assert_close(loss, 0.75 * clm + 0.25 * ce, rtol=1e-5, atol=1e-6)
     assert sums[1, 1] == float(torch.argmax(model.objective_heads["classify"].weight @ pooled) == 1)
-    plain = Objectives([ObjectiveConfig(name="clm")])
+    plain = Objectives([objective_options(name="clm")])
     batch.objective = None
     with torch.no_grad():
         assert torch.equal(plain.loss(plain.sums(model, batch), plain.units(batch)), lm_loss(model, batch))
@@ -163,7 +164,7 @@ def test_classify_by_label_reads_each_labelled_example_at_its_class_position(wor
     classes[0, 5], classes[1, 7], classes[1, 20], classes[2, 9] = 2, 0, 1, 1  # sample 0 is a clm sample
     batch = pack(tokens, np.array([33, 33, 33]), np.array([0, 0, 0]), eod=15, reset_at_eod=False, classes=classes)
     batch.objective = torch.tensor([0, 1, 1])
-    objectives = Objectives([ObjectiveConfig(name="clm"), ObjectiveConfig(name="classify", target="label",
+    objectives = Objectives([objective_options(name="clm"), objective_options(name="classify", target="label",
                                                                           labels=["a", "b", "c"])])
     units = objectives.units(batch)
     assert units.tolist() == [32.0, 3.0]
@@ -179,13 +180,13 @@ def test_classify_by_label_reads_each_labelled_example_at_its_class_position(wor
 def test_classify_by_label_takes_the_datas_classes_or_refuses():
     from gorilla_dist.objectives import head_sizes, resolve_labels
 
-    configs = [ObjectiveConfig(name="clm"), ObjectiveConfig(name="classify", target="label")]
+    configs = [objective_options(name="clm"), objective_options(name="classify", target="label")]
     resolve_labels(configs, ["no", "yes"])
     assert configs[1].labels == ["no", "yes"] and head_sizes(configs, 1) == {"classify": 2}
     with pytest.raises(ConfigError, match=r"train.objectives\[1\]: classify with target: label needs labelled data"):
-        resolve_labels([ObjectiveConfig(name="clm"), ObjectiveConfig(name="classify", target="label")], None)
+        resolve_labels([objective_options(name="clm"), objective_options(name="classify", target="label")], None)
     with pytest.raises(ConfigError, match=r"labels=\['yes', 'no'\] but the data's classes are \['no', 'yes'\]"):
-        resolve_labels([ObjectiveConfig(name="classify", target="label", labels=["yes", "no"])], ["no", "yes"])
+        resolve_labels([objective_options(name="classify", target="label", labels=["yes", "no"])], ["no", "yes"])
     validate(config([{"name": "clm"}, {"name": "classify", "target": "label"}], sources=1), world=1)  # one is enough
 
 
@@ -220,7 +221,7 @@ def test_the_contrastive_loss_is_infonce_over_the_halves(world1):
     tokens[0, 6] = tokens[2, 15] = 15  # <eod>s: the longest documents are after / before them
     batch = contrastive_view(pack(tokens, np.array([25, 25, 25]), np.array([0, 0, 0]), eod=15, reset_at_eod=False),
                              np.array([True, True, True]), 15)
-    objectives = Objectives([ObjectiveConfig(name="contrastive", temperature=0.5)])
+    objectives = Objectives([objective_options(name="contrastive", temperature=0.5)])
     with torch.no_grad():
         sums = objectives.sums(model, batch)
         halves = []
@@ -411,7 +412,7 @@ def test_denoise_samples_score_only_their_targets_and_do_not_depend_on_the_layou
                         special_tokens="objectives"))
     ds = TokenDataset(tmp_path / "a")
     tok = load_tokenizer(ds.path)
-    objectives = [ObjectiveConfig(name="clm"), ObjectiveConfig(name="denoise", mode="R")]
+    objectives = [objective_options(name="clm"), objective_options(name="denoise", mode="R")]
 
     def batches(dp):
         ranks = [ShardData([ds], [1.0], tok, seq_length=64, micro_batch_size=4 // dp, global_batch_size=4, dp=dp,
@@ -490,7 +491,7 @@ def test_a_micro_batch_without_contrastive_samples_adds_nothing(world1):
     batch = pack(np.random.default_rng(0).integers(0, 15, (2, 17)), np.array([17, 17]), np.array([0, 0]), eod=15,
                  reset_at_eod=False)
     batch.objective = torch.tensor([0, 0])
-    objectives = Objectives([ObjectiveConfig(name="clm"), ObjectiveConfig(name="contrastive")])
+    objectives = Objectives([objective_options(name="clm"), objective_options(name="contrastive")])
     sums = objectives.sums(model, batch)
     assert sums[1].tolist() == [0.0, 0.0] and objectives.units(batch).tolist() == [32.0, 0.0]
     objectives.loss(sums, objectives.units(batch).clamp(min=1)).backward()

@@ -1,0 +1,103 @@
+"""classify: which data.sources entry a sample comes from (target=source: the mean of its final-normed hidden
+states over its scored positions, through a bias-free linear head, `objective_heads.classify`, an auxiliary
+parameter checkpointed like any other and left out by export), or (target=label) each example's
+prepare-time `label`, from the head's score at its last prompt token (Batch.classes, the position
+finetune.head=classification reads), per labelled example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gorilla_dist.config.checks import choice
+from gorilla_dist.errors import ConfigError
+from gorilla_dist.objectives.base import Objective, ObjectiveOptions
+
+CLASSIFY_TARGETS = ("source", "label")
+
+
+@dataclass
+class ClassifyOptions(ObjectiveOptions):
+    target: str = "source"
+    """What to predict: source (the sample's data.sources index, from its mean-pooled hidden states) | label
+    (the `label` each example got at prepare time, from the hidden state of its last prompt token, as
+    finetune.head=classification reads it; every example of a packed sample counts)."""
+    labels: list[str] = field(default_factory=list)
+    """target=label: the class names in id order; filled from the data by the run (checkpoints record them);
+    given, they must be the data's."""
+
+
+def labelled(batch, rows):
+    """(b, s) bool: the positions of `rows` where a labelled example's class is read (Batch.classes)."""
+    import torch
+
+    if batch.classes is None:
+        return torch.zeros_like(batch.loss_mask, dtype=torch.bool)
+    return (batch.classes >= 0) & rows[:, None]
+
+
+def module_of(model):
+    """The model itself, under a TrainEngine or not."""
+    return model.module if hasattr(model, "module") else model
+
+
+class Classify(Objective):
+    name = "classify"
+    Options = ClassifyOptions
+    accuracy = True
+
+    @classmethod
+    def check(cls, o, where: str, data, finetune) -> None:
+        choice(o.target, CLASSIFY_TARGETS, f"{where}.target")
+        if o.target == "source" and not data.sources:
+            raise ConfigError("train.objectives: classify predicts which data.sources entry a sample comes from; give "
+                              "two or more data.sources (or target: label, for data prepared with labels)")
+        if o.target == "source" and len(data.sources) < 2:
+            raise ConfigError(f"train.objectives: classify with {len(data.sources)} data.sources has nothing to tell "
+                              "apart; give two or more sources")
+
+    @property
+    def by_label(self) -> bool:
+        return self.options.target == "label"
+
+    def head_size(self, n_sources: int) -> int | None:
+        return len(self.options.labels) if self.by_label else n_sources
+
+    def resolve(self, where: str, label_names: list[str] | None) -> None:
+        """target=label: fill `labels` from the data's classes, or refuse data without labels, or with other
+        classes than the config names."""
+        o = self.options
+        if not self.by_label:
+            return
+        if label_names is None:
+            raise ConfigError(f"{where}: classify with target: label needs labelled data: rows with a 'label' field, "
+                              "prepared with python -m gorilla_dist.data.prepare ... format=instruction "
+                              "(train_on_inputs=true to keep the language-model loss on the text)")
+        if o.labels and list(o.labels) != label_names:
+            raise ConfigError(f"{where}.labels={list(o.labels)} but the data's classes are {label_names} (in id order)")
+        o.labels = list(label_names)
+
+    def sample_options(self) -> None:
+        if self.by_label and not self.options.labels:
+            self.options.labels = ["a", "b"]
+
+    def units(self, batch, rows):
+        return labelled(batch, rows).sum().float() if self.by_label else rows.sum().float()
+
+    def sums(self, model, batch, rows, losses, group):
+        import torch.nn.functional as F
+
+        from gorilla_dist.model.head import pooled_scores
+
+        module = module_of(model)
+        if self.by_label:  # each labelled example's class, at its last prompt token
+            at = labelled(batch, rows)
+            scores = module.objective_scores["classify"].float()
+            scores = scores[:, scores.shape[1] - at.shape[1]:][at]  # (n, classes)
+            labels = batch.classes[at]
+            return (F.cross_entropy(scores, labels, reduction="sum"),
+                    (scores.argmax(-1) == labels).sum().float().detach())
+        scores = pooled_scores(module, "classify", batch.loss_mask)  # (b, sources): the sample's source
+        ce = F.cross_entropy(scores, batch.source, reduction="none")
+        right = (scores.argmax(-1) == batch.source).float()
+        w = rows.float()
+        return (ce * w).sum(), (right * w).sum().detach()

@@ -50,6 +50,26 @@ def generate(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.C
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
 
 
+def registered_for_a_test(registry, cls):
+    """Register plug-in `cls` in `registry` (kernels.registry.Registry) for the test, then remove it (other tests
+    in this process see the built-in choices only)."""
+    registry.register(cls)
+    yield
+    registry.registered.pop(cls.name)
+
+
+def installed_plugin(tmp_path: Path, group: str, name: str, target: str) -> dict:
+    """The environment of a process that sees `target` (module:attribute, from tests/unit) as an installed
+    package's entry point `name` in `group`: a dist-info written under tmp_path, on PYTHONPATH with the tests."""
+    site = tmp_path / "site"
+    info = site / f"{name}_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{name} = {target}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO / "tests" / "unit"), str(REPO / "tests"),
+                                           os.environ.get("PYTHONPATH", "")])}
+
+
 def check(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
     return proc.stdout

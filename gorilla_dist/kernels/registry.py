@@ -206,40 +206,66 @@ class Learned(BlockSparse):
         return LearnedSparseAttention, {**cls.common(m), "topk": m.sparse.topk, "keep_first": m.sparse.keep_first}
 
 
-BUILT_IN: dict[str, type[AttentionKernel]] = {k.name: k for k in (Dense, Flash, Sliding, Strided, BigBird, Learned)}
-_registered: dict[str, type[AttentionKernel]] = {}
+class Registry:
+    """Plug-ins of one kind by name: the built-in ones, those registered in this process, and those installed
+    packages declare as entry points of `group` (loaded when first asked for). Attention kernels use it, and
+    so do the pretraining objectives (gorilla_dist/objectives)."""
+
+    def __init__(self, base: type, group: str, built_in: dict, error: type[Exception] = UnsupportedAttention):
+        """built_in: {name: class, or (module, attribute) imported on first use}; error: raised for a name
+        nothing provides."""
+        self.base, self.group, self.built_in, self.error = base, group, dict(built_in), error
+        self.registered: dict[str, type] = {}
+
+    def register(self, cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)) or not cls.name:
+            raise TypeError(f"{cls!r}: a plug-in here is a subclass of {self.base.__module__}.{self.base.__name__} "
+                            "with a name")
+        self.registered[cls.name] = cls
+        return cls
+
+    def entry_points(self) -> dict:
+        from importlib.metadata import entry_points
+
+        return {ep.name: ep for ep in entry_points(group=self.group)}
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys([*self.built_in, *self.registered, *self.entry_points()]))
+
+    def get(self, name: str, key: str):
+        """The plug-in called `name`, or `error` naming `key` (the config key that names it) and the choices."""
+        if name in self.registered:
+            return self.registered[name]
+        if name in self.built_in:
+            found = self.built_in[name]
+            if isinstance(found, tuple):
+                import importlib
+
+                found = getattr(importlib.import_module(found[0]), found[1])
+            return self.register(found)
+        ep = self.entry_points().get(name)
+        if ep is None:
+            raise self.error(f"{key}={name!r} is not valid; choose one of: {', '.join(self.names())}")
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, self.base)) or cls.name != name:
+            raise self.error(f"{key}={name}: the entry point {ep.value} ({self.group}) is not a {self.base.__name__} "
+                             f"subclass named {name!r}")
+        return self.register(cls)
+
+
+KERNELS = Registry(AttentionKernel, ENTRY_POINTS, {k.name: k for k in (Dense, Flash, Sliding, Strided, BigBird, Learned)})
 
 
 def register_attention(cls: type[AttentionKernel]) -> type[AttentionKernel]:
     """Make `cls` available as model.attention=<cls.name> in this process (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, AttentionKernel)) or not cls.name:
-        raise TypeError(f"{cls!r}: an attention kernel is a subclass of kernels.registry.AttentionKernel with a name")
-    _registered[cls.name] = cls
-    return cls
-
-
-def _entry_points() -> dict:
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+    return KERNELS.register(cls)
 
 
 def attention_names() -> list[str]:
     """Every model.attention choice: the built-in kernels, then the registered and installed ones."""
-    return list(dict.fromkeys([*BUILT_IN, *_registered, *_entry_points()]))
+    return KERNELS.names()
 
 
 def attention_kernel(name: str) -> type[AttentionKernel]:
     """The kernel called `name`; UnsupportedAttention naming the choices when there is none."""
-    if name in _registered:
-        return _registered[name]
-    if name in BUILT_IN:
-        return BUILT_IN[name]
-    ep = _entry_points().get(name)
-    if ep is None:
-        raise UnsupportedAttention(f"model.attention={name!r} is not valid; choose one of: {', '.join(attention_names())}")
-    cls = ep.load()
-    if not (isinstance(cls, type) and issubclass(cls, AttentionKernel)) or cls.name != name:
-        raise UnsupportedAttention(f"model.attention={name}: the entry point {ep.value} ({ENTRY_POINTS}) is not an "
-                                   f"AttentionKernel subclass named {name!r}")
-    return register_attention(cls)
+    return KERNELS.get(name, "model.attention")

@@ -37,55 +37,32 @@ from __future__ import annotations
 import dataclasses
 
 from gorilla_dist.errors import ConfigError
+from gorilla_dist.kernels.registry import Registry
 from gorilla_dist.objectives.base import Objective, ObjectiveOptions
 
 ENTRY_POINTS = "gorilla_dist.objectives"
 """The entry point group installed packages register objectives in."""
 
-BUILT_IN = {"clm": ("gorilla_dist.objectives.clm", "CLM"), "classify": ("gorilla_dist.objectives.classify", "Classify"),
-            "contrastive": ("gorilla_dist.objectives.contrastive", "Contrastive"),
-            "denoise": ("gorilla_dist.objectives.denoise", "Denoise"),
-            "permute": ("gorilla_dist.objectives.permute", "Permute")}
-
-_registered: dict[str, type[Objective]] = {}
+OBJECTIVES = Registry(Objective, ENTRY_POINTS, {
+    "clm": ("gorilla_dist.objectives.clm", "CLM"), "classify": ("gorilla_dist.objectives.classify", "Classify"),
+    "contrastive": ("gorilla_dist.objectives.contrastive", "Contrastive"),
+    "denoise": ("gorilla_dist.objectives.denoise", "Denoise"), "permute": ("gorilla_dist.objectives.permute", "Permute")},
+    error=ConfigError)
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
     """Make `cls` available as train.objectives' `name: <cls.name>` in this process (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Objective)) or not cls.name:
-        raise TypeError(f"{cls!r}: an objective is a subclass of gorilla_dist.objectives.base.Objective with a name")
-    _registered[cls.name] = cls
-    return cls
-
-
-def _entry_points() -> dict:
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+    return OBJECTIVES.register(cls)
 
 
 def objective_names() -> list[str]:
     """Every objective this process can train: the built-in ones, then the registered and installed ones."""
-    return list(dict.fromkeys([*BUILT_IN, *_registered, *_entry_points()]))
+    return OBJECTIVES.names()
 
 
 def objective_class(name: str, where: str = "train.objectives[0]") -> type[Objective]:
     """The objective called `name`, or a ConfigError naming `where` and the valid names."""
-    if name in _registered:
-        return _registered[name]
-    if name in BUILT_IN:
-        import importlib
-
-        module, attr = BUILT_IN[name]
-        return register_objective(getattr(importlib.import_module(module), attr))
-    ep = _entry_points().get(name)
-    if ep is None:
-        raise ConfigError(f"{where}.name={name!r} is not valid; choose one of: {', '.join(objective_names())}")
-    cls = ep.load()
-    if not (isinstance(cls, type) and issubclass(cls, Objective)) or cls.name != name:
-        raise ConfigError(f"{where}.name={name}: the entry point {ep.value} ({ENTRY_POINTS}) is not an Objective "
-                          f"subclass named {name!r}")
-    return register_objective(cls)
+    return OBJECTIVES.get(name, f"{where}.name")
 
 
 def parse_objective(raw, where: str = "train.objectives[0]"):
@@ -167,5 +144,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gorilla_dist.objectives' has no attribute {name!r}")
 
 
-__all__ = ["ENTRY_POINTS", "Objective", "ObjectiveOptions", "bind", "check_objectives", "is_plain", "objective_class",
+__all__ = ["ENTRY_POINTS", "OBJECTIVES", "Objective", "ObjectiveOptions", "bind", "check_objectives", "is_plain", "objective_class",
            "objective_names", "objective_options", "parse_objective", "register_objective", *_RUNTIME]

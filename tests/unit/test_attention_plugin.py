@@ -6,11 +6,10 @@ KV cache, is refused naming the capability the kernel lacks."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from gorilla_dist.kernels.registry import AttentionKernel, Capabilities, register_attention
+from gorilla_dist.kernels.registry import KERNELS, AttentionKernel, Capabilities
 
 
 class ToyDense(AttentionKernel):
@@ -27,11 +26,9 @@ class ToyDense(AttentionKernel):
 
 @pytest.fixture
 def registered():
-    from gorilla_dist.kernels import registry
+    from helpers import registered_for_a_test
 
-    register_attention(ToyDense)
-    yield
-    registry._registered.pop("toydense")  # (other tests in this process see the built-in choices only)
+    yield from registered_for_a_test(KERNELS, ToyDense)
 
 
 def test_the_kernel_builds_the_dense_model_and_its_declaration_is_read(world1, registered):
@@ -58,15 +55,9 @@ def test_the_kernel_builds_the_dense_model_and_its_declaration_is_read(world1, r
 
 
 def test_an_installed_kernel_trains_and_generate_names_what_it_lacks(tmp_path):
-    from helpers import REPO, check, generate, launch, metrics
+    from helpers import check, generate, installed_plugin, launch, metrics
 
-    site = tmp_path / "site"
-    info = site / "toy_attention-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-attention\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[gorilla_dist.attention]\ntoydense = test_attention_plugin:ToyDense\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(site), str(REPO / "tests" / "unit"), str(REPO / "tests"),
-                                          os.environ.get("PYTHONPATH", "")])}
+    env = installed_plugin(tmp_path, "gorilla_dist.attention", "toydense", "test_attention_plugin:ToyDense")
     run = tmp_path / "run"
     check(launch(run, "model.attention=toydense", "train.max_steps=5", env=env))
     losses = [r["loss"] for r in metrics(run) if "loss" in r]

@@ -6,14 +6,12 @@ by its name."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import pytest
 
 from gorilla_dist.errors import ConfigError
-from gorilla_dist.objectives import Objective, ObjectiveOptions, register_objective
+from gorilla_dist.objectives import OBJECTIVES, Objective, ObjectiveOptions
 
 
 @dataclass
@@ -57,11 +55,9 @@ class ReversedText(Objective):
 
 @pytest.fixture
 def registered():
-    from gorilla_dist import objectives
+    from helpers import registered_for_a_test
 
-    register_objective(ReversedText)
-    yield
-    objectives._registered.pop("reversed")  # (other tests in this process see the built-in choices only)
+    yield from registered_for_a_test(OBJECTIVES, ReversedText)
 
 
 def test_the_objective_trains_through_the_mixture(world1, registered):
@@ -101,19 +97,13 @@ def test_the_objective_trains_through_the_mixture(world1, registered):
 
 
 def test_an_installed_objective_trains_through_the_launcher(tmp_path):
-    from helpers import REPO, check, launch, metrics
+    from helpers import check, installed_plugin, launch, metrics
 
-    site = tmp_path / "site"
-    info = site / "toy_objectives-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-objectives\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[gorilla_dist.objectives]\nreversed = test_objective_plugin:ReversedText\n")
-    path = os.pathsep.join([str(site), str(REPO / "tests" / "unit"), str(REPO / "tests"),
-                            os.environ.get("PYTHONPATH", "")])
+    env = installed_plugin(tmp_path, "gorilla_dist.objectives", "reversed", "test_objective_plugin:ReversedText")
     run = tmp_path / "run"
     out = check(launch(run, "train.max_steps=6", "train.eval_interval=6", "train.eval_samples=24",
                        "train.objectives=[{name: clm, weight: 1}, {name: reversed, weight: 1, keep_first: 1}]",
-                       env={"PYTHONPATH": path}))
+                       env=env))
     rows = metrics(run)
     steps = [r for r in rows if "loss" in r]
     assert steps and all(r["units_reversed"] > 0 for r in steps) and "loss_reversed" in steps[-1]
@@ -125,4 +115,3 @@ def test_an_installed_objective_trains_through_the_launcher(tmp_path):
     bad = launch(tmp_path / "other", "train.objectives=[{name: reversed}]")
     assert bad.returncode == 2 and "train.objectives[0].name='reversed' is not valid; choose one of: clm" in bad.stdout
     assert not (tmp_path / "other" / "config.yaml").exists()
-    json.dumps(rows)

@@ -10,7 +10,9 @@ the module for megatron's slot (`core_attention_spec(m)`):
   flash    flash-attn, and an error instead of a fallback       (dense.py)
   sliding | strided | bigbird   static block-sparse layouts      (sparse_attention.py, layouts.py)
   learned  learned top-k block selection                        (sparse_attention.py)
-A new kernel: an AttentionKernel subclass registered by name (registry.py says how); nothing outside this
+A new kernel: an AttentionKernel subclass registered by name (registry.py says how), whose module
+subclasses base.AttentionModule (what every kernel shares: heads under TP, ALiBi, prefix tuning's keys,
+grouped-query expansion, the SDPA decode step; the conventions of segment ids); nothing outside this
 package tests a kernel's name.
 The block-sparse kernels: Triton on CUDA (block_sparse.py), block-gather on CPU (block_gather.py).
 The kernels know torch, Triton and megatron's attention signature only; their limits are plain

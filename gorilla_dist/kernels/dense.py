@@ -13,9 +13,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 
-from gorilla_dist.kernels.alibi import alibi_mask, local_alibi_slopes
+from gorilla_dist.kernels.base import AttentionModule, with_prefix_columns
 from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
 _FLASH_IMPORT_ERROR = None
@@ -113,7 +112,7 @@ def sdpa_keep_mask(attention_mask: torch.Tensor | None, s: int) -> torch.Tensor 
     return (same & (causal | bidirectional[:, None, :]))[:, None]
 
 
-class DenseAttention(MegatronModule):
+class DenseAttention(AttentionModule):
     """`require_flash`: model.attention=flash, which refuses to fall back to SDPA. `alibi`: add ALiBi's
     distance penalty (model.position_embedding=alibi)."""
 
@@ -121,19 +120,15 @@ class DenseAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, *, require_flash: bool = False,
                  alibi: bool = False):
-        super().__init__(config=config)
+        super().__init__(config, softmax_scale=softmax_scale, pg_collection=pg_collection, alibi=alibi)
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.require_flash = require_flash
         if require_flash and flash_attn_func is None:
             raise UnsupportedAttention(flash_unusable(torch.device("cuda"), torch.bfloat16))
         if _FLASH_IMPORT_ERROR and torch.cuda.is_available():  # model.attention=dense: SDPA, said once
             _say_once(f"[attention] {flash_unusable(torch.device('cuda'), torch.bfloat16)}; attention runs on "
                       "PyTorch SDPA")
-        slopes = local_alibi_slopes(config.num_attention_heads, pg_collection) if alibi else None
-        self.register_buffer("alibi_slopes", slopes, persistent=False)
-        self.prefix_kv = None  # prefix tuning: () -> (keys, values), each (N, groups / tp, head_dim)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -152,12 +147,10 @@ class DenseAttention(MegatronModule):
             out = flash_attn_varlen_func(q, k, v, cu, cu, s, s, dropout_p=dropout, softmax_scale=self.softmax_scale,
                                          causal=mask_type == AttnMaskType.causal, alibi_slopes=slopes)
             return out.view(b, s, np_ * hn).transpose(0, 1)  # [s, b, np*hn]
-        n_prefix = 0
-        if self.prefix_kv is not None:  # learned keys / values in front, seen by every query (model/prefix.py)
-            pk, pv = self.prefix_kv()
-            n_prefix = pk.shape[0]
-            key = torch.cat([pk.to(key.dtype)[:, None].expand(-1, b, -1, -1), key])
-            value = torch.cat([pv.to(value.dtype)[:, None].expand(-1, b, -1, -1), value])
+        prefix = self.prefix(b, key.dtype)  # learned keys / values in front, seen by every query (model/prefix.py)
+        n_prefix = 0 if prefix is None else prefix[0].shape[2]
+        if prefix is not None:
+            key, value = (torch.cat([p.permute(2, 0, 1, 3), t]) for p, t in zip(prefix, (key, value)))
         if _use_flash(query) and attention_mask is None:  # (causal aligns to the end: the prefix is visible)
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
             slopes = None if self.alibi_slopes is None else self.alibi_slopes.float()  # flash-attn wants fp32
@@ -173,18 +166,10 @@ class DenseAttention(MegatronModule):
                                        f"{query.device.type} {query.dtype}"
                                        f"{' with a mask' if attention_mask is not None else ''}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
-        if k.shape[1] != np_:
-            rep = np_ // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        sdpa_mask = sdpa_keep_mask(attention_mask, s)
-        if n_prefix and (sdpa_mask is not None or mask_type == AttnMaskType.causal):
-            own = sdpa_mask if sdpa_mask is not None else torch.ones(s, k.shape[2] - n_prefix, dtype=torch.bool,
-                                                                      device=q.device).tril(k.shape[2] - n_prefix - s)
-            sdpa_mask = torch.cat([own.new_ones(*own.shape[:-1], n_prefix), own], dim=-1)
-        if self.alibi_slopes is not None:  # a float mask: the causal -inf plus the distance penalty (more keys
-            # than queries when decoding with a KV cache: the queries are the last ones)
-            sdpa_mask = alibi_mask(self.alibi_slopes, s, k.shape[2], sdpa_mask, q.dtype)
-        causal = mask_type == AttnMaskType.causal and sdpa_mask is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout,
-                                             is_causal=causal, scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np*hn]
+        allowed = sdpa_keep_mask(attention_mask, s)
+        if n_prefix and (allowed is not None or mask_type == AttnMaskType.causal):
+            own = allowed if allowed is not None else torch.ones(s, k.shape[2] - n_prefix, dtype=torch.bool,
+                                                                  device=q.device).tril(k.shape[2] - n_prefix - s)
+            allowed = with_prefix_columns(own, n_prefix)
+        # (more keys than queries when decoding with a KV cache: the queries are the last ones)
+        return self.attend(q, k, v, allowed, causal=mask_type == AttnMaskType.causal, dropout=dropout)

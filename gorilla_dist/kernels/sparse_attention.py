@@ -38,43 +38,32 @@ themselves are unchanged.
 
 from __future__ import annotations
 
-import math
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 
 from gorilla_dist.kernels import layouts
-from gorilla_dist.kernels.alibi import alibi_mask, local_alibi_slopes, tp_rank_size
+from gorilla_dist.kernels.base import AttentionModule, with_prefix_columns
 from gorilla_dist.kernels.block_sparse import block_sparse_attention
 from gorilla_dist.kernels.limits import BIDIRECTIONAL, UnsupportedAttention
 
 
-class _BlockSparseBase(MegatronModule):
+class _BlockSparseBase(AttentionModule):
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, *, block_size: int = 64,
                  alibi: bool = False, **pattern):
-        super().__init__(config=config)
+        super().__init__(config, softmax_scale=softmax_scale, pg_collection=pg_collection, alibi=alibi)
         if (config.attention_dropout if attention_dropout is None else attention_dropout) > 0:
             raise UnsupportedAttention("block-sparse attention does not implement attention dropout")
         self.block_size, self.pattern = block_size, pattern
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        tp_rank, tp_size = tp_rank_size(pg_collection)
-        self.num_heads = config.num_attention_heads
-        self.local_heads = self.num_heads // tp_size
-        self.head_start = tp_rank * self.local_heads
-        slopes = local_alibi_slopes(self.num_heads, pg_collection) if alibi else None
-        self.register_buffer("alibi_slopes", slopes, persistent=False)
-        self.prefix_kv = None  # prefix tuning: a callable -> this layer's (N, groups, head_dim) keys, values
+        self.rank_heads(pg_collection)
 
     def _prefix(self, b: int, dtype):
-        """(keys, values) [b, groups, N, hn] of prefix tuning, or None."""
-        if self.prefix_kv is None:
-            return None
-        pk, pv = self.prefix_kv()
-        if pk.shape[0] % self.block_size:
-            raise UnsupportedAttention(f"{pk.shape[0]} prefix keys are not whole blocks of {self.block_size}: set "
-                                       "finetune.virtual_tokens to a multiple of model.sparse.block_size")
-        return tuple(t.to(dtype).permute(1, 0, 2)[None].expand(b, -1, -1, -1) for t in (pk, pv))
+        """(keys, values) [b, groups, N, hn] of prefix tuning in whole blocks, or None."""
+        prefix = self.prefix(b, dtype)
+        if prefix is not None and prefix[0].shape[2] % self.block_size:
+            raise UnsupportedAttention(f"{prefix[0].shape[2]} prefix keys are not whole blocks of {self.block_size}: "
+                                       "set finetune.virtual_tokens to a multiple of model.sparse.block_size")
+        return prefix
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -142,13 +131,8 @@ class StaticSparseAttention(_BlockSparseBase):
         prefix = self._prefix(b, k.dtype)
         if prefix is not None:  # seen by every query
             k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
-            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], prefix[0].shape[2]), allowed], -1)
-        if k.shape[1] != np_:  # grouped-query attention
-            k, v = k.repeat_interleave(np_ // k.shape[1], dim=1), v.repeat_interleave(np_ // k.shape[1], dim=1)
-        if self.alibi_slopes is not None:  # keys: prefix included; the queries are the last s
-            allowed = alibi_mask(self.alibi_slopes, s, k.shape[2], allowed, q.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)
+            allowed = with_prefix_columns(allowed, prefix[0].shape[2])
+        return self.attend(q, k, v, allowed)  # (ALiBi's distances: prefix included; the queries are the last s)
 
     def build_layout(self, seq_len: int) -> layouts.BlockLayout:
         p, bs = self.pattern, self.block_size

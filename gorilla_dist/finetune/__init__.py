@@ -50,13 +50,11 @@ def is_adapter(name: str) -> bool:
 def resolve_labels(f: FinetuneConfig, label_names: list[str] | None) -> None:
     """head=classification: fill finetune.num_labels and finetune.labels from the data's classes (so the
     run's checkpoints record them), or refuse data that does not have the classes the config names."""
+    from gorilla_dist.objectives.classify import resolve_classes
+
     if f.head != "classification":
         return
-    if label_names is None:
-        raise ConfigError("finetune.head=classification needs labelled data: prepare rows with a 'label' field "
-                          "(python -m gorilla_dist.data.prepare ... format=instruction)")
-    if f.labels and list(f.labels) != label_names:
-        raise ConfigError(f"finetune.labels={list(f.labels)} but the data's classes are {label_names} (in id order)")
+    label_names = resolve_classes("finetune.labels", f.labels, label_names, needs="finetune.head=classification")
     if f.num_labels and f.num_labels != len(label_names):
         raise ConfigError(f"finetune.num_labels={f.num_labels} but the data has {len(label_names)} classes: "
                           f"{label_names}; leave finetune.num_labels=0 to take the data's")

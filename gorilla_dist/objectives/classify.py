@@ -26,6 +26,19 @@ class ClassifyOptions(ObjectiveOptions):
     given, they must be the data's."""
 
 
+def resolve_classes(key: str, given, label_names: list[str] | None, *, needs: str, hint: str = "") -> list[str]:
+    """The class names (in id order) a classifier of the data's labels scores, for both classifiers (this
+    objective with target: label, and finetune.head=classification): the data's, which the config's `key`
+    (e.g. finetune.labels), when given, must equal; data without labels is refused with `needs` (what the
+    run needs, the refusal's first words; `hint` follows it)."""
+    if label_names is None:
+        raise ConfigError(f"{needs} needs labelled data: rows with a 'label' field, prepared with python -m "
+                          f"gorilla_dist.data.prepare ... format=instruction{hint}")
+    if given and list(given) != label_names:
+        raise ConfigError(f"{key}={list(given)} but the data's classes are {label_names} (in id order)")
+    return list(label_names)
+
+
 def labelled(batch, rows):
     """(b, s) bool: the positions of `rows` where a labelled example's class is read (Batch.classes)."""
     import torch
@@ -65,16 +78,11 @@ class Classify(Objective):
     def resolve(self, where: str, label_names: list[str] | None) -> None:
         """target=label: fill `labels` from the data's classes, or refuse data without labels, or with other
         classes than the config names."""
-        o = self.options
-        if not self.by_label:
-            return
-        if label_names is None:
-            raise ConfigError(f"{where}: classify with target: label needs labelled data: rows with a 'label' field, "
-                              "prepared with python -m gorilla_dist.data.prepare ... format=instruction "
-                              "(train_on_inputs=true to keep the language-model loss on the text)")
-        if o.labels and list(o.labels) != label_names:
-            raise ConfigError(f"{where}.labels={list(o.labels)} but the data's classes are {label_names} (in id order)")
-        o.labels = list(label_names)
+        if self.by_label:
+            self.options.labels = resolve_classes(f"{where}.labels", self.options.labels, label_names,
+                                                  needs=f"{where}: classify with target: label",
+                                                  hint=" (train_on_inputs=true to keep the language-model loss on "
+                                                       "the text)")
 
     def sample_options(self) -> None:
         if self.by_label and not self.options.labels:

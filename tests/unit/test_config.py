@@ -99,6 +99,27 @@ def test_configs_of_older_runs_with_a_recorded_vocab_size_still_load():
         parse_run_config(old.replace("vocab_size", "vocab_sise"), "old/config.yaml")
 
 
+def test_configs_of_older_runs_with_every_objective_field_still_load():
+    """Runs before each objective had its own options wrote all of them into every train.objectives entry;
+    they load with each objective's own options kept (a denoise entry keeps its mode), the others dropped."""
+    from omegaconf import OmegaConf
+
+    from gorilla_dist.config import parse_run_config
+
+    flat = ("    target: source\n    labels: []\n    temperature: 0.1\n    projection: 64\n    mode: {mode}\n"
+            "    mean_span: 3.0\n    rate: 0.15\n    mask: 1.0\n    replace: 0.0\n    delete: 0.0\n")
+    new = OmegaConf.to_yaml(composed("model=debug", "data.path=/tmp/any.txt", "data.tokenizer=byte",
+                                     "train.objectives=[{name: clm, weight: 0.5}, {name: denoise, mode: X}]"))
+    start = new.index("  objectives:\n")  # (the new entries end with denoise's last option, delete)
+    old = new[:start] + ("  objectives:\n  - name: clm\n    weight: 0.5\n" + flat.format(mode="R")
+                         + "  - name: denoise\n    weight: 1.0\n" + flat.format(mode="X"))
+    old += new[new.index("\n", new.index("delete:", start)) + 1:]
+    cfg = parse_run_config(old, "old/config.yaml")
+    clm, denoise = cfg.train.objectives
+    assert (clm.name, clm.weight, denoise.mode, denoise.mean_span) == ("clm", 0.5, "X", 3.0)
+    assert not hasattr(clm, "mode") and not hasattr(denoise, "temperature")
+
+
 def test_a_run_config_is_read_back_as_typed_sections(tmp_path):
     """Workers and tools get the schema's dataclasses, section by section, not OmegaConf nodes."""
     from gorilla_dist.config import Config, ModelConfig, SourceConfig, load_run_config, save_run_config

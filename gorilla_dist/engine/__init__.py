@@ -12,6 +12,7 @@ versions (versions.py):
                          unfused optimizer's init step, fp16's loss scale at ZeRO-0); the `mpu`; ZeRO-3's
                          partitioned construction (deepspeed.zero.Init)
     megatron_cpu.py      megatron-core's CUDA assumptions adapted for CPU; sequence-parallel grad sums
+    output.py            heads at megatron's output step (a classifier's scores instead of the logits)
     moe.py               mixture of experts: aux-loss scaling, router statistics, the expert bias, expert
                          parallelism inside DeepSpeed
     rng.py               megatron's model-parallel RNG tracker: seeding, capture, restore

@@ -2,26 +2,27 @@
 to `num_labels` class scores, in place of the language-model output — as transformers'
 *ForSequenceClassification models do (their `score`, a bias-free linear), so export writes one.
 
-The head is a module of megatron's GPTModel, `classifier` (weight (num_labels, hidden), replicated on
-every tensor-parallel rank). GPTModel.post_process=False (megatron's switch for a pipeline stage without
-the output layer) makes its forward return the hidden states; a forward hook turns them into
-(b, s, num_labels) scores at every position (the tensor-parallel ranks then hold the same scores; under
-sequence parallelism the hidden states are gathered first, with a backward that keeps each rank's own
-slice of the gradient, so nothing is counted twice). The loss (loss.py) reads the scores at each
-labelled example's last prompt token (data.loader.Batch.classes). The output layer is not used: its
-weight (when not tied to the embedding) stays frozen, as the base left it.
+Every head here is one kind of thing: a bias-free linear (`_linear`) on the final-normed hidden states, at
+the model's output step (engine/output.py: where megatron turns them into logits, on the stage that has the
+output), replicated on every tensor-parallel rank; under sequence parallelism the hidden states are gathered
+first, with a backward that keeps each rank's own slice of the gradient, so nothing is counted twice.
+Computing them inside the model's forward keeps ZeRO-3's parameter gathering as usual.
 
-Auxiliary heads of pretraining objectives (gorilla_dist/objectives: `objective_heads.<name>`) read the
-same final hidden states beside the language-model output: a forward hook on megatron's decoder block
-keeps their per-position scores (`objective_scores`, (b, s, classes) each); a sample's prediction is the
-mean of its positions' scores, which for a bias-free linear head equals the head on the mean-pooled
-hidden state. Computing them inside the model's forward keeps ZeRO-3's parameter gathering as usual.
+- The classifier, `classifier` (weight (num_labels, hidden)): its (b, s, num_labels) scores are the model's
+  output instead of the language-model logits (which are then never computed). The loss (loss.py) reads
+  them at each labelled example's last prompt token (data.loader.Batch.classes). The output layer is not
+  used: its weight (when not tied to the embedding) stays frozen, as the base left it.
+- Auxiliary heads of pretraining objectives (gorilla_dist/objectives: `objective_heads.<name>`), beside the
+  language-model output: their per-position scores are kept (`objective_scores`, (b, s, classes) each); a
+  sample's prediction is the mean of its positions' scores, which for a bias-free linear head equals the
+  head on the mean-pooled hidden state.
 """
 
 from __future__ import annotations
 
 import torch
 
+from gorilla_dist.engine.output import add_output_heads
 from gorilla_dist.engine.state import logical_shape
 
 HEAD = "classifier"
@@ -42,8 +43,6 @@ def _whole_sequence(model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def _scores(model, _args, hidden):
-    return model.classifier(_whole_sequence(model, hidden)).transpose(0, 1)  # (s, b, h) -> (b, s, num_labels)
 
 
 def _linear(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Linear:
@@ -63,8 +62,11 @@ def attach_classifier(model: torch.nn.Module, num_labels: int, *, seed: int) -> 
     hooks, which then drop the virtual tokens' scores like any other output."""
     model.add_module(HEAD, _linear(model, num_labels, seed + 7919))
     model.num_labels = num_labels
-    model.post_process = False
-    model.register_forward_hook(_scores)
+
+    def scores(hidden):  # (s, b, h) -> (b, s, num_labels), the model's output
+        return model.classifier(_whole_sequence(model, hidden)).transpose(0, 1)
+
+    add_output_heads(model, scores, replace=True)
 
 
 def is_classifier(model: torch.nn.Module) -> bool:
@@ -77,11 +79,11 @@ def attach_objective_heads(model: torch.nn.Module, classes: dict[str, int], *, s
                                                  for i, (name, n) in enumerate(sorted(classes.items()))}))
     model.objective_scores = {}
 
-    def keep(_decoder, _args, hidden):
+    def keep(hidden):  # beside the language-model output
         hidden = _whole_sequence(model, hidden)
         model.objective_scores = {name: head(hidden).transpose(0, 1) for name, head in model.objective_heads.items()}
 
-    model.decoder.register_forward_hook(keep)
+    add_output_heads(model, keep, replace=False)
 
 
 def pooled_scores(model: torch.nn.Module, name: str, weights: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ out: model/spec.py), so these are the numbers a transformers user gets from an e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def per_token_loss(model, batch) -> torch.Tensor:
@@ -50,10 +49,7 @@ def classified(batch) -> torch.Tensor:
 def class_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A model with a classification head (model/head.py): (summed cross entropy over the batch's
     labelled examples (fp32, with gradient), their count, how many the argmax gets right)."""
-    at = classified(batch)  # (b, s)
+    from gorilla_dist.objectives.classify import labelled_sums
+
     scores = model(batch.tokens, batch.position_ids, batch.segments, **packed(batch)).float()  # (b, s, labels)
-    # every position, the unlabelled ones ignored: selecting the labelled ones (scores[at]) would make
-    # the host wait for their number
-    labels = torch.where(at, batch.classes, -100)
-    return (F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100),
-            at.sum().float(), ((scores.argmax(-1) == batch.classes) & at).sum().float())
+    return labelled_sums(scores, batch.classes, classified(batch))

@@ -48,6 +48,19 @@ def labelled(batch, rows):
     return (batch.classes >= 0) & rows[:, None]
 
 
+def labelled_sums(scores, classes, at):
+    """(summed cross entropy over the labelled positions `at` ((b, s) bool) of `scores` ((b, s, classes)), their
+    count, how many the argmax gets right): the loss of both classifiers (finetune.head=classification and this
+    objective with target: label). Every position is computed and the unlabelled ones ignored: selecting the
+    labelled ones (scores[at]) would make the host wait for their number."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = torch.where(at, classes, -100)
+    return (F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100),
+            at.sum().float(), ((scores.argmax(-1) == classes) & at).sum().float())
+
+
 def module_of(model):
     """The model itself, under a TrainEngine or not."""
     return model.module if hasattr(model, "module") else model
@@ -98,12 +111,12 @@ class Classify(Objective):
 
         module = module_of(model)
         if self.by_label:  # each labelled example's class, at its last prompt token
-            at = labelled(batch, rows)
             scores = module.objective_scores["classify"].float()
-            scores = scores[:, scores.shape[1] - at.shape[1]:][at]  # (n, classes)
-            labels = batch.classes[at]
-            return (F.cross_entropy(scores, labels, reduction="sum"),
-                    (scores.argmax(-1) == labels).sum().float().detach())
+            scores = scores[:, scores.shape[1] - batch.loss_mask.shape[1]:]  # (b, s, classes)
+            if batch.classes is None:  # no labelled example here: 0, through the head
+                return scores.sum() * 0.0, scores.new_zeros(())
+            ce, _, right = labelled_sums(scores, batch.classes, labelled(batch, rows))
+            return ce, right.detach()
         scores = pooled_scores(module, "classify", batch.loss_mask)  # (b, sources): the sample's source
         ce = F.cross_entropy(scores, batch.source, reduction="none")
         right = (scores.argmax(-1) == batch.source).float()

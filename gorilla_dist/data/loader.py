@@ -169,8 +169,9 @@ class ShardData:
             from gorilla_dist.data.tokenizer import OBJECTIVE_TOKENS
 
             if tuple(getattr(tokenizer, "specials", ())) != OBJECTIVE_TOKENS:  # (one tokenizer for all sources)
-                names = " and ".join(sorted({o.name for o in self.corrupting}))
-                raise DataError(f"train.objectives: {names} need{'s' if ' ' not in names else ''} the objectives' "
+                names = sorted({o.name for o in self.corrupting})
+                need = "needs" if len(names) == 1 else "need"
+                raise DataError(f"train.objectives: {' and '.join(names)} {need} the objectives' "
                                 f"special tokens (sentinels, mode tokens, separator), which {datasets[0].path} was "
                                 "prepared without; prepare it again with python -m gorilla_dist.data.prepare ... "
                                 "special_tokens=objectives")

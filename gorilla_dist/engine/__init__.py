@@ -52,9 +52,7 @@ tp_join = state.tp_join
 def partitioned_construction(model, parallel, precision):
     """ZeRO-3: the context build_model makes the model in, parameters partitioned as they are created
     (deepspeed_engine.partitioned_construction); None otherwise."""
-    from gorilla_dist.engine.deepspeed_engine import (
-        partitioned_construction as construction,
-    )
+    from gorilla_dist.engine.deepspeed_engine import partitioned_construction as construction
 
     return construction(model, parallel, precision)
 

@@ -11,7 +11,7 @@ every worker find it by name). A refusal names the capability the kernel lacks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 from gorilla_dist.kernels.limits import BLOCK_SIZES, UnsupportedAttention
@@ -41,19 +41,12 @@ class Capabilities:
     hf_twin: bool = False
     """transformers computes it exactly (export writes a model that computes ours)."""
 
-    def lacking(self, *names: str) -> list[str]:
-        return [n for n in names if not getattr(self, n)]
-
-
-CAPABILITIES = tuple(f.name for f in fields(Capabilities))
-
 
 class AttentionKernel:
     """One model.attention choice. Subclass it, set `name` and `supports`, implement `module`."""
 
     name: ClassVar[str] = ""
     supports: ClassVar[Capabilities] = Capabilities()
-    summary: ClassVar[str] = ""
 
     @classmethod
     def module(cls, m) -> tuple[type, dict]:
@@ -71,7 +64,8 @@ class AttentionKernel:
 
     @classmethod
     def check_build(cls, device, dtype) -> str | None:
-        """At model build: why it cannot run on this device and dtype (None: it can)."""
+        """At model build: why it cannot run on this device and dtype, said after `model.attention=<name>`, with
+        what to do instead (None: it can)."""
         return None
 
 
@@ -85,8 +79,9 @@ def missing(kernel: type[AttentionKernel], capability: str, m) -> str:
 
 
 class Dense(AttentionKernel):
+    """flash-attn on GPU when installed, else SDPA (dense.py)."""
+
     name = "dense"
-    summary = "flash-attn on GPU when installed, else SDPA (dense.py)"
     supports = Capabilities(dropout=True, kv_cache=True, prompt_tuning=True, hf_twin=True)
 
     @classmethod
@@ -97,8 +92,9 @@ class Dense(AttentionKernel):
 
 
 class Flash(Dense):
+    """flash-attn, and an error instead of a fallback (dense.py)."""
+
     name = "flash"
-    summary = "flash-attn, and an error instead of a fallback (dense.py)"
 
     @classmethod
     def module(cls, m):
@@ -121,7 +117,8 @@ class Flash(Dense):
     def check_build(cls, device, dtype) -> str | None:
         from gorilla_dist.kernels.dense import flash_unusable
 
-        return flash_unusable(device, dtype)
+        reason = flash_unusable(device, dtype)
+        return reason and f"{reason}; model.attention=dense uses flash-attn when it can and SDPA otherwise"
 
 
 class BlockSparse(AttentionKernel):
@@ -155,7 +152,7 @@ class BlockSparse(AttentionKernel):
 
 
 class Static(BlockSparse):
-    summary = "a static block-sparse layout (sparse_attention.py, layouts.py)"
+    """A static block-sparse layout (sparse_attention.py, layouts.py)."""
 
     @classmethod
     def sizes(cls, sp) -> dict:
@@ -194,8 +191,9 @@ class BigBird(Static):
 
 
 class Learned(BlockSparse):
+    """Learned top-k block selection (sparse_attention.py)."""
+
     name = "learned"
-    summary = "learned top-k block selection (sparse_attention.py)"
     # a block's keys are chosen from all of its queries, which a cache cannot reproduce
     supports = Capabilities(kv_cache=False, blocks=True)
 
@@ -253,17 +251,13 @@ class Registry:
         return self.register(cls)
 
 
-KERNELS = Registry(AttentionKernel, ENTRY_POINTS, {k.name: k for k in (Dense, Flash, Sliding, Strided, BigBird, Learned)})
+KERNELS = Registry(AttentionKernel, ENTRY_POINTS,
+                   {k.name: k for k in (Dense, Flash, Sliding, Strided, BigBird, Learned)})
 
 
 def register_attention(cls: type[AttentionKernel]) -> type[AttentionKernel]:
     """Make `cls` available as model.attention=<cls.name> in this process (usable as a decorator)."""
     return KERNELS.register(cls)
-
-
-def attention_names() -> list[str]:
-    """Every model.attention choice: the built-in kernels, then the registered and installed ones."""
-    return KERNELS.names()
 
 
 def attention_kernel(name: str) -> type[AttentionKernel]:

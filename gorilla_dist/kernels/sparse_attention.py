@@ -38,7 +38,6 @@ themselves are unchanged.
 
 from __future__ import annotations
 
-
 import torch
 
 from gorilla_dist.kernels import layouts

@@ -43,8 +43,6 @@ def _whole_sequence(model, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-
-
 def _linear(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Linear:
     """A bias-free (hidden -> classes) linear, normal init with the model's init std, seeded: the same on
     every rank and layout."""

@@ -243,8 +243,7 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
     recompute = parallel.activation_checkpointing if parallel is not None else "none"
     reason = attention_kernel(m.attention).check_build(device, TORCH_DTYPES[dtype])  # at build, not at the first step
     if reason:
-        raise ConfigError(f"model.attention={m.attention} {reason}; model.attention=dense uses flash-attn when "
-                          "it can and SDPA otherwise")
+        raise ConfigError(f"model.attention={m.attention} {reason}")
     if m.moe.num_experts:
         cpu_moe()
         reset_aux_loss_tracker()

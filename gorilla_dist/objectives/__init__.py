@@ -44,9 +44,11 @@ ENTRY_POINTS = "gorilla_dist.objectives"
 """The entry point group installed packages register objectives in."""
 
 OBJECTIVES = Registry(Objective, ENTRY_POINTS, {
-    "clm": ("gorilla_dist.objectives.clm", "CLM"), "classify": ("gorilla_dist.objectives.classify", "Classify"),
+    "clm": ("gorilla_dist.objectives.clm", "CLM"),
+    "classify": ("gorilla_dist.objectives.classify", "Classify"),
     "contrastive": ("gorilla_dist.objectives.contrastive", "Contrastive"),
-    "denoise": ("gorilla_dist.objectives.denoise", "Denoise"), "permute": ("gorilla_dist.objectives.permute", "Permute")},
+    "denoise": ("gorilla_dist.objectives.denoise", "Denoise"),
+    "permute": ("gorilla_dist.objectives.permute", "Permute")},
     error=ConfigError)
 
 
@@ -105,7 +107,8 @@ def check_objectives(objectives, data, finetune) -> list:
     import math
 
     if not objectives:
-        raise ConfigError(f"train.objectives is empty; give at least one of {objective_names()}, e.g. '[{{name: clm}}]'")
+        raise ConfigError(f"train.objectives is empty; give at least one of {objective_names()}, e.g. "
+                          "'[{name: clm}]'")
     parsed, labels = [], []
     for i, raw in enumerate(objectives):
         where = f"train.objectives[{i}]"
@@ -144,5 +147,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gorilla_dist.objectives' has no attribute {name!r}")
 
 
-__all__ = ["ENTRY_POINTS", "OBJECTIVES", "Objective", "ObjectiveOptions", "bind", "check_objectives", "is_plain", "objective_class",
-           "objective_names", "objective_options", "parse_objective", "register_objective", *_RUNTIME]
+__all__ = ["ENTRY_POINTS", "OBJECTIVES", "Objective", "ObjectiveOptions", "bind", "check_objectives", "is_plain",
+           "objective_class", "objective_names", "objective_options", "parse_objective", "register_objective", *_RUNTIME]

@@ -7,7 +7,7 @@ import torch
 
 from gorilla_dist.loss import per_token_loss
 from gorilla_dist.model.head import HEADS
-from gorilla_dist.objectives import bind, objective_options
+from gorilla_dist.objectives import bind, is_plain, objective_options
 
 
 class Objectives:
@@ -20,7 +20,7 @@ class Objectives:
         self.configs = [o.options for o in self.items]
         self.dp_group = dp_group
         self.keys = [o.key for o in self.items]
-        self.plain = [o.name for o in self.items] == ["clm"]  # the language-model loss alone, exactly as before
+        self.plain = is_plain(self.configs)  # the language-model loss alone, exactly as before
 
     @property
     def accuracy_keys(self) -> set[str]:

@@ -13,8 +13,9 @@ from gorilla_dist.kernels.registry import KERNELS, AttentionKernel, Capabilities
 
 
 class ToyDense(AttentionKernel):
+    """Dense attention under another name, without a KV cache (a test plug-in)."""
+
     name = "toydense"
-    summary = "dense attention under another name, without a KV cache (a test plug-in)"
     supports = Capabilities(kv_cache=False, dropout=False, prompt_tuning=True)
 
     @classmethod

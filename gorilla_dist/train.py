@@ -81,12 +81,12 @@ def evaluate(engine, data, n_samples: int, layout, objectives: Objectives | None
     engine.eval()
     batches = data.val_batches(n_samples)
     if is_classifier(engine.module):
-        totals = torch.stack([torch.stack(class_loss_sum(engine, b)) for b in batches]).sum(0)
+        totals = engine.evaluate_sums(batches, class_loss_sum, 3)
         engine.train()
         loss_sum, count, right = dp_sum(totals, layout).tolist()
         return {"val_loss": loss_sum / max(count, 1.0), "val_accuracy": right / max(count, 1.0)}
     if objectives is None or objectives.plain:
-        totals = torch.stack([torch.stack(lm_loss_sum(engine, b)) for b in batches]).sum(0)
+        totals = engine.evaluate_sums(batches, lm_loss_sum, 2)
         engine.train()
         loss_sum, count = dp_sum(totals, layout).tolist()
         return {"val_loss": loss_sum / max(count, 1.0)}
@@ -272,9 +272,9 @@ def train(cfg, layout) -> bool:
     finish(cfg, metrics, layout, host_syncs=syncs.report())
 
     if t.sample_tokens and cfg.finetune.head == "none":
-        text = sample(engine.module, data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
+        text = sample(engine.sampling_model(), data.tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens,
                       seq_length=cfg.model.seq_length, seed=cfg.run.seed,
-                      cache=caches(cfg.model) and not cfg.parallel.sequence_parallel)
+                      cache=caches(cfg.model) and not cfg.parallel.sequence_parallel and layout.pp == 1)
         if layout.is_main:
             print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
     return True

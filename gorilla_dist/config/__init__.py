@@ -42,7 +42,7 @@ from gorilla_dist.config.model import (ACTIVATIONS, MOE_DISPATCHERS, MOE_ROUTERS
                                        SparseConfig, check_model, layer_weight_sets, moe_layers)
 from gorilla_dist.config.optim import SCHEDULES, OptimConfig, check_optim
 from gorilla_dist.config.parallel import (DEVICES, RECOMPUTE, ParallelConfig, ParallelDims, check_parallel,
-                                          possible_world_sizes, world_size, world_source)
+                                          pipeline_split, possible_world_sizes, world_size, world_source)
 from gorilla_dist.config.precision import PRECISIONS, PrecisionConfig, check_precision
 from gorilla_dist.config.run import RunConfig
 from gorilla_dist.config.train import NONFINITE, TrainConfig, check_batch, check_train, grad_accum_steps
@@ -52,7 +52,7 @@ from gorilla_dist.hf_import import PREFIX as HF_PREFIX
 from gorilla_dist.kernels.limits import UnsupportedAttention
 from gorilla_dist.kernels.registry import attention_kernel
 from gorilla_dist.hf_import import hf_dir, max_positions, model_fields, read_config
-from gorilla_dist.objectives import check_objectives, objective_class, parse_objective
+from gorilla_dist.objectives import check_objectives, is_plain, objective_class, parse_objective
 
 
 @dataclass
@@ -99,10 +99,41 @@ def validate(cfg, world: int | None = None) -> ParallelDims:
     check_data(cfg.data, t)
     check_finetune(cfg.finetune, cfg.checkpoint, m, p, cfg.data)
     check_model(m, p, cfg.data, cfg.precision.dtype)
+    check_pipeline(cfg)
     dims = ParallelDims.from_config(cfg, world)
     check_batch(t, dims.dp, f" (at world size {world}: {world_source(cfg, world)})" if cfg.slurm.min_nodes is not None
                 else "")
     return dims
+
+
+def check_pipeline(cfg) -> None:
+    """parallel.pp > 1: the layer split fits the model, and the options a pipeline stage does not run yet are
+    refused, each with its reason."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp == 1:
+        return
+    pipeline_split(m.num_layers, p.pp, list(p.pp_layers) if p.pp_layers else None)
+    with_pp = f"with parallel.pp={p.pp}"
+    refusals = [
+        (cfg.precision.dtype == "fp16", f"precision.dtype=fp16 {with_pp}: the loss scale of the pipeline's backward "
+                                        "is not built yet; use precision=bf16 or fp32"),
+        (m.sharing.unique_layers not in (None, m.num_layers),
+         f"model.sharing.unique_layers={m.sharing.unique_layers} {with_pp}: layers sharing weights across "
+         "pipeline stages are not built yet; use parallel.pp=1"),
+        (bool(m.moe.num_experts), f"model.moe.num_experts={m.moe.num_experts} {with_pp}: mixture-of-experts "
+                                  "layers on pipeline stages are not built yet; use parallel.pp=1"),
+        (not is_plain(cfg.train.objectives), f"train.objectives (other than clm alone) {with_pp}: objectives "
+                                             "that run the model more than once per micro-batch, or add heads, "
+                                             "are not built for pipeline stages yet; use parallel.pp=1"),
+        (cfg.finetune.head != "none", f"finetune.head={cfg.finetune.head} {with_pp}: a classification head on the "
+                                      "last stage is not built yet; use parallel.pp=1"),
+        (cfg.finetune.method in ("prompt", "prefix"),
+         f"finetune.method={cfg.finetune.method} {with_pp}: virtual tokens change what the stages exchange; "
+         "not built yet; use lora, full or freeze, or parallel.pp=1"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(why)
 
 
 def check_inputs(cfg) -> None:

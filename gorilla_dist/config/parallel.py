@@ -4,6 +4,7 @@ process-group timeouts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from gorilla_dist.config.checks import choice, positive
 from gorilla_dist.errors import ConfigError
@@ -25,6 +26,15 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size (megatron-core column/row parallel layers). Data parallel = world / tp
     (ParallelDims.dp)."""
+    pp: int = 1
+    """Pipeline-parallel size: the decoder layers are split into `pp` consecutive stages, one per rank of a
+    pipeline (the first also holds the embeddings, the last the final norm, output layer and loss); each
+    step's micro-batches flow through them in a 1F1B schedule (engine/pipeline.py). Data parallel =
+    world / (tp * pp)."""
+    pp_layers: Optional[list[int]] = None
+    """Decoder layers per pipeline stage, e.g. [1, 3] (uneven splits; they must sum to model.num_layers,
+    each >= 1). None: as even as possible, the extra layers on the middle stages first (the first and last
+    stages also hold the embeddings and the output layer)."""
     ep: int = 1
     """Expert-parallel size (model.moe): each MoE layer's experts are split over `ep` ranks of a
     data-parallel group, which exchange tokens; expert weights are then reduced and partitioned over the
@@ -106,16 +116,18 @@ class ParallelDims:
         for key, value in (("parallel.tp", tp), ("parallel.ep", ep), ("world size", world)):
             if value < 1:
                 raise ConfigError(f"{key}={value} must be > 0")
-        for key, value, what in (("pp", pp, "pipeline"), ("cp", cp, "context")):
-            if value != 1:
-                raise ConfigError(f"{key}={value}: {what} parallelism is not built yet; only {key}=1 runs")
+        if pp < 1:
+            raise ConfigError(f"parallel.pp={pp} must be > 0")
+        if cp != 1:
+            raise ConfigError(f"cp={cp}: context parallelism is not built yet; only cp=1 runs")
         where = f"world size {world}" + (f" ({source})" if source else "")
         if world % (tp * pp * cp):
-            raise ConfigError(f"{where} is not divisible by parallel.tp({tp})")
+            sizes = f"parallel.tp({tp})" + (f" * parallel.pp({pp}) = {tp * pp}" if pp > 1 else "")
+            raise ConfigError(f"{where} is not divisible by {sizes}")
         dims = cls(world=world, tp=tp, pp=pp, cp=cp, ep=ep)
         if dims.dp % ep:
             raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dims.dp} (world {world} / "
-                              f"parallel.tp {tp}): each expert-parallel group is ep ranks of one tensor-parallel "
+                              f"parallel.tp {tp}{f' / parallel.pp {pp}' if pp > 1 else ''}): each expert-parallel group is ep ranks of one tensor-parallel "
                               "position")
         return dims
 
@@ -124,7 +136,7 @@ class ParallelDims:
         """The run's sizes at `world` ranks (None: the ranks the launch starts, world_size)."""
         world = world_size(cfg) if world is None else world
         p = cfg.parallel
-        return cls.build(world, tp=p.tp, ep=p.ep, source=world_source(cfg, world))
+        return cls.build(world, tp=p.tp, pp=p.pp, ep=p.ep, source=world_source(cfg, world))
 
     @property
     def dp(self) -> int:
@@ -148,13 +160,46 @@ class ParallelDims:
         return f"world {self.world} = {' x '.join(parts) or '1'}{ep}"
 
 
+def pipeline_split(num_layers: int, pp: int, pp_layers: list[int] | None = None) -> list[int]:
+    """Decoder layers per pipeline stage: `pp_layers` when given (checked), else as even as possible with
+    the extra layers on the middle stages first, then the first stage (the last holds the output layer and
+    the loss). One stage: [num_layers]."""
+    if pp_layers:
+        if len(pp_layers) != pp:
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} has {len(pp_layers)} entries; parallel.pp={pp} "
+                              "needs one per pipeline stage")
+        if min(pp_layers) < 1:
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)}: every stage needs at least one decoder layer")
+        if sum(pp_layers) != num_layers:
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} sums to {sum(pp_layers)} layers, but "
+                              f"model.num_layers={num_layers}")
+        return [int(n) for n in pp_layers]
+    if pp > num_layers:
+        raise ConfigError(f"parallel.pp={pp} pipeline stages for model.num_layers={num_layers}: each stage needs at "
+                          f"least one decoder layer; set parallel.pp <= {num_layers}")
+    base, extra = divmod(num_layers, pp)
+    order = [*range(1, pp - 1), 0, pp - 1]  # who gets an extra layer first
+    counts = [base] * pp
+    for stage in order[:extra]:
+        counts[stage] += 1
+    return counts
+
+
 def check_parallel(p) -> None:
     """parallel: sizes, choices and timeouts (how the sizes fit the world: ParallelDims)."""
-    for key in ("tp", "timeout_s", "rendezvous_timeout_s", "census_grace_s"):
+    for key in ("tp", "pp", "timeout_s", "rendezvous_timeout_s", "census_grace_s"):
         positive(getattr(p, key), f"parallel.{key}")
     choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
     choice(p.activation_checkpointing, RECOMPUTE, "parallel.activation_checkpointing")
     choice(p.device, DEVICES, "parallel.device")
+    if p.pp_layers is not None and p.pp == 1 and len(p.pp_layers) != 1:
+        raise ConfigError(f"parallel.pp_layers={list(p.pp_layers)} splits the layers over {len(p.pp_layers)} stages, "
+                          f"but parallel.pp=1; set parallel.pp={len(p.pp_layers)}")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: ZeRO-2/3 partition the "
+                          "gradients, which a pipeline stage accumulates over the micro-batches of its schedule (each "
+                          "would be reduced and partitioned once per micro-batch); use parallel.zero_stage=0 or 1 "
+                          "(ZeRO-1 partitions the optimizer state over the data-parallel ranks of each stage)")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks, "
                           "but parallel.tp=1; set parallel.tp > 1 or parallel.sequence_parallel=false")

@@ -8,6 +8,8 @@ versions (versions.py):
     comm.py              starting torch.distributed, through DeepSpeed for training (the version check; no shm
                          op on CPU); the census of live ranks after a failed collective
     startup.py           importing megatron-core without its import-time compile and W&B costs
+    pipeline.py          the TrainEngine of a pipeline stage: the 1F1B schedule around DeepSpeed's backward and
+                         step, the stages' point-to-point exchange, the tied embeddings' gradient sum
     deepspeed_engine.py  building the DeepSpeed engine and its adaptations (non-finite fp32 steps, the
                          unfused optimizer's init step, fp16's loss scale at ZeRO-0); the `mpu`; ZeRO-3's
                          partitioned construction (deepspeed.zero.Init)
@@ -23,7 +25,8 @@ versions (versions.py):
 
 The rest of the framework talks to the `TrainEngine` protocol only (protocol.py: `step(micro_batches, loss_fn) ->
 StepResult`, `full_state()` / `local_state()` / `load_full_state()`, `state_bytes()`, and the model to call
-forward on); `DeepSpeedEngine` (deepspeed_engine.py) is its implementation, `build_engine` makes one. Megatron-core
+forward on); `DeepSpeedEngine` (deepspeed_engine.py) is its implementation, and `PipelineEngine` (pipeline.py) with
+pipeline stages; `build_engine` makes one. Megatron-core
 *layers* (the model spec) are built in gorilla_dist/model/ from megatron's public specs.
 """
 
@@ -66,4 +69,8 @@ def build_engine(model: torch.nn.Module, *, optim: OptimConfig, train: TrainConf
 
     engine = build_deepspeed(model, optim=optim, train=train, zero_stage=parallel.zero_stage, precision=precision,
                              layout=layout)
+    if layout.pp > 1:
+        from gorilla_dist.engine.pipeline import PipelineEngine
+
+        return PipelineEngine(engine, layout)
     return DeepSpeedEngine(engine, moe.RouterStats(engine.module, layout.device) if moe.moe_layers(model) else None)

@@ -92,6 +92,14 @@ class DeepSpeedEngine:
         return StepResult(loss=total / len(micro_batches), grad_norm=state.unscaled_grad_norm(self._ds, scale),
                           skipped=self._ds.lr_scheduler.applied == applied_before, moe=stats, loss_scale=scale)
 
+    def evaluate_sums(self, batches, fn, width: int) -> torch.Tensor:
+        """Forward only: the sum over `batches` of fn(self, batch), a tuple of `width` 0-d tensors."""
+        return torch.stack([torch.stack(fn(self, b)) for b in batches]).sum(0)
+
+    def sampling_model(self):
+        """What inference.sample calls for logits: the model itself."""
+        return self._ds.module
+
     def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """(weights, moments, non-finite weight names) under single-process names; see state.full_state."""
         return state.full_state(self._ds, keep=keep, trainable_only=trainable_only)
@@ -122,8 +130,11 @@ class DeepSpeedEngine:
 
 
 class MegatronMPU:
-    """The `mpu` object DeepSpeed asks for (model-parallel = tensor-parallel groups, data-parallel
-    groups), answered from megatron-core's parallel_state so both libraries agree on the groups."""
+    """The `mpu` object DeepSpeed asks for, answered from megatron-core's parallel_state so both libraries
+    agree on the groups. DeepSpeed's convention (utils/groups.py): the model-parallel *rank* is the
+    tensor-parallel rank (it counts a tensor that TP does not split on TP rank 0 only), and its gradient norms
+    are summed over the model-parallel *group*: here megatron's, every tensor- and pipeline-parallel rank of
+    one model copy (the tensor-parallel group when pp == 1)."""
 
     def __init__(self):
         from megatron.core import parallel_state as ps
@@ -134,14 +145,25 @@ class MegatronMPU:
         return self._ps.get_tensor_model_parallel_rank()
 
     def get_model_parallel_world_size(self):
-        return self._ps.get_tensor_model_parallel_world_size()
+        return self._ps.get_tensor_model_parallel_world_size() * self._ps.get_pipeline_model_parallel_world_size()
 
     def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
 
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+    def get_pipeline_model_parallel_world_size(self):
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
 
     def get_data_parallel_rank(self):
         return self._ps.get_data_parallel_rank()

@@ -46,6 +46,14 @@ Mixture of experts (transformer/moe/), applied by `cpu_moe` before an MoE model 
      gloo refuses unequal sizes. On gloo, `uneven_tp_collectives` pads every rank's part to the largest,
      runs the equal-size collective and cuts the padding off (the same result).
 
+  10. Pipeline stages with tied embeddings: the first stage's word embeddings and the last stage's output
+     weight are one parameter in two places. megatron's `LanguageModule.setup_embeddings_and_output_layer`
+     zeroes the last stage's copy and all-reduces both over the embedding group so they start equal, after
+     `weight.data = weight.data.cuda()`. `tie_stage_embeddings` does the same without the move (model/spec.py's
+     GPT calls it). Their gradients are summed over that group once per step (engine/pipeline.py), and the last
+     stage's copy is marked `ds_pipe_replicated`, so it is counted once in the gradient norm (DeepSpeed's
+     norms skip it, as on_device.global_grad_norm does).
+
 One thing megatron-core leaves to its own DDP wrapper, which we do not use (DeepSpeed owns gradients):
   5. Sequence parallelism: each TP rank normalises only its slice of the sequence, so a norm's weight
      gradient is a partial sum that megatron's `finalize_model_grads` all-reduces over the TP group.
@@ -203,6 +211,24 @@ def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
             if torch.is_tensor(value):
                 setattr(self, name, value.numpy())
     return tokens_per_expert
+
+
+def tie_stage_embeddings(model) -> None:
+    """10 above: LanguageModule.setup_embeddings_and_output_layer for a model split over pipeline stages."""
+    import torch.distributed as dist
+
+    if model.pre_process:
+        model.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+    if model.post_process and model.output_layer.weight is not None:
+        model.output_layer.weight.is_embedding_or_output_parameter = True
+    weight = model.shared_embedding_or_output_weight()
+    weight.shared_embedding = True
+    if model.post_process and not model.pre_process:
+        weight.data.fill_(0)  # the first stage's values arrive with the all-reduce
+        weight.shared = True
+        weight.ds_pipe_replicated = True  # counted once in the gradient norm: on the first stage
+    if dist.is_initialized() and model._is_in_embd_group():
+        dist.all_reduce(weight.data, group=model.embd_group)
 
 
 def sum_sequence_parallel_grads(model: torch.nn.Module) -> None:

@@ -192,7 +192,7 @@ def _unfused_bf16_step(engine, optimizer) -> bool:
 
 def global_grad_norm(params) -> torch.Tensor:
     """The L2 norm of the whole model's gradient: each tensor-parallel shard counted once (a tensor that
-    is not split, once per TP group), and expert-parallel experts summed over their expert-parallel group,
+    is not split, once per TP group), every pipeline stage's parameters, and expert-parallel experts summed over their expert-parallel group,
     whose ranks hold different experts. (DeepSpeed's clip_grad_norm_ averages the ranks' norms over the
     data-parallel group instead, which is not the norm once ranks hold different experts.)"""
     import torch.distributed as dist
@@ -202,7 +202,9 @@ def global_grad_norm(params) -> torch.Tensor:
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     device = params[0].grad.device if params else torch.device("cpu")  # sums stay where the gradients are
-    counted = [p for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+    # the last pipeline stage's copy of tied embeddings (megatron_cpu.py 10) is counted on the first stage
+    counted = [p for p in params if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+               and not getattr(p, "ds_pipe_replicated", False)]
 
     def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:  # one multi-tensor kernel, not one per tensor
         if not grads:
@@ -215,7 +217,7 @@ def global_grad_norm(params) -> torch.Tensor:
         if ps.get_expert_model_parallel_world_size() > 1:
             dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
         total = dense + expert
-        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+        dist.all_reduce(total, group=ps.get_model_parallel_group())  # tensor- and pipeline-parallel ranks
     else:
         total = dense + expert
     return total.sqrt()

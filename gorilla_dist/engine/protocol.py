@@ -73,9 +73,17 @@ class TrainEngine(Protocol):
         ranks are the step's), backward, and the update; `probe` (memory.FirstStepProbe) measures the first
         step's memory. Nothing is read back to the host."""
 
+    def evaluate_sums(self, batches: list, fn: Callable, width: int) -> torch.Tensor:
+        """Forward only: the sum over `batches` of fn(engine, batch) (a tuple of `width` 0-d tensors), the same
+        on every rank of a model copy (with pipeline stages: computed on the last, shared)."""
+
+    def sampling_model(self) -> Callable:
+        """What inference.sample calls for logits (the model, or the pipeline's forward)."""
+
     def full_state(self, *, keep: bool = True, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """(weights, optimizer moments, names of non-finite weights): full tensors under single-process
-        names, gathered over every parallel dimension."""
+        names, gathered over the tensor-, expert- and data-parallel ranks (with pipeline stages: this
+        stage's parameters)."""
 
     def local_state(self, *, trainable_only: bool = False) -> tuple[dict, dict, list[str]]:
         """This rank's own parts of the layout-free tensors (no communication)."""

@@ -46,10 +46,33 @@ def _ep() -> tuple[int, int]:
     return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
 
 
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def global_name(module, name: str, p=None) -> str:
+    """This rank's parameter (or buffer) `name` under the single-process model's name, experts aside: a
+    pipeline stage's decoder layer i under its global index (megatron's layer_number - 1), and the last
+    stage's copy of tied embeddings (marked ds_pipe_replicated: megatron_cpu.py 10) as the embeddings."""
+    if p is not None and getattr(p, "ds_pipe_replicated", False):
+        return TIED_EMBEDDING
+    match = _LAYER.match(name)
+    if match is None:
+        return name
+    layer = module.decoder.layers[int(match[2])]
+    return f"{match[1]}{layer.layer_number - 1}{match[3]}"
+
+
+def is_stage_copy(p) -> bool:
+    """A parameter another pipeline stage holds and writes (the last stage's tied output weight)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))
+
+
 def expert_names(module, name: str, p) -> list[str]:
     """The single-process names of parameter `name` on every expert-parallel rank, in EP-rank order
-    ([name] for everything but experts split over ranks): local expert j of EP rank r is expert
+    ([its global_name] for everything but experts split over ranks): local expert j of EP rank r is expert
     r * num_experts / ep + j of the whole layer."""
+    name = global_name(module, name, p)
     if not is_expert_parallel(p):
         return [name]
     ep, _ = _ep()
@@ -59,8 +82,8 @@ def expert_names(module, name: str, p) -> list[str]:
 
 
 def single_process_name(module, name: str, p) -> str:
-    """This rank's parameter `name` under the single-process model's name (global expert index)."""
-    return expert_names(module, name, p)[_ep()[1]] if is_expert_parallel(p) else name
+    """This rank's parameter `name` under the single-process model's name (global layer and expert index)."""
+    return expert_names(module, name, p)[_ep()[1] if is_expert_parallel(p) else 0]
 
 
 def ep_all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -88,7 +111,9 @@ weights under their single-process names, the same on every rank (they follow al
 
 
 def trained_buffers(module) -> dict[str, torch.Tensor]:
-    return {name: b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in TRAINED_BUFFERS}
+    """{single-process name: buffer} of this rank's TRAINED_BUFFERS."""
+    return {global_name(module, name): b for name, b in module.named_buffers()
+            if name.rsplit(".", 1)[-1] in TRAINED_BUFFERS}
 
 
 def _is_gated_fc1(module, name: str) -> bool:
@@ -279,7 +304,7 @@ def local_state(engine, *, trainable_only: bool = False) -> tuple[dict[str, Piec
     without copying: for every parameter the Pieces of its fp32 master and AdamW moments that this rank
     keeps (its ZeRO partition, its TP shard) and no other rank writes, so that the pieces of all ranks
     together cover every single-process tensor exactly once; moments keyed `<param>.exp_avg` /
-    `.exp_avg_sq`; trained buffers from global rank 0. The names of weights whose pieces here hold
+    `.exp_avg_sq`; trained buffers from the first rank of each pipeline stage. The names of weights whose pieces here hold
     inf/NaN. trainable_only as in full_state."""
     import torch.distributed as dist
 
@@ -287,7 +312,7 @@ def local_state(engine, *, trainable_only: bool = False) -> tuple[dict[str, Piec
     _link_optimizer_state(engine)
     weights, moments, bad = {}, {}, []
     for name, p in module.named_parameters():
-        if trainable_only and not p.requires_grad:
+        if (trainable_only and not p.requires_grad) or is_stage_copy(p):
             continue
         split = _tp_split_of(module, name, p)
         if split is None and _tp_size() > 1:
@@ -308,10 +333,20 @@ def local_state(engine, *, trainable_only: bool = False) -> tuple[dict[str, Piec
                     bad.append(full_name)
             else:
                 moments[f"{full_name}.{key}"] = piece
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _first_of_stage():
         for name, b in trained_buffers(module).items():
             weights[name] = Piece(tuple(b.shape), None, tuple(b.shape), 0, b.detach().reshape(-1).float().clone())
     return weights, moments, bad
+
+
+def _first_of_stage() -> bool:
+    """Whether this is its pipeline stage's first rank (data- and tensor-parallel rank 0)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return True
+    return ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
 
 
 def schedule_state(engine) -> dict:
@@ -469,19 +504,31 @@ def check_fits(module, shapes: dict[str, tuple], source: str, *, fresh=frozenset
     names and shapes of `module`'s parameters (but those named in `fresh`, which it may lack)."""
     from gorilla_dist.errors import CheckpointError
 
-    params = {full: (name, p) for name, p in module.named_parameters() for full in expert_names(module, name, p)}
-    params.update({name: (name, b) for name, b in trained_buffers(module).items()})
+    params = model_shapes(module)
     missing, unexpected = sorted(params.keys() - shapes.keys() - fresh), sorted(shapes.keys() - params.keys())
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit this model (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); was it written with another model config?")
-    for full, (name, p) in params.items():
-        if full not in shapes:
-            continue
-        want = full_shape(module, name, p)
-        if tuple(shapes[full]) != want:
+    for full, want in params.items():
+        if full in shapes and tuple(shapes[full]) != want:
             raise CheckpointError(f"{source}: {full} has shape {tuple(shapes[full])}, this model's is "
                                   f"{want}; was it written with another model config?")
+
+
+def model_shapes(module) -> dict[str, tuple[int, ...]]:
+    """{single-process name: full shape} of the whole model's parameters and trained buffers: this rank's, and
+    with pipeline stages every stage's (gathered over the pipeline group: a collective)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    shapes = {full: full_shape(module, name, p) for name, p in module.named_parameters()
+              for full in expert_names(module, name, p)}
+    shapes.update({name: tuple(b.shape) for name, b in trained_buffers(module).items()})
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, shapes, group=ps.get_pipeline_model_parallel_group())
+        shapes = {k: v for stage in stages for k, v in stage.items()}
+    return shapes
 
 
 def full_shape(module, name: str, p) -> tuple[int, ...]:

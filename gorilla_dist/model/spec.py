@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,13 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import init_method_normal
 
 from gorilla_dist.config import RECOMPUTE, FinetuneConfig, ModelConfig, ParallelConfig, layer_weight_sets, moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES
-from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe
+from gorilla_dist.config.parallel import pipeline_split
+from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe, tie_stage_embeddings
 from gorilla_dist.engine.moe import reset_aux_loss_tracker
 from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
@@ -54,7 +59,7 @@ def mask_vocab_padding(model: GPTModel, vocab_size: int, *, tp_rank: int, tp_siz
     only, exactly as the exported transformers model (which has no padding rows) computes it. Each
     tensor-parallel rank masks the ids of its own vocabulary slice."""
     padded = padded_vocab_size(vocab_size)
-    if padded == vocab_size:
+    if padded == vocab_size or not model.post_process:  # (a pipeline stage without the output layer)
         return
     local = padded // tp_size
     ids = torch.arange(tp_rank * local, (tp_rank + 1) * local)
@@ -113,9 +118,15 @@ def moe_fields(m, *, ep: int) -> dict:
     )
 
 
-def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = False,
-                       activation_checkpointing: str = "none", ep: int = 1) -> TransformerConfig:
+def transformer_config(m, *, tp: int, dtype: str, seed: int, sequence_parallel: bool = False,
+                       activation_checkpointing: str = "none", ep: int = 1,
+                       stages: list[int] | None = None) -> TransformerConfig:
+    """`stages`: the decoder layers of each pipeline stage (config.parallel.pipeline_split), None for one."""
     swiglu = m.activation == "swiglu"
+    init = init_method_normal(m.init_std)
+    pipeline = {} if stages is None or len(stages) == 1 else dict(
+        pipeline_model_parallel_size=len(stages), pipeline_dtype=TORCH_DTYPES[dtype],
+        pipeline_model_parallel_layout="E" + "|".join("t" * n for n in stages) + "L")
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -130,7 +141,11 @@ def transformer_config(m, *, tp: int, dtype: str, sequence_parallel: bool = Fals
         normalization=m.normalization,
         layernorm_epsilon=m.norm_eps,
         init_method_std=m.init_std,
+        init_method=init,
+        # the embeddings drawn from their own generator, as each layer is (SeededLayer): the same on every stage
+        embedding_init_method=keyed_init(init, seed, "embedding"),
         tensor_model_parallel_size=tp,
+        **pipeline,
         sequence_parallel=sequence_parallel,
         **RECOMPUTE[activation_checkpointing],
         # Draw each full weight on the host from one seeded generator, then split: the same initial
@@ -161,6 +176,39 @@ class SequentialExperts(SequentialMLP):
             super().__init__(*args, **kwargs)
 
 
+def draw_seed(seed: int, what: str) -> int:
+    """The seed of one part of the initial model (`what`: 'layer 3', 'embedding'), from the run's seed: each
+    part is drawn from its own generator, so a part's initial weights do not depend on which other parts a
+    rank builds (pipeline stages), nor on the order they are built in."""
+    digest = hashlib.sha256(f"{seed}/{what}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SeededLayer(TransformerLayer):
+    """megatron-core's TransformerLayer, its weights drawn from a generator keyed by the layer's global index
+    (draw_seed): layer i starts the same whichever pipeline stage builds it, and the generator the rest of
+    the model draws from is left as it was (the output layer's weights do not depend on how many layers a
+    stage holds)."""
+
+    def __init__(self, *args, seed: int, index: int, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(seed, f"layer {index}"))
+            super().__init__(*args, **kwargs)
+
+
+def keyed_init(init, seed: int, what: str):
+    """`init` (a megatron init method, called on each full tensor) drawing from its own generator: the n-th
+    tensor it initialises from draw_seed(seed, f'{what} n'). Leaves the global generator as it was."""
+    calls = itertools.count()
+
+    def draw(tensor):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(seed, f"{what} {next(calls)}"))
+            return init(tensor)
+
+    return draw
+
+
 def layer_spec(m, *, num_experts: int | None = None) -> ModuleSpec:
     """megatron-core's local layer spec with our core attention and our norm; with num_experts, its MoE
     MLP (router, token dispatcher, SequentialExperts, optional shared expert)."""
@@ -175,11 +223,18 @@ def layer_spec(m, *, num_experts: int | None = None) -> ModuleSpec:
     return spec
 
 
-def block_spec(m) -> TransformerBlockSubmodules:
-    """One layer spec per layer: dense MLPs, and MoE MLPs on moe_layers(m)."""
+def block_spec(m, *, seed: int, layers: range | None = None) -> TransformerBlockSubmodules:
+    """One layer spec per layer of `layers` (global indices; None: all): dense MLPs, and MoE MLPs on
+    moe_layers(m); each a SeededLayer keyed by its global index."""
     dense, moe = layer_spec(m), (layer_spec(m, num_experts=m.moe.num_experts) if m.moe.num_experts else None)
     on = set(moe_layers(m))
-    return TransformerBlockSubmodules(layer_specs=[moe if i in on else dense for i in range(m.num_layers)],
+
+    def seeded(i: int) -> ModuleSpec:
+        spec = copy.copy(moe if i in on else dense)
+        return ModuleSpec(module=SeededLayer, params={**spec.params, "seed": seed, "index": i},
+                          submodules=spec.submodules)
+
+    return TransformerBlockSubmodules(layer_specs=[seeded(i) for i in (layers or range(m.num_layers))],
                                       layer_norm=TorchNorm)
 
 
@@ -195,13 +250,13 @@ def seed_experts(model: GPTModel, seed: int) -> None:
 
     config = model.config
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for i, layer in enumerate(model.decoder.layers):
+        for local_i, layer in enumerate(model.decoder.layers):
             if not isinstance(layer.mlp, MoELayer):
                 continue
             for local, g in enumerate(layer.mlp.local_expert_indices):
-                torch.manual_seed(expert_seed(seed, i, g))
+                torch.manual_seed(expert_seed(seed, layer.layer_number - 1, g))  # the global layer index
                 expert = layer.mlp.experts.local_experts[local]
-                prefix = f"decoder.layers.{i}.mlp.experts.local_experts.{local}."
+                prefix = f"decoder.layers.{local_i}.mlp.experts.local_experts.{local}."
                 for name, p in expert.named_parameters():
                     full = torch.zeros(full_shape(model, prefix + name, p), dtype=torch.float32)
                     if not name.endswith("bias"):
@@ -223,6 +278,16 @@ def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None
                 continue
             path, _, attr = name.rpartition(".")
             setattr(layers[i].get_submodule(path) if path else layers[i], attr, source.get_parameter(name))
+
+
+class GPT(GPTModel):
+    """megatron-core's GPTModel; with pipeline stages and tied embeddings, the last stage's copy of the word
+    embeddings is set up without megatron's move to CUDA (engine/megatron_cpu.py, 10)."""
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        if self.config.pipeline_model_parallel_size == 1 or not self.share_embeddings_and_output_weights:
+            return super().setup_embeddings_and_output_layer()
+        tie_stage_embeddings(self)
 
 
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
@@ -249,18 +314,25 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
         reset_aux_loss_tracker()
     torch.manual_seed(seed)
     seed_rng_tracker(seed, device)
+    pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    stages = pipeline_split(m.num_layers, pp, list(parallel.pp_layers) if parallel is not None and parallel.pp_layers
+                            else None)
+    first = sum(stages[:stage])
     try:
         with construct if construct is not None else contextlib.nullcontext():
-            model = GPTModel(
+            model = GPT(
                 # Explicit process groups, as megatron-core asks (it deprecates looking them up implicitly).
                 # RowParallelLinear still passes tp_group=None internally; engine/megatron_cpu.py covers that.
                 pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype,
+                config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype, seed=seed,
                                           sequence_parallel=sp, activation_checkpointing=recompute,
-                                          ep=ps.get_expert_model_parallel_world_size()),
-                transformer_layer_spec=block_spec(m),
+                                          ep=ps.get_expert_model_parallel_world_size(), stages=stages),
+                # a pipeline stage builds its own layers only (global indices: their seeds and names)
+                transformer_layer_spec=block_spec(m, seed=seed, layers=range(first, first + stages[stage])),
                 vocab_size=padded_vocab_size(vocab_size),
                 max_sequence_length=m.seq_length,
+                pre_process=stage == 0,
+                post_process=stage == pp - 1,
                 share_embeddings_and_output_weights=m.tie_embeddings,
                 # ALiBi lives in core_attention (gorilla_dist/kernels/alibi.py): megatron adds no position
                 # embedding then.

@@ -31,6 +31,8 @@ class ParallelLayout:
     tp_rank: int
     dp_rank: int
     device: torch.device
+    pp_rank: int = 0
+    """This rank's pipeline stage (0: the first, with the embeddings)."""
     hosts: tuple[str, ...] = ()
     """Each rank's host name (index = rank)."""
 
@@ -45,6 +47,10 @@ class ParallelLayout:
     @property
     def dp(self) -> int:
         return self.dims.dp
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
 
     @property
     def ep(self) -> int:
@@ -98,7 +104,8 @@ def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
     device = pick_device(getattr(parallel_cfg, "device", "auto"), local_rank, cuda, torch.cuda.device_count() if cuda else 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
-    dims = ParallelDims.build(world, tp=parallel_cfg.tp, ep=parallel_cfg.ep, source="WORLD_SIZE")
+    dims = ParallelDims.build(world, tp=parallel_cfg.tp, pp=getattr(parallel_cfg, "pp", 1), ep=parallel_cfg.ep,
+                              source="WORLD_SIZE")
     use_interface(parallel_cfg.socket_ifname)
     addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), parallel_cfg.rendezvous_timeout_s
     if rank != 0:
@@ -121,7 +128,8 @@ def init_distributed(parallel_cfg, *, deepspeed: bool = True) -> ParallelLayout:
         raise RuntimeError(f"megatron-core made a data-parallel group of {ps.get_data_parallel_world_size()} ranks "
                            f"for {dims.describe()}")
     return ParallelLayout(rank=rank, local_rank=local_rank, dims=dims, tp_rank=ps.get_tensor_model_parallel_rank(),
-                          dp_rank=ps.get_data_parallel_rank(), device=device, hosts=tuple(hosts))
+                          dp_rank=ps.get_data_parallel_rank(), device=device, hosts=tuple(hosts),
+                          pp_rank=ps.get_pipeline_model_parallel_rank())
 
 
 def use_interface(names: str | None) -> None:
@@ -231,6 +239,16 @@ def dp_sum(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return tensor
+
+
+def pp_sum(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Sum of `tensor` over this rank's pipeline stages, in place (one collective; no-op when pp == 1): what
+    the last stage computed (the loss), on every stage."""
+    if layout.pp > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(tensor, group=ps.get_pipeline_model_parallel_group())
     return tensor
 
 

@@ -54,6 +54,12 @@ class TorchEngine:
         self.global_steps += 1
         return StepResult(loss=total / len(micro_batches), grad_norm=norm, skipped=torch.tensor(False))
 
+    def evaluate_sums(self, batches, fn, width):
+        return torch.stack([torch.stack(fn(self, b)) for b in batches]).sum(0)
+
+    def sampling_model(self):
+        return self.module
+
     def full_state(self, *, keep=True, trainable_only=False):
         return {k: v.detach().clone() for k, v in self.module.state_dict().items() if "_extra_state" not in k}, {}, []
 

@@ -1,0 +1,245 @@
+"""Pipeline parallelism: the TrainEngine of one pipeline stage (parallel.pp > 1).
+
+Each rank holds a stage of the model (model/spec.py builds it: megatron-core's GPTModel with pre_process /
+post_process and the stage's own layers, under their global indices) inside a DeepSpeed engine of its own,
+as every other layout (ZeRO-0/1 over the stage's data-parallel ranks, precision, clipping). A step runs the
+rank's micro-batches through the stages in the 1F1B schedule (PipeDream-Flush, as megatron-core's
+`forward_backward_pipelining_without_interleaving`): stage r of p first runs min(p - r - 1, m) forwards, then
+alternates one forward and one backward, then drains the remaining backwards, so at most p - r micro-batches'
+activations are alive on it at a time (not m).
+
+Why our own loop and not megatron's schedule or DeepSpeed's PipelineEngine: megatron's schedule calls
+`torch.autograd.backward` itself, around DeepSpeed's per-micro-batch accounting (the accumulation counter,
+the fp32 gradient accumulation of bf16 ZeRO-1), and allocates on CUDA; DeepSpeed's PipelineEngine needs a
+flat PipelineModule and its own process groups (no megatron mpu). Here every backward is DeepSpeed's: the
+last stage's of the loss (divided by the accumulation steps, as without stages), the others' of
+(output * gradient from the next stage).sum() without that division (its gradient with respect to the
+output is exactly the received gradient). At the step's end the tied embeddings' gradients are summed over
+megatron's embedding group (first and last stage), then DeepSpeed reduces over the data-parallel ranks and
+steps. The stages exchange activations and gradients with point-to-point sends between neighbours
+(torch.distributed batch_isend_irecv, on gloo and NCCL alike: megatron's P2PCommunicator allocates its
+receive buffers on CUDA and synchronizes CUDA).
+
+The loss (of the last stage) reaches every stage with one all-reduce over the pipeline group, on the device;
+the gradient norm is summed over tensor- and pipeline-parallel ranks (the `mpu`'s model-parallel group), so
+every stage takes the same skip decision.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from gorilla_dist.engine import state
+from gorilla_dist.engine.deepspeed_engine import DeepSpeedEngine
+from gorilla_dist.engine.protocol import StepResult
+
+
+class StageLinks:
+    """This rank's neighbours in its pipeline, and the point-to-point exchange with them."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.group = ps.get_pipeline_model_parallel_group()
+        self.rank, self.size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+        self.first, self.last = self.rank == 0, self.rank == self.size - 1
+        self.prev, self.next = ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank()
+        self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+
+    def exchange(self, *, send_next=None, send_prev=None, recv_prev=None, recv_next=None):
+        """Sends the given tensors and receives tensors of the given (shape, dtype, device) from the previous /
+        next stage, all at once; returns (from previous, from next)."""
+        ops, got = [], {}
+        for tensor, peer in ((send_next, self.next), (send_prev, self.prev)):
+            if tensor is not None:
+                ops.append(dist.P2POp(dist.isend, tensor.detach().contiguous(), peer, self.group))
+        for like, peer, key in ((recv_prev, self.prev, "prev"), (recv_next, self.next, "next")):
+            if like is not None:
+                got[key] = torch.empty(like[0], dtype=like[1], device=like[2])
+                ops.append(dist.P2POp(dist.irecv, got[key], peer, self.group))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        return got.get("prev"), got.get("next")
+
+
+class PipelineEngine(DeepSpeedEngine):
+    """The TrainEngine of one pipeline stage (see the module's docstring). Its state (full_state,
+    local_state, load_full_state, check_fits) is the stage's parameters under their single-process names."""
+
+    def __init__(self, ds_engine, layout):
+        super().__init__(ds_engine, None)
+        self.links = StageLinks()
+        self.layout = layout
+        config = ds_engine.module.config
+        self._hidden, self._dtype = config.hidden_size, config.params_dtype
+        self._sp_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        ds_engine.enable_backward_allreduce = False  # reduced once per step, after the tied embeddings' sum
+        self._reduce = layout.dp > 1 or ds_engine.zero_optimization()
+        tied = [p for p in ds_engine.module.parameters() if getattr(p, "shared_embedding", False)]
+        self._tied = tied if self.links.first or self.links.last else []
+
+    # --- the stage's forward ---
+    def _activation(self, tokens: torch.Tensor):
+        """(shape, dtype, device) of the activations a stage passes on for input ids `tokens` (b, s)."""
+        b, s = tokens.shape
+        return (s // self._sp_split, b, self._hidden), self._dtype, tokens.device
+
+    def stage_forward(self, args: tuple, kwargs: dict, last: Callable):
+        """Forward only, one batch through this stage: the input from the previous stage (the first: the ids in
+        args), then on the last stage `last()` (the caller's loss or logits, which calls the model), on the
+        others the stage's output (the caller sends it on). Returns (input, output)."""
+        x = None
+        if not self.links.first:
+            x, _ = self.links.exchange(recv_prev=self._activation(args[0]))
+            self._ds.module.set_input_tensor(x)
+        if self.links.last:
+            return x, last()
+        out = self._ds(*args, **kwargs)
+        return x, out
+
+    # --- TrainEngine ---
+    def step(self, micro_batches, loss_fn, *, probe=None) -> StepResult:
+        """One optimizer step over this rank's micro-batches in the 1F1B schedule: warm-up forwards, one
+        forward and one backward in turn, the remaining backwards (the exchanges are megatron-core's: a stage
+        sends its output and receives the gradient for its next backward in one exchange, sends an input
+        gradient and receives its next input in another)."""
+        from gorilla_dist.loss import packed
+
+        links, ds, m = self.links, self._ds, len(micro_batches)
+        applied_before = ds.lr_scheduler.applied.clone()
+        total = torch.zeros((), device=micro_batches[0].tokens.device)
+        warmup = min(links.size - links.rank - 1, m)
+        live = deque()  # (input, output) of the micro-batches whose backward has not run, oldest first
+        shape = self._activation(micro_batches[0].tokens)
+
+        def forward(i: int, x):
+            nonlocal total
+            batch = micro_batches[i]
+            if x is not None:
+                x.requires_grad_()
+                self._ds.module.set_input_tensor(x)
+            with probe.micro_batch() if probe else nullcontext():
+                if links.last:
+                    out = loss_fn(self, batch)
+                    total += out.detach().float()
+                else:
+                    out = ds(batch.tokens, batch.position_ids, batch.segments, **packed(batch))
+            live.append((x, out))
+            return out
+
+        def backward(i: int, grad):
+            x, out = live.popleft()
+            with probe.micro_batch() if probe else nullcontext():
+                if links.last:
+                    ds.backward(out)
+                else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
+                    ds.backward((out * grad).sum(), scale_wrt_gas=False)
+            if i < m - 1:
+                ds.step()  # counts the micro-batch (the update waits for the step's end)
+            return x.grad if x is not None else None
+
+        previous = None if links.first else shape
+        following = None if links.last else shape
+        for i in range(warmup):
+            x, _ = links.exchange(recv_prev=previous)
+            links.exchange(send_next=forward(i, x))  # (the last stage has no warm-up)
+        x = links.exchange(recv_prev=previous)[0] if warmup < m else None
+        for j in range(m - warmup):
+            out = forward(warmup + j, x)
+            _, grad = links.exchange(send_next=None if links.last else out, recv_next=following)
+            grad_in = backward(j, grad)
+            last_steady = j == m - warmup - 1
+            x, _ = links.exchange(send_prev=None if links.first else grad_in,
+                                  recv_prev=None if last_steady else previous)
+        for j in range(m - warmup, m):
+            _, grad = links.exchange(recv_next=following)
+            grad_in = backward(j, grad)
+            links.exchange(send_prev=None if links.first else grad_in)
+        self._reduce_and_update(probe)
+        return StepResult(loss=self._from_last_stage(total / m), grad_norm=state.unscaled_grad_norm(ds, None),
+                          skipped=ds.lr_scheduler.applied == applied_before)
+
+    def _reduce_and_update(self, probe) -> None:
+        """The step's end: tied embeddings summed over the embedding group, DeepSpeed's data-parallel
+        reduction, the update."""
+        ds = self._ds
+        if self._tied:
+            from megatron.core import parallel_state as ps
+
+            bf16_optimizer = type(ds.optimizer).__name__ == "BF16_Optimizer"
+            for p in self._tied:
+                grad = getattr(p, "_hp_grad", None) if bf16_optimizer else p.grad
+                if grad is not None:
+                    dist.all_reduce(grad, group=ps.get_embedding_group())
+        if self._reduce:
+            ds.allreduce_gradients()
+        if probe:
+            probe.before_update()
+        ds.step()
+        if probe:
+            probe.after_update()
+
+    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        """The last stage's `value` on every stage (the others contribute zeros): one all-reduce, on the device."""
+        if not self.links.last:
+            value = torch.zeros_like(value)
+        dist.all_reduce(value, group=self.links.group)
+        return value
+
+    def evaluate_sums(self, batches, fn: Callable, width: int) -> torch.Tensor:
+        """Forward only: the sum over `batches` of fn(self, batch) (a tuple of `width` 0-d float64 tensors, run
+        on the last stage), on every stage."""
+        from gorilla_dist.loss import packed
+
+        sums = torch.zeros(width, dtype=torch.float64, device=batches[0].tokens.device)
+        with torch.no_grad():
+            for b in batches:
+                _, out = self.stage_forward((b.tokens, b.position_ids, b.segments), packed(b),
+                                            lambda b=b: torch.stack(fn(self, b)))
+                if self.links.last:
+                    sums += out
+                else:
+                    self.links.exchange(send_next=out)
+        return self._from_last_stage(sums)
+
+    def sampling_model(self):
+        """A callable for inference.sample: the model's logits over the whole pipeline, on every stage."""
+        return PipelineLogits(self)
+
+
+class PipelineLogits:
+    """What inference's Decoder calls (uncached): ids through every stage, the last stage's vocabulary-parallel
+    logits broadcast to the pipeline, so every stage draws the same next token."""
+
+    def __init__(self, engine: PipelineEngine):
+        self.engine, self.module = engine, engine.module
+        self.config, self.training = self.module.config, self.module.training
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def eval(self):
+        self.module.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def __call__(self, ids, pos, mask, **kwargs):
+        e = self.engine
+        _, out = e.stage_forward((ids, pos, mask), kwargs, lambda: self.module(ids, pos, mask, **kwargs))
+        if not e.links.last:
+            e.links.exchange(send_next=out)
+            vocab = self.module.vocab_size // self.config.tensor_model_parallel_size
+            out = torch.empty((ids.shape[0], ids.shape[1], vocab), dtype=torch.float32, device=ids.device)
+        else:
+            out = out.float().contiguous()
+        dist.broadcast(out, src=e.links.last_rank, group=e.links.group)
+        return out

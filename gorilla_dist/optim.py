@@ -38,7 +38,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if hasattr(p, "delta_weight_decay"):
             own.setdefault(p.delta_weight_decay, []).append(p)
         else:
-            (no_decay if len(logical_shape(p)) < 2 or "embedding" in name else decay).append(p)
+            # (the last pipeline stage's copy of tied embeddings is the embeddings: megatron marks both copies)
+            embedding = "embedding" in name or getattr(p, "shared_embedding", False)
+            (no_decay if len(logical_shape(p)) < 2 or embedding else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups += [{"params": ps, "weight_decay": wd} for wd, ps in own.items()]
     return [g for g in groups if g["params"]]  # (fine-tuning may leave a kind empty)

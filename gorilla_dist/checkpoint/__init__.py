@@ -319,7 +319,8 @@ class Checkpointer:
         return last or (self.interval > 0 and step % self.interval == 0)
 
     def _layout(self) -> dict:
-        return {"world": self.layout.world, "tp": self.layout.tp, "zero_stage": self.cfg.parallel.zero_stage,
+        return {"world": self.layout.world, "tp": self.layout.tp, "pp": self.layout.pp,
+                "zero_stage": self.cfg.parallel.zero_stage,
                 "device": self.layout.device.type,
                 "precision": self.cfg.precision.dtype}
 
@@ -413,7 +414,7 @@ class Checkpointer:
         returns the trainer state (step, data position). Collective."""
         manifest = json.loads((ckpt / "manifest.json").read_text())
         # (checkpoints from before the device was recorded: all written by CPU runs)
-        saved, now = {"device": "cpu", **manifest.get("layout", {})}, self._layout()
+        saved, now = {"device": "cpu", "pp": 1, **manifest.get("layout", {})}, self._layout()
         if saved != now and self.layout.is_main:
             print(f"[checkpoint] {ckpt.name} was written with {_describe(saved)}; continuing it with "
                   f"{_describe(now)}", flush=True)
@@ -544,4 +545,5 @@ class _ZeroMoments:
 
 
 def _describe(layout: dict) -> str:
-    return " ".join(f"{k}={layout.get(k, '?')}" for k in ("world", "tp", "zero_stage", "precision", "device"))
+    keys = ("world", "tp", *(("pp",) if layout.get("pp", 1) > 1 else ()), "zero_stage", "precision", "device")
+    return " ".join(f"{k}={layout.get(k, '?')}" for k in keys)

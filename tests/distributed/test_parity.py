@@ -293,29 +293,59 @@ def test_checkpoint_from_one_process_resumes_on_four_ranks(tmp_path, single, one
     assert_close(losses(four), single, 1e-5, steps=range(11, 21))
 
 
-def test_consolidated_weights_do_not_depend_on_the_layout(tmp_path, four_rank_checkpoint, one_process_checkpoint):
-    """`consolidate` of the DP2xTP2 ZeRO-3 checkpoint equals that of the single-process checkpoint."""
+@pytest.fixture(scope="module")
+def pipeline_checkpoint(matrix_run):
+    """TP=2 x PP=2, sequence parallel, ZeRO-1 (the matrix's run), its step-10 checkpoint: each stage's shards
+    under the single-process names."""
+    ckpt = matrix_run("tp2xpp2-sp-zero1-ckpt_full")[0] / "checkpoints" / "step_00000010"
+    assert not (ckpt / "model.safetensors").exists()
+    return ckpt
+
+
+@pytest.mark.parametrize("target", {"1-zero0": [], "dp2-zero1": [*ranks(2), "parallel.zero_stage=1"]}.items(),
+                         ids=lambda t: t[0])
+def test_pipeline_checkpoint_resumes_without_stages(tmp_path, pipeline_checkpoint, single, target):
+    run = tmp_path / "resumed"
+    out = check(launch(run, *STEPS, f"checkpoint.resume={pipeline_checkpoint}", *target[1]))
+    assert "was written with world=4 tp=2 pp=2 zero_stage=1 precision=fp32" in out
+    assert_close(losses(run), single, 1e-5, steps=range(11, 21))
+
+
+def test_one_process_checkpoint_resumes_on_two_stages(tmp_path, single, one_process_checkpoint):
+    run = tmp_path / "pp2"
+    out = check(launch(run, *STEPS, f"checkpoint.resume={one_process_checkpoint}", *MATRIX["pp2-accum4"]))
+    assert "continuing it with world=2 tp=1 pp=2 zero_stage=0" in out
+    assert_close(losses(run), single, 1e-5, steps=range(11, 21))
+
+
+def test_consolidated_weights_do_not_depend_on_the_layout(tmp_path, four_rank_checkpoint, one_process_checkpoint,
+                                                          pipeline_checkpoint):
+    """`consolidate` of the DP2xTP2 ZeRO-3 checkpoint, and of the TP2xPP2 one (each stage's shards), equals that of
+    the single-process checkpoint; generate reads them all."""
     import subprocess
     import sys
 
     from helpers import REPO
 
+    sources = {"one": one_process_checkpoint, "four": four_rank_checkpoint, "pipeline": pipeline_checkpoint}
     outs = {}
-    for name, ckpt in {"one": one_process_checkpoint, "four": four_rank_checkpoint}.items():
+    for name, ckpt in sources.items():
         outs[name] = tmp_path / f"{name}.safetensors"
         proc = subprocess.run([sys.executable, "-m", "gorilla_dist.checkpoint", "consolidate",
                                f"run.dir={ckpt.parent.parent}", f"out={outs[name]}", f"checkpoint={ckpt}"],
                               cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert f"[consolidate] {outs[name]}:" in proc.stdout
-    a, b = load_file(str(outs["one"])), load_file(str(outs["four"]))
-    assert sorted(a) == sorted(b)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
-    # generate reads the shards-only checkpoint too: greedy text as from the one-process checkpoint
+    a = load_file(str(outs["one"]))
+    for name in ("four", "pipeline"):
+        b = load_file(str(outs[name]))
+        assert sorted(a) == sorted(b)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, (name, worst)
+    # generate reads the shards-only checkpoints too: greedy text as from the one-process checkpoint
     texts = {name: check(generate(ckpt.parent.parent, f"checkpoint={ckpt}", "temperature=0", "max_new_tokens=40"))
-             for name, ckpt in {"one": one_process_checkpoint, "four": four_rank_checkpoint}.items()}
-    assert texts["one"] == texts["four"] and len(texts["one"]) >= 40
+             for name, ckpt in sources.items()}
+    assert texts["one"] == texts["four"] == texts["pipeline"] and len(texts["one"]) >= 40
 
 
 @pytest.mark.parametrize("attention", [

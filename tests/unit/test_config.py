@@ -129,3 +129,36 @@ def test_a_run_config_is_read_back_as_typed_sections(tmp_path):
     typed = load_run_config(tmp_path)
     assert type(typed) is Config and type(typed.model) is ModelConfig and typed.model.num_layers == 2
     assert typed.data.sources == [SourceConfig(path="/somewhere", weight=2.0)]  # no file is read: see check_inputs
+
+
+TWO_STAGES = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.pp=2"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launch=torchrun", "launch.nproc_per_node=3", "parallel.pp=2"],
+     "world size 3 (launch.nproc_per_node) is not divisible by parallel.tp(1) * parallel.pp(2) = 2"),
+    (["launch=torchrun", "launch.nproc_per_node=8", "parallel.pp=8", "model=debug"],
+     "parallel.pp=8 pipeline stages for model.num_layers=2: each stage needs at least one decoder layer; "
+     "set parallel.pp <= 2"),
+    ([*TWO_STAGES, "model=debug", "parallel.pp_layers=[1,3]"],
+     "parallel.pp_layers=[1, 3] sums to 4 layers, but model.num_layers=2"),
+    ([*TWO_STAGES, "model=debug", "parallel.pp_layers=[2]"],
+     "parallel.pp_layers=[2] has 1 entries; parallel.pp=2 needs one per pipeline stage"),
+    (["model=debug", "parallel.pp_layers=[1,1]"], "parallel.pp_layers=[1, 1] splits the layers over 2 stages, but "
+                                                   "parallel.pp=1; set parallel.pp=2"),
+    ([*TWO_STAGES, "parallel.zero_stage=2"], "parallel.zero_stage=2 with parallel.pp=2: ZeRO-2/3 partition the "
+                                             "gradients"),
+    ([*TWO_STAGES, "parallel.zero_stage=3"], "use parallel.zero_stage=0 or 1"),
+    ([*TWO_STAGES, "model.moe.num_experts=4"], "model.moe.num_experts=4 with parallel.pp=2: mixture-of-experts "
+                                               "layers on pipeline stages are not built yet"),
+    ([*TWO_STAGES, "model.num_layers=4", "model.sharing.unique_layers=2"],
+     "model.sharing.unique_layers=2 with parallel.pp=2: layers sharing weights across pipeline stages"),
+    ([*TWO_STAGES, "train.objectives=[{name: clm, weight: 1}, {name: denoise, weight: 1}]"],
+     "train.objectives (other than clm alone) with parallel.pp=2"),
+    ([*TWO_STAGES, "parallel.pp=0"], "parallel.pp=0 must be > 0"),
+    ([*TWO_STAGES, "precision=fp16"], "precision.dtype=fp16 with parallel.pp=2"),
+])
+def test_impossible_or_unbuilt_pipeline_layouts_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(*overrides))
+    assert message in str(err.value)

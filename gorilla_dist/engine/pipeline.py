@@ -124,43 +124,43 @@ class PipelineEngine(DeepSpeedEngine):
             if x is not None:
                 x.requires_grad_()
                 self._ds.module.set_input_tensor(x)
-            with probe.micro_batch() if probe else nullcontext():
-                if links.last:
-                    out = loss_fn(self, batch)
-                    total += out.detach().float()
-                else:
-                    out = ds(batch.tokens, batch.position_ids, batch.segments, **packed(batch))
+            if links.last:
+                out = loss_fn(self, batch)
+                total += out.detach().float()
+            else:
+                out = ds(batch.tokens, batch.position_ids, batch.segments, **packed(batch))
             live.append((x, out))
             return out
 
         def backward(i: int, grad):
             x, out = live.popleft()
-            with probe.micro_batch() if probe else nullcontext():
-                if links.last:
-                    ds.backward(out)
-                else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
-                    ds.backward((out * grad).sum(), scale_wrt_gas=False)
+            if links.last:
+                ds.backward(out)
+            else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
+                ds.backward((out * grad).sum(), scale_wrt_gas=False)
             if i < m - 1:
                 ds.step()  # counts the micro-batch (the update waits for the step's end)
             return x.grad if x is not None else None
 
         previous = None if links.first else shape
         following = None if links.last else shape
-        for i in range(warmup):
-            x, _ = links.exchange(recv_prev=previous)
-            links.exchange(send_next=forward(i, x))  # (the last stage has no warm-up)
-        x = links.exchange(recv_prev=previous)[0] if warmup < m else None
-        for j in range(m - warmup):
-            out = forward(warmup + j, x)
-            _, grad = links.exchange(send_next=None if links.last else out, recv_next=following)
-            grad_in = backward(j, grad)
-            last_steady = j == m - warmup - 1
-            x, _ = links.exchange(send_prev=None if links.first else grad_in,
-                                  recv_prev=None if last_steady else previous)
-        for j in range(m - warmup, m):
-            _, grad = links.exchange(recv_next=following)
-            grad_in = backward(j, grad)
-            links.exchange(send_prev=None if links.first else grad_in)
+        # the probe (first step) measures the whole schedule: a stage holds up to p - r micro-batches' activations
+        with probe.micro_batch() if probe else nullcontext():
+            for i in range(warmup):
+                x, _ = links.exchange(recv_prev=previous)
+                links.exchange(send_next=forward(i, x))  # (the last stage has no warm-up)
+            x = links.exchange(recv_prev=previous)[0] if warmup < m else None
+            for j in range(m - warmup):
+                out = forward(warmup + j, x)
+                _, grad = links.exchange(send_next=None if links.last else out, recv_next=following)
+                grad_in = backward(j, grad)
+                last_steady = j == m - warmup - 1
+                x, _ = links.exchange(send_prev=None if links.first else grad_in,
+                                      recv_prev=None if last_steady else previous)
+            for j in range(m - warmup, m):
+                _, grad = links.exchange(recv_next=following)
+                grad_in = backward(j, grad)
+                links.exchange(send_prev=None if links.first else grad_in)
         self._reduce_and_update(probe)
         return StepResult(loss=self._from_last_stage(total / m), grad_norm=state.unscaled_grad_norm(ds, None),
                           skipped=ds.lr_scheduler.applied == applied_before)

@@ -53,7 +53,7 @@ from gorilla_dist.checkpoint.shards import MODEL, OPTIMIZER, SHARDS, ShardedTens
 from gorilla_dist.checkpoint.tensorfile import write_streaming, write_tensors
 from gorilla_dist.config import check_checkpoint_source, check_init_source
 from gorilla_dist.data.tokenizer import same_tokenizer
-from gorilla_dist.engine import check_fits, load_trained_buffers
+from gorilla_dist.engine import check_fits, load_trained_buffers, model_shapes
 from gorilla_dist.engine.rng import rng_state, set_rng_state
 from gorilla_dist.errors import CheckpointError
 from gorilla_dist.files import sha256_file
@@ -479,7 +479,8 @@ class Checkpointer:
             w = _Overlay([_Tensors(extra(w)), w])
         # the other adapters this run adds start as built (LoRA's B = 0: the base model exactly)
         have = set(w.keys())  # new adapters and objective heads start as built
-        fresh = frozenset(n for n, _ in engine.module.named_parameters()
+        # (single-process names of every pipeline stage's parameters: a collective with stages)
+        fresh = frozenset(n for n in model_shapes(engine.module)
                           if (is_adapter(n) or n.startswith(f"{HEADS}.")) and n not in have)
         _check_fits(engine, w, where, fresh=fresh)
         engine.load_full_state(w, _ZeroMoments(w), engine.schedule_state(), fresh=fresh)

@@ -45,10 +45,11 @@ from gorilla_dist.engine.protocol import StepResult, TrainEngine
 from gorilla_dist.engine.versions import check_versions
 
 __all__ = ["StepResult", "TrainEngine", "build_engine", "check_versions", "check_fits", "load_trained_buffers",
-           "partitioned_construction", "tp_join"]
+           "model_shapes", "partitioned_construction", "tp_join"]
 
 check_fits = state.check_fits
 load_trained_buffers = state.load_trained_buffers
+model_shapes = state.model_shapes
 tp_join = state.tp_join
 
 

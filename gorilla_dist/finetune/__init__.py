@@ -27,7 +27,7 @@ import re
 import torch
 
 from gorilla_dist.config import FinetuneConfig
-from gorilla_dist.engine.state import expert_names, full_shape
+from gorilla_dist.engine.state import expert_names, full_shape, model_shapes
 from gorilla_dist.errors import ConfigError
 from gorilla_dist.model.head import HEAD
 from gorilla_dist.model.prefix import PREFIX
@@ -119,7 +119,7 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
     regexes = [re.compile(p) for p in patterns]
     params = list(model.named_parameters())
     names = {name: expert_names(model, name, p) for name, p in params}  # all EP ranks' names (experts)
-    every = [n for ns in names.values() for n in ns]
+    every = list(model_shapes(model))  # every pipeline stage's names too (a collective with stages)
     for pattern, regex in zip(patterns, regexes):
         if not any(regex.search(n) for n in every):
             raise ConfigError(f"finetune.{key}: {pattern!r} matches no parameter; names look like "
@@ -136,7 +136,10 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
         else:
             p.requires_grad_(name.startswith(f"{HEAD}.") or (hit if key == "trainable" else not hit))
     if not any(p.requires_grad for _, p in params):
-        raise ConfigError(f"finetune.{key}={list(patterns)} leaves no parameter to train")
+        stage = getattr(getattr(model, "config", None), "pipeline_model_parallel_size", 1) > 1
+        raise ConfigError(f"finetune.{key}={list(patterns)} leaves no parameter to train"
+                          + (" on this pipeline stage (each stage needs one; change the patterns or "
+                             "parallel.pp_layers)" if stage else ""))
     return adapters + _summary(model)
 
 

@@ -95,7 +95,8 @@ def attach_low_rank(model: torch.nn.Module, rank: int, *, prefix: str, linears, 
             tp = lin.tp_group.size()
             out_local, in_local = logical_shape(w)  # (also when ZeRO-3 built it partitioned)
             full_in = in_local if column else in_local * tp
-            g = torch.Generator().manual_seed(delta_seed(seed, i, k + salt))
+            # keyed by the global layer index (a pipeline stage's layer i is layer layer_number - 1)
+            g = torch.Generator().manual_seed(delta_seed(seed, layer.layer_number - 1, k + salt))
             a_full = torch.randn(rank, full_in, generator=g) / full_in ** 0.5
             a = torch.nn.Parameter(torch.empty(rank, in_local if not column else full_in, dtype=w.dtype, device=w.device))
             b = torch.nn.Parameter(torch.zeros(out_local, rank, dtype=w.dtype, device=w.device))

@@ -1,8 +1,8 @@
 """Pipeline parallelism (parallel.pp): a two-stage step computes every gradient of the one-stage model (2 gloo
-ranks, the real engine and 1F1B schedule), a 4-layer model split unevenly trains the one-process trajectory
-through the launcher, checkpoints move between pipeline and other layouts, and what is not built is refused.
-The matrix rows pp2-accum4 (tied embeddings), dp2xpp2-zero1-accum3 and tp2xpp2-sp-zero1-ckpt_full are in
-test_parity.py."""
+ranks, the real engine and 1F1B schedule; tied, and untied with an uneven split). Through the launcher: the
+matrix rows pp2-accum4 (tied embeddings), dp2xpp2-zero1-accum3 and tp2xpp2-sp-zero1-ckpt_full and the resumes
+between pipeline and other layouts are in test_parity.py, two Slurm nodes in test_multinode.py, the refusals in
+tests/unit/test_config.py."""
 
 import os
 import socket
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_no_host_syncs, check, launch, losses
+from helpers import REPO
 from safetensors.torch import load_file
-from test_parity import MATRIX, STEPS, assert_close, grad_norms, joined_state
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,22 +59,3 @@ def test_every_gradient_of_a_two_stage_step_is_the_one_stage_gradient(tmp_path, 
     for name, g in want.items():
         assert (got[name] - g).abs().max().item() <= 1e-7, name
         assert g.abs().max() > 0, name  # every parameter takes part
-
-
-# ---- 4 layers, untied, split 1 + 3 over 2 stages, through the launcher ----
-
-FOUR = [*STEPS, "model.num_layers=4", "model.tie_embeddings=false"]
-
-
-def test_an_uneven_untied_split_trains_the_one_process_trajectory(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    check(launch(one, *FOUR))
-    out = check(launch(two, *FOUR, "launch=torchrun", "launch.nproc_per_node=2", "parallel.pp=2",
-                       "parallel.pp_layers=[1,3]", "train.micro_batch_size=3"))
-    assert "torchrun: 2 worker(s)" in out
-    assert_close(losses(two), losses(one), 1e-5)
-    assert_close(grad_norms(two), grad_norms(one), 1e-4)
-    assert_no_host_syncs(two)
-    a, b = joined_state(two), joined_state(one)
-    assert a.keys() == b.keys() and "output_layer.weight" in a
-    assert all((a[k] - b[k]).abs().max() <= 1e-3 * b[k].abs().max() + 1e-12 for k in b)

@@ -230,7 +230,7 @@ def test_evaluate_reports_output_only_loss_and_exact_match(world1, base, lora, t
 
 
 def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
-    """The whole path with a task a tiny model can learn in 40 steps: every row's output is "Nobody.";
+    """The whole path with a task a tiny model can learn in 50 steps: every row's output is "Nobody.";
     greedy generation then reproduces it (and its <eod>) on held-out examples."""
     rows = tmp_path / "const.jsonl"
     rows.write_text("".join(json.dumps({**r, "input": r["input"][:16], "output": "Nobody."}) + "\n"
@@ -242,7 +242,7 @@ def test_full_fine_tuning_learns_a_fixed_answer_to_exact_match(base, tmp_path):
     common = [o for o in COMMON if not o.startswith(("optim.decay_steps", "model.seq_length"))]
     common.append("model.seq_length=256")  # (rotary positions: the base's weights fit any length)
     check(launch(run, *common, f"data.sources=[{{path: {tmp_path / 'const'}}}]", f"checkpoint.init_from={base / 'base'}",
-                 "optim.lr=1e-2", "train.max_steps=40"))
+                 "optim.lr=5e-3", "train.max_steps=50"))
     results = {}
     for shots in (0, 2):  # k-shot: the same targets scored, after 2 training examples (context only)
         proc = subprocess.run([sys.executable, "-m", "gorilla_dist.evaluate", f"run.dir={run}", "samples=10",

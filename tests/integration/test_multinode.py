@@ -81,6 +81,17 @@ def test_torchrun_on_two_nodes_trains_exactly_like_two_ranks_on_one_host(two_nod
     assert losses(run) == reference
 
 
+def test_pipeline_stages_on_two_slurm_nodes_train_exactly_like_on_one_host(two_nodes, tmp_path):
+    """parallel.pp=2 on 2 nodes x 1 task: a stage per node, activations and gradients crossing the bridge."""
+    steps = [*COMMON, "train.max_steps=20", "parallel.pp=2", "train.micro_batch_size=3"]
+    one_host, run = tmp_path / "one_host", tmp_path / "run"
+    check(launch(one_host, *steps, "launch=torchrun", "launch.nproc_per_node=2"))
+    out = check(launch(run, *steps, "launch=slurm", "slurm.nodes=2", "launch.nproc_per_node=1", "slurm.wait=true",
+                       env=SLURM2))
+    assert "on gd-node[1-2]: 2 workers" in out and HOSTS in out, out[-3000:]
+    assert losses(run) == losses(one_host)
+
+
 def test_a_preempted_two_node_job_requeues_and_resumes_with_the_same_losses(two_nodes, reference, tmp_path):
     run = tmp_path / "run"
     out = check(launch(run, *COMMON, "launch=slurm", "slurm.nodes=2", "launch.nproc_per_node=1", env=SLURM2))

@@ -27,6 +27,7 @@ class StopSignals:
     def __init__(self, layout, every: int = 1):
         self.layout, self.every = layout, max(1, every)
         self.received: str | None = None
+        self._stopped = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum, _frame) -> None:
@@ -51,10 +52,18 @@ class StopSignals:
     def saved(self) -> None:
         """The stop checkpoint is written: ignore further stop signals while this rank reports and exits.
         (The deepspeed launcher sends SIGTERM to the remaining ranks as soon as one of them has exited; as a
-        second signal it would end this rank before it said where it stopped.)"""
+        second signal it would end this rank before it said where it stopped. And a rank that stopped on its
+        peers' agreement may receive its own copy of the signal only now: Slurm delivers `scancel --signal` to
+        each node's tasks separately, and under load node 2's came after the stop; with the default action
+        restored it ended the rank with status 138 instead of 75, so the job was not requeued.)"""
+        self._stopped = True
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
     def close(self) -> None:
+        """The handlers from before, unless this rank stopped on a signal (saved): then the stop signals stay
+        ignored until the process exits."""
+        if self._stopped:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -75,14 +75,13 @@ class PipelineEngine(DeepSpeedEngine):
     def __init__(self, ds_engine, layout):
         super().__init__(ds_engine, None)
         self.links = StageLinks()
-        self.layout = layout
         config = ds_engine.module.config
         self._hidden, self._dtype = config.hidden_size, config.params_dtype
         self._sp_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
         ds_engine.enable_backward_allreduce = False  # reduced once per step, after the tied embeddings' sum
         self._reduce = layout.dp > 1 or ds_engine.zero_optimization()
-        tied = [p for p in ds_engine.module.parameters() if getattr(p, "shared_embedding", False)]
-        self._tied = tied if self.links.first or self.links.last else []
+        # (megatron marks the tied copies on the first and the last stage only)
+        self._tied = [p for p in ds_engine.module.parameters() if getattr(p, "shared_embedding", False)]
 
     # --- the stage's forward ---
     def _activation(self, tokens: torch.Tensor):
@@ -92,16 +91,14 @@ class PipelineEngine(DeepSpeedEngine):
 
     def stage_forward(self, args: tuple, kwargs: dict, last: Callable):
         """Forward only, one batch through this stage: the input from the previous stage (the first: the ids in
-        args), then on the last stage `last()` (the caller's loss or logits, which calls the model), on the
-        others the stage's output (the caller sends it on). Returns (input, output)."""
-        x = None
+        args), then on the last stage `last()` (the caller's loss or logits, which calls the model) and its
+        result returned; the other stages send their output to the next and return None."""
         if not self.links.first:
-            x, _ = self.links.exchange(recv_prev=self._activation(args[0]))
-            self._ds.module.set_input_tensor(x)
+            self._ds.module.set_input_tensor(self.links.exchange(recv_prev=self._activation(args[0]))[0])
         if self.links.last:
-            return x, last()
-        out = self._ds(*args, **kwargs)
-        return x, out
+            return last()
+        self.links.exchange(send_next=self._ds(*args, **kwargs))
+        return None
 
     # --- TrainEngine ---
     def step(self, micro_batches, loss_fn, *, probe=None) -> StepResult:
@@ -200,12 +197,10 @@ class PipelineEngine(DeepSpeedEngine):
         sums = torch.zeros(width, dtype=torch.float64, device=batches[0].tokens.device)
         with torch.no_grad():
             for b in batches:
-                _, out = self.stage_forward((b.tokens, b.position_ids, b.segments), packed(b),
-                                            lambda b=b: torch.stack(fn(self, b)))
-                if self.links.last:
+                out = self.stage_forward((b.tokens, b.position_ids, b.segments), packed(b),
+                                         lambda b=b: torch.stack(fn(self, b)))
+                if out is not None:  # (the last stage)
                     sums += out
-                else:
-                    self.links.exchange(send_next=out)
         return self._from_last_stage(sums)
 
     def sampling_model(self):
@@ -219,7 +214,11 @@ class PipelineLogits:
 
     def __init__(self, engine: PipelineEngine):
         self.engine, self.module = engine, engine.module
-        self.config, self.training = self.module.config, self.module.training
+        self.config = self.module.config
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
 
     def parameters(self):
         return self.module.parameters()
@@ -234,9 +233,8 @@ class PipelineLogits:
 
     def __call__(self, ids, pos, mask, **kwargs):
         e = self.engine
-        _, out = e.stage_forward((ids, pos, mask), kwargs, lambda: self.module(ids, pos, mask, **kwargs))
-        if not e.links.last:
-            e.links.exchange(send_next=out)
+        out = e.stage_forward((ids, pos, mask), kwargs, lambda: self.module(ids, pos, mask, **kwargs))
+        if out is None:  # (a stage before the last: the logits arrive with the broadcast)
             vocab = self.module.vocab_size // self.config.tensor_model_parallel_size
             out = torch.empty((ids.shape[0], ids.shape[1], vocab), dtype=torch.float32, device=ids.device)
         else:

@@ -199,12 +199,13 @@ def global_grad_norm(params) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
     from gorilla_dist.engine.moe import is_expert_parallel
+    from gorilla_dist.engine.state import is_stage_copy
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     device = params[0].grad.device if params else torch.device("cpu")  # sums stay where the gradients are
     # the last pipeline stage's copy of tied embeddings (megatron_cpu.py 10) is counted on the first stage
     counted = [p for p in params if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
-               and not getattr(p, "ds_pipe_replicated", False)]
+               and not is_stage_copy(p)]
 
     def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:  # one multi-tensor kernel, not one per tensor
         if not grads:

@@ -50,22 +50,22 @@ _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
 
+def is_stage_copy(p) -> bool:
+    """A parameter another pipeline stage holds and writes (the last stage's tied output weight)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))
+
+
 def global_name(module, name: str, p=None) -> str:
     """This rank's parameter (or buffer) `name` under the single-process model's name, experts aside: a
     pipeline stage's decoder layer i under its global index (megatron's layer_number - 1), and the last
     stage's copy of tied embeddings (marked ds_pipe_replicated: megatron_cpu.py 10) as the embeddings."""
-    if p is not None and getattr(p, "ds_pipe_replicated", False):
+    if p is not None and is_stage_copy(p):
         return TIED_EMBEDDING
     match = _LAYER.match(name)
     if match is None:
         return name
     layer = module.decoder.layers[int(match[2])]
     return f"{match[1]}{layer.layer_number - 1}{match[3]}"
-
-
-def is_stage_copy(p) -> bool:
-    """A parameter another pipeline stage holds and writes (the last stage's tied output weight)."""
-    return bool(getattr(p, "ds_pipe_replicated", False))
 
 
 def expert_names(module, name: str, p) -> list[str]:

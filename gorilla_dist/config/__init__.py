@@ -101,8 +101,14 @@ def validate(cfg, world: int | None = None) -> ParallelDims:
     check_model(m, p, cfg.data, cfg.precision.dtype)
     check_pipeline(cfg)
     dims = ParallelDims.from_config(cfg, world)
-    check_batch(t, dims.dp, f" (at world size {world}: {world_source(cfg, world)})" if cfg.slurm.min_nodes is not None
-                else "")
+    at_world = f" (at world size {world}: {world_source(cfg, world)})" if cfg.slurm.min_nodes is not None else ""
+    check_batch(t, dims.dp, at_world)
+    micro_batches = grad_accum_steps(t, dims.dp)
+    if p.pp_schedule == "interleaved" and micro_batches % p.pp:
+        raise ConfigError(f"parallel.pp_schedule=interleaved runs the micro-batches in groups of parallel.pp={p.pp}, "
+                          f"but a step has {micro_batches} per rank (train.global_batch_size={t.global_batch_size} / "
+                          f"(train.micro_batch_size={t.micro_batch_size} x data-parallel {dims.dp})){at_world}; "
+                          f"make it a multiple of {p.pp}")
     return dims
 
 
@@ -112,7 +118,7 @@ def check_pipeline(cfg) -> None:
     p, m = cfg.parallel, cfg.model
     if p.pp == 1:
         return
-    pipeline_split(m.num_layers, p.pp, list(p.pp_layers) if p.pp_layers else None)
+    pipeline_split(m.num_layers, p.pp, list(p.pp_layers) if p.pp_layers else None, p.pp_virtual)
     with_pp = f"with parallel.pp={p.pp}"
     refusals = [
         (cfg.precision.dtype == "fp16", f"precision.dtype=fp16 {with_pp}: the loss scale of the pipeline's backward "

@@ -10,6 +10,7 @@ from gorilla_dist.config.checks import choice, positive
 from gorilla_dist.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+PP_SCHEDULES = ("1f1b", "interleaved")
 RECOMPUTE = {"none": {},
              # megatron-core's selective recompute: the core attention (scores, softmax) of every layer
              "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
@@ -33,8 +34,17 @@ class ParallelConfig:
     world / (tp * pp)."""
     pp_layers: Optional[list[int]] = None
     """Decoder layers per pipeline stage, e.g. [1, 3] (uneven splits; they must sum to model.num_layers,
-    each >= 1). None: as even as possible, the extra layers on the middle stages first (the first and last
-    stages also hold the embeddings and the output layer)."""
+    each >= 1); with pp_virtual > 1, per virtual stage (pp * pp_virtual entries, in the order the layers run).
+    None: as even as possible, the extra layers on the middle stages first (the first and last stages also
+    hold the embeddings and the output layer)."""
+    pp_schedule: str = "1f1b"
+    """1f1b (PipeDream-Flush: a stage holds one run of consecutive layers) | interleaved (megatron-core's
+    virtual pipeline: each rank holds pp_virtual chunks of non-adjacent layers, chunk c of rank r being virtual
+    stage c * pp + r, and runs the micro-batches in groups of pp through its chunks in turn: the pipeline
+    bubble shrinks by a factor pp_virtual for pp_virtual times more exchanges; the micro-batches per step must
+    be a multiple of pp)."""
+    pp_virtual: int = 1
+    """Model chunks per pipeline rank for pp_schedule=interleaved (>= 2; 1 with 1f1b)."""
     ep: int = 1
     """Expert-parallel size (model.moe): each MoE layer's experts are split over `ep` ranks of a
     data-parallel group, which exchange tokens; expert weights are then reduced and partitioned over the
@@ -160,29 +170,43 @@ class ParallelDims:
         return f"world {self.world} = {' x '.join(parts) or '1'}{ep}"
 
 
-def pipeline_split(num_layers: int, pp: int, pp_layers: list[int] | None = None) -> list[int]:
-    """Decoder layers per pipeline stage: `pp_layers` when given (checked), else as even as possible with
-    the extra layers on the middle stages first, then the first stage (the last holds the output layer and
-    the loss). One stage: [num_layers]."""
+def pipeline_split(num_layers: int, pp: int, pp_layers: list[int] | None = None, virtual: int = 1) -> list[int]:
+    """Decoder layers per pipeline stage (with `virtual` chunks per rank: per virtual stage, pp * virtual of
+    them, virtual stage c * pp + r being chunk c of rank r): `pp_layers` when given (checked), else as even as
+    possible with the extra layers on the middle stages first, then the first stage (the last holds the
+    output layer and the loss). One stage: [num_layers]."""
+    stages = pp * virtual
+    what = (f"parallel.pp={pp}" if virtual == 1 else f"parallel.pp={pp} x parallel.pp_virtual={virtual} = {stages}")
     if pp_layers:
-        if len(pp_layers) != pp:
-            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} has {len(pp_layers)} entries; parallel.pp={pp} "
-                              "needs one per pipeline stage")
+        if len(pp_layers) != stages:
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} has {len(pp_layers)} entries; {what} needs one per "
+                              f"{'virtual ' if virtual > 1 else ''}pipeline stage")
         if min(pp_layers) < 1:
             raise ConfigError(f"parallel.pp_layers={list(pp_layers)}: every stage needs at least one decoder layer")
         if sum(pp_layers) != num_layers:
             raise ConfigError(f"parallel.pp_layers={list(pp_layers)} sums to {sum(pp_layers)} layers, but "
                               f"model.num_layers={num_layers}")
         return [int(n) for n in pp_layers]
-    if pp > num_layers:
-        raise ConfigError(f"parallel.pp={pp} pipeline stages for model.num_layers={num_layers}: each stage needs at "
-                          f"least one decoder layer; set parallel.pp <= {num_layers}")
-    base, extra = divmod(num_layers, pp)
-    order = [*range(1, pp - 1), 0, pp - 1]  # who gets an extra layer first
-    counts = [base] * pp
+    if stages > num_layers:
+        limit = (f"set parallel.pp <= {num_layers}" if virtual == 1
+                 else f"set parallel.pp * parallel.pp_virtual <= {num_layers}")
+        raise ConfigError(f"{what} {'virtual ' if virtual > 1 else ''}pipeline stages for model.num_layers="
+                          f"{num_layers}: each stage needs at least one decoder layer; {limit}")
+    base, extra = divmod(num_layers, stages)
+    order = [*range(1, stages - 1), 0, stages - 1]  # who gets an extra layer first
+    counts = [base] * stages
     for stage in order[:extra]:
         counts[stage] += 1
     return counts
+
+
+def stage_chunks(num_layers: int, pp: int, rank: int, pp_layers: list[int] | None = None,
+                 virtual: int = 1) -> list[range]:
+    """The global indices of the decoder layers pipeline rank `rank` holds, one range per model chunk (one chunk
+    without interleaving; chunk c is virtual stage c * pp + rank)."""
+    counts = pipeline_split(num_layers, pp, pp_layers, virtual)
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    return [range(starts[s], starts[s] + counts[s]) for s in range(rank, pp * virtual, pp)]
 
 
 def check_parallel(p) -> None:
@@ -192,6 +216,15 @@ def check_parallel(p) -> None:
     choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
     choice(p.activation_checkpointing, RECOMPUTE, "parallel.activation_checkpointing")
     choice(p.device, DEVICES, "parallel.device")
+    choice(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
+    positive(p.pp_virtual, "parallel.pp_virtual")
+    if p.pp_schedule == "interleaved" and (p.pp == 1 or p.pp_virtual < 2):
+        raise ConfigError(f"parallel.pp_schedule=interleaved with parallel.pp={p.pp} and parallel.pp_virtual={p.pp_virtual}: "
+                          "the interleaved schedule runs pp_virtual >= 2 model chunks on each of pp >= 2 pipeline ranks; "
+                          "set both, or parallel.pp_schedule=1f1b")
+    if p.pp_schedule == "1f1b" and p.pp_virtual != 1:
+        raise ConfigError(f"parallel.pp_virtual={p.pp_virtual} with parallel.pp_schedule=1f1b: model chunks per rank "
+                          "are for the interleaved schedule; set parallel.pp_schedule=interleaved or parallel.pp_virtual=1")
     if p.pp_layers is not None and p.pp == 1 and len(p.pp_layers) != 1:
         raise ConfigError(f"parallel.pp_layers={list(p.pp_layers)} splits the layers over {len(p.pp_layers)} stages, "
                           f"but parallel.pp=1; set parallel.pp={len(p.pp_layers)}")

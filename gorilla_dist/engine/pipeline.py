@@ -78,6 +78,7 @@ class PipelineEngine(DeepSpeedEngine):
         config = ds_engine.module.config
         self._hidden, self._dtype = config.hidden_size, config.params_dtype
         self._sp_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        self.chunks = len(ds_engine.module.chunk_sizes or [()])  # model chunks on this rank (interleaved: > 1)
         ds_engine.enable_backward_allreduce = False  # reduced once per step, after the tied embeddings' sum
         self._reduce = layout.dp > 1 or ds_engine.zero_optimization()
         # (megatron marks the tied copies on the first and the last stage only)
@@ -89,78 +90,165 @@ class PipelineEngine(DeepSpeedEngine):
         b, s = tokens.shape
         return (s // self._sp_split, b, self._hidden), self._dtype, tokens.device
 
+    def _ends(self, c: int) -> tuple[bool, bool]:
+        """Whether model chunk `c` of this rank is the pipeline's first (embeddings) / last (loss)."""
+        return self.links.first and c == 0, self.links.last and c == self.chunks - 1
+
     def stage_forward(self, args: tuple, kwargs: dict, last: Callable):
-        """Forward only, one batch through this stage: the input from the previous stage (the first: the ids in
-        args), then on the last stage `last()` (the caller's loss or logits, which calls the model) and its
-        result returned; the other stages send their output to the next and return None."""
-        if not self.links.first:
-            self._ds.module.set_input_tensor(self.links.exchange(recv_prev=self._activation(args[0]))[0])
-        if self.links.last:
-            return last()
-        self.links.exchange(send_next=self._ds(*args, **kwargs))
+        """Forward only, one batch through this rank's chunks in turn: the input from the previous stage (the
+        first: the ids in args), then on the last chunk of the last stage `last()` (the caller's loss or
+        logits, which calls the model) and its result returned; the others send their output to the next
+        stage (with interleaving, the last rank's to the first) and this returns None."""
+        for c in range(self.chunks):
+            first, last_chunk = self._ends(c)
+            if not first:
+                self._ds.module.set_input_tensor(self.links.exchange(recv_prev=self._activation(args[0]))[0])
+            with self._ds.module.chunk_view(c):
+                if last_chunk:
+                    return last()
+                out = self._ds(*args, **kwargs)
+            self.links.exchange(send_next=out)
         return None
 
     # --- TrainEngine ---
     def step(self, micro_batches, loss_fn, *, probe=None) -> StepResult:
-        """One optimizer step over this rank's micro-batches in the 1F1B schedule: warm-up forwards, one
-        forward and one backward in turn, the remaining backwards (the exchanges are megatron-core's: a stage
-        sends its output and receives the gradient for its next backward in one exchange, sends an input
-        gradient and receives its next input in another)."""
+        """One optimizer step over this rank's micro-batches in the 1F1B or the interleaved schedule."""
         from gorilla_dist.loss import packed
 
-        links, ds, m = self.links, self._ds, len(micro_batches)
+        ds, m = self._ds, len(micro_batches)
         applied_before = ds.lr_scheduler.applied.clone()
         total = torch.zeros((), device=micro_batches[0].tokens.device)
-        warmup = min(links.size - links.rank - 1, m)
-        live = deque()  # (input, output) of the micro-batches whose backward has not run, oldest first
-        shape = self._activation(micro_batches[0].tokens)
+        live = [deque() for _ in range(self.chunks)]  # per chunk: (input, output) awaiting their backward, oldest first
 
-        def forward(i: int, x):
+        def forward(i: int, c: int, x):
+            """Micro-batch i through chunk c (x: its input from the previous stage, None on the first);
+            returns the output to send on (None from the last chunk of the last stage)."""
             nonlocal total
             batch = micro_batches[i]
-            if x is not None:
+            first, last = self._ends(c)
+            if not first:
                 x.requires_grad_()
-                self._ds.module.set_input_tensor(x)
-            if links.last:
-                out = loss_fn(self, batch)
-                total += out.detach().float()
-            else:
-                out = ds(batch.tokens, batch.position_ids, batch.segments, **packed(batch))
-            live.append((x, out))
-            return out
+                ds.module.set_input_tensor(x)
+            with ds.module.chunk_view(c):
+                if last:
+                    out = loss_fn(self, batch)
+                    total += out.detach().float()
+                else:
+                    out = ds(batch.tokens, batch.position_ids, batch.segments, **packed(batch))
+            live[c].append((x, out))
+            return None if last else out
 
-        def backward(i: int, grad):
-            x, out = live.popleft()
-            if links.last:
-                ds.backward(out)
-            else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
-                ds.backward((out * grad).sum(), scale_wrt_gas=False)
-            if i < m - 1:
+        def backward(c: int, grad, count: bool):
+            """The oldest outstanding backward of chunk c (grad: the gradient of its output from the next
+            stage, None on the last); `count`: the micro-batch's last backward on this rank, not the step's
+            last (DeepSpeed counts it towards the accumulation). Returns the gradient to send back."""
+            x, out = live[c].popleft()
+            with ds.module.chunk_view(c):
+                if grad is None:
+                    ds.backward(out)
+                else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
+                    ds.backward((out * grad).sum(), scale_wrt_gas=False)
+            if count:
                 ds.step()  # counts the micro-batch (the update waits for the step's end)
-            return x.grad if x is not None else None
+            return None if x is None else x.grad
 
-        previous = None if links.first else shape
-        following = None if links.last else shape
-        # the probe (first step) measures the whole schedule: a stage holds up to p - r micro-batches' activations
+        shape = self._activation(micro_batches[0].tokens)
+        # the probe (first step) measures the whole schedule: a stage holds several micro-batches' activations
         with probe.micro_batch() if probe else nullcontext():
-            for i in range(warmup):
-                x, _ = links.exchange(recv_prev=previous)
-                links.exchange(send_next=forward(i, x))  # (the last stage has no warm-up)
-            x = links.exchange(recv_prev=previous)[0] if warmup < m else None
-            for j in range(m - warmup):
-                out = forward(warmup + j, x)
-                _, grad = links.exchange(send_next=None if links.last else out, recv_next=following)
-                grad_in = backward(j, grad)
-                last_steady = j == m - warmup - 1
-                x, _ = links.exchange(send_prev=None if links.first else grad_in,
-                                      recv_prev=None if last_steady else previous)
-            for j in range(m - warmup, m):
-                _, grad = links.exchange(recv_next=following)
-                grad_in = backward(j, grad)
-                links.exchange(send_prev=None if links.first else grad_in)
+            if self.chunks == 1:
+                self._one_f_one_b(m, shape, forward, backward)
+            else:
+                self._interleaved(m, shape, forward, backward)
         self._reduce_and_update(probe)
         return StepResult(loss=self._from_last_stage(total / m), grad_norm=state.unscaled_grad_norm(ds, None),
                           skipped=ds.lr_scheduler.applied == applied_before)
+
+    def _one_f_one_b(self, m: int, shape, forward, backward) -> None:
+        """1F1B: warm-up forwards, one forward and one backward in turn, the remaining backwards (the exchanges
+        are megatron-core's: a stage sends its output and receives the gradient for its next backward in one
+        exchange, sends an input gradient and receives its next input in another)."""
+        links = self.links
+        warmup = min(links.size - links.rank - 1, m)
+        previous = None if links.first else shape
+        following = None if links.last else shape
+        for i in range(warmup):
+            x, _ = links.exchange(recv_prev=previous)
+            links.exchange(send_next=forward(i, 0, x))  # (the last stage has no warm-up)
+        x = links.exchange(recv_prev=previous)[0] if warmup < m else None
+        for j in range(m - warmup):
+            out = forward(warmup + j, 0, x)
+            _, grad = links.exchange(send_next=out, recv_next=following)
+            grad_in = backward(0, grad, j < m - 1)
+            last_steady = j == m - warmup - 1
+            x, _ = links.exchange(send_prev=grad_in, recv_prev=None if last_steady else previous)
+        for j in range(m - warmup, m):
+            _, grad = links.exchange(recv_next=following)
+            links.exchange(send_prev=backward(0, grad, j < m - 1))
+
+    def _interleaved(self, m: int, shape, forward, backward) -> None:
+        """megatron-core's interleaved 1F1B (forward_backward_pipelining_with_interleaving, its exchanges
+        without overlap), micro-batches in groups of pp: the forwards run group by group, each group through
+        chunk 0, then chunk 1, ...; the backwards in the same order with the chunks reversed. Rank r warms
+        up with 2 (pp - r - 1) + (v - 1) pp forwards, then runs one forward and one backward per exchange
+        (sending both results, receiving the next input and output gradient together), then drains."""
+        links, v, p = self.links, self.chunks, self.links.size
+        total = m * v
+        order = [(i, c) for g in range(0, m, p) for c in range(v) for i in range(g, min(g + p, m))]
+        warmup = min(total, 2 * (p - links.rank - 1) + (v - 1) * p)
+        inputs, grads = [deque() for _ in range(v)], [deque() for _ in range(v)]  # received, per chunk, in order
+
+        def chunk(k: int, forwards: bool) -> int:
+            c = order[k % total][1]
+            return c if forwards else v - 1 - c
+
+        def arriving(k: int, forwards: bool) -> tuple[bool, int]:
+            """Whether the exchange after this rank's k-th forward (backward) receives an input (gradient), and
+            for which chunk (megatron's recv_tensor_from_previous_stage): the first rank's inputs come from the
+            last rank's previous chunk, p - 1 forwards behind it (for gradients: the other way round)."""
+            if not (links.first if forwards else links.last):
+                return True, chunk(k + 1, forwards)
+            c = chunk(k - (p - 1) if k >= p - 1 else k + 1, forwards)
+            step = 1 if forwards else -1
+            return k >= p - 1 and c != (v - 1 if forwards else 0), c + step
+
+        def run_forward(k: int):
+            i, c = order[k]
+            return forward(i, c, None if self._ends(c)[0] else inputs[c].popleft())
+
+        def run_backward(k: int):
+            c = chunk(k, False)
+            grad = None if self._ends(c)[1] else grads[c].popleft()
+            return backward(c, grad, c == 0 and k < total - 1)
+
+        def receive(got, forwards: bool, k: int, wanted: bool):
+            if wanted:
+                (inputs if forwards else grads)[arriving(k, forwards)[1]].append(got)
+
+        if not links.first:
+            inputs[0].append(links.exchange(recv_prev=shape)[0])
+        for k in range(warmup):
+            recv_prev = arriving(k, True)[0] and k < total - 1
+            out = run_forward(k)
+            recv_next = k == warmup - 1 and warmup < total and not links.last
+            x, g = links.exchange(send_next=out, recv_prev=shape if recv_prev else None,
+                                  recv_next=shape if recv_next else None)
+            receive(x, True, k, recv_prev)
+            if recv_next:
+                grads[v - 1].append(g)
+        for k in range(total - warmup):
+            out, grad_in = run_forward(k + warmup), run_backward(k)
+            recv_prev = arriving(k + warmup, True)[0] and k < total - warmup - 1
+            recv_next = arriving(k, False)[0]
+            x, g = links.exchange(send_next=out, send_prev=grad_in, recv_prev=shape if recv_prev else None,
+                                  recv_next=shape if recv_next else None)
+            receive(x, True, k + warmup, recv_prev)
+            receive(g, False, k, recv_next)
+        if warmup == total and not links.last:
+            grads[v - 1].append(links.exchange(recv_next=shape)[1])
+        for k in range(total - warmup, total):
+            recv_next = arriving(k, False)[0] and k < total - 1
+            _, g = links.exchange(send_prev=run_backward(k), recv_next=shape if recv_next else None)
+            receive(g, False, k, recv_next)
 
     def _reduce_and_update(self, probe) -> None:
         """The step's end: tied embeddings summed over the embedding group, DeepSpeed's data-parallel

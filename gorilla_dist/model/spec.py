@@ -27,7 +27,7 @@ from megatron.core.utils import init_method_normal
 
 from gorilla_dist.config import RECOMPUTE, FinetuneConfig, ModelConfig, ParallelConfig, layer_weight_sets, moe_layers
 from gorilla_dist.dtypes import TORCH_DTYPES
-from gorilla_dist.config.parallel import pipeline_split
+from gorilla_dist.config.parallel import stage_chunks
 from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe, tie_stage_embeddings
 from gorilla_dist.engine.moe import reset_aux_loss_tracker
 from gorilla_dist.engine.rng import seed_rng_tracker
@@ -191,6 +191,14 @@ class SeededLayer(TransformerLayer):
     stage holds)."""
 
     def __init__(self, *args, seed: int, index: int, **kwargs):
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        # megatron numbers a layer from the offset of its stage; the interleaved schedule's chunks of one rank are
+        # not adjacent, so the layer_number handed over is chosen for the sum to be the global one
+        offset = get_transformer_layer_offset(kwargs["config"], kwargs.get("vp_stage"),
+                                              ps.get_pipeline_model_parallel_rank())
+        kwargs["layer_number"] = index + 1 - offset
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(draw_seed(seed, f"layer {index}"))
             super().__init__(*args, **kwargs)
@@ -223,7 +231,7 @@ def layer_spec(m, *, num_experts: int | None = None) -> ModuleSpec:
     return spec
 
 
-def block_spec(m, *, seed: int, layers: range | None = None) -> TransformerBlockSubmodules:
+def block_spec(m, *, seed: int, layers: list[int] | range | None = None) -> TransformerBlockSubmodules:
     """One layer spec per layer of `layers` (global indices; None: all): dense MLPs, and MoE MLPs on
     moe_layers(m); each a SeededLayer keyed by its global index."""
     dense, moe = layer_spec(m), (layer_spec(m, num_experts=m.moe.num_experts) if m.moe.num_experts else None)
@@ -282,12 +290,53 @@ def share_layers(model: GPTModel, sets: list[int], *, share_norms: bool) -> None
 
 class GPT(GPTModel):
     """megatron-core's GPTModel; with pipeline stages and tied embeddings, the last stage's copy of the word
-    embeddings is set up without megatron's move to CUDA (engine/megatron_cpu.py, 10)."""
+    embeddings is set up without megatron's move to CUDA (engine/megatron_cpu.py, 10).
+
+    Interleaved pipeline (parallel.pp_schedule=interleaved): one GPT holds all of its rank's model chunks, its
+    decoder.layers their layers in order (each under its global layer_number, so names, seeds, checkpoints and
+    adapters are those of any other layout), and chunk_view(c) makes it chunk c for a forward and its backward: its layers only, the
+    embeddings only on the first chunk of the first rank, the final norm and output layer only on the last
+    chunk of the last rank (megatron's own way, one GPTModel per chunk with vp_stage, would give every chunk
+    its own module names)."""
+
+    chunk_sizes: list[int] | None = None
+    _viewing: bool = False
 
     def setup_embeddings_and_output_layer(self) -> None:
         if self.config.pipeline_model_parallel_size == 1 or not self.share_embeddings_and_output_weights:
             return super().setup_embeddings_and_output_layer()
         tie_stage_embeddings(self)
+
+    def forward(self, *args, **kwargs):
+        if self.chunk_sizes is not None and not self._viewing:
+            raise RuntimeError("a model of several pipeline chunks runs inside chunk_view(c) only")
+        return super().forward(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def chunk_view(self, c: int):
+        """The model as megatron would have built chunk `c` alone (the forward, and the backward: full activation
+        checkpointing finds its layers again by index when it recomputes). Nothing to do for a single chunk."""
+        if self.chunk_sizes is None:
+            yield
+            return
+        decoder, last = self.decoder, len(self.chunk_sizes) - 1
+        saved = (self.pre_process, self.post_process, decoder.pre_process, decoder.post_process,
+                 decoder._modules["layers"], decoder._modules.get("final_layernorm"), decoder.num_layers_per_pipeline_rank)
+        start = sum(self.chunk_sizes[:c])
+        layers = torch.nn.ModuleList(list(saved[4])[start:start + self.chunk_sizes[c]])
+        self.pre_process = decoder.pre_process = saved[0] and c == 0
+        self.post_process = decoder.post_process = saved[1] and c == last
+        decoder._modules["layers"], decoder.num_layers_per_pipeline_rank = layers, len(layers)
+        if c != last:
+            decoder._modules["final_layernorm"] = None
+        self._viewing = True
+        try:
+            yield
+        finally:
+            (self.pre_process, self.post_process, decoder.pre_process, decoder.post_process) = saved[:4]
+            decoder._modules["layers"], decoder.num_layers_per_pipeline_rank = saved[4], saved[6]
+            decoder._modules["final_layernorm"] = saved[5]
+            self._viewing = False
 
 
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,
@@ -315,9 +364,10 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
     torch.manual_seed(seed)
     seed_rng_tracker(seed, device)
     pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    stages = pipeline_split(m.num_layers, pp, list(parallel.pp_layers) if parallel is not None and parallel.pp_layers
-                            else None)
-    first = sum(stages[:stage])
+    split = (list(parallel.pp_layers) if parallel is not None and parallel.pp_layers else None,
+             parallel.pp_virtual if parallel is not None else 1)
+    # the global layers of each rank's model chunks (one chunk each without interleaving)
+    chunks = [stage_chunks(m.num_layers, pp, r, *split) for r in range(pp)]
     try:
         with construct if construct is not None else contextlib.nullcontext():
             model = GPT(
@@ -326,9 +376,10 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
                 pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                 config=transformer_config(m, tp=ps.get_tensor_model_parallel_world_size(), dtype=dtype, seed=seed,
                                           sequence_parallel=sp, activation_checkpointing=recompute,
-                                          ep=ps.get_expert_model_parallel_world_size(), stages=stages),
+                                          ep=ps.get_expert_model_parallel_world_size(),
+                                          stages=[sum(map(len, c)) for c in chunks]),
                 # a pipeline stage builds its own layers only (global indices: their seeds and names)
-                transformer_layer_spec=block_spec(m, seed=seed, layers=range(first, first + stages[stage])),
+                transformer_layer_spec=block_spec(m, seed=seed, layers=[i for c in chunks[stage] for i in c]),
                 vocab_size=padded_vocab_size(vocab_size),
                 max_sequence_length=m.seq_length,
                 pre_process=stage == 0,
@@ -342,6 +393,8 @@ def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.de
             )
     except UnsupportedAttention as err:  # a kernel's limit, named in the config's words
         raise ConfigError(f"model.attention={m.attention}: {err}") from None
+    if len(chunks[stage]) > 1:
+        model.chunk_sizes = [len(c) for c in chunks[stage]]
     if m.moe.num_experts:
         seed_experts(model, seed)
     sets = layer_weight_sets(m.num_layers, m.sharing.unique_layers, m.sharing.pattern)

@@ -1,5 +1,5 @@
 """Pipeline parallelism (parallel.pp): a two-stage step computes every gradient of the one-stage model (2 gloo
-ranks, the real engine and 1F1B schedule; tied, and untied with an uneven split). Through the launcher: the
+ranks, the real engine and 1F1B schedule; tied, and untied with an uneven split; the interleaved schedule). Through the launcher: the
 matrix rows pp2-accum4 (tied embeddings), dp2xpp2-zero1-accum3 and tp2xpp2-sp-zero1-ckpt_full and the resumes
 between pipeline and other layouts are in test_parity.py, two Slurm nodes in test_multinode.py, the refusals in
 tests/unit/test_config.py."""
@@ -45,11 +45,15 @@ def step_gradients(out: Path, *overrides: str, stages: int = 1) -> dict[str, tor
 
 
 @pytest.mark.parametrize("model", [["model.tie_embeddings=true"],
-                                   ["model.tie_embeddings=false", "parallel.pp_layers=[1,3]"]],
-                         ids=["tied", "untied-uneven_1_3"])
+                                   ["model.tie_embeddings=false", "parallel.pp_layers=[1,3]"],
+                                   ["model.num_layers=5", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
+                                    "parallel.pp_layers=[2,1,1,1]", "parallel.activation_checkpointing=full"]],
+                         ids=["tied", "untied-uneven_1_3", "interleaved_v2-uneven-ckpt_full"])
 def test_every_gradient_of_a_two_stage_step_is_the_one_stage_gradient(tmp_path, model):
-    """4 micro-batches through 2 stages in 1F1B (warm-up, steady state, drain): each parameter's gradient, under
-    its single-process name (the second stage's layers under their global index), is the one-process model's;
+    """4 micro-batches through 2 stages in 1F1B (warm-up, steady state, drain), or interleaved over 2 model chunks
+    per rank (layers 0-1 and 3 on the first rank, 2 and 4 on the second; the chunks' layers found again by the
+    full activation checkpointing's recompute): each parameter's gradient, under its single-process name (every
+    layer under its global index), is the one-process model's;
     the tied embeddings' gradient is the sum of both stages' uses (measured: 7.5e-9 at most, on values up to
     0.08; a micro-batch paired with another's gradient, or a stage left out of the backward, is off by 1e-2)."""
     want = step_gradients(tmp_path / "one", *[o for o in model if not o.startswith("parallel.")])

@@ -101,8 +101,9 @@ class PipelineEngine(DeepSpeedEngine):
         stage (with interleaving, the last rank's to the first) and this returns None."""
         for c in range(self.chunks):
             first, last_chunk = self._ends(c)
-            if not first:
-                self._ds.module.set_input_tensor(self.links.exchange(recv_prev=self._activation(args[0]))[0])
+            # (None on the first chunk: megatron takes the rotary length from a stale input otherwise)
+            x = None if first else self.links.exchange(recv_prev=self._activation(args[0]))[0]
+            self._ds.module.set_input_tensor(x)
             with self._ds.module.chunk_view(c):
                 if last_chunk:
                     return last()
@@ -128,7 +129,7 @@ class PipelineEngine(DeepSpeedEngine):
             first, last = self._ends(c)
             if not first:
                 x.requires_grad_()
-                ds.module.set_input_tensor(x)
+            ds.module.set_input_tensor(x)  # None on the first chunk (as in stage_forward)
             with ds.module.chunk_view(c):
                 if last:
                     out = loss_fn(self, batch)

@@ -190,7 +190,7 @@ def assert_layout_took_effect(overrides: list[str], world: int, ranks: list[dict
     tp, zero = setting(overrides, "parallel.tp", 1), setting(overrides, "parallel.zero_stage", 0)
     pp = setting(overrides, "parallel.pp", 1)
     dp = world // (tp * pp)
-    if pp > 1:  # each stage holds one of the debug model's two layers, the first the (tied) embeddings, the last
+    if pp > 1:  # each stage holds half of the debug model's layers, the first the (tied) embeddings, the last
         # their copy for the output layer (padded vocabulary 128 x hidden 64): per kind of state, (the single
         # process's + one embedding's) / pp
         tied = 128 * 64  # parameters
@@ -309,6 +309,38 @@ def test_pipeline_checkpoint_resumes_without_stages(tmp_path, pipeline_checkpoin
     out = check(launch(run, *STEPS, f"checkpoint.resume={pipeline_checkpoint}", *target[1]))
     assert "was written with world=4 tp=2 pp=2 zero_stage=1 precision=fp32" in out
     assert_close(losses(run), single, 1e-5, steps=range(11, 21))
+
+
+INTERLEAVED = [*ranks(2), "parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
+               "train.micro_batch_size=3", "checkpoint.interval=10", "checkpoint.consolidated=false"]
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """The debug model with 4 layers (the interleaved schedule needs a layer per virtual stage: 2 ranks x 2
+    chunks), one process, 20 steps."""
+    run = tmp_path_factory.mktemp("four_layers")
+    (run / OUTPUT).write_text(check(launch(run, *STEPS, "model.num_layers=4")))
+    return run
+
+
+def test_interleaved_pipeline_matches_one_process_and_resumes_without_stages(tmp_path, four_layers):
+    """The matrix's checks for pp2 x 2 virtual chunks (layers 0 and 2 on the first rank, 1 and 3 on the second; 4
+    micro-batches per step, so both ranks reach the steady state) against the same 4-layer model in one
+    process; then its step-10 checkpoint resumed in one process."""
+    run = tmp_path / "interleaved"
+    out = check(launch(run, *STEPS, "model.num_layers=4", *INTERLEAVED))
+    one = losses(four_layers)
+    assert_close(losses(run), one, 1e-5)
+    assert_close(grad_norms(run), grad_norms(four_layers), 1e-4)
+    assert abs(val_loss(run) - val_loss(four_layers)) <= 1e-5
+    assert printed_sample(out) == printed_sample((four_layers / OUTPUT).read_text())
+    assert_layout_took_effect(INTERLEAVED, 2, first_step_memory(run), first_step_memory(four_layers)[0])
+    assert_same_final_state(run, four_layers)
+    resumed = tmp_path / "resumed"
+    out = check(launch(resumed, *STEPS, "model.num_layers=4", f"checkpoint.resume={run}/checkpoints/step_00000010"))
+    assert "was written with world=2 tp=1 pp=2" in out
+    assert_close(losses(resumed), one, 1e-5, steps=range(11, 21))
 
 
 def test_one_process_checkpoint_resumes_on_two_stages(tmp_path, single, one_process_checkpoint):

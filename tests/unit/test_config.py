@@ -157,6 +157,24 @@ TWO_STAGES = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.pp=2"]
      "train.objectives (other than clm alone) with parallel.pp=2"),
     ([*TWO_STAGES, "parallel.pp=0"], "parallel.pp=0 must be > 0"),
     ([*TWO_STAGES, "precision=fp16"], "precision.dtype=fp16 with parallel.pp=2"),
+    # the interleaved schedule
+    ([*TWO_STAGES, "parallel.pp_schedule=interleaved"],
+     "parallel.pp_schedule=interleaved with parallel.pp=2 and parallel.pp_virtual=1: the interleaved schedule runs "
+     "pp_virtual >= 2 model chunks"),
+    ([*TWO_STAGES, "parallel.pp_virtual=2"], "parallel.pp_virtual=2 with parallel.pp_schedule=1f1b"),
+    ([*TWO_STAGES, "parallel.pp_schedule=zigzag"], "parallel.pp_schedule='zigzag' is not valid; choose one of: "
+                                                   "1f1b, interleaved"),
+    ([*TWO_STAGES, "model=debug", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2"],
+     "parallel.pp=2 x parallel.pp_virtual=2 = 4 virtual pipeline stages for model.num_layers=2: each stage needs at "
+     "least one decoder layer; set parallel.pp * parallel.pp_virtual <= 2"),
+    ([*TWO_STAGES, "model.num_layers=4", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
+      "parallel.pp_layers=[2,2]"],
+     "parallel.pp_layers=[2, 2] has 2 entries; parallel.pp=2 x parallel.pp_virtual=2 = 4 needs one per virtual "
+     "pipeline stage"),
+    ([*TWO_STAGES, "model.num_layers=4", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
+      "train.global_batch_size=12", "train.micro_batch_size=4"],
+     "parallel.pp_schedule=interleaved runs the micro-batches in groups of parallel.pp=2, but a step has 3 per rank "
+     "(train.global_batch_size=12 / (train.micro_batch_size=4 x data-parallel 1)); make it a multiple of 2"),
 ])
 def test_impossible_or_unbuilt_pipeline_layouts_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:

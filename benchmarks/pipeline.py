@@ -4,13 +4,15 @@
 
 1. Through `python -m launcher` (torchrun, 2 gloo ranks, model=small, fp32, 8 micro-batches of 2 per step): the
    first-step memory the framework reports per rank (metrics.jsonl) and tokens/s, for pp=2 against pp=1 (the
-   2 ranks data-parallel, ZeRO-0: each holds the whole model). Target (issue 39): a stage's parameter +
+   2 ranks data-parallel, ZeRO-0: each holds the whole model), and for pp=2 interleaved over 2 chunks per rank. Target (issue 39): a stage's parameter +
    optimizer bytes <= 0.55x those of one rank holding the whole model.
 2. The bubble: this file under torchrun as 2 stages (`--worker`), the real PipelineEngine and train_step on
    model=small; each stage's time blocked in its point-to-point exchanges (StageLinks.exchange, timed here) per
    step, as a fraction of the step, for m = 4, 8, 16 micro-batches, against the 1F1B bound (p - 1) / (m + p - 1)
-   of equal stages with free communication. Our stages are not equal (the last holds the output layer and the
-   loss, the first only the embedding lookup), so the measured idle time includes that imbalance.
+   of equal stages with free communication; and the same for the interleaved schedule with 2 model chunks per
+   rank (parallel.pp_schedule=interleaved, pp_virtual=2) against its bound (p - 1) / (v m + p - 1). Our stages
+   are not equal (the last holds the output layer and the loss, the first only the embedding lookup), so the
+   measured idle time includes that imbalance, and the transfers themselves (gloo, on the same 2 cores).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def run(work: Path, name: str, overrides: list[str], steps: int) -> dict:
 def memory_and_speed(work: Path, steps: int) -> dict:
     one = run(work, "pp1", [], steps)
     two = run(work, "pp2", ["parallel.pp=2"], steps)
+    interleaved = run(work, "pp2_interleaved_v2", ["parallel.pp=2", "parallel.pp_schedule=interleaved",
+                                                   "parallel.pp_virtual=2"], steps)
     whole = max(r["params"] + r["optimizer"] for r in one["ranks"])
     print("first step, per rank (MiB): params grads optimizer activations_peak | params+optimizer vs whole model")
-    result = {"pp1_dp2": one, "pp2": two}
-    for name, r in (("pp1_dp2", one), ("pp2", two)):
+    result = {"pp1_dp2": one, "pp2": two, "pp2_interleaved_v2": interleaved}
+    for name, r in result.items():
         for rank, numbers in enumerate(r["ranks"]):
             share = (numbers["params"] + numbers["optimizer"]) / whole
             numbers["params_optimizer_vs_whole"] = share
@@ -59,9 +63,11 @@ def memory_and_speed(work: Path, steps: int) -> dict:
     worst = max(n["params_optimizer_vs_whole"] for n in two["ranks"])
     result["pp2_worst_stage_vs_whole"] = worst
     result["step_time_ratio_pp2_vs_pp1"] = one["tokens_per_s"] / two["tokens_per_s"]
+    result["step_time_ratio_interleaved_vs_pp1"] = one["tokens_per_s"] / interleaved["tokens_per_s"]
     print(f"pp=2 stage state: {worst:.3f}x of the whole model's (target <= 0.55): {'met' if worst <= 0.55 else 'MISSED'}")
     print(f"tokens/s: pp=1 (dp 2) {one['tokens_per_s']:,.0f}, pp=2 {two['tokens_per_s']:,.0f}; step time pp2/pp1 "
-          f"{result['step_time_ratio_pp2_vs_pp1']:.2f}x")
+          f"{result['step_time_ratio_pp2_vs_pp1']:.2f}x; interleaved (2 chunks) {interleaved['tokens_per_s']:,.0f}, "
+          f"{result['step_time_ratio_interleaved_vs_pp1']:.2f}x")
     return result
 
 
@@ -75,15 +81,16 @@ def bubbles(steps: int) -> dict:
         sys.exit(f"bubble workers: exit {proc.returncode}\n{proc.stdout[-4000:]}")
     result = json.loads(out.read_text())
     print("\nbubble: time blocked in exchanges / step time, per stage (2 stages, model=small, micro-batch 2)")
-    print(f"{'m':>3} {'bound':>7} {'stage 0':>8} {'stage 1':>8} {'step s':>7}")
-    for m, r in result.items():
-        print(f"{m:>3} {r['bound']:>7.3f} {r['idle_fraction'][0]:>8.3f} {r['idle_fraction'][1]:>8.3f} "
-              f"{r['step_s']:>7.2f}")
+    print(f"{'schedule':>14} {'m':>3} {'bound':>7} {'stage 0':>8} {'stage 1':>8} {'step s':>7}")
+    for schedule, by_m in result.items():
+        for m, r in by_m.items():
+            print(f"{schedule:>14} {m:>3} {r['bound']:>7.3f} {r['idle_fraction'][0]:>8.3f} "
+                  f"{r['idle_fraction'][1]:>8.3f} {r['step_s']:>7.2f}")
     return result
 
 
 def worker(out: str, steps: int) -> None:
-    """One stage of 2 (under torchrun): the bubble for m = 4, 8, 16."""
+    """One stage of 2 (under torchrun): the bubble for m = 4, 8, 16, in 1F1B and interleaved over 2 chunks."""
     import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
@@ -108,36 +115,41 @@ def worker(out: str, steps: int) -> None:
             blocked[0] += time.perf_counter() - start
 
     StageLinks.exchange = timed
-    parallel = OmegaConf.structured(ParallelConfig(device="cpu", pp=2))
-    layout = init_distributed(parallel)
+    layout = init_distributed(OmegaConf.structured(ParallelConfig(device="cpu", pp=2)))
     m_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig()), OmegaConf.load(REPO / "conf/model/small.yaml"),
                             {"dropout": 0.0})
-    vocab, micro, seq = 65, 2, m_cfg.seq_length
+    vocab, micro, seq, p = 65, 2, m_cfg.seq_length, 2
     results = {}
-    for m in (4, 8, 16):
-        model = build_model(m_cfg, vocab_size=vocab, dtype="fp32", device=layout.device, seed=0, parallel=parallel)
-        train = OmegaConf.structured(TrainConfig(global_batch_size=m * micro, micro_batch_size=micro, max_steps=steps))
-        engine = build_engine(model, optim=OmegaConf.structured(OptimConfig()), train=train, parallel=parallel,
-                              precision=OmegaConf.structured(PrecisionConfig()), layout=layout)
-        g = torch.Generator().manual_seed(m)
-        times, idle = [], []
-        for step in range(steps):
-            ids = torch.randint(0, vocab, (m * micro, seq + 1), generator=g)
-            batches = [Batch(tokens=ids[i:i + micro, :-1], labels=ids[i:i + micro, 1:],
-                             loss_mask=torch.ones(micro, seq), position_ids=torch.arange(seq).expand(micro, seq),
-                             segments=None, source=torch.zeros(micro, dtype=torch.long))
-                       for i in range(0, m * micro, micro)]
-            dist.barrier()
-            blocked[0], start = 0.0, time.perf_counter()
-            train_step(engine, batches, layout)
-            if step:  # (the first step builds caches)
-                times.append(time.perf_counter() - start)
-                idle.append(blocked[0])
-        mine = (sum(idle) / sum(times), sum(times) / len(times))
-        both = [None, None]
-        dist.all_gather_object(both, mine)
-        results[m] = {"bound": 1 / (m + 1), "idle_fraction": [b[0] for b in both], "step_s": max(b[1] for b in both)}
-        del engine, model
+    for schedule, v in (("1f1b", 1), ("interleaved_v2", 2), ("interleaved_v3", 3)):
+        parallel = OmegaConf.structured(ParallelConfig(device="cpu", pp=p, pp_schedule=schedule.split("_")[0],
+                                                       pp_virtual=v))
+        results[schedule] = {}
+        for m in (4, 8, 16):
+            model = build_model(m_cfg, vocab_size=vocab, dtype="fp32", device=layout.device, seed=0, parallel=parallel)
+            train = OmegaConf.structured(TrainConfig(global_batch_size=m * micro, micro_batch_size=micro,
+                                                     max_steps=steps))
+            engine = build_engine(model, optim=OmegaConf.structured(OptimConfig()), train=train, parallel=parallel,
+                                  precision=OmegaConf.structured(PrecisionConfig()), layout=layout)
+            g = torch.Generator().manual_seed(m)
+            times, idle = [], []
+            for step in range(steps):
+                ids = torch.randint(0, vocab, (m * micro, seq + 1), generator=g)
+                batches = [Batch(tokens=ids[i:i + micro, :-1], labels=ids[i:i + micro, 1:],
+                                 loss_mask=torch.ones(micro, seq), position_ids=torch.arange(seq).expand(micro, seq),
+                                 segments=None, source=torch.zeros(micro, dtype=torch.long))
+                           for i in range(0, m * micro, micro)]
+                dist.barrier()
+                blocked[0], start = 0.0, time.perf_counter()
+                train_step(engine, batches, layout)
+                if step:  # (the first step builds caches)
+                    times.append(time.perf_counter() - start)
+                    idle.append(blocked[0])
+            mine = (sum(idle) / sum(times), sum(times) / len(times))
+            both = [None, None]
+            dist.all_gather_object(both, mine)
+            results[schedule][m] = {"bound": (p - 1) / (v * m + p - 1), "idle_fraction": [b[0] for b in both],
+                                    "step_s": max(b[1] for b in both)}
+            del engine, model
     if layout.is_main:
         Path(out).write_text(json.dumps(results, indent=1))
     teardown()

@@ -126,8 +126,6 @@ def check_pipeline(cfg) -> None:
         (m.sharing.unique_layers not in (None, m.num_layers),
          f"model.sharing.unique_layers={m.sharing.unique_layers} {with_pp}: layers sharing weights across "
          "pipeline stages are not built yet; use parallel.pp=1"),
-        (bool(m.moe.num_experts), f"model.moe.num_experts={m.moe.num_experts} {with_pp}: mixture-of-experts "
-                                  "layers on pipeline stages are not built yet; use parallel.pp=1"),
         (not is_plain(cfg.train.objectives), f"train.objectives (other than clm alone) {with_pp}: objectives "
                                              "that run the model more than once per micro-batch, or add heads, "
                                              "are not built for pipeline stages yet; use parallel.pp=1"),

@@ -70,8 +70,9 @@ def build_engine(model: torch.nn.Module, *, optim: OptimConfig, train: TrainConf
 
     engine = build_deepspeed(model, optim=optim, train=train, zero_stage=parallel.zero_stage, precision=precision,
                              layout=layout)
+    router_stats = moe.RouterStats(engine.module, layout.device) if engine.module.config.num_moe_experts else None
     if layout.pp > 1:
         from gorilla_dist.engine.pipeline import PipelineEngine
 
-        return PipelineEngine(engine, layout)
-    return DeepSpeedEngine(engine, moe.RouterStats(engine.module, layout.device) if moe.moe_layers(model) else None)
+        return PipelineEngine(engine, layout, router_stats)
+    return DeepSpeedEngine(engine, router_stats)

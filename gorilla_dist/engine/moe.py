@@ -56,16 +56,20 @@ class RouterStats:
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.layers = moe_layers(model)
-        self.n = len(self.layers)
-        self.experts = self.layers[0].config.num_moe_experts if self.layers else 0
-        self.topk = self.layers[0].config.moe_router_topk if self.layers else 0
+        config = model.config
+        # one row per MoE layer of the whole model, by global layer index: a pipeline stage fills its own layers'
+        # rows and leaves the others zero, so the sum over every rank adds each layer's numbers over the ranks
+        # that hold it (the layer indices of the other stages: one gather at start)
+        mine = [layer.layer_number - 1 for layer in self.layers]
+        self.rows = sorted(set(gather_over_stages(mine)))
+        self.n = len(self.rows)
+        self.experts, self.topk = config.num_moe_experts, config.moe_router_topk
         self.counts = torch.zeros(self.n, self.experts + 1, device=device)  # per layer: experts..., asked
-        config = self.layers[0].config if self.layers else None
-        self.logged = {metric for metric, coeff in (("moe_aux_loss", config and config.moe_aux_loss_coeff),
-                                                    ("moe_z_loss", config and config.moe_z_loss_coeff)) if coeff}
+        self.logged = {metric for metric, coeff in (("moe_aux_loss", config.moe_aux_loss_coeff),
+                                                    ("moe_z_loss", config.moe_z_loss_coeff)) if coeff}
         """The aux losses that are on (the others are not reported)."""
-        for i, layer in enumerate(self.layers):
-            layer.router.register_forward_hook(self._hook(i))
+        for layer in self.layers:
+            layer.router.register_forward_hook(self._hook(self.rows.index(layer.layer_number - 1)))
 
     def _hook(self, i: int):
         def count(router, args, output):
@@ -82,9 +86,9 @@ class RouterStats:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
         tracker = get_moe_layer_wise_logging_tracker()
+        # (megatron's tracker has a value per global layer, zero for the layers of other stages)
         numbers = [self.counts.new_zeros(self.n) if name not in tracker else
-                   torch.stack([tracker[name]["values"][layer.layer_number - 1] for layer in self.layers]) / micro_batches
-                   for name in AUX_LOSSES]
+                   tracker[name]["values"][self.rows].to(self.counts) / micro_batches for name in AUX_LOSSES]
         out = torch.cat([*numbers, self.counts.flatten()])
         clear_aux_losses_tracker()
         self.counts.zero_()
@@ -110,16 +114,31 @@ class RouterStats:
         return {"per_step": per_step, "interval": interval}
 
 
+def gather_over_stages(items: list) -> list:
+    """`items` of every pipeline stage of this rank's pipeline, concatenated (this rank's alone without stages)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return list(items)
+    every = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(every, list(items), group=ps.get_pipeline_model_parallel_group())
+    return [x for part in every for x in part]
+
+
 def update_expert_bias(model: torch.nn.Module) -> None:
-    """3 above, for every router with an expert bias; a no-op otherwise. Collective (all ranks)."""
-    routers = [layer.router for layer in moe_layers(model) if layer.router.enable_expert_bias]
-    if not routers:
+    """3 above, for every router with an expert bias; a no-op otherwise. Collective (all ranks): the token
+    counts are laid out by global layer index, so pipeline stages (each with its own layers) sum correctly."""
+    if not model.config.moe_router_enable_expert_bias:
         return
-    counts = torch.stack([r.local_tokens_per_expert for r in routers])
+    routers = {layer.layer_number - 1: layer.router for layer in moe_layers(model)}
+    counts = torch.zeros(model.config.num_layers, model.config.num_moe_experts, device=next(model.parameters()).device)
+    for i, r in routers.items():
+        counts[i] = r.local_tokens_per_expert
     if dist.is_initialized():
         dist.all_reduce(counts)  # every rank routes its own tokens (sequence-parallel slices included)
     with torch.no_grad():
-        for r, c in zip(routers, counts):
+        for i, r in routers.items():
+            c = counts[i]
             r.expert_bias.add_(torch.sign(c.mean() - c) * r.config.moe_router_bias_update_rate)
             r.local_tokens_per_expert.zero_()
 

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from gorilla_dist.engine import state
+from gorilla_dist.engine import moe, state
 from gorilla_dist.engine.deepspeed_engine import DeepSpeedEngine
 from gorilla_dist.engine.protocol import StepResult
 
@@ -72,8 +72,8 @@ class PipelineEngine(DeepSpeedEngine):
     """The TrainEngine of one pipeline stage (see the module's docstring). Its state (full_state,
     local_state, load_full_state, check_fits) is the stage's parameters under their single-process names."""
 
-    def __init__(self, ds_engine, layout):
-        super().__init__(ds_engine, None)
+    def __init__(self, ds_engine, layout, router_stats=None):
+        super().__init__(ds_engine, router_stats)
         self.links = StageLinks()
         config = ds_engine.module.config
         self._hidden, self._dtype = config.hidden_size, config.params_dtype
@@ -119,6 +119,8 @@ class PipelineEngine(DeepSpeedEngine):
         ds, m = self._ds, len(micro_batches)
         applied_before = ds.lr_scheduler.applied.clone()
         total = torch.zeros((), device=micro_batches[0].tokens.device)
+        if self.router_stats is not None:  # the aux losses' backward factor, on every stage (moe.py 1)
+            moe.set_aux_loss_scale(1.0 / ds.gradient_accumulation_steps(), total.device)
         live = [deque() for _ in range(self.chunks)]  # per chunk: (input, output) awaiting their backward, oldest first
 
         def forward(i: int, c: int, x):
@@ -161,8 +163,12 @@ class PipelineEngine(DeepSpeedEngine):
             else:
                 self._interleaved(m, shape, forward, backward)
         self._reduce_and_update(probe)
+        stats = None
+        if self.router_stats is not None:
+            moe.update_expert_bias(ds.module)
+            stats = self.router_stats.take(m)
         return StepResult(loss=self._from_last_stage(total / m), grad_norm=state.unscaled_grad_norm(ds, None),
-                          skipped=ds.lr_scheduler.applied == applied_before)
+                          skipped=ds.lr_scheduler.applied == applied_before, moe=stats)
 
     def _one_f_one_b(self, m: int, shape, forward, backward) -> None:
         """1F1B: warm-up forwards, one forward and one backward in turn, the remaining backwards (the exchanges

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import check, launch, losses, metrics
 from test_parity import OUTPUT, assert_close, first_step_memory, grad_norms, printed_sample, ranks, val_loss
 
@@ -67,6 +68,11 @@ LAYOUTS = {
     "dp2-ep2-zero0-alltoall": [*ranks(2), "parallel.ep=2"],
     "dp2xtp2-sp-ep2-zero1-ckpt_full": [*ranks(4), "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
                                        "parallel.zero_stage=1", "parallel.activation_checkpointing=full"],
+    # pipeline stages (one MoE layer each): the aux losses' backward factor on the first stage too, the router
+    # numbers of both stages' layers, experts split over ep within each stage
+    "pp2-accum2": [*ranks(2), "parallel.pp=2", "train.micro_batch_size=6"],
+    "dp2xpp2-ep2-zero1": [*ranks(4), "parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1",
+                          "train.micro_batch_size=6"],
 }
 
 
@@ -78,6 +84,12 @@ def test_expert_parallel_layout_matches_single_process(tmp_path, reference, layo
     # routing is per token (dropless): the held-out loss and the sample do not depend on the layout
     assert abs(val_loss(run) - val_loss(reference)) <= 1e-5
     assert printed_sample(out) == printed_sample((reference / OUTPUT).read_text())
+    if "pp2" in layout:  # each layer's load reported once, summed over the ranks that hold it
+        load = [(r["step"], r["moe_load"]) for r in metrics(run) if "moe_load" in r]
+        want = [(r["step"], r["moe_load"]) for r in metrics(reference) if "moe_load" in r]
+        assert len(load) == len(want) == 4 and all(len(rows) == 2 for _, rows in load)
+        for (step, rows), (_, ref) in zip(load, want):
+            assert torch.allclose(torch.tensor(rows), torch.tensor(ref), atol=1e-3), (step, rows, ref)
     if layout.startswith("dp2-ep2-zero0"):  # ZeRO-0: whole parameters; each rank holds half the experts
         one, per_rank = first_step_memory(reference)[0], first_step_memory(run)
         assert len(per_rank) == 2

@@ -149,8 +149,6 @@ TWO_STAGES = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.pp=2"]
     ([*TWO_STAGES, "parallel.zero_stage=2"], "parallel.zero_stage=2 with parallel.pp=2: ZeRO-2/3 partition the "
                                              "gradients"),
     ([*TWO_STAGES, "parallel.zero_stage=3"], "use parallel.zero_stage=0 or 1"),
-    ([*TWO_STAGES, "model.moe.num_experts=4"], "model.moe.num_experts=4 with parallel.pp=2: mixture-of-experts "
-                                               "layers on pipeline stages are not built yet"),
     ([*TWO_STAGES, "model.num_layers=4", "model.sharing.unique_layers=2"],
      "model.sharing.unique_layers=2 with parallel.pp=2: layers sharing weights across pipeline stages"),
     ([*TWO_STAGES, "train.objectives=[{name: clm, weight: 1}, {name: denoise, weight: 1}]"],

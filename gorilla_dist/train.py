@@ -23,7 +23,7 @@ from gorilla_dist.model import build_model, flops_per_token
 from gorilla_dist.model.head import is_classifier
 from gorilla_dist.objectives import objective_options
 from gorilla_dist.objectives.mixture import Objectives, build_objectives, evaluation_sums, evaluation_values, head_sizes
-from gorilla_dist.parallel import describe_hosts, dp_group, dp_sum
+from gorilla_dist.parallel import describe_hosts, dp_group, dp_sum, pp_sum
 from gorilla_dist.stopping import StopSignals
 
 
@@ -66,8 +66,11 @@ def train_step(engine: TrainEngine, micro_batches, layout=None, *, objectives: O
         return loss * float("nan") if poison else loss
 
     result = engine.step(micro_batches, loss_fn, probe=probe)
-    if stats and not objectives.plain:
-        summed = torch.stack(stats).sum(0)  # (objectives, 2): loss sum, correct
+    if not objectives.plain and not head:
+        # (objectives, 2): loss sum, correct; computed on the last pipeline stage, zeros on the others
+        summed = torch.stack(stats).sum(0) if stats else local.new_zeros(len(local), 2)
+        if layout is not None:
+            summed = pp_sum(summed, layout)
         result.objectives = torch.stack([summed[:, 0], local, summed[:, 1]], dim=1)
     return result
 

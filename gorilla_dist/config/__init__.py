@@ -52,7 +52,7 @@ from gorilla_dist.hf_import import PREFIX as HF_PREFIX
 from gorilla_dist.kernels.limits import UnsupportedAttention
 from gorilla_dist.kernels.registry import attention_kernel
 from gorilla_dist.hf_import import hf_dir, max_positions, model_fields, read_config
-from gorilla_dist.objectives import check_objectives, is_plain, objective_class, parse_objective
+from gorilla_dist.objectives import check_objectives, objective_class, parse_objective
 
 
 @dataclass
@@ -126,11 +126,6 @@ def check_pipeline(cfg) -> None:
         (m.sharing.unique_layers not in (None, m.num_layers),
          f"model.sharing.unique_layers={m.sharing.unique_layers} {with_pp}: layers sharing weights across "
          "pipeline stages are not built yet; use parallel.pp=1"),
-        (not is_plain(cfg.train.objectives), f"train.objectives (other than clm alone) {with_pp}: objectives "
-                                             "that run the model more than once per micro-batch, or add heads, "
-                                             "are not built for pipeline stages yet; use parallel.pp=1"),
-        (cfg.finetune.head != "none", f"finetune.head={cfg.finetune.head} {with_pp}: a classification head on the "
-                                      "last stage is not built yet; use parallel.pp=1"),
         (cfg.finetune.method in ("prompt", "prefix"),
          f"finetune.method={cfg.finetune.method} {with_pp}: virtual tokens change what the stages exchange; "
          "not built yet; use lora, full or freeze, or parallel.pp=1"),

@@ -27,9 +27,9 @@ import re
 import torch
 
 from gorilla_dist.config import FinetuneConfig
-from gorilla_dist.engine.state import expert_names, full_shape, model_shapes
+from gorilla_dist.engine.state import expert_names, full_shape, is_stage_copy, model_shapes
 from gorilla_dist.errors import ConfigError
-from gorilla_dist.model.head import HEAD
+from gorilla_dist.model.head import HEAD, is_classifier
 from gorilla_dist.model.prefix import PREFIX
 from gorilla_dist.model.prompts import PROMPT
 
@@ -98,7 +98,7 @@ def lora_scale(f: FinetuneConfig) -> float:
 def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
     """Freeze what `f` says (a model built with build_model(..., finetune=f)); returns a one-line summary
     (None for method=full)."""
-    head = hasattr(model, HEAD)
+    head = is_classifier(model)  # (on every pipeline stage; the head itself is on the last)
     for name, p in model.named_parameters():
         if head and name.startswith("output_layer."):  # not used by a classifier (an untied output layer)
             p.requires_grad_(False)
@@ -144,11 +144,21 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
 
 
 def _summary(model: torch.nn.Module) -> str:
-    trained = total = 0
-    params = list(model.named_parameters())
-    for name, p in params:
+    """'n of m tensors train, ...' for the whole model: with pipeline stages, summed over them (a collective;
+    the last stage's copy of tied embeddings counted once)."""
+    from megatron.core import parallel_state as ps
+
+    trained = total = n_train = n = 0
+    for name, p in model.named_parameters():
+        if is_stage_copy(p):
+            continue
         count = len(expert_names(model, name, p)) * int(torch.Size(full_shape(model, name, p)).numel())
-        total += count
-        trained += count if p.requires_grad else 0
-    n_train = sum(p.requires_grad for _, p in params)
-    return f"{n_train} of {len(params)} tensors train, {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
+        total, n = total + count, n + 1
+        trained, n_train = trained + (count if p.requires_grad else 0), n_train + int(p.requires_grad)
+    numbers = [n_train, n, trained, total]
+    if torch.distributed.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * ps.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(stages, numbers, group=ps.get_pipeline_model_parallel_group())
+        numbers = [sum(column) for column in zip(*stages)]
+    n_train, n, trained, total = numbers
+    return f"{n_train} of {n} tensors train, {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"

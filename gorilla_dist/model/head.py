@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 from gorilla_dist.engine.output import add_output_heads
-from gorilla_dist.engine.state import logical_shape
 
 HEAD = "classifier"
 """The head's module name; its parameter is `classifier.weight`, (num_labels, hidden)."""
@@ -45,9 +44,9 @@ def _whole_sequence(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def _linear(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Linear:
     """A bias-free (hidden -> classes) linear, normal init with the model's init std, seeded: the same on
-    every rank and layout."""
-    w = model.embedding.word_embeddings.weight
-    head = torch.nn.Linear(logical_shape(w)[1], classes, bias=False, dtype=w.dtype, device=w.device)
+    every rank and layout (a pipeline's last stage, which has no embeddings, included)."""
+    w = next(model.parameters())
+    head = torch.nn.Linear(model.config.hidden_size, classes, bias=False, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         init = torch.empty(head.weight.shape, dtype=torch.float32)
         init.normal_(0.0, model.config.init_method_std, generator=torch.Generator().manual_seed(seed))
@@ -57,9 +56,13 @@ def _linear(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Linear:
 
 def attach_classifier(model: torch.nn.Module, num_labels: int, *, seed: int) -> None:
     """Add the head and make the model's forward return class scores. Attach it before the prompt-tuning
-    hooks, which then drop the virtual tokens' scores like any other output."""
-    model.add_module(HEAD, _linear(model, num_labels, seed + 7919))
+    hooks, which then drop the virtual tokens' scores like any other output. A pipeline stage without the
+    output holds no head, but knows it belongs to a classifier (is_classifier: every stage takes the same
+    branches of training and evaluation)."""
     model.num_labels = num_labels
+    if not model.post_process:
+        return
+    model.add_module(HEAD, _linear(model, num_labels, seed + 7919))
 
     def scores(hidden):  # (s, b, h) -> (b, s, num_labels), the model's output
         return model.classifier(_whole_sequence(model, hidden)).transpose(0, 1)
@@ -68,11 +71,14 @@ def attach_classifier(model: torch.nn.Module, num_labels: int, *, seed: int) -> 
 
 
 def is_classifier(model: torch.nn.Module) -> bool:
-    return hasattr(model, HEAD)
+    return getattr(model, "num_labels", None) is not None
 
 
 def attach_objective_heads(model: torch.nn.Module, classes: dict[str, int], *, seed: int) -> None:
-    """Add a head per objective ({name: classes}) and the decoder hook that keeps their scores."""
+    """Add a head per objective ({name: classes}) and the decoder hook that keeps their scores (on the stage
+    with the output: the objectives' losses are computed there)."""
+    if not model.post_process:
+        return
     model.add_module(HEADS, torch.nn.ModuleDict({name: _linear(model, n, seed + 104_729 + i)
                                                  for i, (name, n) in enumerate(sorted(classes.items()))}))
     model.objective_scores = {}

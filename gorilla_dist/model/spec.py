@@ -29,6 +29,7 @@ from gorilla_dist.config import RECOMPUTE, FinetuneConfig, ModelConfig, Parallel
 from gorilla_dist.dtypes import TORCH_DTYPES
 from gorilla_dist.config.parallel import stage_chunks
 from gorilla_dist.engine.megatron_cpu import adapt_model, cpu_moe, tie_stage_embeddings
+from gorilla_dist.engine.chunks import chunk_view
 from gorilla_dist.engine.moe import reset_aux_loss_tracker
 from gorilla_dist.engine.rng import seed_rng_tracker
 from gorilla_dist.errors import ConfigError
@@ -294,13 +295,12 @@ class GPT(GPTModel):
 
     Interleaved pipeline (parallel.pp_schedule=interleaved): one GPT holds all of its rank's model chunks, its
     decoder.layers their layers in order (each under its global layer_number, so names, seeds, checkpoints and
-    adapters are those of any other layout), and chunk_view(c) makes it chunk c for a forward and its backward: its layers only, the
-    embeddings only on the first chunk of the first rank, the final norm and output layer only on the last
-    chunk of the last rank (megatron's own way, one GPTModel per chunk with vp_stage, would give every chunk
-    its own module names)."""
+    adapters are those of any other layout), and chunk_view(c) makes it chunk c for a forward and its backward:
+    its layers only, the embeddings only on the first chunk of the first rank, the final norm and output layer
+    only on the last chunk of the last rank (engine/chunks.py)."""
 
     chunk_sizes: list[int] | None = None
-    _viewing: bool = False
+    viewing: bool = False  # (set by chunk_view)
 
     def setup_embeddings_and_output_layer(self) -> None:
         if self.config.pipeline_model_parallel_size == 1 or not self.share_embeddings_and_output_weights:
@@ -308,35 +308,17 @@ class GPT(GPTModel):
         tie_stage_embeddings(self)
 
     def forward(self, *args, **kwargs):
-        if self.chunk_sizes is not None and not self._viewing:
+        if self.chunk_sizes is not None and not self.viewing:
             raise RuntimeError("a model of several pipeline chunks runs inside chunk_view(c) only")
         return super().forward(*args, **kwargs)
 
-    @contextlib.contextmanager
     def chunk_view(self, c: int):
-        """The model as megatron would have built chunk `c` alone (the forward, and the backward: full activation
-        checkpointing finds its layers again by index when it recomputes). Nothing to do for a single chunk."""
+        """The model as megatron would have built chunk `c` alone, for a forward and its backward (full
+        activation checkpointing finds its layers again by index when it recomputes); engine/chunks.py. A no-op
+        for a single chunk."""
         if self.chunk_sizes is None:
-            yield
-            return
-        decoder, last = self.decoder, len(self.chunk_sizes) - 1
-        saved = (self.pre_process, self.post_process, decoder.pre_process, decoder.post_process,
-                 decoder._modules["layers"], decoder._modules.get("final_layernorm"), decoder.num_layers_per_pipeline_rank)
-        start = sum(self.chunk_sizes[:c])
-        layers = torch.nn.ModuleList(list(saved[4])[start:start + self.chunk_sizes[c]])
-        self.pre_process = decoder.pre_process = saved[0] and c == 0
-        self.post_process = decoder.post_process = saved[1] and c == last
-        decoder._modules["layers"], decoder.num_layers_per_pipeline_rank = layers, len(layers)
-        if c != last:
-            decoder._modules["final_layernorm"] = None
-        self._viewing = True
-        try:
-            yield
-        finally:
-            (self.pre_process, self.post_process, decoder.pre_process, decoder.post_process) = saved[:4]
-            decoder._modules["layers"], decoder.num_layers_per_pipeline_rank = saved[4], saved[6]
-            decoder._modules["final_layernorm"] = saved[5]
-            self._viewing = False
+            return contextlib.nullcontext()
+        return chunk_view(self, self.chunk_sizes, c)
 
 
 def build_model(m: ModelConfig, *, vocab_size: int, dtype: str, device: torch.device, seed: int,

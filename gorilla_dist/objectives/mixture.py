@@ -66,20 +66,31 @@ def resolve_labels(configs, label_names: list[str] | None) -> None:
     Objectives(configs).resolve(label_names)
 
 
-def evaluation_sums(model, data, n_samples: int, objectives: Objectives) -> tuple[list[str], torch.Tensor]:
+def evaluation_sums(engine, data, n_samples: int, objectives: Objectives) -> tuple[list[str], torch.Tensor]:
     """Every objective on the same validation samples: (keys, (len(keys), 3) float64 [summed loss, correct,
     units]) of this process's share. The language-model loss (key "clm") and every objective without a view of
     its own score the samples as they are; each objective with its own view (denoise, permute, contrastive)
-    its own view of them (data.val_batches(n, view=k)). The caller sums over data-parallel ranks and calls
-    evaluation_values."""
+    its own view of them (data.val_batches(n, view=k)). `engine`: a TrainEngine (its evaluate_sums), or a
+    module in one process (evaluate.py). The caller sums over data-parallel ranks and calls evaluation_values."""
     group, items = objectives.dp_group, objectives.items
     plain = Objectives([objective_options("clm")] + [o.options for o in items if not o.token_loss and not o.own_view],
                        group)
     parts = [(plain, data.val_batches(n_samples))]
     parts += [(Objectives([o.options], group), data.val_batches(n_samples, o.index)) for o in items if o.own_view]
     keys = [key for part, _ in parts for key in part.keys]
-    sums = [torch.stack([torch.cat([part.sums(model, b), part.units(b)[:, None]], 1) for b in batches]).sum(0)
-            for part, batches in parts]
+    sums = []
+    for part, batches in parts:
+        width = len(part.keys) * 3
+
+        def scored(engine, b, part=part):
+            return tuple(torch.cat([part.sums(engine, b), part.units(b)[:, None].to(torch.float32)], 1).flatten())
+
+        # through the engine's forward-only pass (a pipeline's stages: computed on the last, on every stage)
+        if hasattr(engine, "evaluate_sums"):
+            summed = engine.evaluate_sums(batches, scored, width)
+        else:  # a module in one process
+            summed = torch.stack([torch.stack(scored(engine, b)) for b in batches]).sum(0)
+        sums.append(summed.reshape(len(part.keys), 3))
     return keys, torch.cat(sums).double()
 
 

@@ -151,8 +151,6 @@ TWO_STAGES = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.pp=2"]
     ([*TWO_STAGES, "parallel.zero_stage=3"], "use parallel.zero_stage=0 or 1"),
     ([*TWO_STAGES, "model.num_layers=4", "model.sharing.unique_layers=2"],
      "model.sharing.unique_layers=2 with parallel.pp=2: layers sharing weights across pipeline stages"),
-    ([*TWO_STAGES, "train.objectives=[{name: clm, weight: 1}, {name: denoise, weight: 1}]"],
-     "train.objectives (other than clm alone) with parallel.pp=2"),
     ([*TWO_STAGES, "parallel.pp=0"], "parallel.pp=0 must be > 0"),
     ([*TWO_STAGES, "precision=fp16"], "precision.dtype=fp16 with parallel.pp=2"),
     # the interleaved schedule

@@ -121,8 +121,6 @@ def check_pipeline(cfg) -> None:
     pipeline_split(m.num_layers, p.pp, list(p.pp_layers) if p.pp_layers else None, p.pp_virtual)
     with_pp = f"with parallel.pp={p.pp}"
     refusals = [
-        (cfg.precision.dtype == "fp16", f"precision.dtype=fp16 {with_pp}: the loss scale of the pipeline's backward "
-                                        "is not built yet; use precision=bf16 or fp32"),
         (m.sharing.unique_layers not in (None, m.num_layers),
          f"model.sharing.unique_layers={m.sharing.unique_layers} {with_pp}: layers sharing weights across "
          "pipeline stages are not built yet; use parallel.pp=1"),

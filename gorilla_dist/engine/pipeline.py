@@ -119,8 +119,9 @@ class PipelineEngine(DeepSpeedEngine):
         ds, m = self._ds, len(micro_batches)
         applied_before = ds.lr_scheduler.applied.clone()
         total = torch.zeros((), device=micro_batches[0].tokens.device)
+        scale = state.loss_scale(ds)  # fp16: the loss scale (a power of 2) the last stage's backward multiplies by
         if self.router_stats is not None:  # the aux losses' backward factor, on every stage (moe.py 1)
-            moe.set_aux_loss_scale(1.0 / ds.gradient_accumulation_steps(), total.device)
+            moe.set_aux_loss_scale((scale or 1.0) / ds.gradient_accumulation_steps(), total.device)
         live = [deque() for _ in range(self.chunks)]  # per chunk: (input, output) awaiting their backward, oldest first
 
         def forward(i: int, c: int, x):
@@ -150,7 +151,10 @@ class PipelineEngine(DeepSpeedEngine):
                 if grad is None:
                     ds.backward(out)
                 else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
-                    ds.backward((out * grad).sum(), scale_wrt_gas=False)
+                    # and, with fp16, the loss scale, which DeepSpeed's backward applies again: divided out here
+                    # (exactly: a power of 2), in fp32 so that the product cannot overflow
+                    term = (out.float() * grad.float()).sum() if scale else (out * grad).sum()
+                    ds.backward(term / scale if scale else term, scale_wrt_gas=False)
             if count:
                 ds.step()  # counts the micro-batch (the update waits for the step's end)
             return None if x is None else x.grad
@@ -167,8 +171,8 @@ class PipelineEngine(DeepSpeedEngine):
         if self.router_stats is not None:
             moe.update_expert_bias(ds.module)
             stats = self.router_stats.take(m)
-        return StepResult(loss=self._from_last_stage(total / m), grad_norm=state.unscaled_grad_norm(ds, None),
-                          skipped=ds.lr_scheduler.applied == applied_before, moe=stats)
+        return StepResult(loss=self._from_last_stage(total / m), grad_norm=state.unscaled_grad_norm(ds, scale),
+                          skipped=ds.lr_scheduler.applied == applied_before, moe=stats, loss_scale=scale)
 
     def _one_f_one_b(self, m: int, shape, forward, backward) -> None:
         """1F1B: warm-up forwards, one forward and one backward in turn, the remaining backwards (the exchanges

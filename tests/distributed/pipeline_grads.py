@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from gorilla_dist.config import OptimConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from gorilla_dist.config.model import ModelConfig
 from gorilla_dist.data.loader import Batch
-from gorilla_dist.engine import build_engine
+from gorilla_dist.engine import build_engine, state
 from gorilla_dist.engine.state import is_stage_copy, single_process_name
 from gorilla_dist.model import build_model
 from gorilla_dist.parallel import init_distributed, teardown
@@ -40,22 +40,31 @@ def main(out: str, *overrides: str) -> None:
     parallel = OmegaConf.merge(OmegaConf.structured(ParallelConfig(device="cpu")), settings.get("parallel", {}))
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig(num_layers=4, hidden_size=32, num_heads=4,
                                                                  seq_length=SEQ)), settings.get("model", {}))
+    precision = OmegaConf.merge(OmegaConf.structured(PrecisionConfig()), settings.get("precision", {}))
+    if precision.dtype == "fp16":  # DeepSpeed's CPU accelerator says it has no fp16; torch's CPU kernels run it
+        from deepspeed.accelerator import get_accelerator  # (the adaptation tests/unit/test_fp16.py names)
+
+        get_accelerator().is_fp16_supported = lambda: True
     layout = init_distributed(parallel)
-    model = build_model(model_cfg, vocab_size=VOCAB, dtype="fp32", device=layout.device, seed=3, parallel=parallel)
+    model = build_model(model_cfg, vocab_size=VOCAB, dtype=precision.dtype, device=layout.device, seed=3,
+                        parallel=parallel)
     train = OmegaConf.structured(TrainConfig(global_batch_size=GLOBAL, micro_batch_size=MICRO, max_steps=2))
     engine = build_engine(model, optim=OmegaConf.structured(OptimConfig(grad_clip=0.0)), train=train,
-                          parallel=parallel, precision=OmegaConf.structured(PrecisionConfig()), layout=layout)
+                          parallel=parallel, precision=precision, layout=layout)
     grads, update = {}, engine._ds.optimizer.step
 
-    def capture(*args, **kwargs):  # the gradients the update sees, after every reduction (fp32 ZeRO-0: p.grad)
-        for name, p in engine.module.named_parameters():
+    def capture(*args, **kwargs):  # the gradients the update sees, after every reduction (ZeRO-0: p.grad; fp16:
+        for name, p in engine.module.named_parameters():  # times the loss scale, divided out here)
             if not is_stage_copy(p):
-                grads[single_process_name(engine.module, name, p)] = p.grad.detach().clone()
+                grads[single_process_name(engine.module, name, p)] = p.grad.detach().float() / (scale or 1.0)
         return update(*args, **kwargs)
+
+    scale = state.loss_scale(engine._ds)
 
     engine._ds.optimizer.step = capture
     result = train_step(engine, batches(), layout)
     grads["__loss__"] = result.loss.detach().float().reshape(1)
+    grads["__grad_norm__"] = torch.as_tensor(float(result.grad_norm)).reshape(1)
     save_file(grads, f"{out}.rank{layout.rank}.safetensors")
     teardown()
 

@@ -311,34 +311,37 @@ def test_pipeline_checkpoint_resumes_without_stages(tmp_path, pipeline_checkpoin
     assert_close(losses(run), single, 1e-5, steps=range(11, 21))
 
 
+SIX_LAYERS = "model.num_layers=6"
+# an uneven split over the virtual stages (2, 1, 1, 2 layers), 3 layers per rank
 INTERLEAVED = [*ranks(2), "parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
-               "train.micro_batch_size=3", "checkpoint.interval=10", "checkpoint.consolidated=false"]
+               "parallel.pp_layers=[2,1,1,2]", "train.micro_batch_size=3", "checkpoint.interval=10",
+               "checkpoint.consolidated=false"]
 
 
 @pytest.fixture(scope="module")
-def four_layers(tmp_path_factory):
-    """The debug model with 4 layers (the interleaved schedule needs a layer per virtual stage: 2 ranks x 2
+def six_layers(tmp_path_factory):
+    """The debug model with 6 layers (the interleaved schedule needs a layer per virtual stage: 2 ranks x 2
     chunks), one process, 20 steps."""
-    run = tmp_path_factory.mktemp("four_layers")
-    (run / OUTPUT).write_text(check(launch(run, *STEPS, "model.num_layers=4")))
+    run = tmp_path_factory.mktemp("six_layers")
+    (run / OUTPUT).write_text(check(launch(run, *STEPS, SIX_LAYERS)))
     return run
 
 
-def test_interleaved_pipeline_matches_one_process_and_resumes_without_stages(tmp_path, four_layers):
-    """The matrix's checks for pp2 x 2 virtual chunks (layers 0 and 2 on the first rank, 1 and 3 on the second; 4
-    micro-batches per step, so both ranks reach the steady state) against the same 4-layer model in one
-    process; then its step-10 checkpoint resumed in one process."""
+def test_interleaved_uneven_pipeline_matches_one_process_and_resumes_without_stages(tmp_path, six_layers):
+    """The matrix's checks for pp2 x 2 virtual chunks over an uneven split (layers 0-1 and 3 on the first rank,
+    2 and 4-5 on the second; 4 micro-batches per step, so both ranks reach the steady state) against the same
+    6-layer model in one process; then its step-10 checkpoint resumed in one process."""
     run = tmp_path / "interleaved"
-    out = check(launch(run, *STEPS, "model.num_layers=4", *INTERLEAVED))
-    one = losses(four_layers)
+    out = check(launch(run, *STEPS, SIX_LAYERS, *INTERLEAVED))
+    one = losses(six_layers)
     assert_close(losses(run), one, 1e-5)
-    assert_close(grad_norms(run), grad_norms(four_layers), 1e-4)
-    assert abs(val_loss(run) - val_loss(four_layers)) <= 1e-5
-    assert printed_sample(out) == printed_sample((four_layers / OUTPUT).read_text())
-    assert_layout_took_effect(INTERLEAVED, 2, first_step_memory(run), first_step_memory(four_layers)[0])
-    assert_same_final_state(run, four_layers)
+    assert_close(grad_norms(run), grad_norms(six_layers), 1e-4)
+    assert abs(val_loss(run) - val_loss(six_layers)) <= 1e-5
+    assert printed_sample(out) == printed_sample((six_layers / OUTPUT).read_text())
+    assert_layout_took_effect(INTERLEAVED, 2, first_step_memory(run), first_step_memory(six_layers)[0])
+    assert_same_final_state(run, six_layers)
     resumed = tmp_path / "resumed"
-    out = check(launch(resumed, *STEPS, "model.num_layers=4", f"checkpoint.resume={run}/checkpoints/step_00000010"))
+    out = check(launch(resumed, *STEPS, SIX_LAYERS, f"checkpoint.resume={run}/checkpoints/step_00000010"))
     assert "was written with world=2 tp=1 pp=2" in out
     assert_close(losses(resumed), one, 1e-5, steps=range(11, 21))
 

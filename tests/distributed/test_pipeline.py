@@ -16,6 +16,7 @@ from helpers import REPO
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
+FP16_TOL = 2e-4  # fp16 gradients: measured 6.1e-5 (one fp16 step at 0.08) on values up to 0.08
 
 
 def free_port() -> int:
@@ -39,27 +40,28 @@ def step_gradients(out: Path, *overrides: str, stages: int = 1) -> dict[str, tor
     grads = {}
     for rank in range(stages):
         for name, g in load_file(str(out) + f".rank{rank}.safetensors").items():
-            assert name not in grads or name == "__loss__", f"two stages wrote {name}"
+            assert name not in grads or name.startswith("__"), f"two stages wrote {name}"
             grads.setdefault(name, g)
     return grads
 
 
-@pytest.mark.parametrize("model", [["model.tie_embeddings=true"],
-                                   ["model.tie_embeddings=false", "parallel.pp_layers=[1,3]"],
-                                   ["model.num_layers=5", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
-                                    "parallel.pp_layers=[2,1,1,1]", "parallel.activation_checkpointing=full"]],
-                         ids=["tied", "untied-uneven_1_3", "interleaved_v2-uneven-ckpt_full"])
-def test_every_gradient_of_a_two_stage_step_is_the_one_stage_gradient(tmp_path, model):
-    """4 micro-batches through 2 stages in 1F1B (warm-up, steady state, drain), or interleaved over 2 model chunks
-    per rank (layers 0-1 and 3 on the first rank, 2 and 4 on the second; the chunks' layers found again by the
-    full activation checkpointing's recompute): each parameter's gradient, under its single-process name (every
-    layer under its global index), is the one-process model's;
-    the tied embeddings' gradient is the sum of both stages' uses (measured: 7.5e-9 at most, on values up to
-    0.08; a micro-batch paired with another's gradient, or a stage left out of the backward, is off by 1e-2)."""
+@pytest.mark.parametrize("model, tol", [
+    (["model.tie_embeddings=true"], 1e-7),
+    (["model.tie_embeddings=false", "parallel.pp_layers=[1,3]"], 1e-7),
+    (["model.num_layers=5", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2", "parallel.pp_layers=[2,1,1,1]",
+      "parallel.activation_checkpointing=full"], 1e-7),
+    # fp16 (ZeRO-0, dynamic loss scale): the gradients a stage receives carry the loss scale already; the
+    # norm counts the tied copy once (deepspeed_engine.py 7: measured 1.0401 against 1.0401 in one process)
+    (["precision.dtype=fp16", "precision.initial_scale_power=12"], FP16_TOL),
+], ids=["tied", "untied-uneven_1_3", "interleaved_v2-uneven-ckpt_full", "fp16-tied"])
+def test_every_gradient_of_a_two_stage_step_is_the_one_stage_gradient(tmp_path, model, tol):
     want = step_gradients(tmp_path / "one", *[o for o in model if not o.startswith("parallel.")])
     got = step_gradients(tmp_path / "two", *model, stages=2)
     assert sorted(got) == sorted(want)
+    want_norm = want["__grad_norm__"].item()
     assert abs(got.pop("__loss__") - want.pop("__loss__")).item() < 1e-6
+    # the norm DeepSpeed clips with (summed over the stages, the tied copy counted once)
+    assert abs(got.pop("__grad_norm__") - want.pop("__grad_norm__")).item() < (1e-5 if tol < 1e-6 else 1e-4) * want_norm
     for name, g in want.items():
-        assert (got[name] - g).abs().max().item() <= 1e-7, name
+        assert (got[name] - g).abs().max().item() <= tol, name
         assert g.abs().max() > 0, name  # every parameter takes part

@@ -152,7 +152,6 @@ TWO_STAGES = ["launch=torchrun", "launch.nproc_per_node=2", "parallel.pp=2"]
     ([*TWO_STAGES, "model.num_layers=4", "model.sharing.unique_layers=2"],
      "model.sharing.unique_layers=2 with parallel.pp=2: layers sharing weights across pipeline stages"),
     ([*TWO_STAGES, "parallel.pp=0"], "parallel.pp=0 must be > 0"),
-    ([*TWO_STAGES, "precision=fp16"], "precision.dtype=fp16 with parallel.pp=2"),
     # the interleaved schedule
     ([*TWO_STAGES, "parallel.pp_schedule=interleaved"],
      "parallel.pp_schedule=interleaved with parallel.pp=2 and parallel.pp_virtual=1: the interleaved schedule runs "

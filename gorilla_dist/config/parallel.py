@@ -30,8 +30,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size: the decoder layers are split into `pp` consecutive stages, one per rank of a
     pipeline (the first also holds the embeddings, the last the final norm, output layer and loss); each
-    step's micro-batches flow through them in a 1F1B schedule (engine/pipeline.py). Data parallel =
-    world / (tp * pp)."""
+    step's micro-batches flow through them in a 1F1B or interleaved schedule (pp_schedule, engine/pipeline.py).
+    Data parallel = world / (tp * pp)."""
     pp_layers: Optional[list[int]] = None
     """Decoder layers per pipeline stage, e.g. [1, 3] (uneven splits; they must sum to model.num_layers,
     each >= 1); with pp_virtual > 1, per virtual stage (pp * pp_virtual entries, in the order the layers run).
@@ -109,8 +109,7 @@ class ParallelDims:
     The ranks are laid out world = dp * pp * cp * tp, tensor parallel innermost (a node's ranks share its
     fast links). Experts: each MoE layer's experts are split over `ep` ranks of a data-parallel group, and
     the `expert_dp` = dp / ep ranks that hold the same experts reduce (and ZeRO-partition) their gradients
-    together. pp (pipeline stages) and cp (context parallel) are 1 until they are built: a larger value is
-    refused here, with the reason."""
+    together. cp (context parallel) is 1 until it is built: a larger value is refused here, with the reason."""
 
     world: int
     tp: int = 1

@@ -11,9 +11,10 @@ against DeepSpeed 0.19.8, see versions.py), each named:
 4. One data-parallel rank at ZeRO-0: no gradient all-reduce over a group of one.
 6. `_scale_fp16_zero0_loss`: fp16 at ZeRO-0 multiplies the loss by the loss scale before backward
    (DeepSpeed 0.19.8 scales it for ZeRO optimizers only; DeepSpeed PR #8393).
-7. `_norm_without_stage_copies`: fp16 at ZeRO-0 with pipeline stages leaves the last stage's copy of tied
-   embeddings out of FP16_UnfusedOptimizer's gradient norm (it flattens the gradients before DeepSpeed's
-   `ds_pipe_replicated` test, so the copy counted twice: measured 1.251 instead of 1.040).
+7. `_fp16_zero0_norm`: fp16 at ZeRO-0 hands FP16_UnfusedOptimizer's norm the gradients with their parameters'
+   marks: it passed the bare gradient tensors to DeepSpeed's `get_weight_norm`, which then counted the last
+   pipeline stage's copy of tied embeddings twice (measured 1.251 instead of 1.040) and, at TP > 1, left out
+   every gradient of the tensor-parallel ranks but the first (0.885 instead of 1.040): clipping by a wrong norm.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, pr
     _measure_fp32_norm(engine)
     _undo_unfused_init_step(engine)
     _scale_fp16_zero0_loss(engine)
-    _norm_without_stage_copies(engine)
+    _fp16_zero0_norm(engine)
     if layout.dp == 1 and zero_stage == 0:
         # One data-parallel rank: nothing to average. DeepSpeed would still flatten every gradient,
         # all-reduce it over a group of one and copy it back (~2 ms/step for the tiny model on CPU).
@@ -262,27 +263,35 @@ def build_deepspeed(model: torch.nn.Module, *, optim, train, zero_stage: int, pr
     return engine
 
 
-def _norm_without_stage_copies(engine) -> None:
-    """7 above: FP16_UnfusedOptimizer.step takes its norm of the gradients
-    `split_params_grads_into_shared_and_expert_params` returns, flattened (fp16/unfused_optimizer.py, `step`):
-    the function it calls, in its module, skips the copies other stages write (state.is_stage_copy). The
-    copy's gradient still updates it; its overflow shows on the first stage, whose equal copy is in the norm,
-    and every stage agrees on the skip (the norm is summed over the model-parallel group)."""
+def _fp16_zero0_norm(engine) -> None:
+    """7 above: FP16_UnfusedOptimizer.step takes `get_weight_norm` of the gradients that
+    `split_params_grads_into_shared_and_expert_params` returns (fp16/unfused_optimizer.py, `step`); that function,
+    in its module, is replaced by one that leaves out the copies other stages write (state.is_stage_copy: the
+    copy's gradient still updates it) and marks each gradient of a tensor-parallel split parameter as such, the
+    mark `get_weight_norm` counts a tensor by on tensor-parallel ranks > 0. The overflow check is DeepSpeed's,
+    per parameter, agreed over the model-parallel group."""
     if not (engine.fp16_enabled() and unfused_masters(engine)):
         return
-    if not any(state.is_stage_copy(p) for p in engine.module.parameters()):
-        return
     import deepspeed.runtime.fp16.unfused_optimizer as unfused
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.utils import is_model_parallel_parameter
 
-    split = unfused.split_params_grads_into_shared_and_expert_params
-    if getattr(split, "skips_stage_copies", False):
+    if getattr(unfused.split_params_grads_into_shared_and_expert_params, "marks_gradients", False):
         return
 
-    def without_stage_copies(group):
-        return split([p for p in group if not state.is_stage_copy(p)])
+    def with_marks(group):
+        shared, experts = [], []
+        for p in group:
+            if p.grad is None or state.is_stage_copy(p):
+                continue
+            grad = p.grad.to(p.dtype)
+            if is_model_parallel_parameter(p):
+                grad.tensor_model_parallel = True
+            (experts if is_moe_param(p) else shared).append(grad)
+        return shared, experts
 
-    without_stage_copies.skips_stage_copies = True
-    unfused.split_params_grads_into_shared_and_expert_params = without_stage_copies
+    with_marks.marks_gradients = True
+    unfused.split_params_grads_into_shared_and_expert_params = with_marks
 
 
 def _measure_fp32_norm(engine) -> None:

@@ -60,8 +60,10 @@ class RouterStats:
         # one row per MoE layer of the whole model, by global layer index: a pipeline stage fills its own layers'
         # rows and leaves the others zero, so the sum over every rank adds each layer's numbers over the ranks
         # that hold it (the layer indices of the other stages: one gather at start)
+        from gorilla_dist.parallel import over_stages
+
         mine = [layer.layer_number - 1 for layer in self.layers]
-        self.rows = sorted(set(gather_over_stages(mine)))
+        self.rows = sorted({i for stage in over_stages(mine) for i in stage})
         self.n = len(self.rows)
         self.experts, self.topk = config.num_moe_experts, config.moe_router_topk
         self.counts = torch.zeros(self.n, self.experts + 1, device=device)  # per layer: experts..., asked
@@ -112,17 +114,6 @@ class RouterStats:
         asked = counts[:, e].sum()
         interval["moe_dropped"] = float(1 - routed.sum() / asked) if asked > 0 else 0.0
         return {"per_step": per_step, "interval": interval}
-
-
-def gather_over_stages(items: list) -> list:
-    """`items` of every pipeline stage of this rank's pipeline, concatenated (this rank's alone without stages)."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
-        return list(items)
-    every = [None] * ps.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(every, list(items), group=ps.get_pipeline_model_parallel_group())
-    return [x for part in every for x in part]
 
 
 def update_expert_bias(model: torch.nn.Module) -> None:

@@ -153,8 +153,8 @@ class PipelineEngine(DeepSpeedEngine):
                 else:  # d/d(out) of (out * grad).sum() is grad; the loss already carries the accumulation factor
                     # and, with fp16, the loss scale, which DeepSpeed's backward applies again: divided out here
                     # (exactly: a power of 2), in fp32 so that the product cannot overflow
-                    term = (out.float() * grad.float()).sum() if scale else (out * grad).sum()
-                    ds.backward(term / scale if scale else term, scale_wrt_gas=False)
+                    term = (out.float() * grad.float()).sum() / scale if scale else (out * grad).sum()
+                    ds.backward(term, scale_wrt_gas=False)
             if count:
                 ds.step()  # counts the micro-batch (the update waits for the step's end)
             return None if x is None else x.grad

@@ -518,17 +518,12 @@ def check_fits(module, shapes: dict[str, tuple], source: str, *, fresh=frozenset
 def model_shapes(module) -> dict[str, tuple[int, ...]]:
     """{single-process name: full shape} of the whole model's parameters and trained buffers: this rank's, and
     with pipeline stages every stage's (gathered over the pipeline group: a collective)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from gorilla_dist.parallel import over_stages
 
     shapes = {full: full_shape(module, name, p) for name, p in module.named_parameters()
               for full in expert_names(module, name, p)}
     shapes.update({name: tuple(b.shape) for name, b in trained_buffers(module).items()})
-    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        stages = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(stages, shapes, group=ps.get_pipeline_model_parallel_group())
-        shapes = {k: v for stage in stages for k, v in stage.items()}
-    return shapes
+    return {k: v for stage in over_stages(shapes) for k, v in stage.items()}
 
 
 def full_shape(module, name: str, p) -> tuple[int, ...]:

@@ -146,7 +146,7 @@ def apply_finetune(model: torch.nn.Module, f: FinetuneConfig) -> str | None:
 def _summary(model: torch.nn.Module) -> str:
     """'n of m tensors train, ...' for the whole model: with pipeline stages, summed over them (a collective;
     the last stage's copy of tied embeddings counted once)."""
-    from megatron.core import parallel_state as ps
+    from gorilla_dist.parallel import over_stages
 
     trained = total = n_train = n = 0
     for name, p in model.named_parameters():
@@ -155,10 +155,5 @@ def _summary(model: torch.nn.Module) -> str:
         count = len(expert_names(model, name, p)) * int(torch.Size(full_shape(model, name, p)).numel())
         total, n = total + count, n + 1
         trained, n_train = trained + (count if p.requires_grad else 0), n_train + int(p.requires_grad)
-    numbers = [n_train, n, trained, total]
-    if torch.distributed.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        stages = [None] * ps.get_pipeline_model_parallel_world_size()
-        torch.distributed.all_gather_object(stages, numbers, group=ps.get_pipeline_model_parallel_group())
-        numbers = [sum(column) for column in zip(*stages)]
-    n_train, n, trained, total = numbers
+    n_train, n, trained, total = (sum(column) for column in zip(*over_stages([n_train, n, trained, total])))
     return f"{n_train} of {n} tensors train, {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"

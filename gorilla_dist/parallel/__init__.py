@@ -252,6 +252,22 @@ def pp_sum(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     return tensor
 
 
+def over_stages(obj) -> list:
+    """`obj` (any picklable value) of every pipeline stage of this rank's pipeline, in stage order: one
+    all_gather_object over the pipeline group (no communication, [obj], without stages or outside a
+    distributed run). For start-up numbers, not per step."""
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return [obj]
+    size = ps.get_pipeline_model_parallel_world_size()
+    if size == 1:
+        return [obj]
+    every = [None] * size
+    dist.all_gather_object(every, obj, group=ps.get_pipeline_model_parallel_group())
+    return every
+
+
 def dp_mean(tensor: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     """Mean of `tensor` over the data-parallel ranks, in place (one collective; no-op when dp == 1)."""
     return dp_sum(tensor, layout).div_(layout.dp)
